@@ -1,0 +1,38 @@
+# Two commands set up a fresh machine (Python 3.11, make and a C compiler are all it needs):
+#   make quickstart   # .venv, install, sample data, TFRecords, pretraining, report
+#   make test         # .venv, install, the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SAMPLE := data/samrs_sample
+TFRECORDS := data/samrs_tfrecords
+WORKDIR ?= workdirs/quickstart
+
+.PHONY: install quickstart data test lock clean
+
+$(VENV)/.installed: pyproject.toml requirements/lock.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/lock.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(TFRECORDS)/sota/train/dataset_info.json: $(VENV)/.installed
+	$(PY) -m data_pipelines.samrs.synthetic --out $(SAMPLE) --images 24 --size 128 --seed 0
+	$(PY) -m data_pipelines.samrs.convert --root $(SAMPLE) --subset all --split all --out $(TFRECORDS)
+
+data: $(TFRECORDS)/sota/train/dataset_info.json
+
+quickstart: data
+	$(PY) main.py --config configs/pretrain/quickstart.py --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+lock: $(VENV)/.installed
+	$(PY) -m pip freeze --exclude-editable | grep -v '^mtp.jax' > requirements/lock.txt.new
+	mv requirements/lock.txt.new requirements/lock.txt
+
+clean:
+	rm -rf $(SAMPLE) $(TFRECORDS) workdirs

@@ -1,0 +1,33 @@
+"""Quickstart: a tiny ViT + UperNet pretrained on the synthetic SAMRS sample, minutes on a CPU.
+
+    make quickstart
+    # or, by hand, after `make data`:
+    python main.py --config configs/pretrain/quickstart.py --workdir workdirs/quickstart
+
+Same step, sharding, checkpointing and reports as the paper's configs, at toy size: 128 px,
+a 4-block ViT of width 96, UperNet with 64 channels, 4 images per subset per step.
+"""
+
+from mtp_jax.config import pretrain_defaults
+
+
+def get_config(arg=None):
+  del arg
+  c = pretrain_defaults()
+  c.data.dir = "data/samrs_tfrecords"
+  c.data.image_size = 128
+  c.data.batch_per_subset = 4
+  c.data.max_instances.update({"sota": 16, "sior": 16, "fast": 16})
+  c.data.shuffle_window = 64
+  c.model.encoder = "vit_t"
+  c.model.encoder_overrides.update(dict(embed_dim=96, depth=4, num_heads=3, out_indices=(0, 1, 2, 3)))
+  c.model.drop_path_rate = 0.0
+  c.model.seg_channels = 64
+  c.optimizer.lr = 1e-3               # toy model from scratch: far above the paper's 6e-5
+  c.optimizer.warmup_steps = 10
+  c.train.num_steps = 200
+  c.train.log_every = 20
+  c.train.checkpoint_every = 100
+  c.eval.batch_per_subset = 4
+  c.eval.report_images = 3
+  return c

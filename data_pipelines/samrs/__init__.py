@@ -1,0 +1,1 @@
+"""SAMRS (SOTA, SIOR, FAST): release layout, synthetic sample, TFRecord converter and reader."""

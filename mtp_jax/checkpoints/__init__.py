@@ -1,0 +1,1 @@
+"""Orbax checkpointing of the train state, the data-iterator state and the run's metadata."""

@@ -1,0 +1,157 @@
+"""Config defaults (the schema of every known key), loading of config files, and overrides.
+
+A config file is Python: `configs/<...>/<name>.py` defines `get_config(arg=None)` returning an
+`ml_collections.ConfigDict`, usually `pretrain_defaults()` with some fields changed. Every key of
+the result must exist in the defaults: a misspelt key fails with the closest known names, before
+any work starts. Overrides from the command line (`--set train.num_steps=10`) obey the same rule.
+"""
+
+import ast
+import difflib
+import importlib.util
+import os
+
+import ml_collections
+
+from mtp_jax.errors import ConfigError
+
+SUBSET_NAMES = ("sota", "sior", "fast")
+
+
+def pretrain_defaults() -> ml_collections.ConfigDict:
+  """All pretraining keys with the paper's values (MTP_SPEC §3), locked against new keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 2023                       # the original's seed (§3.2)
+  c.tasks = ("ss",)                   # 'ss' now; 'is' and 'rd' when their heads land
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""                     # converted TFRecords (python -m data_pipelines.samrs.convert)
+  c.data.subsets = SUBSET_NAMES
+  c.data.image_size = 448             # S (§3.4)
+  c.data.batch_per_subset = 32        # global images per subset per step: 96 in all (§3.2)
+  c.data.max_instances = ml_collections.ConfigDict({"sota": 256, "sior": 128, "fast": 256})
+  c.data.shuffle_window = 1024
+
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder = "vit_b"
+  c.model.encoder_overrides = ml_collections.ConfigDict()  # e.g. depth=4 for tiny runs
+  c.model.drop_path_rate = 0.1        # pretraining (§1.1)
+  c.model.seg_channels = 256          # UperNet channels in pretraining (§3.3)
+  c.model.seg_dropout = 0.1
+  c.model.compute_dtype = "float32"   # 'bfloat16' on accelerators; parameters stay float32
+  c.model.remat = False               # activation checkpointing per encoder block
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 6e-5               # AdamW (§3.5)
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.05     # not on 1-D parameters, biases or pos_embed
+  c.optimizer.warmup_steps = 0        # the original has no warmup
+  c.optimizer.grad_clip_norm = 5.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 80_000          # cosine to 0 over these steps
+  c.train.log_every = 50
+  c.train.checkpoint_every = 5000
+  c.train.keep_checkpoints = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_per_subset = 8         # images per subset per evaluation batch (global)
+  c.eval.max_batches = 0              # 0: the whole valid split
+  c.eval.report_images = 4            # images per subset in the report PNG
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)              # one axis may be -1: all remaining devices
+  c.mesh.axes = ("data", "fsdp")
+  # Logical parameter axis -> mesh axis (None: replicated). Axes missing from the mesh are ignored.
+  c.sharding_rules = (("embed", "fsdp"), ("mlp", None), ("qkv", None),
+                      ("conv_in", None), ("conv_out", None))
+  c.lock()
+  c.model.encoder_overrides.unlock()  # free-form: any build_encoder keyword
+  return c
+
+
+def _key_paths(cfg, prefix=""):
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict) and not path.endswith("encoder_overrides"):
+      yield from _key_paths(value, path + ".")
+    else:
+      yield path
+
+
+def validate(config, defaults=None):
+  """Raises ConfigError if `config` holds keys that `defaults` lacks, or invalid values."""
+  defaults = defaults or pretrain_defaults()
+  known = set(_key_paths(defaults))
+  unknown = [k for k in _key_paths(config) if k not in known]
+  if unknown:
+    hints = []
+    for k in unknown:
+      close = difflib.get_close_matches(k, known, n=2)
+      hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
+  bad = [s for s in config.data.subsets if s not in SUBSET_NAMES]
+  if bad or not config.data.subsets:
+    raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be a non-empty subset of {SUBSET_NAMES}")
+  if config.data.image_size % 32:
+    raise ConfigError(f"data.image_size {config.data.image_size} must be a multiple of 32")
+  if config.model.compute_dtype not in ("float32", "bfloat16", "float16"):
+    raise ConfigError(f"model.compute_dtype {config.model.compute_dtype!r} is not float32, bfloat16 or float16")
+  return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]`, calls its get_config(arg), validates the result."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  if not os.access(path, os.R_OK):
+    raise ConfigError(f"config file {path!r} is not readable")
+  module_spec = importlib.util.spec_from_file_location("_mtp_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path!r} line {e.lineno}: {e.msg}") from None
+  except Exception as e:
+    raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from None
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config(arg=None)")
+  try:
+    config = module.get_config(arg or None) if arg else module.get_config()
+  except AttributeError as e:  # a locked ConfigDict refuses a misspelt key here
+    raise ConfigError(f"config file {path!r}: {e}") from None
+  except Exception as e:
+    raise ConfigError(f"config file {path!r}: get_config failed: {type(e).__name__}: {e}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {path!r}: get_config returned {type(config).__name__}, not a ConfigDict")
+  return validate(config)
+
+
+def apply_overrides(config, overrides) -> ml_collections.ConfigDict:
+  """Applies 'a.b=value' strings (value parsed as a Python literal, else kept as a string)."""
+  for item in overrides or ():
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+      if part not in node:
+        raise ConfigError(f"override {item!r}: unknown config key {key!r}")
+      node = node[part]
+    if parts[-1] not in node and not key.startswith("model.encoder_overrides."):
+      close = difflib.get_close_matches(key, set(_key_paths(config)), n=2)
+      raise ConfigError(f"override {item!r}: unknown config key {key!r}"
+                        + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    try:
+      with config.unlocked():
+        node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"override {item!r}: {e}") from None
+  return validate(config)

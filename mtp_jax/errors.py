@@ -1,0 +1,17 @@
+"""Errors that mean "the user's input is wrong": the CLIs print their message alone, no traceback."""
+
+
+class UserError(Exception):
+  """Bad input from the user (config, data, workdir). The message says what and where."""
+
+
+class ConfigError(UserError):
+  """A config file that is missing, unreadable, or holds unknown or invalid keys."""
+
+
+class DataError(UserError):
+  """A data folder or file that is not what it should be."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint that does not belong to the configured model, or cannot be read."""

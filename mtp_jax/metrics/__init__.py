@@ -1,0 +1,1 @@
+"""Metric writers, host-side evaluators and the run report."""

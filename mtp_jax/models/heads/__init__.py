@@ -1,0 +1,1 @@
+"""Task decoders: one file per head."""

@@ -1,0 +1,110 @@
+"""UperNet semantic-segmentation decoder (mmseg `UPerHead`, MTP_SPEC §3.3) with per-subset predictors.
+
+Trunk (shared by all subsets): PSP module on the stride-32 map (adaptive average pools 1, 2, 3, 6
+with PyTorch bin edges, 1x1 ConvModule each, bilinear upsampling, concat, 3x3 `bottleneck`),
+1x1 `lateral_convs` on the other maps, top-down bilinear additions, 3x3 `fpn_convs`, everything
+upsampled to stride 4 and fused by the 3x3 `fpn_bottleneck`: (B, H/4, W/4, channels).
+ConvModule = conv without bias + BatchNorm (statistics per subset, `SubsetBatchNorm`) + ReLU.
+Bilinear resizing follows PyTorch `align_corners=False`.
+
+Predictors (one per subset, `semseghead_k` in the original): Dropout2d(0.1) + Conv1x1 to the
+subset's class count + 1 (index 0 = background, MTP_SPEC §3.1); default PyTorch init.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtp_jax.models import layers
+from mtp_jax.models.subset_batch_norm import SubsetBatchNorm
+
+
+def resize_bilinear(x, height: int, width: int):
+  """NHWC bilinear resize with half-pixel centres (PyTorch align_corners=False), no antialiasing."""
+  if x.shape[1:3] == (height, width):
+    return x
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear", antialias=False)
+
+
+def adaptive_avg_pool(x, size: int):
+  """PyTorch AdaptiveAvgPool2d(size) on NHWC: bin i spans [floor(i*n/s), ceil((i+1)*n/s))."""
+  def matrix(n):
+    m = np.zeros((size, n), np.float32)
+    for i in range(size):
+      lo, hi = (i * n) // size, -((-(i + 1) * n) // size)
+      m[i, lo:hi] = 1.0 / (hi - lo)
+    return jnp.asarray(m, x.dtype)
+  return jnp.einsum("ph,qw,bhwc->bpqc", matrix(x.shape[1]), matrix(x.shape[2]), x)
+
+
+class ConvModule(nnx.Module):
+  """mmcv ConvModule: conv (no bias) -> BatchNorm -> ReLU; parameters under `conv` and `bn`."""
+
+  def __init__(self, din, dout, kernel_size, *, rngs, dtype=None):
+    self.conv = layers.conv(din, dout, kernel_size, use_bias=False, dtype=dtype, rngs=rngs)
+    self.bn = SubsetBatchNorm(dout)
+
+  def __call__(self, x, *, groups: int, train: bool):
+    return jax.nn.relu(self.bn(self.conv(x), groups=groups, train=train))
+
+
+class UperNetTrunk(nnx.Module):
+  """Shared UperNet decoder: 4 NHWC maps (strides 4..32) -> (B, H/4, W/4, channels)."""
+
+  def __init__(self, in_channels, channels: int = 256, pool_scales=(1, 2, 3, 6), *, rngs, dtype=None):
+    self.pool_scales = tuple(pool_scales)
+    self.psp_modules = nnx.List([ConvModule(in_channels[-1], channels, 1, dtype=dtype, rngs=rngs)
+                                 for _ in self.pool_scales])
+    self.bottleneck = ConvModule(in_channels[-1] + len(self.pool_scales) * channels, channels, 3,
+                                 dtype=dtype, rngs=rngs)
+    self.lateral_convs = nnx.List([ConvModule(c, channels, 1, dtype=dtype, rngs=rngs)
+                                   for c in in_channels[:-1]])
+    self.fpn_convs = nnx.List([ConvModule(channels, channels, 3, dtype=dtype, rngs=rngs)
+                               for _ in in_channels[:-1]])
+    self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, dtype=dtype, rngs=rngs)
+
+  def __call__(self, features, *, groups: int, train: bool):
+    kw = dict(groups=groups, train=train)
+    top = features[-1]
+    h, w = top.shape[1:3]
+    psp = [top] + [resize_bilinear(m(adaptive_avg_pool(top, s), **kw), h, w)
+                   for s, m in zip(self.pool_scales, self.psp_modules)]
+    laterals = [conv(f, **kw) for conv, f in zip(self.lateral_convs, features[:-1])]
+    laterals.append(self.bottleneck(jnp.concatenate(psp, axis=-1), **kw))
+    for i in range(len(laterals) - 1, 0, -1):
+      hh, ww = laterals[i - 1].shape[1:3]
+      laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], hh, ww)
+    outs = [conv(l, **kw) for conv, l in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
+    hh, ww = outs[0].shape[1:3]
+    outs = [resize_bilinear(o, hh, ww) for o in outs]
+    return self.fpn_bottleneck(jnp.concatenate(outs, axis=-1), **kw)
+
+
+class SegPredictor(nnx.Module):
+  """Dropout2d(rate) then Conv1x1(channels -> num_classes) with bias (`semseghead_k`)."""
+
+  def __init__(self, channels: int, num_classes: int, *, dropout: float = 0.1, rngs, dtype=None):
+    self.conv_seg = layers.conv(channels, num_classes, 1, out_axis=None, dtype=dtype, rngs=rngs)
+    self.dropout = dropout
+
+  def __call__(self, x, *, train: bool, key=None):
+    if train and self.dropout > 0:
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, (x.shape[0], 1, 1, x.shape[-1]))
+      x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
+    return self.conv_seg(x)
+
+
+def segmentation_loss(logits, labels, ignore_index: int = 255):
+  """Pixel-wise softmax cross-entropy, logits bilinearly upsampled to the label size (mmseg).
+
+  logits (B, h, w, C) float; labels (B, H, W) int with `ignore_index` for padding. Returns the mean
+  over non-ignored pixels (0 if none) and the count of those pixels.
+  """
+  logits = resize_bilinear(logits.astype(jnp.float32), labels.shape[1], labels.shape[2])
+  valid = labels != ignore_index
+  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  count = valid.sum()
+  return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(count, 1), count

@@ -1,0 +1,133 @@
+"""Plain ViT encoder with the MTP multi-scale outputs (fpn1-fpn4, MTP_SPEC §1.5).
+
+The RVSA attention of the paper's models arrives with its own issue; this encoder shares the
+module and parameter names of the official `ViT_Win_RVSA_V3_WSZ7` (`patch_embed.proj`,
+`pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `fpn1.{0,1.ln,3}`,
+`fpn2.0`) so checkpoints convert by a path join plus transposes.
+
+Input: NHWC float images of exactly img_size x img_size (pos_embed fixes the grid).
+Output: four NHWC maps of `embed_dim` channels at strides 4, 8, 16, 32 (fpn1..fpn4 on the outputs of
+blocks `out_indices`), or with `multi_scale=False` the four raw stride-16 maps.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtp_jax.models import layers
+
+
+class Attention(nnx.Module):
+  """Global multi-head self-attention: qkv Linear(D, 3D) in timm order [q|k|v][head][hd], proj."""
+
+  def __init__(self, dim, num_heads, *, rngs, dtype=None):
+    self.num_heads = num_heads
+    self.scale = (dim // num_heads) ** -0.5
+    self.qkv = layers.linear(dim, 3 * dim, in_axis="embed", out_axis="qkv", dtype=dtype, rngs=rngs)
+    self.proj = layers.linear(dim, dim, in_axis="qkv", out_axis="embed", dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, nH, hd)
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q * self.scale, k)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(b, n, d)
+    return self.proj(out)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, dim, hidden, *, rngs, dtype=None):
+    self.fc1 = layers.linear(dim, hidden, in_axis="embed", out_axis="mlp", dtype=dtype, rngs=rngs)
+    self.fc2 = layers.linear(hidden, dim, in_axis="mlp", out_axis="embed", dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x + DP(attn(LN1 x)); x + DP(mlp(LN2 x)); LayerNorm eps 1e-6 (MTP_SPEC §1.1)."""
+
+  def __init__(self, dim, num_heads, mlp_ratio, drop_path, *, rngs, dtype=None):
+    self.norm1 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.norm2 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    self.drop_path = drop_path
+
+  def __call__(self, x, key, train: bool):
+    k1, k2 = jax.random.split(key)
+    x = x + layers.drop_path(self.attn(self.norm1(x)), self.drop_path, k1, train)
+    return x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, k2, train)
+
+
+class ViTEncoder(nnx.Module):
+  """Plain ViT with the MTP fpn neck. See the module docstring for inputs and outputs."""
+
+  def __init__(self, *, img_size: int, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+               num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
+               out_indices=(3, 5, 7, 11), remat: bool = False, dtype=None, rngs: nnx.Rngs):
+    if img_size % patch_size:
+      raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    if max(out_indices) >= depth:
+      raise ValueError(f"out_indices {tuple(out_indices)} reach past depth {depth}")
+    self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
+    self.out_indices = tuple(out_indices)
+    self.remat = remat
+    self.dtype = dtype
+    self.grid = img_size // patch_size
+    self.patch_embed = nnx.Dict(proj=layers.conv(
+        3, embed_dim, patch_size, stride=patch_size, padding="VALID", in_axis=None,
+        out_axis="embed", dtype=dtype, rngs=rngs))
+    self.pos_embed = nnx.Param(layers.trunc_normal_002(rngs.params(), (1, self.grid ** 2, embed_dim)),
+                               **layers.axes(None, None, "embed"))
+    dpr = np.linspace(0.0, drop_path_rate, depth)
+    self.blocks = nnx.List([
+        Block(embed_dim, num_heads, mlp_ratio, float(dpr[i]), dtype=dtype, rngs=rngs)
+        for i in range(depth)])
+    # fix_init_weight (MTP_SPEC §1.5): block l (1-based) scales attn.proj and mlp.fc2 by 1/sqrt(2l).
+    for i, blk in enumerate(self.blocks):
+      blk.attn.proj.kernel[...] = blk.attn.proj.kernel[...] / np.sqrt(2.0 * (i + 1))
+      blk.mlp.fc2.kernel[...] = blk.mlp.fc2.kernel[...] / np.sqrt(2.0 * (i + 1))
+    # Deliberate: `norm` exists (it is in the official checkpoints) but no forward pass applies it.
+    self.norm = layers.layer_norm(embed_dim, dtype=dtype, rngs=rngs)
+    self.fpn1 = nnx.List([layers.ConvTranspose2x2(embed_dim, embed_dim, dtype=dtype, rngs=rngs),
+                          layers.Norm2d(embed_dim, dtype=dtype, rngs=rngs), layers.Gelu(),
+                          layers.ConvTranspose2x2(embed_dim, embed_dim, dtype=dtype, rngs=rngs)])
+    self.fpn2 = nnx.List([layers.ConvTranspose2x2(embed_dim, embed_dim, dtype=dtype, rngs=rngs)])
+
+  def __call__(self, images, *, train: bool = False, key=None, multi_scale: bool = True):
+    """images: (B, img_size, img_size, 3) float. Returns a list of 4 NHWC maps (see module doc)."""
+    b, h, w, _ = images.shape
+    if (h, w) != (self.img_size, self.img_size):
+      raise ValueError(f"encoder built for {self.img_size}x{self.img_size} images got {h}x{w}")
+    if key is None:
+      if train:
+        raise ValueError("train=True needs a PRNG key for stochastic depth")
+      key = jax.random.key(0)
+    x = self.patch_embed["proj"](images.astype(self.dtype or images.dtype))
+    x = x.reshape(b, self.grid * self.grid, self.embed_dim)
+    x = x + self.pos_embed[...].astype(x.dtype)
+    keys = jax.random.split(key, len(self.blocks))
+    features = []
+    for i, blk in enumerate(self.blocks):
+      if self.remat:
+        x = nnx.remat(lambda m, y, k: m(y, k, train))(blk, x, keys[i])
+      else:
+        x = blk(x, keys[i], train)
+      if i in self.out_indices:
+        features.append(x.reshape(b, self.grid, self.grid, self.embed_dim))
+    if not multi_scale:
+      return features
+    f1 = features[0]
+    for op in self.fpn1:
+      f1 = op(f1)
+    f2 = self.fpn2[0](features[1])
+    f4 = _max_pool2(features[3])  # fpn4: MaxPool2d(2, 2)
+    return [f1, f2, features[2], f4]
+
+
+def _max_pool2(x):
+  b, h, w, c = x.shape
+  return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))

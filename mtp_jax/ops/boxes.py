@@ -1,0 +1,79 @@
+"""Box conversions, the one place that owns them (DESIGN.md §4).
+
+Conventions: rotated boxes are (cx, cy, w, h, angle) in pixels and radians, `le90`: w >= h and
+angle in [-pi/2, pi/2), image coordinates (x right, y down), so a positive angle turns the w-axis
+from +x towards +y (clockwise on screen). Polygons are (..., 4, 2) corner arrays; horizontal boxes
+are (x1, y1, x2, y2). Every function works on numpy arrays (host-side data code) and on jax arrays
+(inside jit): the array module is taken from the input.
+"""
+
+import numpy as np
+import jax.numpy as jnp
+
+
+def _xp(x):
+  return np if isinstance(x, (np.ndarray, np.generic, float, int, list, tuple)) else jnp
+
+
+def norm_angle_le90(angle):
+  """Wraps angles (radians) into [-pi/2, pi/2)."""
+  xp = _xp(angle)
+  return xp.mod(angle + np.pi / 2, np.pi) - np.pi / 2
+
+
+def regularize_le90(rboxes):
+  """mmrotate `le90` regularisation: swap w/h (and turn by pi/2) unless w > h, then wrap the angle.
+
+  Squares (w == h) are turned by pi/2, as mmrotate's `RotatedBoxes.regularize_boxes` does.
+  """
+  xp = _xp(rboxes)
+  rboxes = xp.asarray(rboxes)
+  x, y, w, h, t = (rboxes[..., i] for i in range(5))
+  keep = w > h
+  w2 = xp.where(keep, w, h)
+  h2 = xp.where(keep, h, w)
+  t2 = xp.where(keep, t, t + np.pi / 2)
+  return xp.stack([x, y, w2, h2, norm_angle_le90(t2)], axis=-1)
+
+
+def poly_to_rbox(polys):
+  """(..., 4, 2) rectangle corners in order around the box -> (..., 5) le90 rotated boxes.
+
+  The centre is the corner mean, w the edge p0->p1, h the edge p1->p2, the angle that of p0->p1,
+  then `regularize_le90`. Exact for rectangles (SAMRS and DOTA boxes); for a general
+  quadrilateral it is the edge-based fit of mmrotate's `poly2obb(..., 'le90')`.
+  """
+  xp = _xp(polys)
+  p = xp.asarray(polys)
+  centre = p.mean(axis=-2)
+  e1 = p[..., 1, :] - p[..., 0, :]
+  e2 = p[..., 2, :] - p[..., 1, :]
+  w = xp.sqrt((e1 ** 2).sum(-1))
+  h = xp.sqrt((e2 ** 2).sum(-1))
+  angle = xp.arctan2(e1[..., 1], e1[..., 0])
+  return regularize_le90(xp.stack([centre[..., 0], centre[..., 1], w, h, angle], axis=-1))
+
+
+def rbox_to_poly(rboxes):
+  """(..., 5) rotated boxes -> (..., 4, 2) corners: (-w,-h), (+w,-h), (+w,+h), (-w,+h) in the box frame."""
+  xp = _xp(rboxes)
+  r = xp.asarray(rboxes)
+  cx, cy, w, h, t = (r[..., i] for i in range(5))
+  cos, sin = xp.cos(t), xp.sin(t)
+  ux, uy = cos * w / 2, sin * w / 2     # half w-axis
+  vx, vy = -sin * h / 2, cos * h / 2    # half h-axis
+  xs = xp.stack([cx - ux - vx, cx + ux - vx, cx + ux + vx, cx - ux + vx], axis=-1)
+  ys = xp.stack([cy - uy - vy, cy + uy - vy, cy + uy + vy, cy - uy + vy], axis=-1)
+  return xp.stack([xs, ys], axis=-1)
+
+
+def poly_to_hbox(polys):
+  """(..., K, 2) polygons -> (..., 4) enclosing horizontal boxes (x1, y1, x2, y2)."""
+  xp = _xp(polys)
+  p = xp.asarray(polys)
+  return xp.concatenate([p.min(axis=-2), p.max(axis=-2)], axis=-1)
+
+
+def rbox_to_hbox(rboxes):
+  """(..., 5) rotated boxes -> (..., 4) enclosing horizontal boxes (x1, y1, x2, y2)."""
+  return poly_to_hbox(rbox_to_poly(rboxes))

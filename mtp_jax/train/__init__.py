@@ -1,0 +1,1 @@
+"""Train state, optimizer, the multi-task step and the training loop."""

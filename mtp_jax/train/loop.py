@@ -1,0 +1,207 @@
+"""Pretraining loop, read top to bottom: setup, data, state, restore, steps, checkpoints, report."""
+
+import functools
+import json
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from flax import nnx
+
+from data_pipelines.samrs import reader
+from data_pipelines.samrs.classes import subset as subset_layout
+from mtp_jax import models
+from mtp_jax.checkpoints.manager import Checkpointer, model_signature
+from mtp_jax.errors import ConfigError, DataError
+from mtp_jax.metrics import report, segmentation, writers
+from mtp_jax.models.multitask import MultiTaskModel
+from mtp_jax.parallel import sharding
+from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from mtp_jax.train.state import create_state
+from mtp_jax.train.step import make_predict, make_train_step
+
+DTYPES = {"float32": None, "bfloat16": jax.numpy.bfloat16, "float16": jax.numpy.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+def build_model(config, num_classes: dict, rngs: nnx.Rngs) -> MultiTaskModel:
+  dtype = DTYPES[config.model.compute_dtype]
+  encoder = models.build_encoder(
+      config.model.encoder, config.data.image_size, rngs=rngs, dtype=dtype,
+      drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
+      **dict(config.model.encoder_overrides))
+  return MultiTaskModel(encoder, num_classes, tasks=tuple(config.tasks),
+                        seg_channels=config.model.seg_channels, seg_dropout=config.model.seg_dropout,
+                        dtype=dtype, rngs=rngs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def subset_classes(config) -> dict:
+  """{subset: class count}, checking that the converted data carries the expected class lists."""
+  out = {}
+  for s in config.data.subsets:
+    info = reader.load_info(config.data.dir, s, "train")
+    expected = list(subset_layout(s).classes)
+    if info.get("class_names") != expected:
+      raise DataError(f"{config.data.dir}/{s}/train holds classes {info.get('class_names')}, "
+                      f"not the {len(expected)} {s} classes")
+    out[s] = len(expected)
+  return out
+
+
+def interleave(per_subset: dict, subsets, key: str) -> np.ndarray:
+  """{subset: (b, ...)} -> (b*G, ...) with image i of subset g at row i*G + g."""
+  stacked = np.stack([per_subset[s][key] for s in subsets], axis=1)
+  return stacked.reshape(-1, *stacked.shape[2:])
+
+
+def device_batch(raw: dict, subsets, mesh, keys=("image", "semantic")):
+  return sharding.global_batch({k: interleave(raw, subsets, k) for k in keys}, mesh)
+
+
+def check_batch_size(name: str, per_subset: int, mesh):
+  div = sharding.batch_divisor(mesh)
+  if per_subset % div or per_subset % jax.process_count():
+    raise ConfigError(f"{name} = {per_subset} must be a multiple of the {div} batch shards and of "
+                      f"the {jax.process_count()} processes")
+  return per_subset // jax.process_count()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config.train.num_steps` steps (resuming from `workdir`), then writes the report."""
+  subsets = tuple(config.data.subsets)
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh)
+  num_classes = subset_classes(config)
+
+  model_fn = functools.partial(build_model, config, num_classes)
+  tx = make_optimizer(config)
+  init_fn = functools.partial(create_state, model_fn, tx, config.seed)
+  abstract_state = jax.eval_shape(init_fn)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+
+  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                              signature=model_signature(config, abstract_state.params),
+                              config_json=config.to_json_best_effort())
+  batches = reader.PretrainBatches(
+      config.data.dir, subsets, image_size=config.data.image_size,
+      max_instances=dict(config.data.max_instances), batch_size=local_batch, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      shuffle_window=config.data.shuffle_window)
+
+  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+  restored = checkpointer.restore(abstract_sharded)
+  if restored is None:
+    state = jax.jit(init_fn, out_shardings=state_shardings)()
+    start = 0
+  else:
+    state, data_state, start = restored
+    batches.set_state(data_state)
+    logging.info("resumed from %s at step %d", checkpointer.directory, start)
+    print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
+
+  batch_shardings = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, subsets, jax.random.key(config.seed + 1)),
+      in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+      donate_argnums=0)
+  schedule = learning_rate_schedule(config)
+  writer = writers.create_writer(workdir)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, "items")})
+
+  total = config.train.num_steps
+  progress = writers.Progress(total, start)
+  history, pending = [], []
+  compile_start = time.perf_counter()
+  for step in range(start + 1, total + 1):
+    state, metrics = train_step(state, device_batch(next(batches), subsets, mesh))
+    pending.append(metrics)
+    if step == start + 1:
+      jax.block_until_ready(metrics)
+      print(f"first step (with compilation) took {time.perf_counter() - compile_start:.1f}s", flush=True)
+    if step % config.train.log_every == 0 or step == total:
+      scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+      scalars["learning_rate"] = float(schedule(step - 1))
+      scalars["steps_per_sec"] = progress.update(step, {"loss": scalars["loss"]})
+      writer.write_scalars(step, scalars)
+      history.append({"step": step, **scalars})
+      pending = []
+    if step % config.train.checkpoint_every == 0 or step == total:
+      checkpointer.save(step, state, batches.get_state(), force=True)
+  writer.flush()
+  checkpointer.wait()
+
+  results = evaluate(config, graphdef, state, mesh, num_classes)
+  results["train"] = {"start_step": start, "end_step": total, "history": history}
+  if jax.process_index() == 0:
+    rows = results.pop("_rows")
+    paths = report.write_report(workdir, results, rows)
+    print(f"report: {paths['metrics']} and {paths['predictions']}", flush=True)
+  else:
+    results.pop("_rows")
+  writer.write_scalars(total, {f"eval/{s}/miou": r["miou"] for s, r in results["eval"].items()})
+  writer.close()
+  checkpointer.close()
+  batches.close()
+  return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (valid split, semantic segmentation mIoU per subset)
+# ----------------------------------------------------------------------------------------------
+def evaluate(config, graphdef, state, mesh, num_classes: dict) -> dict:
+  subsets = tuple(config.data.subsets)
+  local_batch = check_batch_size("eval.batch_per_subset", config.eval.batch_per_subset, mesh)
+  predict = jax.jit(make_predict(graphdef))
+  iters = {s: iter(reader.make_dataset(
+      config.data.dir, s, "valid", image_size=config.data.image_size,
+      max_instances=config.data.max_instances[s], batch_size=local_batch, train=False,
+      process_index=jax.process_index(), process_count=jax.process_count())) for s in subsets}
+  conf = {s: np.zeros((num_classes[s] + 1,) * 2, np.int64) for s in subsets}
+  rows, batches_done = [], 0
+  while True:
+    raw = {s: next(it, None) for s, it in iters.items()}
+    if all(b is None for b in raw.values()):
+      break
+    template = next(b for b in raw.values() if b is not None)
+    raw = {s: b if b is not None else {k: np.zeros_like(v) for k, v in template.items()}
+           for s, b in raw.items()}
+    batch = device_batch(raw, subsets, mesh)
+    preds = predict(state.params, state.batch_stats, batch["image"])
+    for s in subsets:
+      pred = np.asarray(multihost_utils.process_allgather(preds[s], tiled=True))
+      labels, real = raw[s]["semantic"], raw[s]["is_real"]
+      if jax.process_count() > 1:  # every process scores the whole batch
+        labels = np.asarray(multihost_utils.process_allgather(labels, tiled=True))
+        real = np.asarray(multihost_utils.process_allgather(real, tiled=True))
+      conf[s] += segmentation.confusion_matrix(labels[real], pred[real], num_classes[s] + 1)
+      for i in np.flatnonzero(raw[s]["is_real"]):
+        if sum(r[0].startswith(s) for r in rows) < config.eval.report_images:
+          rows.append((f"{s} valid", raw[s]["image"][i], raw[s]["semantic"][i], pred[i]))
+    batches_done += 1
+    if config.eval.max_batches and batches_done >= config.eval.max_batches:
+      break
+  for it in iters.values():
+    it.close()
+  results = {"eval": {}}
+  for s in subsets:
+    r = segmentation.iou_from_confusion(conf[s])
+    names = ["background"] + list(subset_layout(s).classes)
+    results["eval"][s] = {
+        "miou": r["miou"], "pixel_accuracy": r["accuracy"], "pixels": int(conf[s].sum()),
+        "iou_per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, r["iou"])}}
+    print(f"eval {s}: mIoU {r['miou']:.4f}, pixel accuracy {r['accuracy']:.4f}", flush=True)
+  results["_rows"] = rows
+  return results

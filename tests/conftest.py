@@ -1,0 +1,40 @@
+"""Test setup: CPU backend with 8 host devices and the persistent compilation cache, set before
+JAX starts; shared fixtures build a small synthetic SAMRS sample and its TFRecords once."""
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+jax.config.update("jax_compilation_cache_dir", os.path.join(ROOT, ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+flags.FLAGS.mark_as_parsed()
+logging.set_verbosity(logging.WARNING)
+
+SAMPLE_IMAGES = 16   # per subset: 12 train, 4 valid
+SAMPLE_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory):
+  from data_pipelines.samrs import synthetic
+  out = str(tmp_path_factory.mktemp("samrs_sample"))
+  synthetic.generate(out, images=SAMPLE_IMAGES, size=SAMPLE_SIZE, seed=0)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tfrecord_dir(sample_dir, tmp_path_factory):
+  from data_pipelines.samrs import convert
+  out = str(tmp_path_factory.mktemp("samrs_tfrecords"))
+  for subset in ("sota", "sior", "fast"):
+    for split in ("train", "valid"):
+      convert.convert_split(sample_dir, subset, split, out, num_shards=2, log=lambda *_: None)
+  return out
