@@ -20,7 +20,7 @@ trunc_normal_002 = nnx.initializers.truncated_normal(stddev=0.02)
 
 def axes(*names):
   """Variable metadata carrying logical axis names (sharding is applied later, by the rules)."""
-  return {"sharding": tuple(names), "eager_sharding": False}
+  return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
 def torch_uniform_init(fan_in: int):

@@ -110,14 +110,15 @@ class ViTEncoder(nnx.Module):
     x = x.reshape(b, self.grid * self.grid, self.embed_dim)
     x = x + self.pos_embed[...].astype(x.dtype)
     keys = jax.random.split(key, len(self.blocks))
-    features = []
+    kept = {}
     for i, blk in enumerate(self.blocks):
       if self.remat:
         x = nnx.remat(lambda m, y, k: m(y, k, train))(blk, x, keys[i])
       else:
         x = blk(x, keys[i], train)
       if i in self.out_indices:
-        features.append(x.reshape(b, self.grid, self.grid, self.embed_dim))
+        kept[i] = x.reshape(b, self.grid, self.grid, self.embed_dim)
+    features = [kept[i] for i in self.out_indices]  # an index may repeat (tiny test models)
     if not multi_scale:
       return features
     f1 = features[0]

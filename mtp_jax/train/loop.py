@@ -79,9 +79,9 @@ def check_batch_size(name: str, per_subset: int, mesh):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config.train.num_steps` steps (resuming from `workdir`), then writes the report."""
   subsets = tuple(config.data.subsets)
+  num_classes = subset_classes(config)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh)
-  num_classes = subset_classes(config)
 
   model_fn = functools.partial(build_model, config, num_classes)
   tx = make_optimizer(config)

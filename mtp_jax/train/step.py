@@ -46,7 +46,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, subsets, base_ke
         state.params, state.batch_stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(losses, grad_norm=optax.global_norm(grads))
+    metrics = dict(losses, grad_norm=optax.tree.norm(grads))
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                            opt_state=opt_state)
     return new_state, metrics

@@ -1,0 +1,92 @@
+"""Model building blocks against straightforward numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtp_jax.models import build_encoder, layers
+from mtp_jax.models.heads.upernet import adaptive_avg_pool, segmentation_loss
+from mtp_jax.models.subset_batch_norm import SubsetBatchNorm
+from mtp_jax.parallel import sharding
+
+
+def test_conv_transpose_2x2_matches_the_definition():
+  m = layers.ConvTranspose2x2(3, 5, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(0).normal(size=(2, 4, 3, 3)).astype(np.float32)
+  k, b = np.asarray(m.kernel[...]), np.asarray(m.bias[...])
+  want = np.zeros((2, 8, 6, 5), np.float32)
+  for i in range(4):
+    for j in range(3):
+      for a in range(2):
+        for c in range(2):
+          want[:, 2 * i + a, 2 * j + c] = x[:, i, j] @ k[a, c] + b
+  np.testing.assert_allclose(np.asarray(m(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_avg_pool_uses_pytorch_bins():
+  x = np.random.default_rng(1).normal(size=(1, 7, 5, 2)).astype(np.float32)
+  got = np.asarray(adaptive_avg_pool(jnp.asarray(x), 3))
+  for i in range(3):
+    for j in range(3):
+      h0, h1 = (i * 7) // 3, -(-(i + 1) * 7 // 3)
+      w0, w1 = (j * 5) // 3, -(-(j + 1) * 5 // 3)
+      np.testing.assert_allclose(got[0, i, j], x[0, h0:h1, w0:w1].mean((0, 1)), rtol=1e-5)
+
+
+def test_subset_batch_norm_normalises_each_group_alone_and_updates_running_stats_in_order():
+  rng = np.random.default_rng(2)
+  b, groups = 3, 3
+  # Groups with very different statistics, rows interleaved (b, G) -> b*G.
+  per_group = [rng.normal(loc=10 * g, scale=1 + g, size=(b, 2, 2, 4)) for g in range(groups)]
+  x = np.stack(per_group, axis=1).reshape(b * groups, 2, 2, 4).astype(np.float32)
+  bn = SubsetBatchNorm(4)
+  y = np.asarray(bn(jnp.asarray(x), groups=groups, train=True)).reshape(b, groups, 2, 2, 4)
+  running_mean, running_var = np.zeros(4), np.ones(4)
+  for g in range(groups):
+    data = per_group[g].reshape(-1, 4)
+    want = (per_group[g] - data.mean(0)) / np.sqrt(data.var(0) + 1e-5)
+    np.testing.assert_allclose(y[:, g], want, rtol=1e-4, atol=1e-4)
+    running_mean = 0.9 * running_mean + 0.1 * data.mean(0)
+    running_var = 0.9 * running_var + 0.1 * data.var(0, ddof=1)
+  np.testing.assert_allclose(np.asarray(bn.mean[...]), running_mean, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(bn.var[...]), running_var, rtol=1e-5)
+
+
+def test_segmentation_loss_ignores_255_and_averages_valid_pixels():
+  logits = jnp.asarray(np.random.default_rng(3).normal(size=(1, 2, 2, 3)), jnp.float32)
+  labels = jnp.asarray([[[0, 2], [255, 1]]])
+  loss, count = segmentation_loss(logits, labels)
+  logp = jax.nn.log_softmax(logits, -1)[0]
+  want = -(logp[0, 0, 0] + logp[0, 1, 2] + logp[1, 1, 1]) / 3
+  assert int(count) == 3
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+
+
+def test_encoder_outputs_four_scales_and_official_names():
+  enc = build_encoder("vit_t", 64, depth=4, embed_dim=32, num_heads=2, out_indices=(0, 1, 2, 3),
+                      rngs=nnx.Rngs(0))
+  outs = enc(jnp.zeros((2, 64, 64, 3)))
+  assert [o.shape for o in outs] == [(2, 16, 16, 32), (2, 8, 8, 32), (2, 4, 4, 32), (2, 2, 2, 32)]
+  assert [o.shape for o in enc(jnp.zeros((2, 64, 64, 3)), multi_scale=False)] == [(2, 4, 4, 32)] * 4
+  names = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(enc, nnx.Param))}
+  for n in ("patch_embed/proj/kernel", "pos_embed", "blocks/3/attn/qkv/kernel", "blocks/0/mlp/fc2/bias",
+            "norm/scale", "fpn1/0/kernel", "fpn1/1/ln/scale", "fpn1/3/bias", "fpn2/0/kernel"):
+    assert n in names, n
+  # fix_init_weight: deeper blocks start with smaller output projections.
+  s0 = float(jnp.std(enc.blocks[0].attn.proj.kernel[...]))
+  s3 = float(jnp.std(enc.blocks[3].attn.proj.kernel[...]))
+  np.testing.assert_allclose(s0 / s3, np.sqrt(8 / 2), rtol=0.25)
+
+
+def test_logical_axes_map_to_the_mesh():
+  mesh = sharding.make_mesh((-1, 2), ("data", "fsdp"))
+  assert mesh.shape == {"data": 4, "fsdp": 2}
+  rules = (("embed", "fsdp"), ("mlp", None))
+  spec = sharding.logical_to_mesh(jax.sharding.PartitionSpec("embed", "mlp"), rules, mesh)
+  assert spec == jax.sharding.PartitionSpec("fsdp", None)
+  enc = nnx.eval_shape(lambda: build_encoder("vit_t", 32, depth=1, embed_dim=16, num_heads=2,
+                                             out_indices=(0, 0, 0, 0), rngs=nnx.Rngs(0)))
+  shardings = sharding.tree_shardings(nnx.state(enc, nnx.Param), mesh, rules)
+  assert shardings["blocks"][0]["mlp"]["fc1"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)
+  assert shardings["pos_embed"].spec == jax.sharding.PartitionSpec(None, None, "fsdp")

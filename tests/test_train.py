@@ -1,0 +1,116 @@
+"""End to end: the quickstart config trains on the 8-device mesh, the loss falls, a run resumes
+exactly where it stopped, and bad input stops with one clear message."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mtp_jax import config as config_lib
+from mtp_jax.errors import CheckpointError, ConfigError
+from mtp_jax.train import loop
+
+from conftest import ROOT, SAMPLE_SIZE
+
+QUICKSTART = os.path.join(ROOT, "configs", "pretrain", "quickstart.py")
+
+
+def tiny_config(data_dir, **overrides):
+  c = config_lib.load_config(QUICKSTART)
+  sets = [f"data.dir={data_dir!r}", f"data.image_size={SAMPLE_SIZE}", "data.batch_per_subset=8",
+          "data.shuffle_window=16", "model.encoder_overrides.embed_dim=48",
+          "model.encoder_overrides.depth=2", "model.encoder_overrides.num_heads=2",
+          "model.encoder_overrides.out_indices=(0, 1, 1, 1)", "model.seg_channels=16",
+          "optimizer.lr=1e-2", "optimizer.warmup_steps=0", "train.log_every=1",
+          "train.checkpoint_every=3", "eval.batch_per_subset=8", "eval.report_images=1"]
+  return config_lib.apply_overrides(c, sets + [f"{k}={v!r}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def trained(tfrecord_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  results = loop.train_and_evaluate(tiny_config(tfrecord_dir, **{"train.num_steps": 8}), workdir)
+  return workdir, results
+
+
+def _params(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  tree = ocp.StandardCheckpointer().restore(path)
+  return jax.tree.leaves(tree["params"])
+
+
+def test_loss_falls_and_report_is_written(trained):
+  workdir, results = trained
+  losses = [h["loss"] for h in results["train"]["history"]]
+  assert len(losses) == 8 and all(np.isfinite(losses))
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 1.0 and losses[-1] < 0.85 * losses[0], losses
+  with open(os.path.join(workdir, "report", "metrics.json")) as f:
+    report = json.load(f)
+  assert set(report["eval"]) == {"sota", "sior", "fast"}
+  assert report["eval"]["sota"]["pixels"] == 4 * SAMPLE_SIZE * SAMPLE_SIZE  # the 4 valid images
+  assert 0.0 <= report["eval"]["fast"]["miou"] <= 1.0
+  assert os.path.getsize(os.path.join(workdir, "report", "predictions.png")) > 1000
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(trained, tfrecord_dir, tmp_path, capsys):
+  workdir, _ = trained
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  for step in ("6", "8"):  # as if the run had died after the checkpoint at step 3
+    shutil.rmtree(os.path.join(resumed, "checkpoints", step))
+  results = loop.train_and_evaluate(tiny_config(tfrecord_dir, **{"train.num_steps": 8}), resumed)
+  assert "resumed from" in capsys.readouterr().out
+  assert results["train"]["start_step"] == 3
+  assert [h["step"] for h in results["train"]["history"]] == [4, 5, 6, 7, 8]
+  for a, b in zip(_params(workdir, 8), _params(resumed, 8)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_of_another_model_is_refused_clearly(trained, tfrecord_dir):
+  workdir, _ = trained
+  other = tiny_config(tfrecord_dir, **{"train.num_steps": 9, "model.encoder_overrides.depth": 3,
+                                       "model.encoder_overrides.out_indices": (0, 1, 2, 2)})
+  with pytest.raises(CheckpointError, match=r"different model(.|\n)*blocks/2/"):
+    loop.train_and_evaluate(other, workdir)
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_refused(tfrecord_dir, tmp_path):
+  with pytest.raises(ConfigError, match="data.batch_per_subset = 3 must be a multiple of the 8"):
+    loop.train_and_evaluate(tiny_config(tfrecord_dir, **{"data.batch_per_subset": 3}), str(tmp_path))
+
+
+def test_config_errors_name_the_key(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("from mtp_jax.config import pretrain_defaults\n"
+                 "def get_config(arg=None):\n  c = pretrain_defaults()\n  c.optimizer.lerning_rate = 1\n  return c\n")
+  with pytest.raises(ConfigError, match="lerning_rate"):
+    config_lib.load_config(str(bad))
+  with pytest.raises(ConfigError, match="does not exist"):
+    config_lib.load_config(str(tmp_path / "missing.py"))
+  with pytest.raises(ConfigError, match="did you mean 'train.num_steps'"):
+    config_lib.apply_overrides(config_lib.load_config(QUICKSTART), ["train.num_step=3"])
+  with pytest.raises(ConfigError, match="data.subsets"):
+    config_lib.apply_overrides(config_lib.load_config(QUICKSTART), ["data.subsets=('sota', 'dota')"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope/missing.py"], "error: config file 'nope/missing.py' does not exist"),
+    (["--config", QUICKSTART, "--set", "data.dir='/nonexistent'"],
+     "error: '/nonexistent' is not a converted SAMRS TFRecord folder"),
+])
+def test_main_reports_bad_input_in_one_line(args, message, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's plain shell
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args, "--workdir", str(tmp_path)],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().startswith(message), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
