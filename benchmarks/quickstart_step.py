@@ -1,0 +1,87 @@
+"""Figures for the quickstart step and input pipeline (printed and written to JSON; never a test).
+
+    python benchmarks/quickstart_step.py [--data data/samrs_tfrecords] [--steps 20] [--out benchmarks/results/quickstart_step.json]
+
+Measures, with the quickstart config on the default devices: compile time of the train step,
+mean step time over `--steps` steps on one fixed batch (compute only), and the input pipeline's
+batches/s and images/s on its own (1 process, 0 workers).
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+import functools  # noqa: E402
+
+from data_pipelines.samrs import reader  # noqa: E402
+from mtp_jax.config import apply_overrides, load_config  # noqa: E402
+from mtp_jax.parallel import sharding  # noqa: E402
+from mtp_jax.train import loop  # noqa: E402
+from mtp_jax.train.optimizer import make_optimizer  # noqa: E402
+from mtp_jax.train.state import create_state  # noqa: E402
+from mtp_jax.train.step import make_train_step  # noqa: E402
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--data", default="data/samrs_tfrecords")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--out", default="benchmarks/results/quickstart_step.json")
+  args = p.parse_args()
+  config = apply_overrides(load_config("configs/pretrain/quickstart.py"), [f"data.dir={args.data!r}"])
+  subsets = tuple(config.data.subsets)
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  num_classes = loop.subset_classes(config)
+  model_fn = functools.partial(loop.build_model, config, num_classes)
+  tx = make_optimizer(config)
+  init_fn = functools.partial(create_state, model_fn, tx, config.seed)
+  shardings = sharding.tree_shardings(jax.eval_shape(init_fn), mesh, config.sharding_rules)
+  state = jax.jit(init_fn, out_shardings=shardings)()
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+  step = jax.jit(make_train_step(graphdef, tx, subsets, jax.random.key(0)),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=0)
+
+  batches = reader.PretrainBatches(config.data.dir, subsets, image_size=config.data.image_size,
+                                   max_instances=dict(config.data.max_instances),
+                                   batch_size=config.data.batch_per_subset, seed=0)
+  t = time.perf_counter()
+  n_data = 30
+  for _ in range(n_data):
+    raw = next(batches)
+  data_s = (time.perf_counter() - t) / n_data
+  batch = loop.device_batch(raw, subsets, mesh)
+
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(args.steps):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  step_s = (time.perf_counter() - t) / args.steps
+  images = config.data.batch_per_subset * len(subsets)
+  result = {
+      "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
+      "image_size": config.data.image_size, "images_per_step": images,
+      "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
+      "train_images_per_s": round(images / step_s, 1),
+      "input_pipeline_batch_s": round(data_s, 4),
+      "input_pipeline_images_per_s": round(images / data_s, 1),
+  }
+  batches.close()
+  print(json.dumps(result, indent=1))
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
