@@ -1,11 +1,11 @@
 """Converter + reader: an exact round trip of the sample, clear errors, shard split, exact resume."""
 
-import io
 import json
 import os
 import pickle
 import shutil
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,7 +37,7 @@ def test_round_trip_is_exact(sample_dir, tfrecord_dir, name, split):
   ds = reader.make_dataset(tfrecord_dir, name, split, image_size=SAMPLE_SIZE, max_instances=64,
                            batch_size=1, train=False)
   records = [schema.decode(r) for f in reader.shard_files(tfrecord_dir, name, split)
-             for r in __import__("grain").experimental.TFRecordIterDataset(f)]
+             for r in grain.experimental.TFRecordIterDataset(f)]
   seen = 0
   for batch, record in zip(ds, records):
     stem = os.path.splitext(record.filename)[0]

@@ -1,7 +1,6 @@
 """The synthetic SAMRS sample: deterministic, in the real layout, parseable by the standard tools."""
 
 import filecmp
-import io
 import os
 import pickle
 import xml.etree.ElementTree as ET

@@ -50,10 +50,6 @@ def load_info(data_dir: str, subset: str, split: str) -> dict:
   return info
 
 
-def decode_record(raw: bytes) -> schema.SamrsRecord:
-  return schema.decode(raw)
-
-
 def decode_png_or_jpeg(data: bytes, mode: str) -> np.ndarray:
   return np.asarray(Image.open(io.BytesIO(data)).convert(mode))
 

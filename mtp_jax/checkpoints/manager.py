@@ -13,7 +13,6 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from mtp_jax.errors import CheckpointError
 

@@ -1,7 +1,6 @@
 """Pretraining loop, read top to bottom: setup, data, state, restore, steps, checkpoints, report."""
 
 import functools
-import json
 import time
 
 import jax

@@ -8,7 +8,6 @@ parameters (biases, norms) and `pos_embed`. Layer-wise lr decay arrives with the
 
 import jax
 import optax
-from flax import nnx
 
 
 def learning_rate_schedule(config):
