@@ -18,6 +18,9 @@ from mtp_jax.errors import DataError
 from mtp_jax.ops import boxes
 
 DIOR_CORNERS = ("left_top", "right_top", "right_bottom", "left_bottom")
+# PIL modes accepted for each role: RGB images may arrive as RGBA, grey or palette files (the
+# reader converts them to RGB); semantic maps must be single-channel uint8.
+ACCEPTED_MODES = {"RGB": ("RGB", "RGBA", "L", "P"), "L": ("L",)}
 
 
 class BadSample(Exception):
@@ -60,7 +63,7 @@ def _decode_image(data: bytes, what: str, mode: str) -> Image.Image:
     img.load()
   except Exception as e:  # PIL raises many types for broken files
     raise BadSample(f"{what} cannot be decoded ({type(e).__name__}: {e})") from None
-  if img.mode != mode and not (mode == "RGB" and img.mode in ("RGB", "RGBA", "L", "P")):
+  if img.mode not in ACCEPTED_MODES[mode]:
     raise BadSample(f"{what} has mode {img.mode}, expected {mode}")
   return img
 
