@@ -73,6 +73,12 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(tra
   assert [h["step"] for h in results["train"]["history"]] == [4, 5, 6, 7, 8]
   for a, b in zip(_params(workdir, 8), _params(resumed, 8)):
     np.testing.assert_array_equal(a, b)
+  # The dead run's rows after step 3 were dropped: one row per step, with the same losses.
+  rows = [json.loads(l) for l in open(os.path.join(resumed, "metrics.jsonl"))]
+  steps = [r["step"] for r in rows if "loss" in r]
+  assert steps == list(range(1, 9))
+  original = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r}
+  assert [r["loss"] for r in rows if "loss" in r] == [original[s] for s in steps]
 
 
 def test_checkpoint_of_another_model_is_refused_clearly(trained, tfrecord_dir):

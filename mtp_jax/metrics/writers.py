@@ -15,11 +15,23 @@ JSON_FILE = "metrics.jsonl"
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per write_scalars call: {"step": s, "name": value, ...}."""
+  """Appends one JSON object per write_scalars call: {"step": s, "name": value, ...}.
 
-  def __init__(self, path: str):
+  `resume_step`: rows of steps after it (logged by a run that died before its next checkpoint)
+  are dropped when the file is opened, so a resumed run leaves exactly one row per step.
+  """
+
+  def __init__(self, path: str, resume_step: int = 0):
     self.path = path
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+      with open(path) as f:
+        rows = [line for line in f if line.strip()]
+      kept = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
+      if len(kept) != len(rows):
+        with open(path + ".tmp", "w") as f:
+          f.writelines(kept)
+        os.replace(path + ".tmp", path)
     self._file = open(path, "a")
 
   def write_scalars(self, step, scalars):
@@ -44,13 +56,13 @@ class JsonlWriter(metric_writers.MetricWriter):
   def write_histograms(self, step, arrays, num_buckets=None): pass
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+def create_writer(workdir: str, resume_step: int = 0) -> metric_writers.MetricWriter:
   """Console + TensorBoard (`<workdir>/tensorboard`) + `<workdir>/metrics.jsonl` on process 0."""
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(None, just_logging=True)
   return metric_writers.MultiWriter([
       metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=True),
-      JsonlWriter(os.path.join(workdir, JSON_FILE)),
+      JsonlWriter(os.path.join(workdir, JSON_FILE), resume_step),
   ])
 
 

@@ -116,7 +116,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
       donate_argnums=0)
   schedule = learning_rate_schedule(config)
-  writer = writers.create_writer(workdir)
+  writer = writers.create_writer(workdir, resume_step=start)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, "items")})
 
