@@ -31,7 +31,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
 lock: $(VENV)/.installed
-	$(PY) -m pip freeze --exclude-editable | grep -v '^mtp.jax' > requirements/lock.txt.new
+	head -n 2 requirements/lock.txt > requirements/lock.txt.new
+	$(PY) -m pip freeze --exclude-editable | grep -v '^mtp.jax' >> requirements/lock.txt.new
 	mv requirements/lock.txt.new requirements/lock.txt
 
 clean:

@@ -3,19 +3,25 @@
     encoder = build_encoder("vit_b", img_size=448)                     # paper width and depth
     encoder = build_encoder("vit_t", img_size=128, depth=4, out_indices=(0, 1, 2, 3))
 
-Plain-ViT presets share the RVSA models' widths, depths, heads and out_indices (MTP_SPEC §1.1);
-the RVSA encoders (`vit_b_rvsa`, `vit_l_rvsa`, ...) land with their own issue.
+`vit_b_rvsa` and `vit_l_rvsa` are the paper's encoders; `vit_t_rvsa` / `vit_s_rvsa` are small
+variants for tests and quickstarts; `vit_t` ... `vit_l` are the plain-ViT counterparts.
 """
 
 from flax import nnx
 
 from mtp_jax.models.vit import ViTEncoder
 
-ENCODER_PRESETS = {
+_PLAIN = {
     "vit_t": dict(embed_dim=192, depth=12, num_heads=3, out_indices=(3, 5, 7, 11)),
     "vit_s": dict(embed_dim=384, depth=12, num_heads=6, out_indices=(3, 5, 7, 11)),
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12, out_indices=(3, 5, 7, 11)),
     "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, out_indices=(7, 11, 15, 23)),
+}
+# The paper's models (MTP_SPEC §1.1): every `interval`-th block global, the others RVSA.
+ENCODER_PRESETS = {
+    **_PLAIN,
+    **{f"{name}_rvsa": dict(kw, rvsa=True, interval=6 if name == "vit_l" else 3)
+       for name, kw in _PLAIN.items()},
 }
 
 

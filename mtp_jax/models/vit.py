@@ -1,7 +1,8 @@
-"""Plain ViT encoder with the MTP multi-scale outputs (fpn1-fpn4, MTP_SPEC §1.5).
+"""ViT and ViT+RVSA encoders with the MTP multi-scale outputs (fpn1-fpn4, MTP_SPEC §1).
 
-The RVSA attention of the paper's models arrives with its own issue; this encoder shares the
-module and parameter names of the official `ViT_Win_RVSA_V3_WSZ7` (`patch_embed.proj`,
+With `rvsa=True` every block but each `interval`-th is a Rotated Varied-Size window Attention
+block (mtp_jax/models/rvsa.py) and the global blocks carry decomposed relative positions.
+The module and parameter names are those of the official `ViT_Win_RVSA_V3_WSZ7` (`patch_embed.proj`,
 `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `fpn1.{0,1.ln,3}`,
 `fpn2.0`) so checkpoints convert by a path join plus transposes.
 
@@ -16,22 +17,38 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax.models import layers
+from mtp_jax.models.rel_pos import add_decomposed_rel_pos
+from mtp_jax.models.rvsa import RotatedVariedSizeWindowAttention
 
 
 class Attention(nnx.Module):
-  """Global multi-head self-attention: qkv Linear(D, 3D) in timm order [q|k|v][head][hd], proj."""
+  """Global multi-head self-attention: qkv Linear(D, 3D) in timm order [q|k|v][head][hd], proj.
 
-  def __init__(self, dim, num_heads, *, rngs, dtype=None):
+  With `rel_pos_grid` = Hp (the RVSA models' global blocks), decomposed relative positions over
+  the Hp x Hp grid are added, computed with the SCALED q (MTP_SPEC §1.3; deliberate, unlike RVSA
+  blocks). The grid is fixed by img_size, as in the original.
+  """
+
+  def __init__(self, dim, num_heads, *, rngs, dtype=None, rel_pos_grid: int = 0):
     self.num_heads = num_heads
     self.scale = (dim // num_heads) ** -0.5
     self.qkv = layers.linear(dim, 3 * dim, in_axis="embed", out_axis="qkv", dtype=dtype, rngs=rngs)
     self.proj = layers.linear(dim, dim, in_axis="qkv", out_axis="embed", dtype=dtype, rngs=rngs)
+    self.rel_pos_grid = rel_pos_grid
+    if rel_pos_grid:
+      shape = (2 * rel_pos_grid - 1, dim // num_heads)
+      self.full_attn_rel_pos_h = nnx.Param(jnp.zeros(shape), **layers.axes(None, None))
+      self.full_attn_rel_pos_w = nnx.Param(jnp.zeros(shape), **layers.axes(None, None))
 
-  def __call__(self, x):
+  def __call__(self, x, grid_hw: int = 0):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, nH, hd)
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q * self.scale, k)
+    q = q * self.scale
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
+    if self.rel_pos_grid:
+      logits = add_decomposed_rel_pos(logits, q.transpose(0, 2, 1, 3), self.rel_pos_grid,
+                                      self.full_attn_rel_pos_h[...], self.full_attn_rel_pos_w[...])
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(b, n, d)
     return self.proj(out)
@@ -47,18 +64,27 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm block: x + DP(attn(LN1 x)); x + DP(mlp(LN2 x)); LayerNorm eps 1e-6 (MTP_SPEC §1.1)."""
+  """Pre-norm block: x + DP(attn(LN1 x)); x + DP(mlp(LN2 x)); LayerNorm eps 1e-6 (MTP_SPEC §1.1).
 
-  def __init__(self, dim, num_heads, mlp_ratio, drop_path, *, rngs, dtype=None):
+  `attn` is global attention, or RVSA when `window_size` is set.
+  """
+
+  def __init__(self, dim, num_heads, mlp_ratio, drop_path, *, rngs, dtype=None, grid: int,
+               window_size: int = 0, rel_pos_grid: int = 0, grid_sample_method: str = "gather"):
     self.norm1 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    if window_size:
+      self.attn = RotatedVariedSizeWindowAttention(dim, num_heads, window_size=window_size, dtype=dtype,
+                                                   grid_sample_method=grid_sample_method, rngs=rngs)
+    else:
+      self.attn = Attention(dim, num_heads, dtype=dtype, rel_pos_grid=rel_pos_grid, rngs=rngs)
+    self.grid = grid
     self.norm2 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     self.drop_path = drop_path
 
   def __call__(self, x, key, train: bool):
     k1, k2 = jax.random.split(key)
-    x = x + layers.drop_path(self.attn(self.norm1(x)), self.drop_path, k1, train)
+    x = x + layers.drop_path(self.attn(self.norm1(x), self.grid), self.drop_path, k1, train)
     return x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, k2, train)
 
 
@@ -67,7 +93,9 @@ class ViTEncoder(nnx.Module):
 
   def __init__(self, *, img_size: int, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
-               out_indices=(3, 5, 7, 11), remat: bool = False, dtype=None, rngs: nnx.Rngs):
+               out_indices=(3, 5, 7, 11), rvsa: bool = False, interval: int = 3,
+               window_size: int = 7, grid_sample_method: str = "gather", remat: bool = False,
+               dtype=None, rngs: nnx.Rngs):
     if img_size % patch_size:
       raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     if max(out_indices) >= depth:
@@ -83,8 +111,13 @@ class ViTEncoder(nnx.Module):
     self.pos_embed = nnx.Param(layers.trunc_normal_002(rngs.params(), (1, self.grid ** 2, embed_dim)),
                                **layers.axes(None, None, "embed"))
     dpr = np.linspace(0.0, drop_path_rate, depth)
+    # RVSA models: block i is global when (i + 1) % interval == 0, RVSA otherwise (MTP_SPEC §1.1).
+    is_global = [not rvsa or (i + 1) % interval == 0 for i in range(depth)]
     self.blocks = nnx.List([
-        Block(embed_dim, num_heads, mlp_ratio, float(dpr[i]), dtype=dtype, rngs=rngs)
+        Block(embed_dim, num_heads, mlp_ratio, float(dpr[i]), dtype=dtype, grid=self.grid,
+              window_size=0 if is_global[i] else window_size,
+              rel_pos_grid=self.grid if (rvsa and is_global[i]) else 0,
+              grid_sample_method=grid_sample_method, rngs=rngs)
         for i in range(depth)])
     # fix_init_weight (MTP_SPEC §1.5): block l (1-based) scales attn.proj and mlp.fc2 by 1/sqrt(2l).
     for i, blk in enumerate(self.blocks):

@@ -1,0 +1,160 @@
+"""The JAX RVSA encoder against its PyTorch twin; checkpoint export/import and their errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from mtp_jax.checkpoints import torch_convert as tc
+from mtp_jax.errors import CheckpointError
+from mtp_jax.models import build_encoder
+from mtp_jax.torch_twin.vit_rvsa import build_twin
+
+SMALL = dict(depth=6, embed_dim=96, num_heads=3, out_indices=(1, 2, 4, 5))  # globals at 2 and 5
+
+
+def params_of(enc):
+  return nnx.to_pure_dict(nnx.state(enc, nnx.Param))
+
+
+def set_params(enc, params):
+  state = nnx.state(enc, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  nnx.update(enc, state)
+
+
+def random_encoder(size, seed=0, **kw):
+  """A small RVSA encoder with every parameter perturbed (rel-pos tables included, not zero)."""
+  enc = build_encoder("vit_t_rvsa", size, rngs=nnx.Rngs(seed), **{**SMALL, **kw})
+  rng = np.random.default_rng(seed)
+  set_params(enc, jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
+                               params_of(enc)))
+  return enc
+
+
+def twin_outputs(twin, images):
+  with torch.no_grad():
+    outs = twin(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  return [o.numpy().transpose(0, 2, 3, 1) for o in outs]
+
+
+def max_rel_err(a, b):
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def test_vit_b_and_vit_l_keys_shapes_and_counts_match_the_spec():
+  for name, no_fpn, with_fpn in (("vit_b_rvsa", 86.7e6, 93.8e6), ("vit_l_rvsa", 305.7e6, 318.2e6)):
+    enc = nnx.eval_shape(lambda: build_encoder(name, 448, rngs=nnx.Rngs(0)))
+    shapes = tc.state_dict_shapes(params_of(enc))
+    assert shapes == {k: tuple(v.shape) for k, v in build_twin(name, 448).state_dict().items()}
+    count = lambda keep: sum(math.prod(s) for k, s in shapes.items() if "index" not in k and keep(k))
+    assert round(count(lambda k: not k.startswith("fpn")) / 1e5) == round(no_fpn / 1e5)
+    assert round(count(lambda k: True) / 1e5) == round(with_fpn / 1e5)
+  b = tc.state_dict_shapes(params_of(nnx.eval_shape(lambda: build_encoder("vit_b_rvsa", 448, rngs=nnx.Rngs(0)))))
+  assert b["blocks.0.attn.sampling_offsets.2.weight"] == (24, 768, 1, 1)
+  assert b["blocks.0.attn.sampling_angles.2.weight"] == (12, 768, 1, 1)
+  assert b["blocks.0.attn.relative_position_bias_table"] == (169, 12)
+  assert b["blocks.0.attn.relative_position_index"] == (49, 49)
+  assert b["blocks.2.attn.full_attn_rel_pos_h"] == (55, 64) and "blocks.3.attn.full_attn_rel_pos_h" not in b
+  assert b["fpn1.0.weight"] == (768, 768, 2, 2) and b["fpn1.1.ln.weight"] == (768,)
+  assert b["pos_embed"] == (1, 784, 768) and b["norm.weight"] == (768,)
+
+
+@pytest.mark.parametrize("size", [224, 448, 512])  # 512: 32 tokens padded to 35, offsets / 4
+def test_forward_parity_with_the_twin(size, record_property):
+  enc = random_encoder(size, seed=size)
+  twin = build_twin("vit_t_rvsa", size, **SMALL)
+  twin.load_state_dict({k: torch.from_numpy(v) for k, v in tc.encoder_to_state_dict(params_of(enc)).items()},
+                       strict=True)
+  images = np.random.default_rng(1).normal(size=(2, size, size, 3)).astype(np.float32)
+  ours = [np.asarray(o) for o in jax.jit(lambda x: enc(x))(images)]
+  errs = [max_rel_err(a, b) for a, b in zip(ours, twin_outputs(twin, images))]
+  record_property("max_rel_err", max(errs))
+  print(f"size {size}: max relative error per map {errs}")
+  assert max(errs) <= 1e-4, errs
+
+
+def test_twin_weights_import_into_jax_and_round_trip_exactly():
+  size = 224
+  twin = build_twin("vit_t_rvsa", size, **SMALL)
+  with torch.no_grad():
+    for p in twin.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  sd = {k: v.numpy() for k, v in twin.state_dict().items()}
+  enc = build_encoder("vit_t_rvsa", size, rngs=nnx.Rngs(5), **SMALL)
+  params, report = tc.state_dict_to_encoder(sd, params_of(enc))
+  assert report["missing"] == [] and report["unexpected"] == []
+  set_params(enc, params)
+  images = np.random.default_rng(2).normal(size=(2, size, size, 3)).astype(np.float32)
+  errs = [max_rel_err(np.asarray(a), b) for a, b in zip(enc(images), twin_outputs(twin, images))]
+  assert max(errs) <= 1e-4, errs
+  # JAX -> PyTorch -> JAX is exact, and PyTorch -> JAX -> PyTorch too.
+  back, _ = tc.state_dict_to_encoder(tc.encoder_to_state_dict(params_of(enc)), params_of(enc))
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params_of(enc)))
+  again = tc.encoder_to_state_dict(params)
+  assert set(again) == set(sd)
+  for k in sd:
+    np.testing.assert_array_equal(again[k], sd[k])
+
+
+def test_files_round_trip_through_pth_and_safetensors(tmp_path):
+  enc = random_encoder(224, seed=3)
+  sd = tc.encoder_to_state_dict(params_of(enc))
+  for name in ("enc.pth", "enc.safetensors"):
+    tc.write_state_dict(sd, str(tmp_path / name))
+    read = tc.read_checkpoint(str(tmp_path / name))
+    assert set(read) == set(sd) and all(np.array_equal(read[k], sd[k]) for k in sd)
+  # Official containers: 'state_dict' wrapper, 'module.' and 'encoder.' prefixes.
+  torch.save({"state_dict": {f"module.encoder.{k}": torch.from_numpy(v) for k, v in sd.items()},
+              "iteration": 7}, str(tmp_path / "full.pth"))
+  read = tc.read_checkpoint(str(tmp_path / "full.pth"))
+  assert set(read) == set(sd)
+
+
+def test_bad_checkpoints_name_the_offending_keys(tmp_path):
+  enc = build_encoder("vit_t_rvsa", 224, rngs=nnx.Rngs(0), **SMALL)
+  template = params_of(enc)
+  sd = tc.encoder_to_state_dict(template)
+  wider = tc.encoder_to_state_dict(params_of(build_encoder("vit_t_rvsa", 224, rngs=nnx.Rngs(0),
+                                                           **{**SMALL, "embed_dim": 192})))
+  with pytest.raises(CheckpointError, match=r"shape mismatch: blocks.0.attn.proj.bias: checkpoint \(192,\), model expects \(96,\)"):
+    tc.state_dict_to_encoder(wider, template)  # a larger model's file for this model
+  partial = {k: v for k, v in sd.items() if not k.startswith("blocks.5.")}
+  with pytest.raises(CheckpointError, match=r"missing keys: \['blocks.5.attn.full_attn_rel_pos_h'"):
+    tc.state_dict_to_encoder(partial, template)
+  params, report = tc.state_dict_to_encoder(partial, template, strict=False)
+  assert "blocks.5.mlp.fc1.weight" in report["missing"]
+  with pytest.raises(CheckpointError, match=r"unexpected keys: \['decoder_embed.weight'\]"):
+    tc.state_dict_to_encoder({**sd, "decoder_embed.weight": np.zeros((2, 2), np.float32)}, template)
+  bad_index = dict(sd, **{"blocks.0.attn.relative_position_index": np.zeros((49, 49), np.int64)})
+  with pytest.raises(CheckpointError, match="relative_position_index differs"):
+    tc.state_dict_to_encoder(bad_index, template)
+  (tmp_path / "notes.pth").write_text("not a checkpoint")
+  with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
+    tc.read_checkpoint(str(tmp_path / "notes.pth"))
+  with pytest.raises(CheckpointError, match="does not exist"):
+    tc.read_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_mae_checkpoint_adapts_to_a_new_image_size():
+  enc = random_encoder(224, seed=4)
+  sd = tc.encoder_to_state_dict(params_of(enc))
+  grid_pe = sd["pos_embed"]
+  mae = dict(sd, pos_embed=np.concatenate([np.ones((1, 1, 96), np.float32), grid_pe], 1),
+             cls_token=np.zeros((1, 1, 96), np.float32))
+  assert tc.infer_image_size(mae) == 224 and tc.infer_image_size(sd) == 224
+  adapted = tc.adapt_to_image_size(mae, 448)
+  assert "cls_token" not in adapted and adapted["pos_embed"].shape == (1, 28 * 28, 96)
+  assert adapted["blocks.2.attn.full_attn_rel_pos_h"].shape == (55, 32)
+  want = torch.nn.functional.interpolate(torch.from_numpy(grid_pe).reshape(1, 14, 14, 96).permute(0, 3, 1, 2),
+                                         size=(28, 28), mode="bicubic", align_corners=False)
+  np.testing.assert_allclose(adapted["pos_embed"], want.permute(0, 2, 3, 1).reshape(1, 784, 96).numpy(), rtol=1e-6)
+  target = build_encoder("vit_t_rvsa", 448, rngs=nnx.Rngs(0), **SMALL)
+  params, report = tc.state_dict_to_encoder(adapted, params_of(target))
+  assert report["loaded"] == len([k for k in sd if "index" not in k])
+  same = tc.adapt_to_image_size(sd, 224)
+  np.testing.assert_array_equal(same["pos_embed"], sd["pos_embed"])
