@@ -158,3 +158,21 @@ def test_mae_checkpoint_adapts_to_a_new_image_size():
   assert report["loaded"] == len([k for k in sd if "index" not in k])
   same = tc.adapt_to_image_size(sd, 224)
   np.testing.assert_array_equal(same["pos_embed"], sd["pos_embed"])
+
+
+def test_import_command_writes_an_orbax_encoder_that_matches_the_twin(tmp_path, capsys):
+  from mtp_jax import import_torch
+  twin = build_twin("vit_t_rvsa", 224, **SMALL)
+  torch.save({"model": {f"module.{k}": v for k, v in twin.state_dict().items()}}, str(tmp_path / "t.pth"))
+  base = ["--ckpt", str(tmp_path / "t.pth"), "--encoder", "vit_t_rvsa", "--img-size", "224"]
+  with pytest.raises(SystemExit) as e:  # the 12-block, 192-wide preset does not fit this twin
+    import_torch.main(base + ["--out", str(tmp_path / "wrong")])
+  assert e.value.code == 2 and "shape mismatch" in capsys.readouterr().err
+  small = [f"--override={k}={v!r}" for k, v in SMALL.items()]
+  import_torch.main(base + small + ["--out", str(tmp_path / "imported")])
+  assert "missing 0, unexpected 0" in capsys.readouterr().out
+  enc = build_encoder("vit_t_rvsa", 224, rngs=nnx.Rngs(0), **SMALL)
+  set_params(enc, import_torch.load_encoder_params(str(tmp_path / "imported")))
+  images = np.random.default_rng(3).normal(size=(1, 224, 224, 3)).astype(np.float32)
+  errs = [max_rel_err(np.asarray(a), b) for a, b in zip(enc(images), twin_outputs(twin, images))]
+  assert max(errs) <= 1e-4

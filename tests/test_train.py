@@ -120,3 +120,20 @@ def test_main_reports_bad_input_in_one_line(args, message, tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().startswith(message), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_export_writes_the_encoder_with_official_keys(trained, tmp_path, capsys):
+  from mtp_jax import export
+  from mtp_jax.checkpoints import torch_convert
+  workdir, _ = trained
+  out = str(tmp_path / "encoder.safetensors")
+  export.main(["--workdir", workdir, "--out", out])
+  assert "of step 8" in capsys.readouterr().out
+  sd = torch_convert.read_checkpoint(out)
+  params, _ = export.restore_params(workdir)
+  assert sd["blocks.0.attn.qkv.weight"].shape == (3 * 48, 48)
+  np.testing.assert_array_equal(sd["blocks.1.mlp.fc1.weight"], params["encoder"]["blocks"]["1"]["mlp"]["fc1"]["kernel"].T)
+  assert not any(k.startswith(("semseg", "encoder.")) for k in sd)
+  with pytest.raises(SystemExit):
+    export.main(["--workdir", str(tmp_path), "--out", out])
+  assert "holds no checkpoint" in capsys.readouterr().err

@@ -217,4 +217,4 @@ def write_state_dict(sd: dict, path: str):
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path)
   else:
     import torch
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path)
+    torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}, path)

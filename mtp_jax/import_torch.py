@@ -1,0 +1,85 @@
+"""Import an official (or exported) PyTorch encoder checkpoint as an Orbax checkpoint.
+
+    python -m mtp_jax.import_torch --ckpt last_vit_b_rvsa_ss_is_rd_pretrn_model_encoder.pth \
+        --encoder vit_b_rvsa --img-size 512 --out checkpoints/mtp_vit_b_512 [--no-strict] [--trust-pickle]
+
+Reads `.pth`/`.safetensors`, unwraps `state_dict`/`model`, strips `module.` and keeps `encoder.*`
+(or `backbone.*`) of full-model checkpoints, infers the pretraining size from pos_embed, resizes
+pos_embed (dropping an MAE cls token) and the global rel-pos tables bicubically to --img-size
+(MTP_SPEC §5.1), then checks every key and shape (strict by default: MAE checkpoints, which lack
+the RVSA parameters, need --no-strict). Writes `<out>/encoder` (Orbax, nested params) and
+`<out>/import_report.json`. Load with `mtp_jax.import_torch.load_encoder_params(out)`.
+"""
+
+import argparse
+import ast
+import json
+import os
+import sys
+
+from mtp_jax.errors import CheckpointError
+
+
+def import_checkpoint(ckpt: str, encoder: str, img_size: int, out: str, strict: bool = True,
+                      trust_pickle: bool = False, overrides: dict | None = None) -> dict:
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  from mtp_jax.checkpoints import torch_convert as tc
+  from mtp_jax.models import build_encoder
+
+  sd = tc.read_checkpoint(ckpt, trust_pickle=trust_pickle)
+  source_size = tc.infer_image_size(sd)
+  sd = tc.adapt_to_image_size(sd, img_size)
+  model = build_encoder(encoder, img_size, rngs=nnx.Rngs(0), **(overrides or {}))
+  template = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  params, report = tc.state_dict_to_encoder(sd, template, strict=strict)
+  target = os.path.join(os.path.abspath(out), "encoder")
+  if os.path.exists(target):
+    raise CheckpointError(f"{target} exists already; choose a new --out")
+  ocp.StandardCheckpointer().save(target, params)
+  info = {"source": os.path.abspath(ckpt), "encoder": encoder, "overrides": overrides or {},
+          "img_size": img_size,
+          "source_img_size": source_size, **report}
+  with open(os.path.join(out, "import_report.json"), "w") as f:
+    json.dump(info, f, indent=1)
+  return info
+
+
+def load_encoder_params(out: str) -> dict:
+  """Nested encoder params written by `import_checkpoint` (numpy leaves)."""
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(out), "encoder"))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--ckpt", required=True)
+  parser.add_argument("--encoder", required=True, help="e.g. vit_b_rvsa, vit_l_rvsa")
+  parser.add_argument("--img-size", type=int, required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="build_encoder keyword, e.g. depth=6 (repeatable; value a Python literal)")
+  parser.add_argument("--no-strict", action="store_true", help="allow missing/unexpected keys")
+  parser.add_argument("--trust-pickle", action="store_true",
+                      help="allow torch.load of arbitrary pickled objects (only for files you trust)")
+  args = parser.parse_args(argv)
+  try:
+    overrides = {}
+    for item in args.override:
+      key, sep, text = item.partition("=")
+      if not sep:
+        raise ValueError(f"--override {item!r} is not KEY=VALUE")
+      overrides[key] = ast.literal_eval(text)
+    info = import_checkpoint(args.ckpt, args.encoder, args.img_size, args.out, strict=not args.no_strict,
+                             trust_pickle=args.trust_pickle, overrides=overrides)
+  except (CheckpointError, ValueError, TypeError, SyntaxError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"imported {info['loaded']} tensors ({info['source_img_size']} px -> {args.img_size} px); "
+        f"missing {len(info['missing'])}, unexpected {len(info['unexpected'])}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
