@@ -176,3 +176,16 @@ def test_import_command_writes_an_orbax_encoder_that_matches_the_twin(tmp_path, 
   images = np.random.default_rng(3).normal(size=(1, 224, 224, 3)).astype(np.float32)
   errs = [max_rel_err(np.asarray(a), b) for a, b in zip(enc(images), twin_outputs(twin, images))]
   assert max(errs) <= 1e-4
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  enc32 = random_encoder(224, seed=6)
+  enc16 = build_encoder("vit_t_rvsa", 224, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, **SMALL)
+  set_params(enc16, params_of(enc32))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params_of(enc16)))  # params stay fp32
+  images = np.random.default_rng(7).normal(size=(1, 224, 224, 3)).astype(np.float32)
+  a = jax.jit(lambda x: enc32(x))(images)
+  b = jax.jit(lambda x: enc16(x))(images)
+  assert all(o.dtype == jnp.bfloat16 for o in b)
+  errs = [max_rel_err(np.asarray(y, np.float32), np.asarray(x)) for x, y in zip(a, b)]
+  assert max(errs) < 0.05, errs

@@ -116,8 +116,8 @@ class RotatedVariedSizeWindowAttention(nnx.Module):
     qkv = jnp.pad(qkv, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0), (0, 0), (0, 0)))
     to_maps = lambda t: t.transpose(0, 3, 1, 2, 4).reshape(b * nh_, eh, ew, hd)
     q, k, v = (to_maps(qkv[:, :, :, i]) for i in range(3))
-    k = grid_sample(k, grid.astype(k.dtype), self.grid_sample_method)
-    v = grid_sample(v, grid.astype(v.dtype), self.grid_sample_method)
+    k = grid_sample(k, grid, self.grid_sample_method)  # grid stays float32 (pixel precision)
+    v = grid_sample(v, grid, self.grid_sample_method)
 
     # 6. Windows: (B, nh, nw, heads, ws*ws, hd), window order (b, wy, wx), pixels row-major.
     def windows(t):
