@@ -189,3 +189,8 @@ def test_bfloat16_compute_stays_close_to_float32():
   assert all(o.dtype == jnp.bfloat16 for o in b)
   errs = [max_rel_err(np.asarray(y, np.float32), np.asarray(x)) for x, y in zip(a, b)]
   assert max(errs) < 0.05, errs
+
+
+def test_rvsa_refuses_a_token_grid_smaller_than_a_window():
+  with pytest.raises(ValueError, match="RVSA needs a token grid of at least 7x7"):
+    build_encoder("vit_t_rvsa", 96, rngs=nnx.Rngs(0))   # 6x6 tokens

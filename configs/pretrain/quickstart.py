@@ -5,7 +5,8 @@
     python main.py --config configs/pretrain/quickstart.py --workdir workdirs/quickstart
 
 Same step, sharding, checkpointing and reports as the paper's configs, at toy size: 128 px,
-a 4-block ViT of width 96, UperNet with 64 channels, 4 images per subset per step.
+a 4-block ViT+RVSA of width 96 (blocks 0, 1, 3 RVSA, block 2 global), UperNet with 64 channels,
+4 images per subset per step.
 """
 
 from mtp_jax.config import pretrain_defaults
@@ -19,7 +20,7 @@ def get_config(arg=None):
   c.data.batch_per_subset = 4
   c.data.max_instances.update({"sota": 16, "sior": 16, "fast": 16})
   c.data.shuffle_window = 64
-  c.model.encoder = "vit_t"
+  c.model.encoder = "vit_t_rvsa"     # the paper's RVSA architecture, toy width and depth
   c.model.encoder_overrides.update(dict(embed_dim=96, depth=4, num_heads=3, out_indices=(0, 1, 2, 3)))
   c.model.drop_path_rate = 0.0
   c.model.seg_channels = 64

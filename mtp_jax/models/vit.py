@@ -98,6 +98,10 @@ class ViTEncoder(nnx.Module):
                dtype=None, rngs: nnx.Rngs):
     if img_size % patch_size:
       raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    if rvsa and img_size // patch_size < window_size:
+      # The original would divide the offsets by H // ws = 0 here (inf / NaN): refuse instead.
+      raise ValueError(f"RVSA needs a token grid of at least {window_size}x{window_size}: "
+                       f"img_size {img_size} / patch_size {patch_size} gives {img_size // patch_size}")
     if max(out_indices) >= depth:
       raise ValueError(f"out_indices {tuple(out_indices)} reach past depth {depth}")
     self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
