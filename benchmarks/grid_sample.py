@@ -8,8 +8,6 @@ Shapes: k/v maps of ViT-B+RVSA, batch 2 x 12 heads, head_dim 64, on the padded t
 """
 
 import argparse
-import json
-import os
 import time
 
 import jax
@@ -17,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.ops.grid_sample import grid_sample
+from _report import write_result  # noqa: E402
 
 
 def timeit(fn, *args, repeats=10):
@@ -45,9 +44,7 @@ def main():
                    "forward_backward_ms": round(1e3 * timeit(bwd, x, grid), 3)})
       print(rows[-1], flush=True)
   result = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "rows": rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ batches/s and images/s on its own (1 process, 0 workers).
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -25,6 +24,7 @@ from mtp_jax.train import loop  # noqa: E402
 from mtp_jax.train.optimizer import make_optimizer  # noqa: E402
 from mtp_jax.train.state import create_state  # noqa: E402
 from mtp_jax.train.step import make_train_step  # noqa: E402
+from _report import write_result  # noqa: E402
 
 
 def main():
@@ -77,10 +77,7 @@ def main():
       "input_pipeline_images_per_s": round(images / data_s, 1),
   }
   batches.close()
-  print(json.dumps(result, indent=1))
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  write_result(result, args.out)
 
 
 if __name__ == "__main__":

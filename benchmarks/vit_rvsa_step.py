@@ -7,8 +7,6 @@ parameter. Prints and writes JSON: compile time, mean step times, the JAX/PyTorc
 """
 
 import argparse
-import json
-import os
 import time
 
 import jax
@@ -19,6 +17,7 @@ from flax import nnx
 
 from mtp_jax.models import build_encoder
 from mtp_jax.torch_twin.vit_rvsa import build_twin
+from _report import write_result  # noqa: E402
 
 
 def main():
@@ -65,10 +64,7 @@ def main():
             "torch_threads": torch.get_num_threads(), "jax_compile_s": round(compile_s, 1),
             "jax_step_s": round(jax_s, 3), "torch_step_s": round(torch_s, 3),
             "jax_over_torch": round(jax_s / torch_s, 3)}
-  print(json.dumps(result, indent=1))
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  write_result(result, args.out)
 
 
 if __name__ == "__main__":
