@@ -194,3 +194,17 @@ def test_bfloat16_compute_stays_close_to_float32():
 def test_rvsa_refuses_a_token_grid_smaller_than_a_window():
   with pytest.raises(ValueError, match="RVSA needs a token grid of at least 7x7"):
     build_encoder("vit_t_rvsa", 96, rngs=nnx.Rngs(0))   # 6x6 tokens
+
+
+def test_a_vit_l_file_for_a_vit_b_model_is_refused_by_name():
+  zeros = lambda tree: jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), tree)  # no memory
+  shapes_of = lambda name: params_of(nnx.eval_shape(lambda: build_encoder(name, 448, rngs=nnx.Rngs(0))))
+  large = tc.encoder_to_state_dict(zeros(shapes_of("vit_l_rvsa")), copy=False)
+  with pytest.raises(CheckpointError) as e:
+    tc.state_dict_to_encoder(large, zeros(shapes_of("vit_b_rvsa")))
+  message = str(e.value)
+  assert "blocks.0.attn.proj.bias: checkpoint (1024,), model expects (768,)" in message
+  b_shapes, l_shapes = (tc.state_dict_shapes(shapes_of(n)) for n in ("vit_b_rvsa", "vit_l_rvsa"))
+  differing = [k for k in b_shapes if k in l_shapes and b_shapes[k] != l_shapes[k]]
+  assert f"({len(differing)} keys in all)" in message and len(differing) > 200
+  assert "unexpected keys: ['blocks.12.attn.proj.bias'" in message

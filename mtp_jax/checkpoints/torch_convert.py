@@ -119,7 +119,8 @@ def state_dict_to_encoder(state_dict: dict, template: dict, strict: bool = True)
   params = _nest(flat)
   problems = []
   if bad_shapes:
-    problems.append("shape mismatch: " + "; ".join(bad_shapes[:8]) + (" ..." if len(bad_shapes) > 8 else ""))
+    problems.append("shape mismatch: " + "; ".join(bad_shapes[:8])
+                    + (f" ... ({len(bad_shapes)} keys in all)" if len(bad_shapes) > 8 else ""))
   if bad_buffers:
     problems.append(f"relative_position_index differs from the 7x7 window index: {bad_buffers[:4]}")
   if strict and missing:
