@@ -42,3 +42,24 @@ def test_jax_and_numpy_agree_under_jit_and_vmap():
   want = boxes.poly_to_rbox(boxes.rbox_to_poly(rb))
   got = jax.jit(jax.vmap(lambda r: boxes.poly_to_rbox(boxes.rbox_to_poly(r))))(jnp.asarray(rb))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_poly_to_rbox_follows_mmrotate_edge_rules_for_general_quadrilaterals():
+  # Not a rectangle: edge 0->1 has length 5 (the longer), edge 1->2 has length sqrt(8).
+  quad = np.array([[0.0, 0.0], [3.0, 4.0], [5.0, 2.0], [1.0, -1.0]])
+  got = boxes.poly_to_rbox(quad)
+  np.testing.assert_allclose(got, [2.5, 1.0, 5.0, np.sqrt(8), np.arctan2(4, 3)], atol=1e-12)
+  # Edge 1->2 longer: the angle is that of edge 0->3, not 1->2.
+  quad2 = np.array([[0.0, 0.0], [1.0, 0.0], [1.5, 4.0], [0.0, 3.0]])
+  got2 = boxes.poly_to_rbox(quad2)
+  np.testing.assert_allclose(got2[2:], [np.hypot(0.5, 4.0), 1.0, boxes.norm_angle_le90(np.pi / 2)], atol=1e-12)
+
+
+def test_hbox_rbox_conversions():
+  hb = np.array([[10.0, 20.0, 50.0, 30.0], [0.0, 0.0, 4.0, 8.0]])
+  rb = boxes.hbox_to_rbox(hb)
+  np.testing.assert_allclose(rb, [[30, 25, 40, 10, 0], [2, 4, 4, 8, 0]])
+  np.testing.assert_allclose(boxes.rbox_to_hbox(rb), hb, atol=1e-12)
+  turned = np.array([3.0, 4.0, 10.0, 2.0, 0.7])
+  np.testing.assert_allclose(boxes.rbox_to_hbox(turned), boxes.poly_to_hbox(boxes.rbox_to_poly(turned)),
+                             atol=1e-12)

@@ -1,8 +1,10 @@
 """Pure jax.numpy ops: box conversions, IoU, NMS, RoI alignment, box coders, anchors, assignment."""
 
-from mtp_jax.ops.boxes import (norm_angle_le90, poly_to_hbox, poly_to_rbox, rbox_to_hbox,
-                               rbox_to_poly, regularize_le90)
+from mtp_jax.ops.box_coders import DeltaXYWH, DeltaXYWHT, MidpointOffset
+from mtp_jax.ops.boxes import (hbox_to_rbox, norm_angle_le90, poly_to_hbox, poly_to_rbox,
+                               rbox_to_hbox, rbox_to_poly, regularize_le90)
 from mtp_jax.ops.iou import box_iou, box_iou_rotated, rotated_intersection_area
 
-__all__ = ["box_iou", "box_iou_rotated", "norm_angle_le90", "poly_to_hbox", "poly_to_rbox",
+__all__ = ["DeltaXYWH", "DeltaXYWHT", "MidpointOffset", "box_iou", "box_iou_rotated",
+           "hbox_to_rbox", "norm_angle_le90", "poly_to_hbox", "poly_to_rbox",
            "rbox_to_hbox", "rbox_to_poly", "regularize_le90", "rotated_intersection_area"]

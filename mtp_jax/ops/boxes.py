@@ -37,21 +37,27 @@ def regularize_le90(rboxes):
 
 
 def poly_to_rbox(polys):
-  """(..., 4, 2) rectangle corners in order around the box -> (..., 5) le90 rotated boxes.
+  """(..., 4, 2) quadrilateral corners in order -> (..., 5) le90 rotated boxes.
 
-  The centre is the corner mean, w the edge p0->p1, h the edge p1->p2, the angle that of p0->p1,
-  then `regularize_le90`. Exact for rectangles (SAMRS and DOTA boxes); for a general
-  quadrilateral it is the edge-based fit of mmrotate's `poly2obb(..., 'le90')`.
+  mmrotate's `poly2obb_le90` rules: the centre is the midpoint of corners 0 and 2, w is the longer
+  of the edges 0->1 and 1->2 and h the shorter; the angle is that of edge 0->1 when it is the
+  longer one, otherwise that of edge 0->3 (a tie, a square, takes edge 0->3), wrapped into
+  [-pi/2, pi/2). Exact for rectangles (SAMRS, DOTA and decoded midpoint-offset boxes); for a
+  general quadrilateral it is mmrotate's edge-based fit, not the minimum-area rectangle.
   """
   xp = _xp(polys)
   p = xp.asarray(polys)
-  centre = p.mean(axis=-2)
+  centre = (p[..., 0, :] + p[..., 2, :]) / 2
   e1 = p[..., 1, :] - p[..., 0, :]
   e2 = p[..., 2, :] - p[..., 1, :]
-  w = xp.sqrt((e1 ** 2).sum(-1))
-  h = xp.sqrt((e2 ** 2).sum(-1))
-  angle = xp.arctan2(e1[..., 1], e1[..., 0])
-  return regularize_le90(xp.stack([centre[..., 0], centre[..., 1], w, h, angle], axis=-1))
+  e3 = p[..., 3, :] - p[..., 0, :]
+  len1 = xp.sqrt((e1 ** 2).sum(-1))
+  len2 = xp.sqrt((e2 ** 2).sum(-1))
+  first_longer = len1 > len2
+  angle = xp.where(first_longer, xp.arctan2(e1[..., 1], e1[..., 0]),
+                   xp.arctan2(e3[..., 1], e3[..., 0]))
+  return xp.stack([centre[..., 0], centre[..., 1], xp.maximum(len1, len2),
+                   xp.minimum(len1, len2), norm_angle_le90(angle)], axis=-1)
 
 
 def rbox_to_poly(rboxes):
@@ -76,4 +82,22 @@ def poly_to_hbox(polys):
 
 def rbox_to_hbox(rboxes):
   """(..., 5) rotated boxes -> (..., 4) enclosing horizontal boxes (x1, y1, x2, y2)."""
-  return poly_to_hbox(rbox_to_poly(rboxes))
+  xp = _xp(rboxes)
+  r = xp.asarray(rboxes)
+  cx, cy, w, h, t = (r[..., i] for i in range(5))
+  cos, sin = xp.cos(t), xp.sin(t)
+  half_x = xp.abs(w / 2 * cos) + xp.abs(h / 2 * sin)
+  half_y = xp.abs(w / 2 * sin) + xp.abs(h / 2 * cos)
+  return xp.stack([cx - half_x, cy - half_y, cx + half_x, cy + half_y], axis=-1)
+
+
+def hbox_to_rbox(hboxes):
+  """(..., 4) horizontal boxes -> (..., 5) rotated boxes with angle 0, as mmrotate's `hbox2rbox`.
+
+  w and h are kept as they are (not regularised); apply `regularize_le90` for w >= h.
+  """
+  xp = _xp(hboxes)
+  b = xp.asarray(hboxes)
+  zero = xp.zeros_like(b[..., 0])
+  return xp.stack([(b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2, b[..., 2] - b[..., 0],
+                   b[..., 3] - b[..., 1], zero], axis=-1)
