@@ -27,7 +27,8 @@ def tiny_config(data_dir, **overrides):
           "data.shuffle_window=16", "model.encoder_overrides.embed_dim=48",
           "model.encoder_overrides.depth=2", "model.encoder_overrides.num_heads=2",
           "model.encoder_overrides.out_indices=(0, 1, 1, 1)",
-          "model.encoder_overrides.patch_size=8",  # 8x8 tokens: RVSA windows fit at 64 px "model.seg_channels=16",
+          "model.encoder_overrides.patch_size=8",  # 8x8 tokens: RVSA windows fit at 64 px
+          "model.seg_channels=16",
           "optimizer.lr=1e-2", "optimizer.warmup_steps=0", "train.log_every=1",
           "train.checkpoint_every=3", "eval.batch_per_subset=8", "eval.report_images=1"]
   return config_lib.apply_overrides(c, sets + [f"{k}={v!r}" for k, v in overrides.items()])

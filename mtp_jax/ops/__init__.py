@@ -4,7 +4,8 @@ from mtp_jax.ops.box_coders import DeltaXYWH, DeltaXYWHT, MidpointOffset
 from mtp_jax.ops.boxes import (hbox_to_rbox, norm_angle_le90, poly_to_hbox, poly_to_rbox,
                                rbox_to_hbox, rbox_to_poly, regularize_le90)
 from mtp_jax.ops.iou import box_iou, box_iou_rotated, rotated_intersection_area
+from mtp_jax.ops.nms import nms, nms_rotated
 
 __all__ = ["DeltaXYWH", "DeltaXYWHT", "MidpointOffset", "box_iou", "box_iou_rotated",
-           "hbox_to_rbox", "norm_angle_le90", "poly_to_hbox", "poly_to_rbox",
+           "hbox_to_rbox", "nms", "nms_rotated", "norm_angle_le90", "poly_to_hbox", "poly_to_rbox",
            "rbox_to_hbox", "rbox_to_poly", "regularize_le90", "rotated_intersection_area"]

@@ -17,7 +17,6 @@ vs 238 ms), so it is the default; matmul is quadratic in the token count but pur
 measured on TPU before preferring it there.
 """
 
-import jax
 import jax.numpy as jnp
 
 

@@ -8,7 +8,6 @@ exported checkpoints load into with `strict=True`.
 Inference-level twin: dropout and stochastic depth are not applied (eval semantics).
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
