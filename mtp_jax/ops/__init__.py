@@ -5,7 +5,11 @@ from mtp_jax.ops.boxes import (hbox_to_rbox, norm_angle_le90, poly_to_hbox, poly
                                rbox_to_hbox, rbox_to_poly, regularize_le90)
 from mtp_jax.ops.iou import box_iou, box_iou_rotated, rotated_intersection_area
 from mtp_jax.ops.nms import nms, nms_rotated
+from mtp_jax.ops.roi_align import (map_roi_levels, multilevel_roi_align, multilevel_roi_align_rotated,
+                                   roi_align, roi_align_rotated)
 
 __all__ = ["DeltaXYWH", "DeltaXYWHT", "MidpointOffset", "box_iou", "box_iou_rotated",
-           "hbox_to_rbox", "nms", "nms_rotated", "norm_angle_le90", "poly_to_hbox", "poly_to_rbox",
-           "rbox_to_hbox", "rbox_to_poly", "regularize_le90", "rotated_intersection_area"]
+           "hbox_to_rbox", "map_roi_levels", "multilevel_roi_align",
+           "multilevel_roi_align_rotated", "nms", "nms_rotated", "norm_angle_le90", "poly_to_hbox", "poly_to_rbox",
+           "rbox_to_hbox", "rbox_to_poly", "regularize_le90", "roi_align", "roi_align_rotated",
+           "rotated_intersection_area"]
