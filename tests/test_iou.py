@@ -150,6 +150,9 @@ def test_gradients_are_finite_everywhere_and_match_finite_differences():
     step = 1e-6
     shifts = step * np.eye(5)
     numeric = (jax.vmap(f)(x + shifts) - jax.vmap(f)(x - shifts)) / (2 * step)
+    direction = jnp.array([0.3, -1.0, 0.5, 2.0, 0.1])
+    _, forward = jax.jvp(f, (x,), (direction,))                  # forward mode agrees too
+    np.testing.assert_allclose(float(forward), analytic @ np.asarray(direction), rtol=1e-9)
     np.testing.assert_allclose(analytic, np.asarray(numeric), rtol=1e-5, atol=1e-8)
 
 
