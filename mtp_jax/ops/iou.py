@@ -49,14 +49,14 @@ def box_iou(boxes1, boxes2, aligned=False):
   return _safe_ratio(inter, area1 + area2 - inter)
 
 
-def box_iou_rotated(boxes1, boxes2, aligned=False, row_tile=256):
+def box_iou_rotated(boxes1, boxes2, aligned=False, row_tile=1024):
   """Exact IoU of rotated boxes (cx, cy, w, h, angle) by convex polygon clipping.
 
   Args:
     boxes1: (N, 5). boxes2: (M, 5). With `aligned`, both (..., 5) broadcastable.
     aligned: IoU of corresponding pairs instead of all pairs.
     row_tile: pairwise mode evaluates this many rows of the (N, M) matrix at a time (static;
-      bounds the memory of the intermediates, about 1 KiB per pair).
+      the whole per-pair computation fuses into one loop, so tiles only bound the working set).
   Returns:
     (N, M) pairwise IoU, or (...,) for `aligned`. Zero-area pairs get 0.
   """
