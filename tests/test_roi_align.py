@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from mtp_jax.ops import roi_align as ra
+from mtp_jax.ops import rois as ra
 
 
 def _bilinear_ref(fmap, y, x):

@@ -7,8 +7,8 @@ from mtp_jax.ops.box_coders import DeltaXYWH, DeltaXYWHT, MidpointOffset
 from mtp_jax.ops.boxes import (hbox_to_rbox, norm_angle_le90, poly_to_hbox, poly_to_rbox,
                                rbox_to_hbox, rbox_to_poly, regularize_le90)
 from mtp_jax.ops.iou import box_iou, box_iou_rotated, rotated_intersection_area
-from mtp_jax.ops.nms import nms, nms_rotated
-from mtp_jax.ops.roi_align import (map_roi_levels, multilevel_roi_align, multilevel_roi_align_rotated,
+from mtp_jax.ops.suppression import nms, nms_rotated
+from mtp_jax.ops.rois import (map_roi_levels, multilevel_roi_align, multilevel_roi_align_rotated,
                                    roi_align, roi_align_rotated)
 
 __all__ = ["AnchorGenerator", "Assignment", "DeltaXYWH", "DeltaXYWHT", "MidpointOffset", "Sample",
