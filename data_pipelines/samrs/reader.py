@@ -11,10 +11,12 @@ A static example (numpy), S = image_size, M = max_instances:
   semantic (S, S) uint8, SAMRS gray + 1 with uint8 wrap (background 255 -> 0, class k -> k+1,
     MTP_SPEC §3.4) and 255 = padding (ignored by the loss);
   labels (M,) int32, rboxes (M, 5) float32 le90, hboxes (M, 4) float32, valid (M,) bool;
-  num_instances () int32: instances in the record before the cap (the excess is truncated);
+  rbox_valid (M,) bool: the rotated box is usable (its centre survived the crop);
+  masks (M, S, S) uint8, only with `with_masks`;
+  num_instances () int32: usable instances before the cap (the excess is truncated);
   is_real () bool: False for the padding examples of a final partial evaluation batch.
-Images of another size are resized (longer side = S, aspect kept) before zero padding; boxes are
-scaled with them. Augmentations arrive with the data-pipeline issue.
+Training examples go through `augment.train_augment`; evaluation images are resized (longer
+side = S, aspect kept) and zero padded, boxes scaled with them.
 """
 
 import functools
@@ -26,7 +28,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from data_pipelines.samrs import schema
+from data_pipelines.samrs import augment, schema
 from data_pipelines.samrs.convert import INFO_FILE
 from mtp_jax.errors import DataError
 
@@ -54,36 +56,109 @@ def decode_png_or_jpeg(data: bytes, mode: str) -> np.ndarray:
   return np.asarray(Image.open(io.BytesIO(data)).convert(mode))
 
 
-def to_static_example(raw: bytes, image_size: int, max_instances: int) -> dict:
-  """Parses one TFRecord into the static-shape example described in the module docstring."""
-  record = schema.decode(raw)
+def record_to_sample(record: schema.SamrsRecord, with_masks: bool = False) -> dict:
+  """A decoded record as an `augment` sample (full resolution, all instances usable).
+
+  The semantic map becomes SAMRS gray + 1 with uint8 wrap (background 255 -> 0, class k -> k+1,
+  MTP_SPEC §3.4). Masks are decoded from their COCO RLE only when asked (they cost H x W bytes
+  per instance).
+  """
   image = decode_png_or_jpeg(record.image_bytes, "RGB")
   gray = decode_png_or_jpeg(record.semantic_bytes, "L")
-  h, w = gray.shape
-  scale = 1.0
-  if (h, w) != (image_size, image_size):
-    scale = image_size / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-    gray = np.asarray(Image.fromarray(gray).resize((new_w, new_h), Image.NEAREST))
-    h, w = new_h, new_w
-  out_image = np.zeros((image_size, image_size, 3), np.uint8)
-  out_image[:h, :w] = image
-  semantic = np.full((image_size, image_size), 255, np.uint8)
-  semantic[:h, :w] = gray.astype(np.uint8) + np.uint8(1)  # uint8 wrap: 255 -> 0 (background)
+  if image.shape[:2] != gray.shape:
+    raise ValueError(f"{record.filename}: semantic map {gray.shape} differs from image {image.shape[:2]}")
+  n = record.num_instances
+  sample = {"image": image, "semantic": gray.astype(np.uint8) + np.uint8(1),
+            "hboxes": record.hboxes.astype(np.float32).reshape(n, 4),
+            "rboxes": record.rboxes.astype(np.float32).reshape(n, 5),
+            "labels": record.labels.astype(np.int32), "box_valid": np.ones(n, bool),
+            "rbox_valid": np.ones(n, bool)}
+  if with_masks:
+    from pycocotools import mask as mask_utils  # lazy: only mask-using pipelines need it
+    h, w = gray.shape
+    rles = [{"size": [h, w], "counts": c} for c in record.mask_rles]
+    sample["masks"] = (np.moveaxis(mask_utils.decode(rles), -1, 0).astype(bool) if n
+                       else np.zeros((0, h, w), bool))
+  for key in ("hboxes", "rboxes"):
+    if not np.isfinite(sample[key]).all():
+      raise ValueError(f"{record.filename}: non-finite {key}")
+  return sample
 
-  n = min(record.num_instances, max_instances)
-  labels = np.zeros((max_instances,), np.int32)
-  rboxes = np.zeros((max_instances, 5), np.float32)
-  hboxes = np.zeros((max_instances, 4), np.float32)
-  valid = np.zeros((max_instances,), bool)
-  labels[:n] = record.labels[:n]
-  rboxes[:n] = record.rboxes[:n] * np.array([scale, scale, scale, scale, 1.0], np.float32)
-  hboxes[:n] = record.hboxes[:n] * np.float32(scale)
-  valid[:n] = True
-  return {"image": out_image, "semantic": semantic, "labels": labels, "rboxes": rboxes,
-          "hboxes": hboxes, "valid": valid, "num_instances": np.int32(record.num_instances),
-          "is_real": np.bool_(True)}
+
+def resize_and_pad(sample: dict, image_size: int) -> dict:
+  """Evaluation geometry (§3.4 validation): longer side to image_size, aspect kept, padded."""
+  h, w = sample["image"].shape[:2]
+  if (h, w) != (image_size, image_size):
+    sample = augment.resize(sample, image_size / max(h, w))
+  return augment.pad_to(sample, image_size)
+
+
+def pack(sample: dict, image_size: int, max_instances: int) -> dict:
+  """A padded sample -> the static example of the module docstring.
+
+  Usable instances (a usable box or rotated box) are packed first, in order, then capped at
+  `max_instances`; `num_instances` counts them before the cap, so the dropped fraction is
+  (num_instances - kept) / num_instances.
+  """
+  usable = np.flatnonzero(sample["box_valid"] | sample["rbox_valid"])
+  kept = usable[:max_instances]
+  n = len(kept)
+  out = {"image": sample["image"], "semantic": sample["semantic"],
+         "labels": np.zeros((max_instances,), np.int32),
+         "rboxes": np.zeros((max_instances, 5), np.float32),
+         "hboxes": np.zeros((max_instances, 4), np.float32),
+         "valid": np.zeros((max_instances,), bool), "rbox_valid": np.zeros((max_instances,), bool),
+         "num_instances": np.int32(len(usable)), "is_real": np.bool_(True)}
+  out["labels"][:n] = sample["labels"][kept]
+  out["rboxes"][:n] = sample["rboxes"][kept]
+  out["hboxes"][:n] = sample["hboxes"][kept]
+  out["valid"][:n] = sample["box_valid"][kept]
+  out["rbox_valid"][:n] = sample["rbox_valid"][kept]
+  if "masks" in sample:
+    masks = np.zeros((max_instances, image_size, image_size), np.uint8)
+    masks[:n] = sample["masks"][kept]
+    out["masks"] = masks
+  return out
+
+
+def to_static_example(raw: bytes, image_size: int, max_instances: int, rng=None,
+                      augment_config=None, with_masks: bool = False) -> dict:
+  """Parses one TFRecord into a static example; augments it when `rng` is given (training)."""
+  sample = record_to_sample(schema.decode(raw), with_masks)
+  if rng is None:
+    sample = resize_and_pad(sample, image_size)
+  else:
+    sample = augment.train_augment(sample, rng, image_size, augment_config or augment.AugmentConfig())
+  return pack(sample, image_size, max_instances)
+
+
+class SkipCorrupt:
+  """Wraps a record parser: a record that fails to parse is dropped (None) and counted.
+
+  Raises DataError once more than `max_fraction` of the records seen (after `min_seen`) were
+  corrupt, so a damaged dataset stops the run instead of silently shrinking it. Counters are per
+  process (per grain worker when workers are used).
+  """
+
+  def __init__(self, parse, what: str, max_fraction: float = 0.01, min_seen: int = 100):
+    self.parse, self.what = parse, what
+    self.max_fraction, self.min_seen = max_fraction, min_seen
+    self.seen = self.skipped = 0
+    self.last_error = None
+
+  def __call__(self, raw, *rng):
+    self.seen += 1
+    try:
+      return self.parse(raw, *rng)
+    except Exception as e:  # any failure of one record: corrupt bytes, bad image, bad arrays
+      self.skipped += 1
+      self.last_error = f"{type(e).__name__}: {e}"
+      if self.seen >= self.min_seen and self.skipped > self.max_fraction * self.seen:
+        raise DataError(
+            f"{self.what}: {self.skipped} of {self.seen} records are corrupt, more than the "
+            f"allowed fraction {self.max_fraction} (data.max_corrupt_fraction); last: "
+            f"{self.last_error}") from None
+      return None
 
 
 def shard_files(data_dir: str, subset: str, split: str, process_index: int = 0,
@@ -104,11 +179,17 @@ def _tfrecord_dataset(path: str):
 
 def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max_instances: int,
                  batch_size: int, seed: int = 0, train: bool = True, process_index: int = 0,
-                 process_count: int = 1, shuffle_window: int = 256, cycle_length: int = 4):
+                 process_count: int = 1, shuffle_window: int = 256, cycle_length: int = 4,
+                 augment_config=None, with_masks: bool = False, max_corrupt_fraction: float = 0.01,
+                 skip_counter: list | None = None):
   """A grain IterDataset of batches for one subset.
 
-  train=True: endless, shard order reshuffled every epoch, window shuffle, full batches only.
-  train=False: one pass in file order; the last batch is padded with `is_real=False` examples.
+  train=True: endless, shard order reshuffled every epoch, window shuffle, augmentation
+  (`augment_config`, default MTP's; per-example randomness from `seed` and the position in the
+  stream, so it is part of the checkpointed iterator state), full batches only.
+  train=False: one pass in file order, resize and pad only; the last batch is padded with
+  `is_real=False` examples. Corrupt records are skipped and counted (`SkipCorrupt`, appended to
+  `skip_counter` when given) up to `max_corrupt_fraction`.
   """
   files = shard_files(data_dir, subset, split, process_index, process_count)
   ds = grain.MapDataset.source(files)
@@ -118,7 +199,19 @@ def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max
   ds = grain.experimental.InterleaveIterDataset(ds, cycle_length=min(cycle_length, len(files)) if train else 1)
   if train:
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
-  ds = ds.map(functools.partial(to_static_example, image_size=image_size, max_instances=max_instances))
+  parse = functools.partial(to_static_example, image_size=image_size, max_instances=max_instances,
+                            with_masks=with_masks)
+  if train:
+    config = augment_config or augment.AugmentConfig()
+    safe = SkipCorrupt(lambda raw, rng: parse(raw, rng=rng, augment_config=config),
+                       f"{subset}/{split}", max_corrupt_fraction)
+    ds = ds.random_map(safe, seed=seed)
+  else:
+    safe = SkipCorrupt(parse, f"{subset}/{split}", max_corrupt_fraction)
+    ds = ds.map(safe)
+  if skip_counter is not None:
+    skip_counter.append(safe)
+  ds = ds.filter(lambda example: example is not None)
   if train:
     return ds.batch(batch_size, drop_remainder=True)
   return ds.batch(batch_size, drop_remainder=False, batch_fn=functools.partial(_pad_batch, size=batch_size))
@@ -137,14 +230,23 @@ class PretrainBatches:
 
   def __init__(self, data_dir: str, subsets, *, image_size: int, max_instances: dict,
                batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
-               shuffle_window: int = 256):
+               shuffle_window: int = 256, augment_config=None, with_masks: bool = False,
+               max_corrupt_fraction: float = 0.01):
     self.subsets = tuple(subsets)
+    self._counters = {s: [] for s in self.subsets}
     self._iters = {
         s: iter(make_dataset(data_dir, s, "train", image_size=image_size,
                              max_instances=max_instances[s], batch_size=batch_size,
                              seed=seed + 1000 * i, process_index=process_index,
-                             process_count=process_count, shuffle_window=shuffle_window))
+                             process_count=process_count, shuffle_window=shuffle_window,
+                             augment_config=augment_config, with_masks=with_masks,
+                             max_corrupt_fraction=max_corrupt_fraction,
+                             skip_counter=self._counters[s]))
         for i, s in enumerate(self.subsets)}
+
+  def corrupt_records(self) -> dict:
+    """{subset: records skipped as corrupt so far by this process} (0 workers; see SkipCorrupt)."""
+    return {s: sum(c.skipped for c in counters) for s, counters in self._counters.items()}
 
   def __iter__(self):
     return self

@@ -1,0 +1,224 @@
+"""Training augmentations of MTP (MTP_SPEC.md §3.4), numpy, host side, one image at a time.
+
+A sample is a dict of numpy arrays (H x W image, N instances):
+  image (H, W, 3) uint8 RGB; semantic (H, W) uint8 (0 background, k + 1 class k, 255 ignore);
+  masks (N, H, W) bool or absent; hboxes (N, 4) float32 (x1, y1, x2, y2); rboxes (N, 5) float32
+  le90; labels (N,) int32; box_valid (N,) bool (the instance's horizontal box / mask is usable);
+  rbox_valid (N,) bool (its rotated box is usable).
+Coordinates are continuous pixels with (0, 0) the top-left corner of the top-left pixel, y down,
+so a pixel's centre is at (x + 0.5, y + 0.5) and every geometric transform maps pixels, masks
+and boxes the same way. Each transform returns a new sample; none modifies its input.
+
+`train_augment` is the §3.4 sequence: random flip (p = 0.75, horizontal / vertical / diagonal
+alike), optional random quarter turns, random resize to S x U(0.5, 2.0) (longer side, aspect
+kept), random S x S crop (boxes clipped, or recomputed from masks when present; rotated boxes
+kept when their centre stays inside; a crop that empties an image with instances is redrawn),
+photometric distortion (brightness +-32, contrast 0.5-1.5, saturation 0.5-1.5, hue +-18 degrees,
+each with p = 0.5, as mmcv's `PhotoMetricDistortion` without its channel swap), and padding to
+S x S (image 0, semantic 255 = ignore, masks 0).
+"""
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+from mtp_jax.ops import boxes as box_ops
+
+FLIPS = ("horizontal", "vertical", "diagonal")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """Knobs of `train_augment`; the defaults are MTP's (§3.4)."""
+  flip_prob: float = 0.75
+  rot90: bool = False                 # random quarter turns (not in MTP; aerial images allow it)
+  resize_range: tuple = (0.5, 2.0)
+  photometric: bool = True
+  max_crop_redraws: int = 10
+
+
+def flip(sample: dict, direction: str) -> dict:
+  """Mirror: horizontal (x -> W - x), vertical (y -> H - y) or diagonal (both, a half turn)."""
+  if direction not in FLIPS:
+    raise ValueError(f"flip direction {direction!r} is not one of {FLIPS}")
+  height, width = sample["image"].shape[:2]
+  out = dict(sample)
+  axes = {"horizontal": (1,), "vertical": (0,), "diagonal": (0, 1)}[direction]
+  out["image"] = np.flip(sample["image"], axes).copy()
+  out["semantic"] = np.flip(sample["semantic"], axes).copy()
+  if "masks" in sample:
+    out["masks"] = np.flip(sample["masks"], tuple(a + 1 for a in axes)).copy()
+  hb = sample["hboxes"].copy()
+  rb = sample["rboxes"].copy()
+  if direction in ("horizontal", "diagonal"):
+    hb[:, [0, 2]] = width - sample["hboxes"][:, [2, 0]]
+    rb[:, 0] = width - rb[:, 0]
+  if direction in ("vertical", "diagonal"):
+    hb[:, [1, 3]] = height - sample["hboxes"][:, [3, 1]]
+    rb[:, 1] = height - rb[:, 1]
+  if direction != "diagonal":   # a mirror negates the angle; a half turn keeps it
+    rb[:, 4] = box_ops.norm_angle_le90(-rb[:, 4])
+  out["hboxes"], out["rboxes"] = hb, rb.astype(np.float32)
+  return out
+
+
+def rot90(sample: dict, quarter_turns: int) -> dict:
+  """Turns the image by `quarter_turns` x 90 degrees counter-clockwise on screen: (x, y) -> (y, W - x)."""
+  out = dict(sample)
+  for _ in range(quarter_turns % 4):
+    width = out["image"].shape[1]
+    out["image"] = np.rot90(out["image"], 1, axes=(0, 1)).copy()
+    out["semantic"] = np.rot90(out["semantic"], 1, axes=(0, 1)).copy()
+    if "masks" in out:
+      out["masks"] = np.rot90(out["masks"], 1, axes=(1, 2)).copy()
+    hb = out["hboxes"]
+    out["hboxes"] = np.stack([hb[:, 1], width - hb[:, 2], hb[:, 3], width - hb[:, 0]], -1)
+    rb = out["rboxes"]
+    out["rboxes"] = np.stack([rb[:, 1], width - rb[:, 0], rb[:, 2], rb[:, 3],
+                              box_ops.norm_angle_le90(rb[:, 4] - np.pi / 2)], -1).astype(np.float32)
+  return out
+
+
+def resize(sample: dict, scale: float) -> dict:
+  """Scales by `scale` (sizes rounded): image bilinear, semantic and masks nearest.
+
+  Boxes follow the exact per-axis factors new_size / old_size; rotated boxes through their
+  corners (le90 afterwards).
+  """
+  height, width = sample["image"].shape[:2]
+  new_w, new_h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+  sx, sy = new_w / width, new_h / height
+  out = dict(sample)
+  out["image"] = np.asarray(Image.fromarray(sample["image"]).resize((new_w, new_h), Image.BILINEAR))
+  out["semantic"] = np.asarray(Image.fromarray(sample["semantic"]).resize((new_w, new_h), Image.NEAREST))
+  if "masks" in sample:
+    out["masks"] = np.stack([np.asarray(Image.fromarray(m).resize((new_w, new_h), Image.NEAREST))
+                             for m in sample["masks"].astype(np.uint8)]).astype(bool) \
+        if len(sample["masks"]) else np.zeros((0, new_h, new_w), bool)
+  out["hboxes"] = (sample["hboxes"] * np.array([sx, sy, sx, sy], np.float32)).astype(np.float32)
+  if sx == sy:   # a similarity: scale centre and sides, keep the angle (and which side is w)
+    out["rboxes"] = (sample["rboxes"] * np.array([sx, sx, sx, sx, 1], np.float32)).astype(np.float32)
+  else:          # per-axis factors differ by rounding: map the corners
+    polys = box_ops.rbox_to_poly(sample["rboxes"].astype(np.float64)) * np.array([sx, sy])
+    out["rboxes"] = box_ops.poly_to_rbox(polys).astype(np.float32).reshape(-1, 5)
+  return out
+
+
+def crop(sample: dict, top: int, left: int, height: int, width: int) -> dict:
+  """Cuts the window [left, left + width) x [top, top + height).
+
+  Horizontal boxes: recomputed as the masks' tight boxes when masks are present (mmdet's
+  `recompute_bbox`), else shifted and clipped; usable while non-empty. Rotated boxes: shifted,
+  usable while their centre lies strictly inside the window (mmrotate's `is_inside`).
+  """
+  out = dict(sample)
+  out["image"] = sample["image"][top:top + height, left:left + width].copy()
+  out["semantic"] = sample["semantic"][top:top + height, left:left + width].copy()
+  shift = np.array([left, top, left, top], np.float32)
+  if "masks" in sample:
+    masks = sample["masks"][:, top:top + height, left:left + width].copy()
+    out["masks"] = masks
+    hb = mask_boxes(masks)
+    nonempty = masks.reshape(len(masks), -1).any(1)
+  else:
+    hb = np.clip(sample["hboxes"] - shift, 0, [width, height, width, height]).astype(np.float32)
+    nonempty = (hb[:, 2] > hb[:, 0]) & (hb[:, 3] > hb[:, 1])
+  out["hboxes"] = hb
+  out["box_valid"] = sample["box_valid"] & nonempty
+  rb = sample["rboxes"].copy()
+  rb[:, :2] -= [left, top]
+  out["rboxes"] = rb
+  inside = (rb[:, 0] > 0) & (rb[:, 0] < width) & (rb[:, 1] > 0) & (rb[:, 1] < height)
+  out["rbox_valid"] = sample["rbox_valid"] & inside
+  return out
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+  """(N, H, W) bool -> (N, 4) tight boxes in pixel-edge coordinates (zeros for empty masks)."""
+  out = np.zeros((len(masks), 4), np.float32)
+  for i, m in enumerate(masks):
+    rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+    if len(rows):
+      out[i] = [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
+  return out
+
+
+def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """mmcv `PhotoMetricDistortion` (its default ranges), RGB uint8 in and out (rounded, clipped)."""
+  img = image.astype(np.float32)
+  if rng.integers(2):
+    img = img + rng.uniform(-32, 32)
+  contrast_first = bool(rng.integers(2))
+  if contrast_first and rng.integers(2):
+    img = img * rng.uniform(0.5, 1.5)
+  hsv = rgb_to_hsv(img)
+  if rng.integers(2):
+    hsv[..., 1] = hsv[..., 1] * rng.uniform(0.5, 1.5)
+  if rng.integers(2):
+    hsv[..., 0] = np.mod(hsv[..., 0] + rng.uniform(-18, 18), 360.0)
+  img = hsv_to_rgb(hsv)
+  if not contrast_first and rng.integers(2):
+    img = img * rng.uniform(0.5, 1.5)
+  return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+  """Float RGB (any scale) -> H in degrees [0, 360), S in [0, 1] (unclamped above), V as the input."""
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  v = rgb.max(-1)
+  delta = v - rgb.min(-1)
+  s = np.where(v > 0, delta / np.where(v > 0, v, 1), 0)
+  safe = np.where(delta > 0, delta, 1)
+  h = np.where(v == r, (g - b) / safe, np.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+  h = np.where(delta > 0, np.mod(h * 60, 360), 0)
+  return np.stack([h, s, v], -1).astype(np.float32)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+  h, s, v = hsv[..., 0] / 60.0, hsv[..., 1], hsv[..., 2]
+  k = lambda n: np.mod(n + h, 6)
+  f = lambda n: v - v * s * np.clip(np.minimum(k(n), 4 - k(n)), 0, 1)
+  return np.stack([f(5), f(3), f(1)], -1).astype(np.float32)
+
+
+def pad_to(sample: dict, size: int) -> dict:
+  """Pads bottom/right to size x size: image 0, semantic 255 (ignored), masks 0."""
+  height, width = sample["image"].shape[:2]
+  if height > size or width > size:
+    raise ValueError(f"cannot pad a {height}x{width} image to {size}x{size}")
+  out = dict(sample)
+  out["image"] = np.zeros((size, size, 3), np.uint8)
+  out["image"][:height, :width] = sample["image"]
+  out["semantic"] = np.full((size, size), 255, np.uint8)
+  out["semantic"][:height, :width] = sample["semantic"]
+  if "masks" in sample:
+    masks = np.zeros((len(sample["masks"]), size, size), bool)
+    masks[:, :height, :width] = sample["masks"]
+    out["masks"] = masks
+  return out
+
+
+def train_augment(sample: dict, rng: np.random.Generator, size: int,
+                  config: AugmentConfig = AugmentConfig()) -> dict:
+  """The §3.4 training sequence (module docstring), ending padded to size x size."""
+  if rng.uniform() < config.flip_prob:
+    sample = flip(sample, FLIPS[rng.integers(3)])
+  if config.rot90:
+    sample = rot90(sample, int(rng.integers(4)))
+  height, width = sample["image"].shape[:2]
+  scale = size * rng.uniform(*config.resize_range) / max(height, width)
+  sample = resize(sample, scale)
+  height, width = sample["image"].shape[:2]
+  crop_h, crop_w = min(size, height), min(size, width)
+  had_instances = bool((sample["box_valid"] | sample["rbox_valid"]).any())
+  for _ in range(config.max_crop_redraws + 1):
+    top = int(rng.integers(0, height - crop_h + 1))
+    left = int(rng.integers(0, width - crop_w + 1))
+    cropped = crop(sample, top, left, crop_h, crop_w)
+    if not had_instances or (cropped["box_valid"] | cropped["rbox_valid"]).any():
+      break   # otherwise redraw; after max_crop_redraws the last (empty) crop is kept
+  sample = cropped
+  if config.photometric:
+    sample = dict(sample, image=photometric(sample["image"], rng))
+  return pad_to(sample, size)
