@@ -102,8 +102,34 @@ def _check_polygon(poly, where):
     raise BadSample(f"{where}: polygon has fewer than 3 distinct points")
 
 
-def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str) -> SamrsRecord:
-  """Loads image, semantic map and instances of `stem`; raises BadSample with the reason."""
+def _dota_polygons(path: str) -> list[tuple[str, np.ndarray]]:
+  """DOTA `rbbtxts` lines `x1 y1 ... x4 y4 class_name k` -> [(class_name, (4, 2) polygon)]."""
+  out = []
+  try:
+    with open(path) as f:
+      lines = [line.split() for line in f if line.strip()]
+  except OSError as e:
+    raise BadSample(f"cannot read {path} ({e.strerror or e})") from None
+  for i, parts in enumerate(lines):
+    if len(parts) < 9:
+      raise BadSample(f"{path} line {i + 1}: expected 8 coordinates and a class name")
+    try:
+      poly = np.asarray([float(v) for v in parts[:8]], np.float64).reshape(4, 2)
+    except ValueError:
+      raise BadSample(f"{path} line {i + 1}: non-numeric coordinate") from None
+    out.append((parts[8], poly))
+  return out
+
+
+def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str,
+                coco_instances: list | None = None) -> SamrsRecord:
+  """Loads image, semantic map and instances of `stem`; raises BadSample with the reason.
+
+  Instances come from `ins/<stem>.pkl`, or, given `coco_instances` (this image's entries of the
+  COCO json that the original's `convert_pkl_json.py` writes, see `coco.py`), from there; the
+  json lacks rotated boxes, which then come from `rbbtxts/<stem>.txt` (SOTA, FAST; matched by
+  order, as SAMRS writes both from one loop) or the DIOR-R XML (SIOR).
+  """
   paths = subset_paths(root, layout)
   image_bytes = _read(os.path.join(paths["images"], stem + layout.image_ext))
   image = _decode_image(image_bytes, f"image {stem}{layout.image_ext}", "RGB")
@@ -113,20 +139,29 @@ def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str) -> Sam
   if semantic.size != image.size:
     raise BadSample(f"gray/{stem}.png is {semantic.size[0]}x{semantic.size[1]} but the image is "
                     f"{width}x{height}")
-  ins_path = os.path.join(paths["ins"], stem + ".pkl")
-  try:
-    instances = pickle.loads(_read(ins_path))
-  except BadSample:
-    raise
-  except Exception as e:
-    raise BadSample(f"cannot unpickle {ins_path} ({type(e).__name__}: {e})") from None
+  if coco_instances is None:
+    ins_path = os.path.join(paths["ins"], stem + ".pkl")
+    try:
+      instances = pickle.loads(_read(ins_path))
+    except BadSample:
+      raise
+    except Exception as e:
+      raise BadSample(f"cannot unpickle {ins_path} ({type(e).__name__}: {e})") from None
+  else:
+    ins_path, instances = f"COCO json entries of {stem}", coco_instances
   if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
     raise BadSample(f"{ins_path} holds a {type(instances).__name__}, expected a list of dicts")
-  if layout.rotated_source == "xml":
-    xml_polys = _dior_polygons(os.path.join(paths["rotated"], stem + ".xml"))
+  if not instances:
+    raise BadSample(f"{ins_path}: the image has no instances")
+  xml_polys = None
+  if layout.rotated_source == "xml" or coco_instances is not None:
+    rotated = (_dior_polygons(os.path.join(paths["rotated"], stem + ".xml"))
+               if layout.rotated_source == "xml"
+               else _dota_polygons(os.path.join(paths["rotated"], stem + ".txt")))
+    xml_polys = rotated
     if len(xml_polys) != len(instances):
-      raise BadSample(f"{stem}: {len(instances)} instances in the pickle but {len(xml_polys)} "
-                      f"rotated boxes in the DIOR-R XML")
+      raise BadSample(f"{stem}: {len(instances)} instances in {ins_path} but {len(xml_polys)} "
+                      f"rotated boxes in {layout.rotated_dir}")
 
   labels, polygons, hboxes, rles, areas = [], [], [], [], []
   for k, inst in enumerate(instances):
@@ -142,16 +177,22 @@ def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str) -> Sam
       raise BadSample(f"{where}: label {label} outside the {layout.num_classes} {layout.name} classes")
     if size != [height, width]:
       raise BadSample(f"{where}: mask size {size} differs from the image size {[height, width]}")
-    if layout.rotated_source == "xml":
+    if xml_polys is not None:
       name, poly = xml_polys[k]
       if name != layout.classes[label]:
-        raise BadSample(f"{where}: category {layout.classes[label]!r} but the XML says {name!r}")
+        raise BadSample(f"{where}: category {layout.classes[label]!r} but {layout.rotated_dir} "
+                        f"says {name!r}")
     else:
       try:
         poly = np.asarray(inst["rbox"], np.float64).reshape(4, 2)
       except (KeyError, ValueError) as e:
         raise BadSample(f"{where}: no usable 4x2 'rbox' polygon ({e})") from None
     _check_polygon(poly, where)
+    if not np.isfinite(hbox).all() or hbox[2] <= hbox[0] or hbox[3] <= hbox[1]:
+      raise BadSample(f"{where}: box {hbox.tolist()} is empty or not finite")
+    e1, e2 = poly[1] - poly[0], poly[2] - poly[1]
+    if not abs(e1[0] * e2[1] - e1[1] * e2[0]) > 0:
+      raise BadSample(f"{where}: rotated box polygon has zero area")
     labels.append(label)
     polygons.append(poly)
     hboxes.append(hbox)

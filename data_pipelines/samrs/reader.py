@@ -181,7 +181,7 @@ def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max
                  batch_size: int, seed: int = 0, train: bool = True, process_index: int = 0,
                  process_count: int = 1, shuffle_window: int = 256, cycle_length: int = 4,
                  augment_config=None, with_masks: bool = False, max_corrupt_fraction: float = 0.01,
-                 skip_counter: list | None = None):
+                 corrupt_min_seen: int = 100, skip_counter: list | None = None):
   """A grain IterDataset of batches for one subset.
 
   train=True: endless, shard order reshuffled every epoch, window shuffle, augmentation
@@ -204,10 +204,10 @@ def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max
   if train:
     config = augment_config or augment.AugmentConfig()
     safe = SkipCorrupt(lambda raw, rng: parse(raw, rng=rng, augment_config=config),
-                       f"{subset}/{split}", max_corrupt_fraction)
+                       f"{subset}/{split}", max_corrupt_fraction, corrupt_min_seen)
     ds = ds.random_map(safe, seed=seed)
   else:
-    safe = SkipCorrupt(parse, f"{subset}/{split}", max_corrupt_fraction)
+    safe = SkipCorrupt(parse, f"{subset}/{split}", max_corrupt_fraction, corrupt_min_seen)
     ds = ds.map(safe)
   if skip_counter is not None:
     skip_counter.append(safe)

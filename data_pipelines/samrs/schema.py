@@ -69,7 +69,7 @@ def encode(record: SamrsRecord) -> bytes:
   _floats(f["instances/hbox"], record.hboxes)
   _bytes(f["instances/mask_rle"], record.mask_rles)
   _ints(f["instances/area"], record.areas)
-  return example.SerializeToString()
+  return example.SerializeToString(deterministic=True)   # map keys sorted: same bytes in any process
 
 
 def decode(raw: bytes) -> SamrsRecord:
