@@ -31,6 +31,12 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.data.batch_per_subset = 32        # global images per subset per step: 96 in all (§3.2)
   c.data.max_instances = ml_collections.ConfigDict({"sota": 256, "sior": 128, "fast": 256})
   c.data.shuffle_window = 1024
+  # Training augmentation (§3.4; data_pipelines/samrs/augment.py). rot90 is ours, off as in MTP.
+  c.data.augment = ml_collections.ConfigDict({
+      "flip_prob": 0.75, "rot90": False, "resize_range": (0.5, 2.0), "photometric": True,
+      "max_crop_redraws": 10})
+  # Corrupt TFRecords are skipped and counted; above this fraction the run stops with an error.
+  c.data.max_corrupt_fraction = 0.01
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = "vit_b"

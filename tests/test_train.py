@@ -28,7 +28,7 @@ def tiny_config(data_dir, **overrides):
           "model.encoder_overrides.depth=2", "model.encoder_overrides.num_heads=2",
           "model.encoder_overrides.out_indices=(0, 1, 1, 1)",
           "model.encoder_overrides.patch_size=8",  # 8x8 tokens: RVSA windows fit at 64 px
-          "model.seg_channels=16",
+          "model.seg_channels=16", "data.max_instances.fast=2",
           "optimizer.lr=1e-2", "optimizer.warmup_steps=0", "train.log_every=1",
           "train.checkpoint_every=3", "eval.batch_per_subset=8", "eval.report_images=1"]
   return config_lib.apply_overrides(c, sets + [f"{k}={v!r}" for k, v in overrides.items()])
@@ -61,6 +61,12 @@ def test_loss_falls_and_report_is_written(trained):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
+  # Data health: the share of instances cut by max_instances, and skipped corrupt records.
+  train_rows = [r for r in rows if "loss" in r]
+  assert all(0.0 <= r["data/fast/dropped_by_cap"] <= 1.0 for r in train_rows)
+  assert max(r["data/fast/dropped_by_cap"] for r in train_rows) > 0   # a cap of 2 cuts some
+  assert all(r["data/sota/dropped_by_cap"] == 0.0 for r in train_rows)
+  assert all(r["data/sota/corrupt_records"] == 0.0 for r in train_rows)
 
 
 def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(trained, tfrecord_dir, tmp_path, capsys):

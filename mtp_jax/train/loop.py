@@ -9,7 +9,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from flax import nnx
 
-from data_pipelines.samrs import reader
+from data_pipelines.samrs import augment, reader
 from data_pipelines.samrs.classes import subset as subset_layout
 from mtp_jax import models
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
@@ -96,7 +96,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       config.data.dir, subsets, image_size=config.data.image_size,
       max_instances=dict(config.data.max_instances), batch_size=local_batch, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      shuffle_window=config.data.shuffle_window)
+      shuffle_window=config.data.shuffle_window,
+      augment_config=augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                              for k, v in config.data.augment.items()}),
+      max_corrupt_fraction=config.data.max_corrupt_fraction)
 
   abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
@@ -123,9 +126,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   total = config.train.num_steps
   progress = writers.Progress(total, start)
   history, pending = [], []
+  instances = {s: np.zeros(2, np.int64) for s in subsets}   # (before the cap, dropped by it)
   compile_start = time.perf_counter()
   for step in range(start + 1, total + 1):
-    state, metrics = train_step(state, device_batch(next(batches), subsets, mesh))
+    raw = next(batches)
+    for s in subsets:
+      counts = raw[s]["num_instances"].astype(np.int64)
+      instances[s] += [counts.sum(), np.maximum(counts - config.data.max_instances[s], 0).sum()]
+    state, metrics = train_step(state, device_batch(raw, subsets, mesh))
     pending.append(metrics)
     if step == start + 1:
       jax.block_until_ready(metrics)
@@ -133,6 +141,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if step % config.train.log_every == 0 or step == total:
       scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
       scalars["learning_rate"] = float(schedule(step - 1))
+      for s, (seen, dropped) in instances.items():   # data health, this process's share
+        scalars[f"data/{s}/dropped_by_cap"] = float(dropped / max(seen, 1))
+        scalars[f"data/{s}/corrupt_records"] = float(batches.corrupt_records()[s])
+        instances[s][:] = 0
       scalars["steps_per_sec"] = progress.update(step, {"loss": scalars["loss"]})
       writer.write_scalars(step, scalars)
       history.append({"step": step, **scalars})
