@@ -20,10 +20,13 @@ S x S (image 0, semantic 255 = ignore, masks 0).
 
 import dataclasses
 
+import cv2
 import numpy as np
-from PIL import Image
 
 from mtp_jax.ops import boxes as box_ops
+
+# Parallelism comes from the input pipeline's worker processes, not from OpenCV's own threads.
+cv2.setNumThreads(1)
 
 FLIPS = ("horizontal", "vertical", "diagonal")
 
@@ -81,7 +84,10 @@ def rot90(sample: dict, quarter_turns: int) -> dict:
 
 
 def resize(sample: dict, scale: float) -> dict:
-  """Scales by `scale` (sizes rounded): image bilinear, semantic and masks nearest.
+  """Scales by `scale` (sizes rounded): image bilinear (cv2, as mmcv), semantic and masks nearest.
+
+  Nearest uses pixel centres (cv2.INTER_NEAREST_EXACT), the convention of the boxes; mmcv's
+  INTER_NEAREST samples corners instead, a half-pixel shift we do not copy.
 
   Boxes follow the exact per-axis factors new_size / old_size; rotated boxes through their
   corners (le90 afterwards).
@@ -90,12 +96,16 @@ def resize(sample: dict, scale: float) -> dict:
   new_w, new_h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
   sx, sy = new_w / width, new_h / height
   out = dict(sample)
-  out["image"] = np.asarray(Image.fromarray(sample["image"]).resize((new_w, new_h), Image.BILINEAR))
-  out["semantic"] = np.asarray(Image.fromarray(sample["semantic"]).resize((new_w, new_h), Image.NEAREST))
+  out["image"] = cv2.resize(sample["image"], (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+  nearest = lambda a: cv2.resize(a, (new_w, new_h), interpolation=cv2.INTER_NEAREST_EXACT)
+  out["semantic"] = nearest(sample["semantic"])
   if "masks" in sample:
-    out["masks"] = np.stack([np.asarray(Image.fromarray(m).resize((new_w, new_h), Image.NEAREST))
-                             for m in sample["masks"].astype(np.uint8)]).astype(bool) \
-        if len(sample["masks"]) else np.zeros((0, new_h, new_w), bool)
+    masks = sample["masks"]
+    # cv2 resizes up to 512 channels at once: masks as channels of one image, in chunks.
+    chunks = [nearest(np.ascontiguousarray(masks[i:i + 256].transpose(1, 2, 0).astype(np.uint8)))
+              for i in range(0, len(masks), 256)]
+    out["masks"] = (np.concatenate([c.reshape(new_h, new_w, -1).transpose(2, 0, 1) for c in chunks])
+                    .astype(bool) if len(masks) else np.zeros((0, new_h, new_w), bool))
   out["hboxes"] = (sample["hboxes"] * np.array([sx, sy, sx, sy], np.float32)).astype(np.float32)
   if sx == sy:   # a similarity: scale centre and sides, keep the angle (and which side is w)
     out["rboxes"] = (sample["rboxes"] * np.array([sx, sx, sx, sx, 1], np.float32)).astype(np.float32)
@@ -145,41 +155,28 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """mmcv `PhotoMetricDistortion` (its default ranges), RGB uint8 in and out (rounded, clipped)."""
+  """mmcv `PhotoMetricDistortion` (its default ranges), RGB uint8 in and out (rounded, clipped).
+
+  Float32 throughout, HSV by cv2 as mmcv (H in degrees [0, 360), S in [0, 1], V as the input).
+  """
   img = image.astype(np.float32)
   if rng.integers(2):
-    img = img + rng.uniform(-32, 32)
+    img += rng.uniform(-32, 32)
   contrast_first = bool(rng.integers(2))
   if contrast_first and rng.integers(2):
-    img = img * rng.uniform(0.5, 1.5)
-  hsv = rgb_to_hsv(img)
-  if rng.integers(2):
-    hsv[..., 1] = hsv[..., 1] * rng.uniform(0.5, 1.5)
-  if rng.integers(2):
-    hsv[..., 0] = np.mod(hsv[..., 0] + rng.uniform(-18, 18), 360.0)
-  img = hsv_to_rgb(hsv)
+    img *= rng.uniform(0.5, 1.5)
+  saturate, shift_hue = bool(rng.integers(2)), bool(rng.integers(2))
+  saturation, hue = rng.uniform(0.5, 1.5), rng.uniform(-18, 18)
+  if saturate or shift_hue:
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    if saturate:
+      hsv[..., 1] *= saturation
+    if shift_hue:
+      hsv[..., 0] = np.mod(hsv[..., 0] + hue, 360.0)
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if not contrast_first and rng.integers(2):
-    img = img * rng.uniform(0.5, 1.5)
+    img *= rng.uniform(0.5, 1.5)
   return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-  """Float RGB (any scale) -> H in degrees [0, 360), S in [0, 1] (unclamped above), V as the input."""
-  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-  v = rgb.max(-1)
-  delta = v - rgb.min(-1)
-  s = np.where(v > 0, delta / np.where(v > 0, v, 1), 0)
-  safe = np.where(delta > 0, delta, 1)
-  h = np.where(v == r, (g - b) / safe, np.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
-  h = np.where(delta > 0, np.mod(h * 60, 360), 0)
-  return np.stack([h, s, v], -1).astype(np.float32)
-
-
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-  h, s, v = hsv[..., 0] / 60.0, hsv[..., 1], hsv[..., 2]
-  k = lambda n: np.mod(n + h, 6)
-  f = lambda n: v - v * s * np.clip(np.minimum(k(n), 4 - k(n)), 0, 1)
-  return np.stack([f(5), f(3), f(1)], -1).astype(np.float32)
 
 
 def pad_to(sample: dict, size: int) -> dict:
