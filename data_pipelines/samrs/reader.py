@@ -24,6 +24,7 @@ import io
 import json
 import os
 
+import cv2
 import grain
 import numpy as np
 from PIL import Image
@@ -53,7 +54,19 @@ def load_info(data_dir: str, subset: str, split: str) -> dict:
 
 
 def decode_png_or_jpeg(data: bytes, mode: str) -> np.ndarray:
-  return np.asarray(Image.open(io.BytesIO(data)).convert(mode))
+  """PNG/JPEG bytes -> (H, W, 3) uint8 RGB (mode "RGB") or (H, W) uint8 (mode "L").
+
+  OpenCV decodes straight into numpy (PIL's conversion costs two extra copies); images OpenCV
+  cannot read (rare modes) fall back to PIL. Raises ValueError for undecodable bytes.
+  """
+  flag = cv2.IMREAD_COLOR_RGB if mode == "RGB" else cv2.IMREAD_GRAYSCALE
+  array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+  if array is None:
+    try:
+      return np.asarray(Image.open(io.BytesIO(data)).convert(mode))
+    except Exception as e:
+      raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from None
+  return array
 
 
 def record_to_sample(record: schema.SamrsRecord, with_masks: bool = False) -> dict:
