@@ -15,7 +15,8 @@ kept), random S x S crop (boxes clipped, or recomputed from masks when present; 
 kept when their centre stays inside; a crop that empties an image with instances is redrawn),
 photometric distortion (brightness +-32, contrast 0.5-1.5, saturation 0.5-1.5, hue +-18 degrees,
 each with p = 0.5, as mmcv's `PhotoMetricDistortion` without its channel swap), and padding to
-S x S (image 0, semantic 255 = ignore, masks 0).
+S x S (image 0, semantic 255 = ignore, masks 0). The flip and turns are applied after the crop
+(same distribution, fewer pixels moved; see `train_augment`).
 """
 
 import dataclasses
@@ -198,11 +199,14 @@ def pad_to(sample: dict, size: int) -> dict:
 
 def train_augment(sample: dict, rng: np.random.Generator, size: int,
                   config: AugmentConfig = AugmentConfig()) -> dict:
-  """The §3.4 training sequence (module docstring), ending padded to size x size."""
-  if rng.uniform() < config.flip_prob:
-    sample = flip(sample, FLIPS[rng.integers(3)])
-  if config.rot90:
-    sample = rot90(sample, int(rng.integers(4)))
+  """The §3.4 training sequence (module docstring), ending padded to size x size.
+
+  Flips and quarter turns are drawn first but applied after the crop: the crop offset is uniform,
+  so the distribution is the one of flipping first, and the flip then touches the crop's pixels
+  instead of the full image's (about 5x fewer for 1024 px sources).
+  """
+  direction = FLIPS[rng.integers(3)] if rng.uniform() < config.flip_prob else None
+  turns = int(rng.integers(4)) if config.rot90 else 0
   height, width = sample["image"].shape[:2]
   scale = size * rng.uniform(*config.resize_range) / max(height, width)
   sample = resize(sample, scale)
@@ -216,6 +220,10 @@ def train_augment(sample: dict, rng: np.random.Generator, size: int,
     if not had_instances or (cropped["box_valid"] | cropped["rbox_valid"]).any():
       break   # otherwise redraw; after max_crop_redraws the last (empty) crop is kept
   sample = cropped
+  if direction is not None:
+    sample = flip(sample, direction)
+  if turns:
+    sample = rot90(sample, turns)
   if config.photometric:
     sample = dict(sample, image=photometric(sample["image"], rng))
   return pad_to(sample, size)
