@@ -6,7 +6,7 @@
 Writes a synthetic SAMRS sample of `--images` images per subset at `--source-size` px (SOTA's
 DOTA patches are 1024 px; the synthetic images are noisy, so their PNGs are as large as real
 aerial ones, about 2 MB), converts it, and times the full training pipeline of SOTA (PNG) and
-SIOR (JPEG) at `--image-size`: shard interleave, window shuffle, parse, PNG decode, augmentation (flip, resize,
+SIOR (JPEG) at `--image-size`, and SOTA converted with `--image-format raw` (no decoding): shard interleave, window shuffle, parse, PNG decode, augmentation (flip, resize,
 crop, photometric), padding, packing, batching of 8. For each worker count (0 = in-process) it
 reports steady-state images/s after a warm-up, and images/s per core (0 workers use one core;
 k workers use k cores for the per-image work). Also a per-stage profile of one image.
@@ -58,7 +58,7 @@ def profile_stages(data_dir, subset, image_size, repeats=20):
     return out
 
   record = clock("parse_ms", lambda: schema.decode(raw))
-  sample = clock("decode_png_ms", lambda: reader.record_to_sample(record))
+  sample = clock("decode_ms", lambda: reader.record_to_sample(record))
   h = sample["image"].shape[0]
   resized = clock("resize_ms", lambda: augment.resize(sample, image_size / h))
   clock("crop_ms", lambda: augment.crop(resized, 0, 0, image_size, image_size))
@@ -80,15 +80,17 @@ def main():
     synthetic.generate(os.path.join(tmp, "raw"), images=args.images, size=args.source_size, seed=0)
     data_dir = os.path.join(tmp, "tfrecords")
     rows, stages = [], {}
-    for subset in ("sota", "sior"):
-      convert.convert_split(os.path.join(tmp, "raw"), subset, "train", data_dir, num_shards=4,
-                            log=lambda *_: None)
+    for subset, image_format in (("sota", "source"), ("sota", "raw"), ("sior", "source")):
+      out = os.path.join(data_dir, image_format)
+      convert.convert_split(os.path.join(tmp, "raw"), subset, "train", out, num_shards=4,
+                            image_format=image_format, log=lambda *_: None)
       for workers in args.workers:
-        rate = time_pipeline(data_dir, subset, args.image_size, workers)
-        rows.append({"subset": subset, "workers": workers, "images_per_s": round(rate, 1),
+        rate = time_pipeline(out, subset, args.image_size, workers)
+        rows.append({"subset": subset, "image_format": image_format, "workers": workers,
+                     "images_per_s": round(rate, 1),
                      "images_per_s_per_core": round(rate / max(workers, 1), 1)})
         print(rows[-1], flush=True)
-      stages[subset] = profile_stages(data_dir, subset, args.image_size)
+      stages[f"{subset}_{image_format}"] = profile_stages(out, subset, args.image_size)
     result = {"source_px": args.source_size, "image_px": args.image_size, "cpu_count": os.cpu_count(),
               "rows": rows, "stages_one_image": stages}
   write_result(result, args.out)

@@ -167,3 +167,17 @@ def test_reader_skips_corrupt_records_and_stops_past_the_bound(tfrecord_dir, tmp
   with pytest.raises(DataError, match=r"sior/valid: 1 of 3 records are corrupt"):
     for _ in strict:
       pass
+
+
+def test_raw_image_format_reads_back_the_same_pixels(sample_dir, tfrecord_dir, tmp_path):
+  out = str(tmp_path / "raw")
+  info = convert.convert_split(sample_dir, "sior", "train", out, num_shards=2, image_format="raw",
+                               **quiet)
+  assert info["image_format"] == "raw"
+  kw = dict(image_size=SAMPLE_SIZE, max_instances=8, batch_size=4, train=False)
+  for a, b in zip(reader.make_dataset(out, "sior", "train", **kw),
+                  reader.make_dataset(tfrecord_dir, "sior", "train", **kw)):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  with pytest.raises(DataError, match="different settings \\(image_format\\)"):
+    convert.convert_split(sample_dir, "sior", "train", out, num_shards=2, **quiet)

@@ -1,7 +1,8 @@
 """SAMRS release tree -> sharded TFRecords (schema.py) plus `dataset_info.json`.
 
     python -m data_pipelines.samrs.convert --root data/samrs_sample --subset all --split all \
-        --out data/samrs_tfrecords [--num-shards 2] [--workers 4] [--strict] [--coco-json FILE]
+        --out data/samrs_tfrecords [--num-shards 2] [--workers 4] [--strict] [--coco-json FILE] \
+        [--image-format source|raw]
 
 Output per subset and split: `<out>/<subset>/<split>/<subset>-<split>.tfrecord-0000i-of-0000K` and
 `<out>/<subset>/<split>/dataset_info.json`: class names, counts, instances per class, a histogram
@@ -64,7 +65,7 @@ def _write_json(path: str, obj):
   os.replace(path + ".tmp", path)
 
 
-def _read_one(stem, root, subset, coco_index):
+def _read_one(stem, root, subset, coco_index, image_format="source"):
   """Worker: one image -> ("ok", record bytes, labels) or ("bad", reason)."""
   layout = samrs_classes.subset(subset)
   try:
@@ -72,6 +73,11 @@ def _read_one(stem, root, subset, coco_index):
     record = raw.read_sample(root, layout, stem, coco_instances=instances)
   except raw.BadSample as e:
     return stem, "bad", str(e), None
+  if image_format == "raw":
+    import io
+    from PIL import Image
+    pixels = np.asarray(Image.open(io.BytesIO(record.image_bytes)).convert("RGB"))
+    record.image_bytes, record.image_format = pixels.tobytes(), "raw"
   return stem, "ok", schema.encode(record), record.labels.tolist()
 
 
@@ -89,17 +95,19 @@ def smallest_cap(per_image: list[int], keep: float = KEEP_FRACTION) -> int:
 
 def convert_split(root: str, subset: str, split: str, out: str, num_shards: int = 1,
                   strict: bool = False, log=print, workers: int = 1,
-                  coco_json: str | None = None) -> dict:
+                  coco_json: str | None = None, image_format: str = "source") -> dict:
   """Converts (or resumes converting) one subset/split; returns the dataset_info it writes."""
   layout = samrs_classes.subset(subset)
   paths = raw.check_layout(root, layout, split)
   stems = raw.read_split_list(paths["list"])
   if not stems:
     raise DataError(f"{paths['list']} lists no images")
+  if image_format not in ("source", "raw"):
+    raise DataError(f"image format {image_format!r} is not 'source' or 'raw'")
   coco_index = samrs_coco.instances_by_stem(coco_json) if coco_json else None
   num_shards = max(1, min(num_shards, len(stems)))
   signature = {"source_root": os.path.abspath(root), "subset": subset, "split": split,
-               "num_shards": num_shards, "strict": strict,
+               "num_shards": num_shards, "strict": strict, "image_format": image_format,
                "coco_json": os.path.abspath(coco_json) if coco_json else None,
                "image_list_sha256": hashlib.sha256("\n".join(stems).encode()).hexdigest()}
   split_dir = os.path.join(out, subset, split)
@@ -111,7 +119,8 @@ def convert_split(root: str, subset: str, split: str, out: str, num_shards: int 
 
   chunks = np.array_split(np.arange(len(stems)), num_shards)
   pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-  read = functools.partial(_read_one, root=root, subset=subset, coco_index=coco_index)
+  read = functools.partial(_read_one, root=root, subset=subset, coco_index=coco_index,
+                           image_format=image_format)
   try:
     for i, chunk in enumerate(chunks):
       name = shard_name(subset, split, i, num_shards)
@@ -149,7 +158,7 @@ def convert_split(root: str, subset: str, split: str, out: str, num_shards: int 
                           minlength=layout.num_classes)
   histogram = np.bincount(per_image)
   info = {
-      **{k: signature[k] for k in ("subset", "split", "source_root", "coco_json")},
+      **{k: signature[k] for k in ("subset", "split", "source_root", "coco_json", "image_format")},
       "class_names": list(layout.classes),
       "num_examples": len(per_image),
       "num_instances": int(per_class.sum()),
@@ -205,6 +214,9 @@ def main(argv=None):
   parser.add_argument("--num-shards", type=int, default=1)
   parser.add_argument("--strict", action="store_true", help="stop at the first unusable image")
   parser.add_argument("--workers", type=int, default=1, help="processes reading the images")
+  parser.add_argument("--image-format", default="source", choices=["source", "raw"],
+                      help="store the source PNG/JPEG bytes (default) or raw RGB pixels: no "
+                           "decoding when training, about 1.5x the size of aerial PNGs")
   parser.add_argument("--coco-json", default=None,
                       help="read instances from this COCO json (convert_pkl_json.py's) instead of "
                            "ins/*.pkl; needs --subset and --split")
@@ -219,7 +231,8 @@ def main(argv=None):
     for subset in subsets:
       for split in splits:
         info = convert_split(args.root, subset, split, args.out, args.num_shards, args.strict,
-                             workers=args.workers, coco_json=args.coco_json)
+                             workers=args.workers, coco_json=args.coco_json,
+                             image_format=args.image_format)
         print(f"{subset}/{split}: {info['num_examples']} images, {info['num_instances']} instances, "
               f"{len(info['shards'])} shard(s), {len(info['skipped'])} skipped -> "
               f"{os.path.join(args.out, subset, split)}")

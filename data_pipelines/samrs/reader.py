@@ -76,7 +76,10 @@ def record_to_sample(record: schema.SamrsRecord, with_masks: bool = False) -> di
   MTP_SPEC §3.4). Masks are decoded from their COCO RLE only when asked (they cost H x W bytes
   per instance).
   """
-  image = decode_png_or_jpeg(record.image_bytes, "RGB")
+  if record.image_format == "raw":
+    image = np.frombuffer(record.image_bytes, np.uint8).reshape(record.height, record.width, 3)
+  else:
+    image = decode_png_or_jpeg(record.image_bytes, "RGB")
   gray = decode_png_or_jpeg(record.semantic_bytes, "L")
   if image.shape[:2] != gray.shape:
     raise ValueError(f"{record.filename}: semantic map {gray.shape} differs from image {image.shape[:2]}")

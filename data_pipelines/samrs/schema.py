@@ -4,7 +4,9 @@ Both the converter and the reader use this module; neither needs TensorFlow to b
 Example (the protos come from `tensorflow_datasets.proto`).
 
 Keys:
-  image/encoded     PNG or JPEG bytes exactly as in the source file
+  image/encoded     PNG or JPEG bytes exactly as in the source file, or raw RGB pixels
+  image/format      "source" (PNG/JPEG bytes) or "raw" (H*W*3 uint8, row-major RGB; decode-free
+                    at about 1.5x the size of a PNG of an aerial image). Absent means "source".
   image/height, image/width, image/filename, dataset (sota|sior|fast)
   semantic/encoded  PNG bytes, uint8, value = class index (0-based), 255 = background (as SAMRS)
   instances/*       parallel lists over the N instances of the image:
@@ -35,6 +37,7 @@ class SamrsRecord:
   hboxes: np.ndarray     # (N, 4) float32
   mask_rles: list        # N COCO RLE `counts` byte strings (column-major, image-sized)
   areas: np.ndarray      # (N,) int64
+  image_format: str = "source"   # "source" (PNG/JPEG bytes) or "raw" (RGB uint8 pixels)
 
   @property
   def num_instances(self) -> int:
@@ -58,6 +61,8 @@ def encode(record: SamrsRecord) -> bytes:
   example = tf_example_pb2.Example()
   f = example.features.feature
   _bytes(f["image/encoded"], [record.image_bytes])
+  if record.image_format != "source":
+    _bytes(f["image/format"], [record.image_format.encode()])
   _ints(f["image/height"], [record.height])
   _ints(f["image/width"], [record.width])
   _bytes(f["image/filename"], [record.filename.encode()])
@@ -95,6 +100,8 @@ def decode(raw: bytes) -> SamrsRecord:
       hboxes=floats("instances/hbox", 4),
       mask_rles=list(f["instances/mask_rle"].bytes_list.value),
       areas=np.asarray(f["instances/area"].int64_list.value, np.int64),
+      image_format=(f["image/format"].bytes_list.value[0].decode() if "image/format" in f
+                    else "source"),
   )
   if len(record.mask_rles) != n or record.areas.shape[0] != n:
     raise ValueError(f"record {record.filename!r}: instance lists of unequal length")
