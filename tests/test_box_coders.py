@@ -126,3 +126,17 @@ def test_midpoint_offset_decode_clamps_offsets_to_a_rectangle():
   # da = 0.5, db = -0.5: top and right corners coincide; the box collapses onto the diagonal.
   flat = np.asarray(coder.decode(proposal, np.array([[0, 0, 0, 0, 3.0, -3.0]], np.float32)))[0]
   np.testing.assert_allclose(flat, [20, 10, np.hypot(40, 20), 0, -np.arctan2(20, 40)], atol=1e-5)
+
+
+def test_centre_clamp_option_limits_the_shift_and_only_caps_growth():
+  coder = coders.DeltaXYWH(add_ctr_clamp=True, ctr_clamp=32)
+  p = np.array([[0, 0, 100, 100]], np.float32)
+  out = np.asarray(coder.decode(p, np.array([[5.0, -5.0, -7.0, 0.0]], np.float32)))[0]
+  np.testing.assert_allclose((out[0] + out[2]) / 2, 50 + 32, rtol=1e-6)    # shift 500 px -> 32
+  np.testing.assert_allclose((out[1] + out[3]) / 2, 50 - 32, rtol=1e-6)
+  np.testing.assert_allclose(out[2] - out[0], 100 * np.exp(-7.0), rtol=1e-4)  # no lower clamp
+  rotated = coders.DeltaXYWHT(add_ctr_clamp=True, ctr_clamp=10)
+  r = np.asarray(rotated.decode(np.array([[50, 50, 20, 10, 0]], np.float32),
+                                np.array([[3.0, 0, 9.0, 0, 0]], np.float32)))[0]
+  np.testing.assert_allclose(r[0], 60, rtol=1e-6)
+  np.testing.assert_allclose(r[2], 20 * 1000 / 16, rtol=1e-4)               # growth capped

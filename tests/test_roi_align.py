@@ -32,17 +32,22 @@ def _bilinear_ref(fmap, y, x):
           + ly * hx * fmap[y_high, x_low] + ly * lx * fmap[y_high, x_high])
 
 
-def roi_align_ref(fmap, box, out, scale, sampling_ratio, aligned):
-  """mmcv roi_align_forward (avg) for one box (x1, y1, x2, y2)."""
-  offset = 0.5 if aligned else 0.0
-  start_w, start_h = box[0] * scale - offset, box[1] * scale - offset
-  roi_w, roi_h = box[2] * scale - offset - start_w, box[3] * scale - offset - start_h
+def _bins(roi_w, roi_h, out, sampling_ratio, aligned):
+  """mmcv's per-box grid: bin sizes, samples per bin side, sample count (same in both kernels)."""
   if not aligned:
     roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
   bin_h, bin_w = roi_h / out, roi_w / out
   grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out)
   grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out)
-  count = max(grid_h * grid_w, 1)
+  return roi_w, roi_h, bin_h, bin_w, grid_h, grid_w, max(grid_h * grid_w, 1)
+
+
+def roi_align_ref(fmap, box, out, scale, sampling_ratio, aligned):
+  """mmcv roi_align_forward (avg) for one box (x1, y1, x2, y2)."""
+  offset = 0.5 if aligned else 0.0
+  start_w, start_h = box[0] * scale - offset, box[1] * scale - offset
+  roi_w, roi_h = box[2] * scale - offset - start_w, box[3] * scale - offset - start_h
+  _, _, bin_h, bin_w, grid_h, grid_w, count = _bins(roi_w, roi_h, out, sampling_ratio, aligned)
   result = np.zeros((out, out, fmap.shape[-1]))
   for ph in range(out):
     for pw in range(out):
@@ -61,12 +66,8 @@ def roi_align_rotated_ref(fmap, rbox, out, scale, sampling_ratio, aligned, clock
   cx, cy = rbox[0] * scale - offset, rbox[1] * scale - offset
   roi_w, roi_h = rbox[2] * scale, rbox[3] * scale
   theta = -rbox[4] if clockwise else rbox[4]
-  if not aligned:
-    roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-  bin_h, bin_w = roi_h / out, roi_w / out
-  grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out)
-  grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out)
-  count = max(grid_h * grid_w, 1)
+  roi_w, roi_h, bin_h, bin_w, grid_h, grid_w, count = _bins(roi_w, roi_h, out, sampling_ratio,
+                                                            aligned)
   cos, sin = math.cos(theta), math.sin(theta)
   result = np.zeros((out, out, fmap.shape[-1]))
   for ph in range(out):

@@ -31,6 +31,17 @@ def _denormalise(deltas, means, stds):
   return deltas * jnp.asarray(stds, deltas.dtype) + jnp.asarray(means, deltas.dtype)
 
 
+def _clamp(coder, shift_x, shift_y, dw, dh):
+  """mmdet/mmrotate decode clamps: log-size deltas to |log(wh_ratio_clip)|; with `add_ctr_clamp`
+  the centre shift (px) to +-ctr_clamp and the log-size deltas from above only."""
+  max_ratio = abs(math.log(coder.wh_ratio_clip))
+  if coder.add_ctr_clamp:
+    shift_x = jnp.clip(shift_x, -coder.ctr_clamp, coder.ctr_clamp)
+    shift_y = jnp.clip(shift_y, -coder.ctr_clamp, coder.ctr_clamp)
+    return shift_x, shift_y, jnp.minimum(dw, max_ratio), jnp.minimum(dh, max_ratio)
+  return shift_x, shift_y, jnp.clip(dw, -max_ratio, max_ratio), jnp.clip(dh, -max_ratio, max_ratio)
+
+
 @dataclasses.dataclass(frozen=True)
 class DeltaXYWH:
   """mmdet `DeltaXYWHBBoxCoder`: (dx, dy, dw, dh) = ((gx-px)/pw, (gy-py)/ph, log gw/pw, log gh/ph).
@@ -56,14 +67,7 @@ class DeltaXYWH:
     px, py, pw, ph = _centre_size(jnp.asarray(proposals, jnp.float32))
     d = _denormalise(jnp.asarray(deltas, jnp.float32), self.means, self.stds)
     dx, dy, dw, dh = (d[..., i] for i in range(4))
-    shift_x, shift_y = pw * dx, ph * dy
-    max_ratio = abs(math.log(self.wh_ratio_clip))
-    if self.add_ctr_clamp:
-      shift_x = jnp.clip(shift_x, -self.ctr_clamp, self.ctr_clamp)
-      shift_y = jnp.clip(shift_y, -self.ctr_clamp, self.ctr_clamp)
-      dw, dh = jnp.minimum(dw, max_ratio), jnp.minimum(dh, max_ratio)
-    else:
-      dw, dh = jnp.clip(dw, -max_ratio, max_ratio), jnp.clip(dh, -max_ratio, max_ratio)
+    shift_x, shift_y, dw, dh = _clamp(self, pw * dx, ph * dy, dw, dh)
     gx, gy = px + shift_x, py + shift_y
     gw, gh = pw * jnp.exp(dw), ph * jnp.exp(dh)
     x1, y1, x2, y2 = gx - gw * 0.5, gy - gh * 0.5, gx + gw * 0.5, gy + gh * 0.5
@@ -177,14 +181,7 @@ class DeltaXYWHT:
     dx, dy, dw, dh, dtheta = (d[..., i] for i in range(5))
     if self.norm_factor:
       dtheta = dtheta * (self.norm_factor * math.pi)
-    shift_x, shift_y = pw * dx, ph * dy
-    max_ratio = abs(math.log(self.wh_ratio_clip))
-    if self.add_ctr_clamp:
-      shift_x = jnp.clip(shift_x, -self.ctr_clamp, self.ctr_clamp)
-      shift_y = jnp.clip(shift_y, -self.ctr_clamp, self.ctr_clamp)
-      dw, dh = jnp.minimum(dw, max_ratio), jnp.minimum(dh, max_ratio)
-    else:
-      dw, dh = jnp.clip(dw, -max_ratio, max_ratio), jnp.clip(dh, -max_ratio, max_ratio)
+    shift_x, shift_y, dw, dh = _clamp(self, pw * dx, ph * dy, dw, dh)
     gw, gh = pw * jnp.exp(dw), ph * jnp.exp(dh)
     if self.proj_xy:   # mmrotate uses the unclamped shifts on this branch
       cos, sin = jnp.cos(pt), jnp.sin(pt)
