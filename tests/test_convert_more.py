@@ -51,6 +51,18 @@ def test_interrupted_conversion_resumes_and_damaged_shards_are_redone(sample_dir
   assert not [f for f in os.listdir(split_dir) if f.endswith(".tmp")]
 
 
+def test_a_leftover_temporary_shard_or_lost_info_file_does_not_block_a_rerun(sample_dir, tmp_path):
+  out = tmp_path / "out"
+  split_dir = out / "sota" / "train"
+  split_dir.mkdir(parents=True)
+  (split_dir / (convert.shard_name("sota", "train", 0, 2) + ".tmp")).write_bytes(b"half a shard")
+  info = convert.convert_split(sample_dir, "sota", "train", str(out), num_shards=2, **quiet)
+  assert sorted(os.listdir(split_dir)) == sorted(
+      [s["file"] for s in info["shards"]] + ["dataset_info.json", convert.PROGRESS_FILE])
+  os.remove(split_dir / "dataset_info.json")            # complete, but the info file was lost
+  assert convert.convert_split(sample_dir, "sota", "train", str(out), num_shards=2, **quiet) == info
+
+
 def test_other_conversions_are_refused(sample_dir, tmp_path):
   out = str(tmp_path / "out")
   convert.convert_split(sample_dir, "sota", "train", out, num_shards=2, **quiet)

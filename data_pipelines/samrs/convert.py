@@ -112,7 +112,7 @@ def convert_split(root: str, subset: str, split: str, out: str, num_shards: int 
                "image_list_sha256": hashlib.sha256("\n".join(stems).encode()).hexdigest()}
   split_dir = os.path.join(out, subset, split)
   progress = _load_progress(split_dir, signature)
-  if progress.get("complete"):
+  if progress.get("complete") and os.path.isfile(os.path.join(split_dir, INFO_FILE)):
     log(f"{subset}/{split}: already converted in {split_dir} (checksums verified), nothing to do")
     with open(os.path.join(split_dir, INFO_FILE)) as f:
       return json.load(f)
@@ -182,8 +182,9 @@ def _load_progress(split_dir: str, signature: dict) -> dict:
   """
   path = os.path.join(split_dir, PROGRESS_FILE)
   if not os.path.exists(path):
-    if os.path.isdir(split_dir) and any(".tfrecord" in f or f == INFO_FILE
-                                        for f in os.listdir(split_dir)):
+    # Leftover `.tmp` files are an interrupted first shard of ours: ignored and overwritten.
+    if os.path.isdir(split_dir) and any((".tfrecord" in f and not f.endswith(".tmp"))
+                                        or f == INFO_FILE for f in os.listdir(split_dir)):
       raise DataError(f"{split_dir} holds TFRecords from another conversion (no "
                       f"{PROGRESS_FILE}); delete the folder or choose another --out")
     return {"signature": signature, "shards": {}}
