@@ -85,7 +85,7 @@ def test_workers_write_identical_shards_and_info_statistics(sample_dir, tfrecord
   cap = info["max_instances_999"]
   assert np.minimum(per_image, cap).sum() >= 0.999 * sum(per_image)
   assert cap == 1 or np.minimum(per_image, cap - 1).sum() < 0.999 * sum(per_image)
-  assert convert.smallest_cap([10] + [1] * 99, keep=0.9) == 1 + 0   # 99 + 1 of 109 >= 0.9 * 109
+  assert convert.smallest_cap([10] + [1] * 99, keep=0.9) == 1   # cap 1 keeps 100 of 109 >= 98.1
   assert convert.smallest_cap([100, 1, 1], keep=0.999) == 100
 
 

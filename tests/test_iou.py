@@ -132,6 +132,10 @@ def test_vmap_over_a_batch_and_float64_inputs_keep_dtype():
   np.testing.assert_allclose(got[1], pairwise_iou(batch1[1], batch2[1]), atol=1e-7)
   with pytest.raises(ValueError, match=r"\(N, 5\)"):
     box_iou_rotated(batch1, batch2)
+  with jax.enable_x64(True):
+    wide = pairwise_iou(batch1[0].astype(np.float64), batch2[0].astype(np.float64))
+    assert wide.dtype == jnp.float64
+    np.testing.assert_allclose(wide, got[0], atol=1e-6)
 
 
 def test_gradients_are_finite_everywhere_and_match_finite_differences():

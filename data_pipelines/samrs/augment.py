@@ -128,15 +128,12 @@ def crop(sample: dict, top: int, left: int, height: int, width: int) -> dict:
   out["semantic"] = sample["semantic"][top:top + height, left:left + width].copy()
   shift = np.array([left, top, left, top], np.float32)
   if "masks" in sample:
-    masks = sample["masks"][:, top:top + height, left:left + width].copy()
-    out["masks"] = masks
-    hb = mask_boxes(masks)
-    nonempty = masks.reshape(len(masks), -1).any(1)
+    out["masks"] = sample["masks"][:, top:top + height, left:left + width].copy()
+    hb = mask_boxes(out["masks"])   # all zeros for a mask the window emptied
   else:
     hb = np.clip(sample["hboxes"] - shift, 0, [width, height, width, height]).astype(np.float32)
-    nonempty = (hb[:, 2] > hb[:, 0]) & (hb[:, 3] > hb[:, 1])
   out["hboxes"] = hb
-  out["box_valid"] = sample["box_valid"] & nonempty
+  out["box_valid"] = sample["box_valid"] & (hb[:, 2] > hb[:, 0]) & (hb[:, 3] > hb[:, 1])
   rb = sample["rboxes"].copy()
   rb[:, :2] -= [left, top]
   out["rboxes"] = rb

@@ -70,27 +70,19 @@ def _read_one(stem, root, subset, coco_index, image_format="source"):
   layout = samrs_classes.subset(subset)
   try:
     instances = None if coco_index is None else coco_index.get(stem, [])
-    record = raw.read_sample(root, layout, stem, coco_instances=instances)
+    record = raw.read_sample(root, layout, stem, coco_instances=instances,
+                             image_format=image_format)
   except raw.BadSample as e:
     return stem, "bad", str(e), None
-  if image_format == "raw":
-    import io
-    from PIL import Image
-    pixels = np.asarray(Image.open(io.BytesIO(record.image_bytes)).convert("RGB"))
-    record.image_bytes, record.image_format = pixels.tobytes(), "raw"
   return stem, "ok", schema.encode(record), record.labels.tolist()
 
 
 def smallest_cap(per_image: list[int], keep: float = KEEP_FRACTION) -> int:
   """Smallest m with sum(min(n_i, m)) >= keep * sum(n_i): the cap that keeps `keep` of instances."""
-  counts = np.sort(np.asarray(per_image, np.int64))
+  counts = np.asarray(per_image, np.int64)
   total = counts.sum()
-  if total == 0:
-    return 0
-  for m in range(1, int(counts.max()) + 1):
-    if np.minimum(counts, m).sum() >= keep * total:
-      return m
-  return int(counts.max())
+  # m = max(counts) keeps everything, so the search always ends inside the range.
+  return next((m for m in range(int(counts.max()) + 1) if np.minimum(counts, m).sum() >= keep * total))
 
 
 def convert_split(root: str, subset: str, split: str, out: str, num_shards: int = 1,

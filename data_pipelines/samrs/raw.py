@@ -100,6 +100,9 @@ def _check_polygon(poly, where):
     raise BadSample(f"{where}: polygon holds NaN or inf")
   if len({tuple(p) for p in np.round(poly, 6).tolist()}) < 3:
     raise BadSample(f"{where}: polygon has fewer than 3 distinct points")
+  e1, e2 = poly[1] - poly[0], poly[2] - poly[1]
+  if not abs(e1[0] * e2[1] - e1[1] * e2[0]) > 0:
+    raise BadSample(f"{where}: rotated box polygon has zero area")
 
 
 def _dota_polygons(path: str) -> list[tuple[str, np.ndarray]]:
@@ -122,13 +125,14 @@ def _dota_polygons(path: str) -> list[tuple[str, np.ndarray]]:
 
 
 def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str,
-                coco_instances: list | None = None) -> SamrsRecord:
+                coco_instances: list | None = None, image_format: str = "source") -> SamrsRecord:
   """Loads image, semantic map and instances of `stem`; raises BadSample with the reason.
 
   Instances come from `ins/<stem>.pkl`, or, given `coco_instances` (this image's entries of the
   COCO json that the original's `convert_pkl_json.py` writes, see `coco.py`), from there; the
   json lacks rotated boxes, which then come from `rbbtxts/<stem>.txt` (SOTA, FAST; matched by
-  order, as SAMRS writes both from one loop) or the DIOR-R XML (SIOR).
+  order, as SAMRS writes both from one loop) or the DIOR-R XML (SIOR). `image_format="raw"`
+  keeps the decoded RGB pixels instead of the file's bytes (schema.py).
   """
   paths = subset_paths(root, layout)
   image_bytes = _read(os.path.join(paths["images"], stem + layout.image_ext))
@@ -153,15 +157,14 @@ def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str,
     raise BadSample(f"{ins_path} holds a {type(instances).__name__}, expected a list of dicts")
   if not instances:
     raise BadSample(f"{ins_path}: the image has no instances")
-  xml_polys = None
-  if layout.rotated_source == "xml" or coco_instances is not None:
-    rotated = (_dior_polygons(os.path.join(paths["rotated"], stem + ".xml"))
-               if layout.rotated_source == "xml"
-               else _dota_polygons(os.path.join(paths["rotated"], stem + ".txt")))
-    xml_polys = rotated
-    if len(xml_polys) != len(instances):
-      raise BadSample(f"{stem}: {len(instances)} instances in {ins_path} but {len(xml_polys)} "
-                      f"rotated boxes in {layout.rotated_dir}")
+  rotated_polys = None   # rotated boxes from their own files (DIOR-R XML, or DOTA txt with COCO)
+  if layout.rotated_source == "xml":
+    rotated_polys = _dior_polygons(os.path.join(paths["rotated"], stem + ".xml"))
+  elif coco_instances is not None:
+    rotated_polys = _dota_polygons(os.path.join(paths["rotated"], stem + ".txt"))
+  if rotated_polys is not None and len(rotated_polys) != len(instances):
+    raise BadSample(f"{stem}: {len(instances)} instances in {ins_path} but {len(rotated_polys)} "
+                    f"rotated boxes in {layout.rotated_dir}")
 
   labels, polygons, hboxes, rles, areas = [], [], [], [], []
   for k, inst in enumerate(instances):
@@ -177,8 +180,8 @@ def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str,
       raise BadSample(f"{where}: label {label} outside the {layout.num_classes} {layout.name} classes")
     if size != [height, width]:
       raise BadSample(f"{where}: mask size {size} differs from the image size {[height, width]}")
-    if xml_polys is not None:
-      name, poly = xml_polys[k]
+    if rotated_polys is not None:
+      name, poly = rotated_polys[k]
       if name != layout.classes[label]:
         raise BadSample(f"{where}: category {layout.classes[label]!r} but {layout.rotated_dir} "
                         f"says {name!r}")
@@ -190,9 +193,6 @@ def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str,
     _check_polygon(poly, where)
     if not np.isfinite(hbox).all() or hbox[2] <= hbox[0] or hbox[3] <= hbox[1]:
       raise BadSample(f"{where}: box {hbox.tolist()} is empty or not finite")
-    e1, e2 = poly[1] - poly[0], poly[2] - poly[1]
-    if not abs(e1[0] * e2[1] - e1[1] * e2[0]) > 0:
-      raise BadSample(f"{where}: rotated box polygon has zero area")
     labels.append(label)
     polygons.append(poly)
     hboxes.append(hbox)
@@ -200,8 +200,11 @@ def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str,
     areas.append(int(inst.get("size", 0)))
 
   polygons = np.asarray(polygons, np.float64).reshape(-1, 4, 2)
+  if image_format == "raw":
+    image_bytes = np.asarray(image.convert("RGB")).tobytes()
   return SamrsRecord(
-      image_bytes=image_bytes, height=height, width=width, filename=stem + layout.image_ext,
+      image_bytes=image_bytes, image_format=image_format, height=height, width=width,
+      filename=stem + layout.image_ext,
       dataset=layout.name, semantic_bytes=semantic_bytes,
       labels=np.asarray(labels, np.int64), rboxes=boxes.poly_to_rbox(polygons).astype(np.float32),
       polygons=polygons.astype(np.float32), hboxes=np.asarray(hboxes, np.float32).reshape(-1, 4),

@@ -141,9 +141,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if step % config.train.log_every == 0 or step == total:
       scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
       scalars["learning_rate"] = float(schedule(step - 1))
+      corrupt = batches.corrupt_records()
       for s, (seen, dropped) in instances.items():   # data health, this process's share
         scalars[f"data/{s}/dropped_by_cap"] = float(dropped / max(seen, 1))
-        scalars[f"data/{s}/corrupt_records"] = float(batches.corrupt_records()[s])
+        scalars[f"data/{s}/corrupt_records"] = float(corrupt[s])
         instances[s][:] = 0
       scalars["steps_per_sec"] = progress.update(step, {"loss": scalars["loss"]})
       writer.write_scalars(step, scalars)
