@@ -18,7 +18,7 @@ def test_base_anchors_hand_values_and_grid_order():
   assert sizes == [(25, 15), (13, 8), (7, 4), (4, 2), (2, 1)]
   grid = gen.grid_anchors(sizes)
   assert [g.shape for g in grid] == [(h * w * 3, 4) for h, w in sizes]
-  level, (height, width) = 1, sizes[1]
+  level, (_, width) = 1, sizes[1]
   y, x, a = 5, 6, 2                                          # anchor k = (y * W + x) * A + a
   k = (y * width + x) * 3 + a
   np.testing.assert_allclose(grid[level][k], gen.base_anchors()[level][a] + [x * 8, y * 8, x * 8, y * 8])
