@@ -22,13 +22,24 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   """All pretraining keys with the paper's values (MTP_SPEC §3), locked against new keys."""
   c = ml_collections.ConfigDict()
   c.seed = 2023                       # the original's seed (§3.2)
-  c.tasks = ("ss",)                   # 'ss' now; 'is' and 'rd' when their heads land
+  # The three MTP tasks (§3.1), each with its loss weight (1 in the original, §3.2). A task runs
+  # when enabled and its head exists (mtp_jax/models/multitask.py HEADS); 'is' (Mask R-CNN) and
+  # 'rd' (Oriented R-CNN) are named here and off until their heads land: enabling one stops
+  # with an error that says so. Adding a head is then this switch, not a change of the step.
+  c.tasks = ml_collections.ConfigDict({
+      "ss": {"enabled": True, "weight": 1.0},
+      "is": {"enabled": False, "weight": 1.0},
+      "rd": {"enabled": False, "weight": 1.0}})
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""                     # converted TFRecords (python -m data_pipelines.samrs.convert)
   c.data.subsets = SUBSET_NAMES
   c.data.image_size = 448             # S (§3.4)
-  c.data.batch_per_subset = 32        # global images per subset per step: 96 in all (§3.2)
+  c.data.batch_per_subset = 32        # GLOBAL images per subset per step: 96 in all (§3.2)
+  # Independent reader streams (0: one per process). The global batch is the concatenation of
+  # the streams' batches, so fixing it (to the process count of a multi-host run) reproduces
+  # that run's batches, and its data-iterator state, on any number of processes.
+  c.data.num_streams = 0
   c.data.max_instances = ml_collections.ConfigDict({"sota": 256, "sior": 128, "fast": 256})
   c.data.shuffle_window = 1024
   # Training augmentation (§3.4; data_pipelines/samrs/augment.py). rot90 is ours, off as in MTP.
@@ -46,6 +57,11 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.model.seg_dropout = 0.1
   c.model.compute_dtype = "float32"   # 'bfloat16' on accelerators; parameters stay float32
   c.model.remat = False               # activation checkpointing per encoder block
+  # Encoder initialisation for a fresh run (not a resume): '' (random), an official / MAE PyTorch
+  # checkpoint (.pth, .safetensors; keys the encoder lacks, e.g. MAE's cls_token, are dropped and
+  # RVSA parameters MAE lacks keep their init, as the original's strict=False load, §3.5), or a
+  # folder written by `python -m mtp_jax.import_torch`.
+  c.model.encoder_init = ""
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 6e-5               # AdamW (§3.5)
@@ -54,12 +70,22 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.05     # not on 1-D parameters, biases or pos_embed
   c.optimizer.warmup_steps = 0        # the original has no warmup
   c.optimizer.grad_clip_norm = 5.0
+  # Layer-wise lr decay (§3.5): lr x rate^(L + 1 - layer id) with patch_embed/pos_embed id 0,
+  # block i id i + 1, everything else L + 1. The original's config asks for 0.9 in pretraining,
+  # but its constructor matched no parameter name, so every lr scale was 1 (§7.1): the paper's
+  # pretraining numbers come from 1.0, the default here. 0.9 applies the decay for real.
+  c.optimizer.layer_decay = 1.0
+  c.optimizer.grad_accum_steps = 1    # micro-batches per step (the batch is split k ways)
+  # A step whose loss or gradients are not finite leaves parameters, optimizer and BatchNorm
+  # state untouched; it is counted in the `nonfinite_steps` metric.
+  c.optimizer.skip_nonfinite = True
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 80_000          # cosine to 0 over these steps
   c.train.log_every = 50
   c.train.checkpoint_every = 5000
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3         # the last N checkpoints ...
+  c.train.keep_every = 0              # ... plus every checkpoint at a multiple of this (0: none)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_per_subset = 8         # images per subset per evaluation batch (global)
@@ -67,11 +93,15 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.eval.report_images = 4            # images per subset in the report PNG
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1, 1)              # one axis may be -1: all remaining devices
-  c.mesh.axes = ("data", "fsdp")
-  # Logical parameter axis -> mesh axis (None: replicated). Axes missing from the mesh are ignored.
-  c.sharding_rules = (("embed", "fsdp"), ("mlp", None), ("qkv", None),
-                      ("conv_in", None), ("conv_out", None))
+  # Devices as (data, fsdp, tensor); one entry may be -1 (all remaining devices). The batch is
+  # split over data x fsdp. (-1, 1, 1): pure data parallelism; (1, -1, 1): FSDP (parameters and
+  # optimizer state split over all devices); (1, -1, 2): FSDP with tensor-parallel heads/MLP.
+  c.mesh.shape = (-1, 1, 1)
+  c.mesh.axes = ("data", "fsdp", "tensor")
+  # Logical parameter axis -> mesh axis (None: replicated). Mesh axes of size 1 are ignored, and
+  # a dimension that the mesh axis does not divide stays whole (mtp_jax/parallel/sharding.py).
+  c.sharding_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
+                      ("conv_in", None), ("conv_out", "fsdp"))
   c.lock()
   c.model.encoder_overrides.unlock()  # free-form: any build_encoder keyword
   return c
@@ -97,6 +127,19 @@ def validate(config, defaults=None):
       close = difflib.get_close_matches(k, known, n=2)
       hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
     raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
+  from mtp_jax.models.multitask import HEADS, PENDING_HEADS  # noqa: PLC0415 (pulls in jax)
+  for name, task in config.tasks.items():
+    if name not in HEADS and name not in PENDING_HEADS:
+      raise ConfigError(f"tasks.{name}: unknown task; the tasks are {sorted(HEADS) + sorted(PENDING_HEADS)}")
+    if task.enabled and name not in HEADS:
+      raise ConfigError(f"tasks.{name}.enabled: the {PENDING_HEADS[name]} head has not landed in "
+                        f"mtp_jax yet; the tasks that run now are {sorted(HEADS)}")
+  if not enabled_tasks(config):
+    raise ConfigError(f"no task is enabled in config.tasks; the tasks that run now are {sorted(HEADS)}")
+  if config.optimizer.grad_accum_steps < 1:
+    raise ConfigError(f"optimizer.grad_accum_steps = {config.optimizer.grad_accum_steps} must be >= 1")
+  if not 0 < config.optimizer.layer_decay <= 1:
+    raise ConfigError(f"optimizer.layer_decay = {config.optimizer.layer_decay} must be in (0, 1]")
   bad = [s for s in config.data.subsets if s not in SUBSET_NAMES]
   if bad or not config.data.subsets:
     raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be a non-empty subset of {SUBSET_NAMES}")
@@ -105,6 +148,11 @@ def validate(config, defaults=None):
   if config.model.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.compute_dtype {config.model.compute_dtype!r} is not float32, bfloat16 or float16")
   return config
+
+
+def enabled_tasks(config) -> tuple:
+  """Names of the tasks that run, in the order of MTP's loss sum (ss, is, rd)."""
+  return tuple(name for name in ("ss", "is", "rd") if name in config.tasks and config.tasks[name].enabled)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -15,3 +15,12 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
   """A checkpoint that does not belong to the configured model, or cannot be read."""
+
+
+class Preempted(Exception):
+  """The run received SIGTERM (a preemption notice) and saved a checkpoint at `step` before stopping."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"stopped by SIGTERM at step {step}; checkpoint saved in {directory}; "
+                     "rerun the same command to continue")
+    self.step = step

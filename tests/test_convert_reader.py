@@ -130,7 +130,7 @@ def test_two_hosts_see_disjoint_shards_covering_the_split(tfrecord_dir):
                              batch_size=1, train=False, process_index=i, process_count=2)
     names.append({hash(b["image"].tobytes()) for b in ds})
   assert not names[0] & names[1] and len(names[0] | names[1]) == 12
-  with pytest.raises(DataError, match="fewer than the 3 processes"):
+  with pytest.raises(DataError, match="fewer than the 3 readers"):
     reader.shard_files(tfrecord_dir, "sota", "train", 2, 3)
 
 

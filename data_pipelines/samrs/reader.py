@@ -185,7 +185,7 @@ def shard_files(data_dir: str, subset: str, split: str, process_index: int = 0,
   mine = files[process_index::process_count]
   if not mine:
     raise DataError(f"{subset}/{split} has {len(files)} shard(s), fewer than the {process_count} "
-                    f"processes; reconvert with --num-shards >= {process_count}")
+                    f"readers (processes or data.num_streams); reconvert with --num-shards >= {process_count}")
   return mine
 
 
@@ -242,23 +242,33 @@ def _pad_batch(examples: list[dict], size: int) -> dict:
 
 
 class PretrainBatches:
-  """Zips one endless batch iterator per subset; a step's batch is {subset: batch}."""
+  """Zips one endless batch iterator per subset; a step's batch is {subset: batch}.
+
+  Streams: the data of each subset is read by `num_streams` independent streams (stream j reads
+  shards j::num_streams with its own seed); this process runs `streams` and concatenates their
+  batches, `batch_size` rows in all. With one stream per process this is ordinary multi-host
+  reading; a fixed `num_streams` makes the global batch, and the iterator state, the same on any
+  number of processes. The state holds every local stream's position under its index.
+  """
 
   def __init__(self, data_dir: str, subsets, *, image_size: int, max_instances: dict,
-               batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+               batch_size: int, seed: int, streams=(0,), num_streams: int = 1,
                shuffle_window: int = 256, augment_config=None, with_masks: bool = False,
                max_corrupt_fraction: float = 0.01):
-    self.subsets = tuple(subsets)
+    self.subsets, self.streams, self.num_streams = tuple(subsets), tuple(streams), num_streams
+    if batch_size % len(self.streams):
+      raise DataError(f"{batch_size} images per subset do not split over {len(self.streams)} streams")
     self._counters = {s: [] for s in self.subsets}
     self._iters = {
-        s: iter(make_dataset(data_dir, s, "train", image_size=image_size,
-                             max_instances=max_instances[s], batch_size=batch_size,
-                             seed=seed + 1000 * i, process_index=process_index,
-                             process_count=process_count, shuffle_window=shuffle_window,
-                             augment_config=augment_config, with_masks=with_masks,
-                             max_corrupt_fraction=max_corrupt_fraction,
-                             skip_counter=self._counters[s]))
-        for i, s in enumerate(self.subsets)}
+        (s, j): iter(make_dataset(data_dir, s, "train", image_size=image_size,
+                                  max_instances=max_instances[s],
+                                  batch_size=batch_size // len(self.streams),
+                                  seed=seed + 1000 * i + 100_000 * j, process_index=j,
+                                  process_count=num_streams, shuffle_window=shuffle_window,
+                                  augment_config=augment_config, with_masks=with_masks,
+                                  max_corrupt_fraction=max_corrupt_fraction,
+                                  skip_counter=self._counters[s]))
+        for i, s in enumerate(self.subsets) for j in self.streams}
 
   def corrupt_records(self) -> dict:
     """{subset: records skipped as corrupt so far by this process} (0 workers; see SkipCorrupt)."""
@@ -268,18 +278,32 @@ class PretrainBatches:
     return self
 
   def __next__(self) -> dict:
-    return {s: next(it) for s, it in self._iters.items()}
+    out = {}
+    for s in self.subsets:
+      parts = [next(self._iters[s, j]) for j in self.streams]
+      out[s] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return out
 
   def get_state(self) -> dict:
-    return {s: it.get_state() for s, it in self._iters.items()}
+    """{'num_streams': n, 'streams': {'<j>': {subset: grain state}}} for this process's streams."""
+    return {"num_streams": self.num_streams,
+            "streams": {str(j): {s: self._iters[s, j].get_state() for s in self.subsets}
+                        for j in self.streams}}
 
   def close(self):
     for it in self._iters.values():
       it.close()
 
   def set_state(self, state: dict):
-    if set(state) != set(self.subsets):
-      raise DataError(f"data-iterator state for subsets {sorted(state)} cannot restore a run over "
-                      f"{sorted(self.subsets)}")
-    for s, it in self._iters.items():
-      it.set_state(state[s])
+    """Restores this process's streams from a state holding them (e.g. all processes' merged)."""
+    if state.get("num_streams") != self.num_streams:
+      raise DataError(f"the checkpoint's data-iterator state has {state.get('num_streams')} "
+                      f"stream(s), this run {self.num_streams}; set data.num_streams="
+                      f"{state.get('num_streams')} to continue its data exactly")
+    for j in self.streams:
+      saved = state["streams"].get(str(j))
+      if saved is None or set(saved) != set(self.subsets):
+        raise DataError(f"data-iterator state of stream {j} is missing or covers other subsets "
+                        f"({sorted(saved or {})}) than this run's {sorted(self.subsets)}")
+      for s in self.subsets:
+        self._iters[s, j].set_state(saved[s])

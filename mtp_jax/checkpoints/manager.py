@@ -2,19 +2,28 @@
 
 - state: the TrainState (sharded arrays; restored into the current shardings),
 - data:  the grain iterator state (JSON), so a resumed run sees the batches it would have seen,
-- meta:  the model signature (encoder, sizes, subsets, every parameter shape) and the config.
+- meta:  the model signature (encoder, sizes, subsets, every parameter shape), the config, and a
+         fingerprint of the state (`fingerprint`) that restore checks.
 
 Restoring into a different model stops with a CheckpointError that lists what differs, instead of
 an Orbax shape error from deep inside the restore.
 """
 
 import os
+import shutil
+import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
+from mtp_jax.config import enabled_tasks
 from mtp_jax.errors import CheckpointError
+from mtp_jax.parallel import distributed
 
 
 def model_signature(config, params) -> dict:
@@ -27,7 +36,7 @@ def model_signature(config, params) -> dict:
                             for k, v in config.model.encoder_overrides.items()},
       "image_size": config.data.image_size,
       "subsets": list(config.data.subsets),
-      "tasks": list(config.tasks),
+      "tasks": list(enabled_tasks(config)),
       "param_shapes": shapes,
   }
 
@@ -47,41 +56,112 @@ def _differences(saved: dict, current: dict) -> list[str]:
   return diffs
 
 
+def _as_uint32(x):
+  """Bits of `x` as uint32 of the same shape (8-byte types folded, narrower ones widened)."""
+  size = x.dtype.itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size == 8:
+    pair = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return pair[..., 0] ^ (pair[..., 1] * jnp.uint32(0x9E3779B1))
+  narrow = {2: jnp.uint16, 1: jnp.uint8}[size]
+  return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+
+
+@jax.jit
+def fingerprint(tree) -> list:
+  """One uint32 per leaf: sum over elements of bits x odd position weight, modulo 2^32.
+
+  Integer sums are exact and order-free, so the value does not depend on how a leaf is sharded;
+  a changed element changes it (a flipped bit in a compressed chunk that Orbax reads back
+  without complaint does, too).
+  """
+  def one(x):
+    bits = _as_uint32(jnp.asarray(x))
+    position = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+      position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+      stride *= bits.shape[axis]
+    weights = position * jnp.uint32(2654435761) + jnp.uint32(1) | jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+  return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def _fingerprint_list(tree) -> list[int]:
+  return [int(v) for v in jax.device_get(fingerprint(tree))]
+
+
 class Checkpointer:
-  def __init__(self, workdir: str, *, keep: int, signature: dict, config_json: str):
+  """Saves and restores `<workdir>/checkpoints/<step>` (see the module docstring).
+
+  keep: the last N checkpoints are kept; keep_every > 0 also keeps every multiple of it. Saves
+  are asynchronous; every process calls save and restore at the same steps (Orbax synchronises).
+  """
+
+  def __init__(self, workdir: str, *, keep: int, signature: dict, config_json: str, keep_every: int = 0):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.quarantine = os.path.abspath(os.path.join(workdir, "checkpoints.corrupt"))
     self.signature = signature
     self.config_json = config_json
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
+                                             enable_async_checkpointing=True, create=True,
+                                             cleanup_tmp_directories=True),
         item_names=("state", "data", "meta"))
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def restore(self, abstract_state):
-    """Returns (state, data_state, step) of the latest checkpoint, or None if there is none."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None
-    try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:
-      raise CheckpointError(f"checkpoint {self.directory}/{step} has unreadable metadata ({e})") from None
-    diffs = _differences(meta.get("signature", {}), self.signature)
-    if diffs:
-      raise CheckpointError(
-          f"{self.directory} holds a checkpoint (step {step}) of a different model:\n  - "
-          + "\n  - ".join(diffs) + "\nUse a new --workdir, or the config that wrote it.")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return restored.state, restored.data, step
+    """Returns (state, data_state, step) of the newest good checkpoint, or None if there is none.
+
+    A checkpoint that cannot be read or whose restored state does not match the fingerprint saved
+    with it is moved to `<workdir>/checkpoints.corrupt/` with a warning, and the one before it is
+    tried. A checkpoint of a different model stops with a CheckpointError instead.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        failure = None
+      except Exception as e:  # noqa: BLE001 (any unreadable metadata means a damaged checkpoint)
+        meta, failure = None, f"unreadable metadata ({type(e).__name__}: {str(e)[:200]})"
+      if meta is not None:
+        diffs = _differences(meta.get("signature", {}), self.signature)
+        if diffs:
+          raise CheckpointError(
+              f"{self.directory} holds a checkpoint (step {step}) of a different model:\n  - "
+              + "\n  - ".join(diffs) + "\nUse a new --workdir, or the config that wrote it.")
+        try:
+          target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+          if meta.get("fingerprint") not in (None, _fingerprint_list(restored.state)):
+            failure = "its arrays differ from the fingerprint saved with them"
+        except Exception as e:  # noqa: BLE001 (truncated or missing array files)
+          failure = f"unreadable state ({type(e).__name__}: {str(e)[:200]})"
+      if not distributed.any_process(failure is not None):
+        return restored.state, restored.data, step
+      self._quarantine(step, failure or "unreadable on another process")
+    return None
+
+  def _quarantine(self, step: int, why: str):
+    target = os.path.join(self.quarantine, f"{step}-{int(time.time())}")
+    message = (f"WARNING: checkpoint {self.directory}/{step} is damaged: {why}. It was moved to "
+               f"{target} and the previous checkpoint is used instead.")
+    logging.warning(message)
+    print(message, file=sys.stderr, flush=True)
+    if jax.process_index() == 0:
+      os.makedirs(self.quarantine, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+    self.manager.reload()
 
   def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-    meta = {"signature": self.signature, "config": self.config_json}
+    meta = {"signature": self.signature, "config": self.config_json,
+            "fingerprint": _fingerprint_list(state)}
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=force)

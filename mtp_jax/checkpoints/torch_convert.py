@@ -25,7 +25,7 @@ def _is_conv_transpose(key: str) -> bool:
   return key.startswith(("fpn1.0.", "fpn1.3.", "fpn2.0."))
 
 
-def _to_torch(key: str, value: np.ndarray) -> np.ndarray:
+def to_torch_layout(key: str, value: np.ndarray) -> np.ndarray:
   if value.ndim == 2 and key.endswith(".weight") and not key.endswith("bias_table"):
     return value.T
   if value.ndim == 4 and key.endswith(".weight"):
@@ -33,7 +33,7 @@ def _to_torch(key: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
-def _from_torch(key: str, value: np.ndarray) -> np.ndarray:
+def from_torch_layout(key: str, value: np.ndarray) -> np.ndarray:
   if value.ndim == 2 and key.endswith(".weight"):
     return value.T
   if value.ndim == 4 and key.endswith(".weight"):
@@ -41,10 +41,10 @@ def _from_torch(key: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
-def _flatten(tree, prefix=()):
+def flatten_params(tree, prefix=()):
   for k, v in tree.items():
     if isinstance(v, dict):
-      yield from _flatten(v, prefix + (k,))
+      yield from flatten_params(v, prefix + (k,))
     else:
       yield prefix + (k,), v
 
@@ -57,9 +57,9 @@ def torch_key(path) -> str:
 def encoder_to_state_dict(params: dict, copy: bool = True) -> dict[str, np.ndarray]:
   """Nested encoder params (numpy or jax leaves) -> {official key: numpy array}."""
   out = {}
-  for path, value in _flatten(params):
+  for path, value in flatten_params(params):
     key = torch_key(path)
-    value = _to_torch(key, np.asarray(value))
+    value = to_torch_layout(key, np.asarray(value))
     out[key] = np.ascontiguousarray(value) if copy else value
     if key.endswith("attn.relative_position_bias_table"):
       ws = int(round((np.sqrt(value.shape[0]) + 1) / 2))
@@ -69,11 +69,11 @@ def encoder_to_state_dict(params: dict, copy: bool = True) -> dict[str, np.ndarr
 
 def state_dict_shapes(params: dict) -> dict[str, tuple]:
   """{official key: PyTorch shape} of nested params (arrays or ShapeDtypeStructs); no copies."""
-  zeros = _nest({p: np.broadcast_to(np.float32(0), np.shape(v)) for p, v in _flatten(params)})
+  zeros = nest_params({p: np.broadcast_to(np.float32(0), np.shape(v)) for p, v in flatten_params(params)})
   return {k: tuple(v.shape) for k, v in encoder_to_state_dict(zeros, copy=False).items()}
 
 
-def _nest(flat: dict) -> dict:
+def nest_params(flat: dict) -> dict:
   out = {}
   for path, v in flat.items():
     node = out
@@ -92,7 +92,7 @@ def state_dict_to_encoder(state_dict: dict, template: dict, strict: bool = True)
   Raises CheckpointError on a shape mismatch, a wrong buffer, or (strict) any missing or
   unexpected key, naming the keys.
   """
-  expected = {torch_key(p): (p, v) for p, v in _flatten(template)}
+  expected = {torch_key(p): (p, v) for p, v in flatten_params(template)}
   buffers = {k for k in state_dict if k.endswith("relative_position_index")}
   unexpected = sorted(set(state_dict) - set(expected) - buffers)
   missing = sorted(set(expected) - set(state_dict))
@@ -108,15 +108,15 @@ def state_dict_to_encoder(state_dict: dict, template: dict, strict: bool = True)
     if key not in state_dict:
       value = np.asarray(ref)
     else:
-      value = _from_torch(key, np.asarray(state_dict[key]))
+      value = from_torch_layout(key, np.asarray(state_dict[key]))
       if tuple(value.shape) != tuple(np.shape(ref)):
-        want = _to_torch(key, np.broadcast_to(np.float32(0), np.shape(ref))).shape
+        want = to_torch_layout(key, np.broadcast_to(np.float32(0), np.shape(ref))).shape
         bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))}, model expects {tuple(want)}")
         continue
       value = value.astype(np.float32)
       loaded += 1
     flat[path] = value
-  params = _nest(flat)
+  params = nest_params(flat)
   problems = []
   if bad_shapes:
     problems.append("shape mismatch: " + "; ".join(bad_shapes[:8])

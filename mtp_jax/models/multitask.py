@@ -5,7 +5,7 @@ out (b, G) -> b*G, image i of subset g at row i*G + g, so that splitting by subs
 reshape on every device (each device holds whole (i, :) rows) and per-subset BatchNorm statistics
 are a reduction over one axis.
 
-Tasks: 'ss' (UperNet semantic segmentation) runs now; 'is' and 'rd' join when their heads land.
+Tasks: `HEADS` run now; `PENDING_HEADS` are named in the config and join when their heads land.
 """
 
 import jax
@@ -17,6 +17,9 @@ from mtp_jax.models.heads.upernet import SegPredictor, UperNetTrunk
 # RGB mean / std of the original preprocessor (MTP_SPEC §3.4), on 0..255 pixel values.
 IMAGE_MEAN = (123.675, 116.28, 103.53)
 IMAGE_STD = (58.395, 57.12, 57.375)
+
+HEADS = {"ss": "UperNet semantic segmentation"}
+PENDING_HEADS = {"is": "Mask R-CNN instance segmentation", "rd": "Oriented R-CNN rotated detection"}
 
 
 def normalize_images(images_uint8, dtype=jnp.float32):
@@ -30,9 +33,9 @@ class MultiTaskModel(nnx.Module):
 
   def __init__(self, encoder, subsets: dict, *, tasks=("ss",), seg_channels: int = 256,
                seg_dropout: float = 0.1, rngs: nnx.Rngs, dtype=None):
-    unknown = set(tasks) - {"ss"}
+    unknown = set(tasks) - set(HEADS)
     if unknown:
-      raise ValueError(f"tasks {sorted(unknown)} have no head yet; available: ['ss']")
+      raise ValueError(f"tasks {sorted(unknown)} have no head yet; available: {sorted(HEADS)}")
     self.subsets = tuple(subsets)
     self.tasks = tuple(tasks)
     self.encoder = encoder

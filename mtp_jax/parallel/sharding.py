@@ -36,21 +36,44 @@ def make_mesh(shape, axis_names, devices=None) -> Mesh:
               axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-def logical_to_mesh(spec: P, rules, mesh: Mesh) -> P:
-  """PartitionSpec of logical names -> PartitionSpec of mesh axes (absent axes -> replicated)."""
+def logical_to_mesh(spec: P, rules, mesh: Mesh, shape=None) -> P:
+  """PartitionSpec of logical names -> PartitionSpec of mesh axes.
+
+  A logical name without a rule, mapped to None, or to a mesh axis that is absent or of size 1
+  stays whole (replicated); so does a dimension of `shape` that the mesh axis does not divide
+  (e.g. a 19-class predictor on 8 devices), and any second use of the same mesh axis.
+  """
   table = dict(rules)
-  out = []
-  for name in spec:
+  out, used = [], set()
+  for dim, name in enumerate(spec):
     axis = table.get(name) if name is not None else None
-    out.append(axis if axis in mesh.axis_names and mesh.shape[axis] > 1 else None)
+    fits = axis in mesh.axis_names and mesh.shape[axis] > 1 and axis not in used
+    if fits and shape is not None and shape[dim] % mesh.shape[axis]:
+      fits = False
+    out.append(axis if fits else None)
+    used.add(axis if fits else None)
   return P(*out)
 
 
 def tree_shardings(abstract_tree, mesh: Mesh, rules):
   """NamedShardings for a pytree of nnx Variables (logical names) and plain leaves (replicated)."""
   specs = nnx.get_partition_spec(abstract_tree)
-  shard = lambda spec: NamedSharding(mesh, logical_to_mesh(spec, rules, mesh) if isinstance(spec, P) else P())
-  return jax.tree.map(shard, specs, is_leaf=lambda x: isinstance(x, P) or x is None)
+  def shard(spec, leaf):
+    if not isinstance(spec, P):
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, logical_to_mesh(spec, rules, mesh, getattr(leaf, "shape", None)))
+  return jax.tree.map(shard, specs, abstract_tree, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes of `tree`'s jax.Arrays held by this process's first device."""
+  device = jax.local_devices()[0]
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    for shard in getattr(leaf, "addressable_shards", ()):
+      if shard.device == device:
+        total += shard.data.nbytes
+  return total
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,6 +1,12 @@
-"""Pretraining loop, read top to bottom: setup, data, state, restore, steps, checkpoints, report."""
+"""Pretraining loop, read top to bottom: setup, data, state, restore, steps, checkpoints, report.
+
+Every process runs this same function; the data each reads and the checkpoints they write
+together are described in data_pipelines/samrs/reader.py and mtp_jax/checkpoints/manager.py.
+"""
 
 import functools
+import signal
+import threading
 import time
 
 import jax
@@ -12,11 +18,13 @@ from flax import nnx
 from data_pipelines.samrs import augment, reader
 from data_pipelines.samrs.classes import subset as subset_layout
 from mtp_jax import models
+from mtp_jax.config import enabled_tasks
+from mtp_jax.checkpoints.encoder_init import initialize_encoder
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
-from mtp_jax.errors import ConfigError, DataError
+from mtp_jax.errors import ConfigError, DataError, Preempted
 from mtp_jax.metrics import report, segmentation, writers
 from mtp_jax.models.multitask import MultiTaskModel
-from mtp_jax.parallel import sharding
+from mtp_jax.parallel import distributed, sharding
 from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mtp_jax.train.state import create_state
 from mtp_jax.train.step import make_predict, make_train_step
@@ -33,7 +41,7 @@ def build_model(config, num_classes: dict, rngs: nnx.Rngs) -> MultiTaskModel:
       config.model.encoder, config.data.image_size, rngs=rngs, dtype=dtype,
       drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
       **dict(config.model.encoder_overrides))
-  return MultiTaskModel(encoder, num_classes, tasks=tuple(config.tasks),
+  return MultiTaskModel(encoder, num_classes, tasks=enabled_tasks(config),
                         seg_channels=config.model.seg_channels, seg_dropout=config.model.seg_dropout,
                         dtype=dtype, rngs=rngs)
 
@@ -64,23 +72,74 @@ def device_batch(raw: dict, subsets, mesh, keys=("image", "semantic")):
   return sharding.global_batch({k: interleave(raw, subsets, k) for k in keys}, mesh)
 
 
-def check_batch_size(name: str, per_subset: int, mesh):
+def check_batch_size(name: str, per_subset: int, mesh, accum_steps: int = 1):
+  """Per-process images per subset; the global count must split over the batch shards, the
+  processes and the micro-batches."""
   div = sharding.batch_divisor(mesh)
-  if per_subset % div or per_subset % jax.process_count():
-    raise ConfigError(f"{name} = {per_subset} must be a multiple of the {div} batch shards and of "
-                      f"the {jax.process_count()} processes")
+  if per_subset % (div * accum_steps) or per_subset % jax.process_count():
+    micro = f" times the {accum_steps} micro-batches" if accum_steps > 1 else ""
+    raise ConfigError(f"{name} = {per_subset} must be a multiple of the {div} batch shards{micro} "
+                      f"and of the {jax.process_count()} processes")
   return per_subset // jax.process_count()
+
+
+def reader_streams(config) -> tuple[tuple[int, ...], int]:
+  """(this process's stream indices, total streams): data.num_streams, or one per process."""
+  n, p = config.data.num_streams or jax.process_count(), jax.process_count()
+  if n % p:
+    raise ConfigError(f"data.num_streams = {n} must be a multiple of the {p} processes")
+  per = n // p
+  return tuple(range(jax.process_index() * per, (jax.process_index() + 1) * per)), n
+
+
+def merged_data_state(batches) -> dict:
+  """Every process's reader streams in one JSON state (saved once, read by all on restore)."""
+  states = distributed.allgather_json(batches.get_state())
+  return {"num_streams": states[0]["num_streams"],
+          "streams": {j: s for state in states for j, s in state["streams"].items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption
+# ----------------------------------------------------------------------------------------------
+class PreemptionWatch:
+  """Did a SIGTERM arrive? One process: a signal handler sets a flag. Several: JAX's preemption
+  sync point (the distributed runtime catches SIGTERM), so every process stops at the same step."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config.train.num_steps` steps (resuming from `workdir`), then writes the report."""
+  """Trains `config.train.num_steps` steps (resuming from `workdir`), then writes the report.
+
+  Raises Preempted after saving a checkpoint if SIGTERM arrives during training.
+  """
   subsets = tuple(config.data.subsets)
   num_classes = subset_classes(config)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh)
+  accum = config.optimizer.grad_accum_steps
+  local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh, accum)
+  streams, num_streams = reader_streams(config)
 
   model_fn = functools.partial(build_model, config, num_classes)
   tx = make_optimizer(config)
@@ -90,13 +149,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
 
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                              keep_every=config.train.keep_every,
                               signature=model_signature(config, abstract_state.params),
                               config_json=config.to_json_best_effort())
   batches = reader.PretrainBatches(
       config.data.dir, subsets, image_size=config.data.image_size,
       max_instances=dict(config.data.max_instances), batch_size=local_batch, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      shuffle_window=config.data.shuffle_window,
+      streams=streams, num_streams=num_streams, shuffle_window=config.data.shuffle_window,
       augment_config=augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                               for k, v in config.data.augment.items()}),
       max_corrupt_fraction=config.data.max_corrupt_fraction)
@@ -106,6 +165,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   restored = checkpointer.restore(abstract_sharded)
   if restored is None:
     state = jax.jit(init_fn, out_shardings=state_shardings)()
+    if config.model.encoder_init:
+      params, _ = initialize_encoder(state.params, config.model.encoder_init, config.data.image_size,
+                                     config.model.encoder_overrides.get("patch_size", 16))
+      state = state.replace(params=params)
     start = 0
   else:
     state, data_state, start = restored
@@ -113,18 +176,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("resumed from %s at step %d", checkpointer.directory, start)
     print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
 
+  schedule = learning_rate_schedule(config)
   batch_shardings = sharding.batch_sharding(mesh)
   train_step = jax.jit(
-      make_train_step(graphdef, tx, subsets, jax.random.key(config.seed + 1)),
+      make_train_step(graphdef, tx, subsets, jax.random.key(config.seed + 1), schedule=schedule,
+                      task_weights={t: config.tasks[t].weight for t in enabled_tasks(config)},
+                      accum_steps=accum, batch_shards=sharding.batch_divisor(mesh),
+                      skip_nonfinite=config.optimizer.skip_nonfinite),
       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
       donate_argnums=0)
-  schedule = learning_rate_schedule(config)
   writer = writers.create_writer(workdir, resume_step=start)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, "items")})
 
   total = config.train.num_steps
   progress = writers.Progress(total, start)
+  preemption = PreemptionWatch()
   history, pending = [], []
   instances = {s: np.zeros(2, np.int64) for s in subsets}   # (before the cap, dropped by it)
   compile_start = time.perf_counter()
@@ -138,9 +205,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if step == start + 1:
       jax.block_until_ready(metrics)
       print(f"first step (with compilation) took {time.perf_counter() - compile_start:.1f}s", flush=True)
-    if step % config.train.log_every == 0 or step == total:
+    stop = preemption.should_stop(step)
+    if step % config.train.log_every == 0 or step == total or stop:
       scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-      scalars["learning_rate"] = float(schedule(step - 1))
+      for k in ("nonfinite_steps", "learning_rate"):   # the value at this step, not a mean
+        scalars[k] = float(jax.device_get(pending[-1][k]))
       corrupt = batches.corrupt_records()
       for s, (seen, dropped) in instances.items():   # data health, this process's share
         scalars[f"data/{s}/dropped_by_cap"] = float(dropped / max(seen, 1))
@@ -150,8 +219,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
       writer.write_scalars(step, scalars)
       history.append({"step": step, **scalars})
       pending = []
-    if step % config.train.checkpoint_every == 0 or step == total:
-      checkpointer.save(step, state, batches.get_state(), force=True)
+    if step % config.train.checkpoint_every == 0 or step == total or stop:
+      checkpointer.save(step, state, merged_data_state(batches), force=True)
+    if stop:
+      writer.close()
+      checkpointer.close()
+      batches.close()
+      preemption.close()
+      raise Preempted(step, checkpointer.directory)
+  preemption.close()
   writer.flush()
   checkpointer.wait()
 

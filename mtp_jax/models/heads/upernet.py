@@ -95,11 +95,12 @@ class SegPredictor(nnx.Module):
     return self.conv_seg(x)
 
 
-def segmentation_loss(logits, labels, ignore_index: int = 255):
+def segmentation_loss(logits, labels, ignore_index: int = 255, normalizer=None):
   """Pixel-wise softmax cross-entropy, logits bilinearly upsampled to the label size (mmseg).
 
-  logits (B, h, w, C) float; labels (B, H, W) int with `ignore_index` for padding. Returns the mean
-  over non-ignored pixels (0 if none) and the count of those pixels.
+  logits (B, h, w, C) float; labels (B, H, W) int with `ignore_index` for padding. Returns the sum
+  of the non-ignored pixels' losses divided by `normalizer` (default: their count; a micro-batch
+  passes its whole batch's count, so micro-batch losses add up to the batch's mean), and the count.
   """
   logits = resize_bilinear(logits.astype(jnp.float32), labels.shape[1], labels.shape[2])
   valid = labels != ignore_index
@@ -107,4 +108,5 @@ def segmentation_loss(logits, labels, ignore_index: int = 255):
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
   count = valid.sum()
-  return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(count, 1), count
+  normalizer = count if normalizer is None else normalizer
+  return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(normalizer, 1), count

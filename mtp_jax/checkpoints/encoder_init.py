@@ -1,0 +1,67 @@
+"""Initialise the encoder of a fresh run from a pretrained checkpoint (`config.model.encoder_init`).
+
+The source is an official / MAE PyTorch file (`.pth`, `.safetensors`) or a folder written by
+`python -m mtp_jax.import_torch`. A PyTorch file goes through the same loading as the original's
+(MTP_SPEC §3.5, §5.1): wrappers and `module.`/`encoder.` prefixes removed, pos_embed (without MAE's
+cls token) and global rel-pos tables resized to the image size, then loaded non-strictly: keys the
+encoder lacks are dropped and encoder parameters the file lacks (the RVSA offsets and window
+tables, for an MAE file) keep their fresh initialisation. Both lists are printed, and a file that
+fits no parameter at all is an error rather than a silent no-op.
+"""
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mtp_jax.checkpoints import torch_convert
+from mtp_jax.errors import CheckpointError
+
+
+def read_encoder_source(path: str, template: dict, image_size: int, patch_size: int) -> tuple[dict, dict]:
+  """({torch key: float32 array} for the encoder keys the source holds, report)."""
+  if os.path.isdir(path):
+    from mtp_jax.import_torch import load_encoder_params  # noqa: PLC0415
+    sd = torch_convert.encoder_to_state_dict(load_encoder_params(path))
+  elif os.path.isfile(path):
+    sd = torch_convert.read_checkpoint(path)
+    sd = torch_convert.adapt_to_image_size(sd, image_size, patch_size)
+  else:
+    raise CheckpointError(f"model.encoder_init {path!r} is neither a checkpoint file nor an "
+                          "import_torch folder")
+  _, report = torch_convert.state_dict_to_encoder(sd, template, strict=False)
+  if report["loaded"] == 0:
+    raise CheckpointError(f"model.encoder_init {path!r}: none of its {len(sd)} tensors fits the "
+                          f"encoder (e.g. {sorted(sd)[:3]})")
+  expected = {torch_convert.torch_key(p) for p, _ in torch_convert.flatten_params(template)}
+  return {k: v for k, v in sd.items() if k in expected}, report
+
+
+def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16):
+  """`params` (nnx.State with params['encoder']) with the encoder's tensors replaced from `path`.
+
+  Every process reads the file; each new array is assembled in the sharding of the one it
+  replaces, so this works for sharded and multi-host states. Prints what was loaded and missed.
+  """
+  pure = nnx.to_pure_dict(params)
+  encoder = pure["encoder"]
+  template = jax.tree.map(lambda a: np.broadcast_to(np.float32(0), a.shape), encoder)
+  sd, report = read_encoder_source(path, template, image_size, patch_size)
+
+  def replace(path_keys, current):
+    key = torch_convert.torch_key(path_keys)
+    if key not in sd:
+      return current
+    value = torch_convert.from_torch_layout(key, np.asarray(sd[key], np.float32)).astype(current.dtype)
+    return jax.make_array_from_callback(current.shape, current.sharding, lambda index: value[index])
+
+  flat = {p: replace(p, v) for p, v in torch_convert.flatten_params(encoder)}
+  pure["encoder"] = torch_convert.nest_params(flat)
+  nnx.replace_by_pure_dict(params, pure)
+  print(f"encoder initialised from {path}: {report['loaded']} tensors loaded; "
+        f"{len(report['missing'])} encoder parameters kept their initialisation"
+        + (f" ({', '.join(report['missing'][:6])}{' ...' if len(report['missing']) > 6 else ''})"
+           if report["missing"] else "")
+        + f"; {len(report['unexpected'])} checkpoint keys unused", flush=True)
+  return params, report
