@@ -55,6 +55,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.1        # pretraining (§1.1)
   c.model.seg_channels = 256          # UperNet channels in pretraining (§3.3)
   c.model.seg_dropout = 0.1
+  # UperNet norm: 'batch' (the original's SyncBN, statistics per subset) or 'group' (GroupNorm:
+  # no batch statistics, for small per-device batches or exact gradient accumulation).
+  c.model.seg_norm = "batch"
   c.model.compute_dtype = "float32"   # 'bfloat16' on accelerators; parameters stay float32
   c.model.remat = False               # activation checkpointing per encoder block
   # Encoder initialisation for a fresh run (not a resume): '' (random), an official / MAE PyTorch
@@ -145,6 +148,8 @@ def validate(config, defaults=None):
     raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be a non-empty subset of {SUBSET_NAMES}")
   if config.data.image_size % 32:
     raise ConfigError(f"data.image_size {config.data.image_size} must be a multiple of 32")
+  if config.model.seg_norm not in ("batch", "group"):
+    raise ConfigError(f"model.seg_norm {config.model.seg_norm!r} is not 'batch' or 'group'")
   if config.model.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.compute_dtype {config.model.compute_dtype!r} is not float32, bfloat16 or float16")
   return config

@@ -18,6 +18,28 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 flags.FLAGS.mark_as_parsed()
 logging.set_verbosity(logging.WARNING)
 
+QUICKSTART = os.path.join(ROOT, "configs", "pretrain", "quickstart.py")
+
+
+def tiny_overrides(data_dir, **overrides) -> list[str]:
+  """`--set` values shrinking the quickstart to a 2-block, 48-wide ViT at 64 px on the test sample."""
+  sets = [f"data.dir={data_dir!r}", f"data.image_size={SAMPLE_SIZE}", "data.batch_per_subset=8",
+          "data.shuffle_window=16", "model.encoder_overrides.embed_dim=48",
+          "model.encoder_overrides.depth=2", "model.encoder_overrides.num_heads=2",
+          "model.encoder_overrides.out_indices=(0, 1, 1, 1)",
+          "model.encoder_overrides.patch_size=8",  # 8x8 tokens: RVSA windows fit at 64 px
+          "model.seg_channels=16", "data.max_instances.fast=2",
+          "optimizer.lr=1e-2", "optimizer.warmup_steps=0", "train.log_every=1",
+          "train.checkpoint_every=3", "eval.batch_per_subset=8", "eval.report_images=1"]
+  return sets + [f"{k}={v!r}" for k, v in overrides.items()]
+
+
+def tiny_config(data_dir, **overrides):
+  """The quickstart config with `tiny_overrides` (and `overrides`, dotted keys) applied."""
+  from mtp_jax import config as config_lib
+  return config_lib.apply_overrides(config_lib.load_config(QUICKSTART), tiny_overrides(data_dir, **overrides))
+
+
 SAMPLE_IMAGES = 16   # per subset: 12 train, 4 valid
 SAMPLE_SIZE = 64
 

@@ -16,23 +16,7 @@ from mtp_jax import config as config_lib
 from mtp_jax.errors import CheckpointError, ConfigError
 from mtp_jax.train import loop
 
-from conftest import ROOT, SAMPLE_SIZE
-
-QUICKSTART = os.path.join(ROOT, "configs", "pretrain", "quickstart.py")
-
-
-def tiny_config(data_dir, **overrides):
-  c = config_lib.load_config(QUICKSTART)
-  sets = [f"data.dir={data_dir!r}", f"data.image_size={SAMPLE_SIZE}", "data.batch_per_subset=8",
-          "data.shuffle_window=16", "model.encoder_overrides.embed_dim=48",
-          "model.encoder_overrides.depth=2", "model.encoder_overrides.num_heads=2",
-          "model.encoder_overrides.out_indices=(0, 1, 1, 1)",
-          "model.encoder_overrides.patch_size=8",  # 8x8 tokens: RVSA windows fit at 64 px
-          "model.seg_channels=16", "data.max_instances.fast=2",
-          "optimizer.lr=1e-2", "optimizer.warmup_steps=0", "train.log_every=1",
-          "train.checkpoint_every=3", "eval.batch_per_subset=8", "eval.report_images=1"]
-  return config_lib.apply_overrides(c, sets + [f"{k}={v!r}" for k, v in overrides.items()])
-
+from conftest import QUICKSTART, ROOT, SAMPLE_SIZE, tiny_config
 
 @pytest.fixture(scope="module")
 def trained(tfrecord_dir, tmp_path_factory):

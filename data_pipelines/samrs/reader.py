@@ -177,6 +177,16 @@ class SkipCorrupt:
       return None
 
 
+def check_shard_counts(data_dir: str, subsets, split: str, readers: int):
+  """Raises DataError unless every subset's split has a shard for each of `readers` readers.
+
+  Every process calls this before any work, so a job that cannot feed all its processes stops
+  everywhere with the same message instead of one process failing while the others wait.
+  """
+  for subset in subsets:
+    shard_files(data_dir, subset, split, readers - 1, readers)
+
+
 def shard_files(data_dir: str, subset: str, split: str, process_index: int = 0,
                 process_count: int = 1) -> list[str]:
   """This process's shard paths of one subset/split."""

@@ -32,7 +32,7 @@ class MultiTaskModel(nnx.Module):
   """encoder + {'ss': UperNet} decoders; `subsets` maps subset name -> class count (no background)."""
 
   def __init__(self, encoder, subsets: dict, *, tasks=("ss",), seg_channels: int = 256,
-               seg_dropout: float = 0.1, rngs: nnx.Rngs, dtype=None):
+               seg_dropout: float = 0.1, seg_norm: str = "batch", rngs: nnx.Rngs, dtype=None):
     unknown = set(tasks) - set(HEADS)
     if unknown:
       raise ValueError(f"tasks {sorted(unknown)} have no head yet; available: {sorted(HEADS)}")
@@ -40,7 +40,7 @@ class MultiTaskModel(nnx.Module):
     self.tasks = tuple(tasks)
     self.encoder = encoder
     dims = [encoder.embed_dim] * 4
-    self.semsegdecoder = UperNetTrunk(dims, seg_channels, dtype=dtype, rngs=rngs)
+    self.semsegdecoder = UperNetTrunk(dims, seg_channels, dtype=dtype, norm=seg_norm, rngs=rngs)
     # +1: index 0 is background for semantic segmentation (MTP_SPEC §3.1).
     self.semseghead = nnx.Dict({s: SegPredictor(seg_channels, n + 1, dropout=seg_dropout,
                                                 dtype=dtype, rngs=rngs)

@@ -43,6 +43,7 @@ def build_model(config, num_classes: dict, rngs: nnx.Rngs) -> MultiTaskModel:
       **dict(config.model.encoder_overrides))
   return MultiTaskModel(encoder, num_classes, tasks=enabled_tasks(config),
                         seg_channels=config.model.seg_channels, seg_dropout=config.model.seg_dropout,
+                        seg_norm=config.model.seg_norm,
                         dtype=dtype, rngs=rngs)
 
 
@@ -100,6 +101,41 @@ def merged_data_state(batches) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# The jitted pieces of one configuration
+# ----------------------------------------------------------------------------------------------
+class Trainer:
+  """Model, optimizer, shardings and the jitted train step of `config` on `mesh`.
+
+  init() -> a fresh TrainState created directly in its shards; step(state, batch) -> (state,
+  metrics) with the state donated; batch = `device_batch(...)` rows, split over the batch axes.
+  """
+
+  def __init__(self, config, num_classes: dict, mesh):
+    self.mesh = mesh
+    model_fn = functools.partial(build_model, config, num_classes)
+    tx = make_optimizer(config)
+    self._init_fn = functools.partial(create_state, model_fn, tx, config.seed)
+    self.abstract_state = jax.eval_shape(self._init_fn)
+    self.state_shardings = sharding.tree_shardings(self.abstract_state, mesh, config.sharding_rules)
+    self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+    step = make_train_step(
+        self.graphdef, tx, tuple(config.data.subsets), jax.random.key(config.seed + 1),
+        schedule=learning_rate_schedule(config),
+        task_weights={t: config.tasks[t].weight for t in enabled_tasks(config)},
+        accum_steps=config.optimizer.grad_accum_steps, batch_shards=sharding.batch_divisor(mesh),
+        skip_nonfinite=config.optimizer.skip_nonfinite)
+    self.step = jax.jit(step, in_shardings=(self.state_shardings, sharding.batch_sharding(mesh)),
+                        out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+  def init(self):
+    return jax.jit(self._init_fn, out_shardings=self.state_shardings)()
+
+  def abstract_sharded_state(self):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_shardings)
+
+
+# ----------------------------------------------------------------------------------------------
 # Preemption
 # ----------------------------------------------------------------------------------------------
 class PreemptionWatch:
@@ -137,20 +173,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   subsets = tuple(config.data.subsets)
   num_classes = subset_classes(config)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  accum = config.optimizer.grad_accum_steps
-  local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh, accum)
+  local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh,
+                                 config.optimizer.grad_accum_steps)
   streams, num_streams = reader_streams(config)
+  reader.check_shard_counts(config.data.dir, subsets, "train", num_streams)
+  reader.check_shard_counts(config.data.dir, subsets, "valid", jax.process_count())
 
-  model_fn = functools.partial(build_model, config, num_classes)
-  tx = make_optimizer(config)
-  init_fn = functools.partial(create_state, model_fn, tx, config.seed)
-  abstract_state = jax.eval_shape(init_fn)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
-
+  trainer = Trainer(config, num_classes, mesh)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
                               keep_every=config.train.keep_every,
-                              signature=model_signature(config, abstract_state.params),
+                              signature=model_signature(config, trainer.abstract_state.params),
                               config_json=config.to_json_best_effort())
   batches = reader.PretrainBatches(
       config.data.dir, subsets, image_size=config.data.image_size,
@@ -160,11 +192,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                               for k, v in config.data.augment.items()}),
       max_corrupt_fraction=config.data.max_corrupt_fraction)
 
-  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_shardings)
-  restored = checkpointer.restore(abstract_sharded)
+  restored = checkpointer.restore(trainer.abstract_sharded_state())
   if restored is None:
-    state = jax.jit(init_fn, out_shardings=state_shardings)()
+    state = trainer.init()
     if config.model.encoder_init:
       params, _ = initialize_encoder(state.params, config.model.encoder_init, config.data.image_size,
                                      config.model.encoder_overrides.get("patch_size", 16))
@@ -176,15 +206,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("resumed from %s at step %d", checkpointer.directory, start)
     print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
 
-  schedule = learning_rate_schedule(config)
-  batch_shardings = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-      make_train_step(graphdef, tx, subsets, jax.random.key(config.seed + 1), schedule=schedule,
-                      task_weights={t: config.tasks[t].weight for t in enabled_tasks(config)},
-                      accum_steps=accum, batch_shards=sharding.batch_divisor(mesh),
-                      skip_nonfinite=config.optimizer.skip_nonfinite),
-      in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
-      donate_argnums=0)
   writer = writers.create_writer(workdir, resume_step=start)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, "items")})
@@ -200,7 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for s in subsets:
       counts = raw[s]["num_instances"].astype(np.int64)
       instances[s] += [counts.sum(), np.maximum(counts - config.data.max_instances[s], 0).sum()]
-    state, metrics = train_step(state, device_batch(raw, subsets, mesh))
+    state, metrics = trainer.step(state, device_batch(raw, subsets, mesh))
     pending.append(metrics)
     if step == start + 1:
       jax.block_until_ready(metrics)
@@ -231,7 +252,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.flush()
   checkpointer.wait()
 
-  results = evaluate(config, graphdef, state, mesh, num_classes)
+  results = evaluate(config, trainer.graphdef, state, mesh, num_classes)
   results["train"] = {"start_step": start, "end_step": total, "history": history}
   if jax.process_index() == 0:
     rows = results.pop("_rows")
@@ -290,6 +311,7 @@ def evaluate(config, graphdef, state, mesh, num_classes: dict) -> dict:
     results["eval"][s] = {
         "miou": r["miou"], "pixel_accuracy": r["accuracy"], "pixels": int(conf[s].sum()),
         "iou_per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, r["iou"])}}
-    print(f"eval {s}: mIoU {r['miou']:.4f}, pixel accuracy {r['accuracy']:.4f}", flush=True)
+    if jax.process_index() == 0:
+      print(f"eval {s}: mIoU {r['miou']:.4f}, pixel accuracy {r['accuracy']:.4f}", flush=True)
   results["_rows"] = rows
   return results

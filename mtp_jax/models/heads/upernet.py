@@ -4,12 +4,18 @@ Trunk (shared by all subsets): PSP module on the stride-32 map (adaptive average
 with PyTorch bin edges, 1x1 ConvModule each, bilinear upsampling, concat, 3x3 `bottleneck`),
 1x1 `lateral_convs` on the other maps, top-down bilinear additions, 3x3 `fpn_convs`, everything
 upsampled to stride 4 and fused by the 3x3 `fpn_bottleneck`: (B, H/4, W/4, channels).
-ConvModule = conv without bias + BatchNorm (statistics per subset, `SubsetBatchNorm`) + ReLU.
+ConvModule = conv without bias + BatchNorm (statistics per subset, `SubsetBatchNorm`) + ReLU; or,
+with norm='group', GroupNorm (gcd(32, channels) groups, as mmseg's norm_cfg=dict(type='GN')), which
+has no batch statistics: each image is normalised alone, so small or accumulated batches train
+exactly like large ones.
 Bilinear resizing follows PyTorch `align_corners=False`.
 
 Predictors (one per subset, `semseghead_k` in the original): Dropout2d(0.1) + Conv1x1 to the
 subset's class count + 1 (index 0 = background, MTP_SPEC §3.1); default PyTorch init.
 """
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,30 +45,37 @@ def adaptive_avg_pool(x, size: int):
 
 
 class ConvModule(nnx.Module):
-  """mmcv ConvModule: conv (no bias) -> BatchNorm -> ReLU; parameters under `conv` and `bn`."""
+  """mmcv ConvModule: conv (no bias) -> norm -> ReLU; parameters under `conv` and `bn` / `gn`."""
 
-  def __init__(self, din, dout, kernel_size, *, rngs, dtype=None):
+  def __init__(self, din, dout, kernel_size, *, rngs, dtype=None, norm: str = "batch"):
     self.conv = layers.conv(din, dout, kernel_size, use_bias=False, dtype=dtype, rngs=rngs)
-    self.bn = SubsetBatchNorm(dout)
+    if norm == "batch":
+      self.bn = SubsetBatchNorm(dout)
+    elif norm == "group":
+      self.gn = nnx.GroupNorm(dout, num_groups=math.gcd(32, dout), epsilon=1e-5, dtype=dtype,
+                              scale_metadata=layers.axes("conv_out"),
+                              bias_metadata=layers.axes("conv_out"), rngs=rngs)
+    else:
+      raise ValueError(f"norm {norm!r} is not 'batch' or 'group'")
 
   def __call__(self, x, *, groups: int, train: bool):
-    return jax.nn.relu(self.bn(self.conv(x), groups=groups, train=train))
+    x = self.conv(x)
+    x = self.bn(x, groups=groups, train=train) if hasattr(self, "bn") else self.gn(x)
+    return jax.nn.relu(x)
 
 
 class UperNetTrunk(nnx.Module):
   """Shared UperNet decoder: 4 NHWC maps (strides 4..32) -> (B, H/4, W/4, channels)."""
 
-  def __init__(self, in_channels, channels: int = 256, pool_scales=(1, 2, 3, 6), *, rngs, dtype=None):
+  def __init__(self, in_channels, channels: int = 256, pool_scales=(1, 2, 3, 6), *, rngs, dtype=None,
+               norm: str = "batch"):
     self.pool_scales = tuple(pool_scales)
-    self.psp_modules = nnx.List([ConvModule(in_channels[-1], channels, 1, dtype=dtype, rngs=rngs)
-                                 for _ in self.pool_scales])
-    self.bottleneck = ConvModule(in_channels[-1] + len(self.pool_scales) * channels, channels, 3,
-                                 dtype=dtype, rngs=rngs)
-    self.lateral_convs = nnx.List([ConvModule(c, channels, 1, dtype=dtype, rngs=rngs)
-                                   for c in in_channels[:-1]])
-    self.fpn_convs = nnx.List([ConvModule(channels, channels, 3, dtype=dtype, rngs=rngs)
-                               for _ in in_channels[:-1]])
-    self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, dtype=dtype, rngs=rngs)
+    conv_module = functools.partial(ConvModule, dtype=dtype, rngs=rngs, norm=norm)
+    self.psp_modules = nnx.List([conv_module(in_channels[-1], channels, 1) for _ in self.pool_scales])
+    self.bottleneck = conv_module(in_channels[-1] + len(self.pool_scales) * channels, channels, 3)
+    self.lateral_convs = nnx.List([conv_module(c, channels, 1) for c in in_channels[:-1]])
+    self.fpn_convs = nnx.List([conv_module(channels, channels, 3) for _ in in_channels[:-1]])
+    self.fpn_bottleneck = conv_module(len(in_channels) * channels, channels, 3)
 
   def __call__(self, features, *, groups: int, train: bool):
     kw = dict(groups=groups, train=train)

@@ -1,0 +1,162 @@
+"""The train step on the 8-device CPU mesh: data parallel, FSDP and tensor parallel agree; FSDP
+really shards; gradient accumulation, the non-finite guard, remat and bf16 behave as documented."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from data_pipelines.samrs import reader
+from mtp_jax.parallel import sharding
+from mtp_jax.train import loop
+
+from conftest import tiny_config
+
+SUBSETS = ("sota", "sior", "fast")
+CLASSES = {"sota": 18, "sior": 20, "fast": 37}
+
+
+def fixed_batches(config, n):
+  """n host batches from the training reader (the same ones for every run that asks)."""
+  batches = reader.PretrainBatches(
+      config.data.dir, SUBSETS, image_size=config.data.image_size,
+      max_instances=dict(config.data.max_instances), batch_size=config.data.batch_per_subset,
+      seed=config.seed, shuffle_window=config.data.shuffle_window)
+  out = [next(batches) for _ in range(n)]
+  batches.close()
+  return out
+
+
+def run(config, raw_batches):
+  """(final state, per-step metrics) of the configured step over `raw_batches`."""
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  trainer = loop.Trainer(config, CLASSES, mesh)
+  state = trainer.init()
+  metrics = []
+  for raw in raw_batches:
+    state, m = trainer.step(state, loop.device_batch(raw, SUBSETS, mesh))
+    metrics.append(jax.device_get(m))
+  return state, metrics
+
+
+def host_params(state):
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state.params)}
+
+
+def max_abs_diff(a, b, skip=()):
+  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a if k not in skip)
+
+
+# The biases of the ConvTransposes that feed UperNet's BatchNorm-ed lateral convs: BatchNorm
+# cancels any constant shift, so their exact gradient is 0 and AdamW's first steps move them by
+# +-lr on the sign of float rounding noise. Every other parameter has a real gradient.
+NO_GRADIENT = {"['encoder']['fpn1'][3]['bias'].value", "['encoder']['fpn2'][0]['bias'].value"}
+
+
+@pytest.fixture(scope="module")
+def five_batches(tfrecord_dir):
+  return fixed_batches(tiny_config(tfrecord_dir), 5)
+
+
+@pytest.fixture(scope="module")
+def data_parallel(tfrecord_dir, five_batches):
+  return run(tiny_config(tfrecord_dir, **{"mesh.shape": (8, 1, 1)}), five_batches)
+
+
+# Losses agree to rtol 1e-5; parameters after 5 AdamW steps at lr 1e-2 to 1e-4 (NO_GRADIENT
+# aside), 0.2% of the 5 x lr that AdamW can move a parameter in 5 steps: the layouts differ only
+# in the order of float32 reductions (all-reduce vs reduce-scatter, partial sums of sharded
+# matmuls), which AdamW's normalisation magnifies where gradients are tiny. Measured: FSDP
+# 1.2e-5, FSDP + tensor 7.0e-5.
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 4, 2)], ids=["fsdp", "fsdp+tensor"])
+def test_sharded_steps_equal_data_parallel(mesh_shape, tfrecord_dir, five_batches, data_parallel):
+  dp_state, dp_metrics = data_parallel
+  state, metrics = run(tiny_config(tfrecord_dir, **{"mesh.shape": mesh_shape}), five_batches)
+  assert max_abs_diff(host_params(state), host_params(dp_state), skip=NO_GRADIENT) < 1e-4
+  np.testing.assert_allclose([m["loss"] for m in metrics], [m["loss"] for m in dp_metrics], rtol=1e-5)
+  # Parameters and optimizer state really are split: FSDP over 8 holds about an eighth per
+  # device; with (fsdp 4, tensor 2) the matrices are split 8 ways, the UperNet convs (output
+  # channels only) and vectors 4 ways.
+  dp_bytes = sharding.bytes_per_device((dp_state.params, dp_state.opt_state))
+  fsdp_bytes = sharding.bytes_per_device((state.params, state.opt_state))
+  assert dp_bytes / 8 <= fsdp_bytes < 1.25 * dp_bytes / mesh_shape[1], (dp_bytes, fsdp_bytes)
+  qkv = state.params["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding.spec == (P("fsdp", "tensor") if mesh_shape[2] > 1 else P("fsdp", None))
+
+
+def test_rules_leave_whole_what_does_not_divide():
+  mesh = sharding.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"))
+  rules = (("embed", "fsdp"), ("mlp", "tensor"), ("conv_out", "fsdp"))
+  assert sharding.logical_to_mesh(P("embed", "mlp"), rules, mesh, (48, 96)) == P("fsdp", "tensor")
+  assert sharding.logical_to_mesh(P("embed", "mlp"), rules, mesh, (48, 19)) == P("fsdp", None)
+  assert sharding.logical_to_mesh(P(None, "conv_out"), rules, mesh, (3, 19)) == P(None, None)
+  assert sharding.logical_to_mesh(P("embed", "conv_out"), rules, mesh, (8, 8)) == P("fsdp", None)
+  assert sharding.logical_to_mesh(P("embed", "mlp"), rules, sharding.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"))) == P(None, None)
+
+
+def gradients(state):
+  """The first step's gradient, read from AdamW's first moment (mu = (1 - b1) g after one step)."""
+  mu = optax.tree_utils.tree_get(state.opt_state, "mu")
+  return {jax.tree_util.keystr(p): np.asarray(v) / 0.1 for p, v in jax.tree_util.tree_leaves_with_path(mu)}
+
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch(tfrecord_dir):
+  # GroupNorm and no dropout: nothing couples the images of a batch, so k micro-batches whose
+  # losses are normalised by the whole batch's pixel counts give the whole batch's gradient. The
+  # gradients are compared directly (lr 0): AdamW's first update, ~lr * sign(g), would magnify
+  # float noise in tiny gradients into +-lr differences. Tolerance: relative error of each
+  # parameter's gradient (as a vector) < 1e-4; measured 2.5e-6. The encoder is the plain ViT:
+  # RVSA's bilinear sampling has gradients that jump where a sample crosses a pixel, so the
+  # other kernel shapes of a micro-batch (last-bit differences) move them by ~1e-3 there.
+  kw = {"mesh.shape": (8, 1, 1), "data.batch_per_subset": 16, "model.seg_norm": "group",
+        "model.encoder": "vit_t", "model.seg_dropout": 0.0, "model.drop_path_rate": 0.0,
+        "optimizer.lr": 0.0}
+  batch = fixed_batches(tiny_config(tfrecord_dir, **kw), 1)
+  whole, whole_metrics = run(tiny_config(tfrecord_dir, **kw), batch)
+  accumulated, acc_metrics = run(tiny_config(tfrecord_dir, **kw, **{"optimizer.grad_accum_steps": 2}), batch)
+  np.testing.assert_allclose(acc_metrics[0]["loss"], whole_metrics[0]["loss"], rtol=1e-6)
+  np.testing.assert_allclose(acc_metrics[0]["grad_norm"], whole_metrics[0]["grad_norm"], rtol=1e-5)
+  g_whole, g_acc = gradients(whole), gradients(accumulated)
+  errors = {k: np.linalg.norm(g_acc[k] - g_whole[k]) / np.linalg.norm(g_whole[k])
+            for k in g_whole if k not in NO_GRADIENT and np.any(g_whole[k])}   # encoder.norm is unused
+  assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+  # And it is not trivially so: one micro-batch alone has another gradient.
+  half = [{s: {k: v[:8] for k, v in batch[0][s].items()} for s in SUBSETS}]
+  _, half_metrics = run(tiny_config(tfrecord_dir, **{**kw, "data.batch_per_subset": 8}), half)
+  assert abs(half_metrics[0]["grad_norm"] - whole_metrics[0]["grad_norm"]) > 1e-2 * whole_metrics[0]["grad_norm"]
+
+
+def test_nonfinite_step_is_skipped_and_counted(tfrecord_dir, five_batches):
+  config = tiny_config(tfrecord_dir)
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  trainer = loop.Trainer(config, CLASSES, mesh)
+  state = trainer.init()
+  bias = state.params["semseghead"]["sota"]["conv_seg"]["bias"]
+  bias[...] = bias[...].at[0].set(jnp.inf)    # the sota logits become inf - inf = NaN
+  before = jax.device_get((state.params, state.opt_state, state.batch_stats))
+  state, metrics = trainer.step(state, loop.device_batch(five_batches[0], SUBSETS, mesh))
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 1 and int(state.nonfinite_steps) == 1 and int(metrics["nonfinite_steps"]) == 1
+  after = jax.device_get((state.params, state.opt_state, state.batch_stats))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  # Without the guard the same step writes NaN into the parameters.
+  unguarded = loop.Trainer(tiny_config(tfrecord_dir, **{"optimizer.skip_nonfinite": False}), CLASSES, mesh)
+  state = unguarded.init()
+  bias = state.params["semseghead"]["sota"]["conv_seg"]["bias"]
+  bias[...] = bias[...].at[0].set(jnp.inf)
+  state, _ = unguarded.step(state, loop.device_batch(five_batches[0], SUBSETS, mesh))
+  assert np.isnan(np.asarray(state.params["encoder"]["pos_embed"][...])).any()
+
+
+def test_remat_is_the_same_step_and_bf16_keeps_float32_parameters(tfrecord_dir, five_batches, data_parallel):
+  dp_state, dp_metrics = data_parallel
+  remat, remat_metrics = run(tiny_config(tfrecord_dir, **{"model.remat": True}), five_batches[:2])
+  np.testing.assert_allclose([m["loss"] for m in remat_metrics], [m["loss"] for m in dp_metrics[:2]], rtol=1e-6)
+  bf16, bf16_metrics = run(tiny_config(tfrecord_dir, **{"model.compute_dtype": "bfloat16"}), five_batches[:2])
+  assert {v.dtype for v in jax.tree.leaves(bf16.params)} == {jnp.dtype(jnp.float32)}
+  # bf16 activations: the first loss (same initial parameters) within 2% of float32's.
+  np.testing.assert_allclose(bf16_metrics[0]["loss"], dp_metrics[0]["loss"], rtol=2e-2)
+  assert bf16_metrics[0]["loss"] != dp_metrics[0]["loss"]
