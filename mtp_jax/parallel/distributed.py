@@ -97,3 +97,13 @@ def any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def barrier(name: str, timeout_s: int = 3600):
+  """Waits until every process gets here, through the coordination service (not a device
+  collective). Used after compiling: CPU (gloo) collectives give up after 30 s, and processes
+  that compile at different speeds would otherwise time out in their first collective."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # noqa: PLC0415 (the client lives here)
+  jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

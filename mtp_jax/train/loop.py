@@ -135,6 +135,13 @@ class Trainer:
                         self.abstract_state, self.state_shardings)
 
 
+def compile_everywhere(jitted, name: str, *args):
+  """`jitted` compiled for `args`, once every process has compiled it (distributed.barrier)."""
+  compiled = jitted.lower(*args).compile()
+  distributed.barrier(f"compiled {name}")
+  return compiled
+
+
 # ----------------------------------------------------------------------------------------------
 # Preemption
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +228,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for s in subsets:
       counts = raw[s]["num_instances"].astype(np.int64)
       instances[s] += [counts.sum(), np.maximum(counts - config.data.max_instances[s], 0).sum()]
-    state, metrics = trainer.step(state, device_batch(raw, subsets, mesh))
+    batch = device_batch(raw, subsets, mesh)
+    if step == start + 1:
+      step_fn = compile_everywhere(trainer.step, "train step", state, batch)
+    state, metrics = step_fn(state, batch)
     pending.append(metrics)
     if step == start + 1:
       jax.block_until_ready(metrics)
@@ -241,6 +251,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       history.append({"step": step, **scalars})
       pending = []
     if step % config.train.checkpoint_every == 0 or step == total or stop:
+      writer.flush()   # the metrics of every step up to a checkpoint are on disk before it is
       checkpointer.save(step, state, merged_data_state(batches), force=True)
     if stop:
       writer.close()
@@ -288,6 +299,8 @@ def evaluate(config, graphdef, state, mesh, num_classes: dict) -> dict:
     raw = {s: b if b is not None else {k: np.zeros_like(v) for k, v in template.items()}
            for s, b in raw.items()}
     batch = device_batch(raw, subsets, mesh)
+    if batches_done == 0:
+      predict = compile_everywhere(predict, "predict", state.params, state.batch_stats, batch["image"])
     preds = predict(state.params, state.batch_stats, batch["image"])
     for s in subsets:
       pred = np.asarray(multihost_utils.process_allgather(preds[s], tiled=True))
