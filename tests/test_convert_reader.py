@@ -151,3 +151,23 @@ def test_iterator_state_restores_the_exact_stream(tfrecord_dir):
   first_epoch = [next(reader.PretrainBatches(tfrecord_dir, ("sota",), **{**kw, "seed": 4}))["sota"]["image"]]
   assert not np.array_equal(first_epoch[0], expected[0]["sota"]["image"])
   a.close(), b.close()
+
+
+def test_streams_make_the_global_batch_independent_of_the_process_count(tfrecord_dir):
+  kw = dict(image_size=SAMPLE_SIZE, max_instances={"sota": 4}, seed=3, shuffle_window=8, num_streams=2)
+  one = reader.PretrainBatches(tfrecord_dir, ("sota",), batch_size=4, streams=(0, 1), **kw)
+  hosts = [reader.PretrainBatches(tfrecord_dir, ("sota",), batch_size=2, streams=(j,), **kw) for j in range(2)]
+  for _ in range(3):
+    got = next(one)["sota"]["image"]
+    parts = [next(h)["sota"]["image"] for h in hosts]
+    np.testing.assert_array_equal(got, np.concatenate(parts))   # process 0's rows, then process 1's
+  # The streams read disjoint shards, and the merged state of two "hosts" restores the one reader.
+  assert not set(reader.shard_files(tfrecord_dir, "sota", "train", 0, 2)) & set(reader.shard_files(tfrecord_dir, "sota", "train", 1, 2))
+  merged = {"num_streams": 2, "streams": {**hosts[0].get_state()["streams"], **hosts[1].get_state()["streams"]}}
+  again = reader.PretrainBatches(tfrecord_dir, ("sota",), batch_size=4, streams=(0, 1), **kw)
+  again.set_state(json.loads(json.dumps(merged)))
+  np.testing.assert_array_equal(next(again)["sota"]["image"], next(one)["sota"]["image"])
+  with pytest.raises(DataError, match="data.num_streams=2"):
+    reader.PretrainBatches(tfrecord_dir, ("sota",), batch_size=4, **{**kw, "num_streams": 1, "streams": (0,)}).set_state(merged)
+  for r in [one, again, *hosts]:
+    r.close()

@@ -129,3 +129,48 @@ def test_export_writes_the_encoder_with_official_keys(trained, tmp_path, capsys)
   with pytest.raises(SystemExit):
     export.main(["--workdir", str(tmp_path), "--out", out])
   assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_encoder_init_loads_a_pytorch_file_and_an_mae_one_non_strictly(trained, tfrecord_dir, tmp_path, capsys):
+  from mtp_jax.checkpoints import encoder_init, torch_convert
+  from mtp_jax.export import restore_params
+  from mtp_jax.parallel import sharding
+  workdir, _ = trained
+  trained_encoder, _ = restore_params(workdir)
+  sd = torch_convert.encoder_to_state_dict(trained_encoder["encoder"])
+  config = tiny_config(tfrecord_dir, **{"mesh.shape": (1, 8, 1)})   # into FSDP shards
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  fresh = loop.Trainer(config, {"sota": 18, "sior": 20, "fast": 37}, mesh).init().params
+
+  full = str(tmp_path / "encoder.safetensors")
+  torch_convert.write_state_dict(sd, full)
+  params, report = encoder_init.initialize_encoder(jax.tree.map(lambda x: x, fresh), full, 64, patch_size=8)
+  assert report["missing"] == [] and report["loaded"] == len([k for k in sd if not k.endswith("relative_position_index")])
+  got = torch_convert.encoder_to_state_dict(nnx_pure(params)["encoder"])
+  for k in got:
+    np.testing.assert_array_equal(got[k], sd[k])
+  assert params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"][...].sharding.spec[0] == "fsdp"
+  np.testing.assert_array_equal(np.asarray(params["semseghead"]["sota"]["conv_seg"]["kernel"][...]),
+                                np.asarray(fresh["semseghead"]["sota"]["conv_seg"]["kernel"][...]))
+
+  # An MAE-style file: a cls token in pos_embed and no RVSA parameters. Loaded non-strictly, the
+  # RVSA parameters keep their initialisation and are listed.
+  mae = {k: v for k, v in sd.items() if ".sampling_" not in k and "relative_position" not in k and "rel_pos" not in k}
+  mae["cls_token"] = np.zeros((1, 1, 48), np.float32)
+  mae["pos_embed"] = np.concatenate([np.ones((1, 1, 48), np.float32), sd["pos_embed"]], axis=1)
+  torch_convert.write_state_dict(mae, str(tmp_path / "mae.safetensors"))
+  params, report = encoder_init.initialize_encoder(jax.tree.map(lambda x: x, fresh), str(tmp_path / "mae.safetensors"), 64, patch_size=8)
+  assert report["missing"] and all("sampling_" in k or "rel" in k for k in report["missing"])
+  got = torch_convert.encoder_to_state_dict(nnx_pure(params)["encoder"])
+  np.testing.assert_allclose(got["pos_embed"], sd["pos_embed"], atol=1e-6)   # cls entry dropped, same grid
+  assert "kept their initialisation" in capsys.readouterr().out
+
+  junk = {"head.weight": np.zeros((3, 3), np.float32)}
+  torch_convert.write_state_dict(junk, str(tmp_path / "junk.safetensors"))
+  with pytest.raises(CheckpointError, match="none of its 1 tensors fits the encoder"):
+    encoder_init.initialize_encoder(fresh, str(tmp_path / "junk.safetensors"), 64, patch_size=8)
+
+
+def nnx_pure(params):
+  from flax import nnx
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(params))

@@ -1,0 +1,70 @@
+"""Optimizer settings of §3.5: layer-wise lr decay that really applies (and 1.0, the paper's
+effective setting, leaves it out), weight-decay exclusions, and the paper configs' values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtp_jax import config as config_lib
+from mtp_jax.errors import ConfigError
+from mtp_jax.train import optimizer
+
+from conftest import ROOT
+
+
+def toy_params(depth=3):
+  """A tree shaped like the model's params (names as in nnx.State)."""
+  blocks = {i: {"attn": {"qkv": {"kernel": jnp.ones((4, 12))}}, "norm1": {"scale": jnp.ones(4)}} for i in range(depth)}
+  return {"encoder": {"patch_embed": {"proj": {"kernel": jnp.ones((2, 2, 3, 4))}}, "pos_embed": jnp.ones((1, 4, 4)),
+                      "blocks": blocks, "fpn1": {"0": {"kernel": jnp.ones((2, 2, 4, 4))}}},
+          "semsegdecoder": {"bottleneck": {"conv": {"kernel": jnp.ones((3, 3, 4, 4))}}}}
+
+
+def test_layer_decay_scales_follow_mmcv_and_really_scale_the_update():
+  params = toy_params()
+  scales = optimizer.layer_decay_scales(params, 0.9)   # L = 3: ids 0, 1..3, 4
+  assert scales["encoder"]["patch_embed"]["proj"]["kernel"] == pytest.approx(0.9 ** 4)
+  assert scales["encoder"]["pos_embed"] == pytest.approx(0.9 ** 4)
+  assert [scales["encoder"]["blocks"][i]["attn"]["qkv"]["kernel"] for i in range(3)] == pytest.approx([0.9 ** 3, 0.9 ** 2, 0.9])
+  assert scales["encoder"]["fpn1"]["0"]["kernel"] == 1.0 and scales["semsegdecoder"]["bottleneck"]["conv"]["kernel"] == 1.0
+
+  c = config_lib.pretrain_defaults()
+  c.train.num_steps = 10
+  grads = jax.tree.map(lambda p: jnp.linspace(-1, 1, p.size).reshape(p.shape), params)
+  def first_update(rate):
+    c.optimizer.layer_decay = rate
+    tx = optimizer.make_optimizer(c)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates
+  flat, decayed = first_update(1.0), first_update(0.9)
+  for path, u in jax.tree_util.tree_leaves_with_path(decayed):
+    want = jax.tree_util.tree_flatten_with_path(flat)[0]
+    ref = dict((jax.tree_util.keystr(p), v) for p, v in want)[jax.tree_util.keystr(path)]
+    scale = optimizer.vit_layer_id([str(getattr(k, "key", k)) for k in path], 3)
+    np.testing.assert_allclose(u, ref * 0.9 ** (4 - scale), rtol=1e-6)   # weight decay scaled alike
+  assert len(optimizer.make_optimizer(c).init(params)) == 3
+  c.optimizer.layer_decay = 1.0
+  assert len(optimizer.make_optimizer(c).init(params)) == 2   # the paper's effective setting: no transform at all
+
+
+def test_weight_decay_skips_vectors_and_pos_embed():
+  mask = optimizer.weight_decay_mask(toy_params())
+  assert mask["encoder"]["pos_embed"] is False and mask["encoder"]["blocks"][0]["norm1"]["scale"] is False
+  assert mask["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"] is True
+  assert optimizer.encoder_depth(toy_params(5)) == 5
+
+
+def test_paper_configs_hold_the_paper_settings():
+  for name, encoder in [("mtp_vit_b_rvsa", "vit_b_rvsa"), ("mtp_vit_l_rvsa", "vit_l_rvsa")]:
+    c = config_lib.load_config(f"{ROOT}/configs/pretrain/{name}.py")
+    assert (c.model.encoder, c.data.image_size, c.train.num_steps, c.optimizer.lr, c.optimizer.weight_decay,
+            c.optimizer.grad_clip_norm, c.model.drop_path_rate, c.data.batch_per_subset, c.optimizer.warmup_steps,
+            c.optimizer.layer_decay) == (encoder, 448, 80_000, 6e-5, 0.05, 5.0, 0.1, 32, 0, 1.0)
+    assert config_lib.enabled_tasks(c) == ("ss",) and set(c.tasks) == {"ss", "is", "rd"}
+  fsdp = config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_l_rvsa.py:fsdp+bf16")
+  assert tuple(fsdp.mesh.shape) == (1, -1, 1) and fsdp.model.compute_dtype == "bfloat16"
+  with pytest.raises(ConfigError, match="Mask R-CNN instance segmentation head has not landed"):
+    config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_b_rvsa.py"), ["tasks.is.enabled=True"])
+  with pytest.raises(ConfigError, match="layer_decay"):
+    config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_b_rvsa.py"), ["optimizer.layer_decay=1.5"])
