@@ -4,9 +4,8 @@
         [--encoders vit_b_rvsa vit_l_rvsa] [--modes dp fsdp] [--remat off on] [--batches 1 2]
         [--verify] [--resume PATH] [--out benchmarks/results/memory_report.json]
 
-Builds the step exactly as `mtp_jax/train/loop.py` does (build_model, make_optimizer,
-create_state, tree_shardings, make_train_step, batch_sharding; donated state) on abstract
-inputs (jax.eval_shape: no parameter is allocated), lowers and compiles it for 8 devices, and
+Builds the step with the training loop's own `loop.Trainer` (model, optimizer, shardings, jitted
+step with donated state) on abstract inputs (jax.eval_shape: no parameter is allocated), lowers and compiles it for 8 devices, and
 reads XLA's memory analysis: argument, output, alias and temp bytes per device, and
 total = argument + output - alias + temp (GiB). Modes: 'dp' mesh (8, 1, 1), 'fsdp' (1, 8, 1)
 on ('data', 'fsdp', 'tensor'). b = images per subset per device (3*b images per device; global
@@ -27,7 +26,6 @@ residuals about 6x in the jaxpr: judge remat on the accelerator. Compiling one v
 """
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -39,15 +37,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from data_pipelines.samrs.classes import subset as subset_layout  # noqa: E402
 from mtp_jax.config import enabled_tasks, load_config, pretrain_defaults, validate  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import loop  # noqa: E402
-from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from mtp_jax.train.state import create_state  # noqa: E402
-from mtp_jax.train.step import make_train_step  # noqa: E402
 from _report import write_result  # noqa: E402
 
 GIB = 2 ** 30
@@ -102,22 +96,8 @@ def compile_step(config, devices, mode: str, remat: bool, b: int) -> dict:
   subsets = tuple(config.data.subsets)
   num_classes = {s: len(subset_layout(s).classes) for s in subsets}
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
-  model_fn = functools.partial(loop.build_model, config, num_classes)
-  tx = make_optimizer(config)
-  init_fn = functools.partial(create_state, model_fn, tx, config.seed)
-  abstract_state = jax.eval_shape(init_fn)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
-  batch_shardings = sharding.batch_sharding(mesh)
-  step = jax.jit(
-      make_train_step(graphdef, tx, subsets, jax.random.key(config.seed + 1),
-                      schedule=learning_rate_schedule(config),
-                      task_weights={t: config.tasks[t].weight for t in enabled_tasks(config)},
-                      accum_steps=config.optimizer.grad_accum_steps,
-                      batch_shards=sharding.batch_divisor(mesh),
-                      skip_nonfinite=config.optimizer.skip_nonfinite),
-      in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
-      donate_argnums=0)
+  trainer = loop.Trainer(config, num_classes, mesh)   # the training loop's own step
+  step, abstract_state, state_shardings = trainer.step, trainer.abstract_state, trainer.state_shardings
   rows, size = config.data.batch_per_subset * len(subsets), config.data.image_size
   batch = {"image": jax.ShapeDtypeStruct((rows, size, size, 3), jax.numpy.uint8),
            "semantic": jax.ShapeDtypeStruct((rows, size, size), jax.numpy.uint8)}

@@ -14,16 +14,11 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
-import functools  # noqa: E402
 
 from data_pipelines.samrs import reader  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import loop  # noqa: E402
-from mtp_jax.train.optimizer import make_optimizer  # noqa: E402
-from mtp_jax.train.state import create_state  # noqa: E402
-from mtp_jax.train.step import make_train_step  # noqa: E402
 from _report import write_result  # noqa: E402
 
 
@@ -37,15 +32,8 @@ def main():
   subsets = tuple(config.data.subsets)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
   num_classes = loop.subset_classes(config)
-  model_fn = functools.partial(loop.build_model, config, num_classes)
-  tx = make_optimizer(config)
-  init_fn = functools.partial(create_state, model_fn, tx, config.seed)
-  shardings = sharding.tree_shardings(jax.eval_shape(init_fn), mesh, config.sharding_rules)
-  state = jax.jit(init_fn, out_shardings=shardings)()
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
-  step = jax.jit(make_train_step(graphdef, tx, subsets, jax.random.key(0)),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  trainer = loop.Trainer(config, num_classes, mesh)
+  state, step = trainer.init(), trainer.step
 
   batches = reader.PretrainBatches(config.data.dir, subsets, image_size=config.data.image_size,
                                    max_instances=dict(config.data.max_instances),
