@@ -20,7 +20,8 @@ from mtp_jax.errors import CheckpointError
 
 
 def read_encoder_source(path: str, template: dict, image_size: int, patch_size: int) -> tuple[dict, dict]:
-  """({torch key: float32 array} for the encoder keys the source holds, report)."""
+  """(nested encoder params converted from `path`, shaped like `template`, report); parameters
+  the source lacks are listed in report['missing'] (their entries in the result are meaningless)."""
   if os.path.isdir(path):
     from mtp_jax.import_torch import load_encoder_params  # noqa: PLC0415
     sd = torch_convert.encoder_to_state_dict(load_encoder_params(path))
@@ -30,12 +31,11 @@ def read_encoder_source(path: str, template: dict, image_size: int, patch_size: 
   else:
     raise CheckpointError(f"model.encoder_init {path!r} is neither a checkpoint file nor an "
                           "import_torch folder")
-  _, report = torch_convert.state_dict_to_encoder(sd, template, strict=False)
+  loaded, report = torch_convert.state_dict_to_encoder(sd, template, strict=False)
   if report["loaded"] == 0:
     raise CheckpointError(f"model.encoder_init {path!r}: none of its {len(sd)} tensors fits the "
                           f"encoder (e.g. {sorted(sd)[:3]})")
-  expected = {torch_convert.torch_key(p) for p, _ in torch_convert.flatten_params(template)}
-  return {k: v for k, v in sd.items() if k in expected}, report
+  return loaded, report
 
 
 def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16):
@@ -47,13 +47,13 @@ def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16)
   pure = nnx.to_pure_dict(params)
   encoder = pure["encoder"]
   template = jax.tree.map(lambda a: np.broadcast_to(np.float32(0), a.shape), encoder)
-  sd, report = read_encoder_source(path, template, image_size, patch_size)
+  loaded, report = read_encoder_source(path, template, image_size, patch_size)
+  loaded, missing = dict(torch_convert.flatten_params(loaded)), set(report["missing"])
 
   def replace(path_keys, current):
-    key = torch_convert.torch_key(path_keys)
-    if key not in sd:
+    if torch_convert.torch_key(path_keys) in missing:
       return current
-    value = torch_convert.from_torch_layout(key, np.asarray(sd[key], np.float32)).astype(current.dtype)
+    value = loaded[path_keys].astype(current.dtype)
     return jax.make_array_from_callback(current.shape, current.sharding, lambda index: value[index])
 
   flat = {p: replace(p, v) for p, v in torch_convert.flatten_params(encoder)}

@@ -36,9 +36,8 @@ def weight_decay_mask(params):
 
 def encoder_depth(params) -> int:
   """Number of encoder blocks, read from the parameter tree (`encoder/blocks/<i>/...`)."""
-  ids = {int(n[n.index("blocks") + 1]) for n in map(_names, (p for p, _ in jax.tree_util.tree_leaves_with_path(params)))
-         if n[:1] == ["encoder"] and "blocks" in n}
-  return max(ids) + 1 if ids else 0
+  names = (_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+  return max((int(n[2]) + 1 for n in names if n[:2] == ["encoder", "blocks"]), default=0)
 
 
 def vit_layer_id(names: list[str], depth: int) -> int:
