@@ -219,7 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   total = config.train.num_steps
   progress = writers.Progress(total, start)
-  preemption = PreemptionWatch()
+  preemption, stop = PreemptionWatch(), False
   history, pending = [], []
   instances = {s: np.zeros(2, np.int64) for s in subsets}   # (before the cap, dropped by it)
   compile_start = time.perf_counter()
@@ -254,12 +254,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
       writer.flush()   # the metrics of every step up to a checkpoint are on disk before it is
       checkpointer.save(step, state, merged_data_state(batches), force=True)
     if stop:
-      writer.close()
-      checkpointer.close()
-      batches.close()
-      preemption.close()
-      raise Preempted(step, checkpointer.directory)
+      break
   preemption.close()
+  if stop:   # the checkpoint of this step is saved: close everything and say so
+    for closing in (writer, checkpointer, batches):
+      closing.close()
+    raise Preempted(step, checkpointer.directory)
   writer.flush()
   checkpointer.wait()
 
