@@ -15,6 +15,7 @@ On the CPU backend the cross-process collectives go through gloo.
 
 import dataclasses
 import json
+import pickle
 import os
 import re
 
@@ -80,16 +81,26 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None) ->
   return cluster
 
 
+def _allgather_bytes(data: bytes) -> list[bytes]:
+  """[bytes of process 0, bytes of process 1, ...] (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return [data]
+  array = np.frombuffer(data, np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray([array.size], np.int64)).reshape(-1)
+  padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+  padded[:array.size] = array
+  rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+  return [bytes(row[:n]) for row, n in zip(rows, sizes)]
+
+
 def allgather_json(value) -> list:
   """[value of process 0, value of process 1, ...] for a JSON-serialisable value."""
-  if jax.process_count() == 1:
-    return [value]
-  data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
-  sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64)).reshape(-1)
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:data.size] = data
-  rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
-  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+  return [json.loads(b.decode()) for b in _allgather_bytes(json.dumps(value, sort_keys=True).encode())]
+
+
+def allgather_pickle(value) -> list:
+  """[value of process 0, value of process 1, ...] for any picklable value (numpy arrays too)."""
+  return [pickle.loads(b) for b in _allgather_bytes(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))]
 
 
 def any_process(flag: bool) -> bool:
