@@ -2,9 +2,12 @@
 
     python main.py --config configs/pretrain/quickstart.py --workdir workdirs/quickstart
     python main.py --config configs/pretrain/quickstart.py --workdir DIR --set train.num_steps=50
+    python main.py --config configs/pretrain/quickstart.py --workdir DIR --mode eval [--checkpoint STEP]
 
 --config takes `path/to/config.py[:arg]`; --set overrides one config key (repeatable; the value is
-read as a Python literal). A run resumes from the latest checkpoint in --workdir. Errors in the
+read as a Python literal). --mode eval evaluates the latest (or --checkpoint STEP) checkpoint of
+--workdir on the valid splits and writes <workdir>/report.md, without changing the checkpoints.
+A training run resumes from the latest checkpoint in --workdir. Errors in the
 user's input (config, data, workdir) print one line that says what and where, and exit with 2.
 
 Several processes (multi-host): every process runs the same command. On a TPU pod slice and under
@@ -20,7 +23,9 @@ from absl import app, flags, logging
 
 flags.DEFINE_string("config", None, "config file: path/to/config.py[:arg]")
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the report go")
-flags.DEFINE_enum("mode", "train", ["train"], "what to run")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train: train (resuming from --workdir), then evaluate; eval: evaluate a checkpoint")
+flags.DEFINE_integer("checkpoint", None, "--mode eval: the step of the checkpoint to evaluate (default: the latest)")
 flags.DEFINE_multi_string("set", [], "config override key=value, e.g. train.num_steps=10")
 flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0's coordinator")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes in the job")
@@ -42,7 +47,12 @@ def main(argv):
     from mtp_jax.config import apply_overrides, load_config
     config = apply_overrides(load_config(FLAGS.config), FLAGS.set)
     from mtp_jax.train import loop
-    loop.train_and_evaluate(config, FLAGS.workdir)
+    if FLAGS.mode == "eval":
+      loop.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
+    elif FLAGS.checkpoint is not None:
+      raise UserError("--checkpoint applies to --mode eval; training always resumes from the latest checkpoint")
+    else:
+      loop.train_and_evaluate(config, FLAGS.workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -18,7 +18,7 @@ import jax  # noqa: E402
 from data_pipelines.samrs import reader  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
-from mtp_jax.train import loop  # noqa: E402
+from mtp_jax.train import batching, loop  # noqa: E402
 from _report import write_result  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main():
   for _ in range(n_data):
     raw = next(batches)
   data_s = (time.perf_counter() - t) / n_data
-  batch = loop.device_batch(raw, subsets, mesh)
+  batch = batching.device_batch(raw, subsets, mesh)
 
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()

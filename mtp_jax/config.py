@@ -93,7 +93,8 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_per_subset = 8         # images per subset per evaluation batch (global)
   c.eval.max_batches = 0              # 0: the whole valid split
-  c.eval.report_images = 4            # images per subset in the report PNG
+  c.eval.report_images = 4            # images per subset in the report PNG (from the first batch)
+  c.eval.every_steps = 0              # also evaluate every N training steps (0: only at the end)
 
   c.mesh = ml_collections.ConfigDict()
   # Devices as (data, fsdp, tensor); one entry may be -1 (all remaining devices). The batch is

@@ -4,6 +4,7 @@ ends. Plus how a process finds its job (flags, SLURM, TPU) without starting anyt
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,17 +39,8 @@ def test_two_processes_equal_one_process_with_eight_devices(tfrecord_dir, tmp_pa
   single = str(tmp_path / "single")
   loop.train_and_evaluate(tiny_config(tfrecord_dir, **RUN, **{"data.num_streams": 2}), single)
 
-  multi, port = str(tmp_path / "multi"), free_port()
-  sets = [arg for s in tiny_overrides(tfrecord_dir, **RUN) for arg in ("--set", s)]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "main.py"), "--config", QUICKSTART, "--workdir", multi, *sets,
-       "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) for i in range(2)]
-  outs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
+  multi = str(tmp_path / "multi")
+  outs = run_two_processes(tfrecord_dir, multi)
   assert "report:" in outs[0] and "report:" not in outs[1]        # only process 0 writes reports
 
   # The same run: every step's loss within rtol 2e-5 (measured 4e-6), and the parameters. These
@@ -74,8 +66,34 @@ def test_two_processes_equal_one_process_with_eight_devices(tfrecord_dir, tmp_pa
   eval_multi = json.load(open(os.path.join(multi, "report", "metrics.json")))["eval"]
   eval_single = json.load(open(os.path.join(single, "report", "metrics.json")))["eval"]
   for s in eval_single:   # the same pixels scored; parameters equal to the tolerance above
-    assert eval_multi[s]["pixels"] == eval_single[s]["pixels"]
-    np.testing.assert_allclose(eval_multi[s]["miou"], eval_single[s]["miou"], atol=1e-4)
+    assert eval_multi[s]["ss"]["pixels"] == eval_single[s]["ss"]["pixels"]
+    np.testing.assert_allclose(eval_multi[s]["ss"]["miou"], eval_single[s]["ss"]["miou"], atol=1e-4)
+
+  # The evaluation of one checkpoint split over the two processes (each reading its own valid
+  # shards, the confusion counts summed on device) gives exactly the one-process numbers.
+  evaluated = str(tmp_path / "evaluated")
+  shutil.copytree(single, evaluated)
+  outs = run_two_processes(tfrecord_dir, evaluated, "--mode", "eval")
+  assert "eval step 5 sota: ss mIoU" in outs[0] and "report:" not in outs[1]
+  report = json.load(open(os.path.join(evaluated, "report", "metrics.json")))
+  assert report["step"] == 5 and report["mode"] == "eval"
+  assert report["eval"] == eval_single
+
+
+def run_two_processes(tfrecord_dir, workdir, *args) -> list[str]:
+  """main.py as 2 processes of 4 CPU devices each (coordinator on 127.0.0.1); their outputs."""
+  port = free_port()
+  sets = [arg for s in tiny_overrides(tfrecord_dir, **RUN) for arg in ("--set", s)]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--config", QUICKSTART, "--workdir", workdir, *sets,
+       *args, "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) for i in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
 
 
 def test_cluster_from_flags_slurm_and_tpu():

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from data_pipelines.samrs import reader
 from mtp_jax.parallel import sharding
-from mtp_jax.train import loop
+from mtp_jax.train import batching, loop
 
 from conftest import tiny_config
 
@@ -36,7 +36,7 @@ def run(config, raw_batches):
   state = trainer.init()
   metrics = []
   for raw in raw_batches:
-    state, m = trainer.step(state, loop.device_batch(raw, SUBSETS, mesh))
+    state, m = trainer.step(state, batching.device_batch(raw, SUBSETS, mesh))
     metrics.append(jax.device_get(m))
   return state, metrics
 
@@ -136,7 +136,7 @@ def test_nonfinite_step_is_skipped_and_counted(tfrecord_dir, five_batches):
   bias = state.params["semseghead"]["sota"]["conv_seg"]["bias"]
   bias[...] = bias[...].at[0].set(jnp.inf)    # the sota logits become inf - inf = NaN
   before = jax.device_get((state.params, state.opt_state, state.batch_stats))
-  state, metrics = trainer.step(state, loop.device_batch(five_batches[0], SUBSETS, mesh))
+  state, metrics = trainer.step(state, batching.device_batch(five_batches[0], SUBSETS, mesh))
   assert not np.isfinite(float(metrics["loss"]))
   assert int(state.step) == 1 and int(state.nonfinite_steps) == 1 and int(metrics["nonfinite_steps"]) == 1
   after = jax.device_get((state.params, state.opt_state, state.batch_stats))
@@ -147,7 +147,7 @@ def test_nonfinite_step_is_skipped_and_counted(tfrecord_dir, five_batches):
   state = unguarded.init()
   bias = state.params["semseghead"]["sota"]["conv_seg"]["bias"]
   bias[...] = bias[...].at[0].set(jnp.inf)
-  state, _ = unguarded.step(state, loop.device_batch(five_batches[0], SUBSETS, mesh))
+  state, _ = unguarded.step(state, batching.device_batch(five_batches[0], SUBSETS, mesh))
   assert np.isnan(np.asarray(state.params["encoder"]["pos_embed"][...])).any()
 
 

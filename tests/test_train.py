@@ -14,6 +14,7 @@ import pytest
 
 from mtp_jax import config as config_lib
 from mtp_jax.errors import CheckpointError, ConfigError
+from mtp_jax.metrics import report
 from mtp_jax.train import loop
 
 from conftest import QUICKSTART, ROOT, SAMPLE_SIZE, tiny_config
@@ -21,7 +22,8 @@ from conftest import QUICKSTART, ROOT, SAMPLE_SIZE, tiny_config
 @pytest.fixture(scope="module")
 def trained(tfrecord_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  results = loop.train_and_evaluate(tiny_config(tfrecord_dir, **{"train.num_steps": 8}), workdir)
+  results = loop.train_and_evaluate(tiny_config(tfrecord_dir, **{"train.num_steps": 8, "eval.every_steps": 4}),
+                                    workdir)
   return workdir, results
 
 
@@ -37,11 +39,18 @@ def test_loss_falls_and_report_is_written(trained):
   assert len(losses) == 8 and all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 1.0 and losses[-1] < 0.85 * losses[0], losses
   with open(os.path.join(workdir, "report", "metrics.json")) as f:
-    report = json.load(f)
-  assert set(report["eval"]) == {"sota", "sior", "fast"}
-  assert report["eval"]["sota"]["pixels"] == 4 * SAMPLE_SIZE * SAMPLE_SIZE  # the 4 valid images
-  assert 0.0 <= report["eval"]["fast"]["miou"] <= 1.0
-  assert os.path.getsize(os.path.join(workdir, "report", "predictions.png")) > 1000
+    saved = json.load(f)
+  assert set(saved["eval"]) == {"sota", "sior", "fast"} and saved["step"] == 8
+  ss = saved["eval"]["sota"]["ss"]
+  assert ss["pixels"] == 4 * SAMPLE_SIZE * SAMPLE_SIZE  # the 4 valid images, padding left out
+  assert np.asarray(ss["confusion"]).sum() == ss["pixels"]
+  assert 0.0 <= saved["eval"]["fast"]["ss"]["miou"] <= 1.0
+  assert saved["mtp_average"] is None   # ss only: the average needs all three tasks
+  text = open(os.path.join(workdir, "report.md")).read()
+  assert "| subset | ss mIoU |" in text and f"| sota | {100 * ss['miou']:.2f} |" in text
+  for picture in ("sota_predictions", "sota_ss_per_class", "sota_ss_confusion", "loss"):
+    assert f"(report/{picture}.png)" in text
+    assert os.path.getsize(os.path.join(workdir, "report", f"{picture}.png")) > 1000
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -71,6 +80,50 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(tra
   assert steps == list(range(1, 9))
   original = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r}
   assert [r["loss"] for r in rows if "loss" in r] == [original[s] for s in steps]
+
+
+def _files(folder) -> dict:
+  return {os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, files in os.walk(folder) for f in files}
+
+
+def test_training_evaluates_every_n_steps(trained):
+  workdir, _ = trained
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "eval/sota/ss/miou" in r] == [4, 8]
+  assert all(0 <= r["eval/fast/ss/overall_accuracy"] <= 1 for r in rows if "eval/fast/ss/miou" in r)
+  assert os.path.getsize(os.path.join(workdir, "report", "eval.png")) > 1000   # the eval curves
+
+
+def test_eval_mode_scores_the_latest_or_a_named_checkpoint_and_changes_no_checkpoint(trained, tfrecord_dir, tmp_path, capsys):
+  workdir, results = trained
+  run = str(tmp_path / "run")
+  shutil.copytree(workdir, run)
+  checkpoints_before = _files(os.path.join(run, "checkpoints"))
+  rows_before = open(os.path.join(run, "metrics.jsonl")).read()
+
+  latest = loop.evaluate_checkpoint(tiny_config(tfrecord_dir), run)
+  assert latest["step"] == 8 and latest["mode"] == "eval"
+  assert report.jsonable(latest["eval"]) == report.jsonable(results["eval"])   # the same numbers, exactly
+  assert "eval step 8 sota: ss mIoU" in capsys.readouterr().out
+
+  older = loop.evaluate_checkpoint(tiny_config(tfrecord_dir), run, step=6)
+  assert older["step"] == 6 and older["checkpoint"].endswith(os.path.join("checkpoints", "6"))
+  assert open(os.path.join(run, "report.md")).read().startswith("# mtp_jax report: step 6")
+  assert json.load(open(os.path.join(run, "report", "metrics.json")))["step"] == 6
+
+  # Read-only on the run: nothing saved, deleted or moved; every logged row kept (an evaluation
+  # of step 6 must not truncate the rows after it, as a resume at 6 would), its rows appended.
+  assert _files(os.path.join(run, "checkpoints")) == checkpoints_before
+  rows_after = open(os.path.join(run, "metrics.jsonl")).read()
+  assert rows_after.startswith(rows_before)
+  added = [json.loads(l) for l in rows_after[len(rows_before):].splitlines()]
+  assert [r["step"] for r in added] == [8, 6] and all("eval/sior/ss/miou" in r for r in added)
+
+  with pytest.raises(CheckpointError, match=r"has no checkpoint of step 5; it has \[.*6, 8\]"):
+    loop.evaluate_checkpoint(tiny_config(tfrecord_dir), run, step=5)
+  with pytest.raises(CheckpointError, match="has no checkpoints/ folder: nothing to evaluate"):
+    loop.evaluate_checkpoint(tiny_config(tfrecord_dir), str(tmp_path / "empty"))
 
 
 def test_checkpoint_of_another_model_is_refused_clearly(trained, tfrecord_dir):

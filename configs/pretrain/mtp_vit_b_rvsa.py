@@ -44,6 +44,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = 5000      # the original's --interval (§3.6)
   c.train.keep_checkpoints = 3
   c.train.keep_every = 20_000
+  c.eval.every_steps = 10_000          # the original only validated at the end (§3.6); curves help
   c.tasks.ss.enabled = True
   c.tasks["is"].enabled = False        # Mask R-CNN: head not in mtp_jax yet
   c.tasks.rd.enabled = False           # Oriented R-CNN: head not in mtp_jax yet

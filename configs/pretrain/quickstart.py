@@ -31,4 +31,5 @@ def get_config(arg=None):
   c.train.checkpoint_every = 100
   c.eval.batch_per_subset = 4
   c.eval.report_images = 3
+  c.eval.every_steps = 100            # one evaluation halfway, one at the end: curves in the report
   return c

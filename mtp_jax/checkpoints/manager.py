@@ -99,29 +99,47 @@ class Checkpointer:
   are asynchronous; every process calls save and restore at the same steps (Orbax synchronises).
   """
 
-  def __init__(self, workdir: str, *, keep: int, signature: dict, config_json: str, keep_every: int = 0):
+  def __init__(self, workdir: str, *, keep: int, signature: dict, config_json: str, keep_every: int = 0,
+               read_only: bool = False):
+    """read_only (evaluation): never saves, deletes or moves anything in the workdir, so it can
+    run beside a training job that is writing there; a damaged checkpoint is skipped, not moved."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.quarantine = os.path.abspath(os.path.join(workdir, "checkpoints.corrupt"))
     self.signature = signature
     self.config_json = config_json
+    self.read_only = read_only
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
-                                             enable_async_checkpointing=True, create=True,
-                                             cleanup_tmp_directories=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                             keep_period=keep_every or None,
+                                             save_interval_steps=0 if read_only else 1,
+                                             enable_async_checkpointing=not read_only,
+                                             create=not read_only, read_only=read_only,
+                                             cleanup_tmp_directories=not read_only),
         item_names=("state", "data", "meta"))
 
   def latest_step(self):
     return self.manager.latest_step()
 
-  def restore(self, abstract_state):
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore(self, abstract_state, step: int | None = None):
     """Returns (state, data_state, step) of the newest good checkpoint, or None if there is none.
 
     A checkpoint that cannot be read or whose restored state does not match the fingerprint saved
-    with it is moved to `<workdir>/checkpoints.corrupt/` with a warning, and the one before it is
-    tried. A checkpoint of a different model stops with a CheckpointError instead.
+    with it is moved to `<workdir>/checkpoints.corrupt/` with a warning (read_only: left in place),
+    and the one before it is tried. A checkpoint of a different model stops with a CheckpointError
+    instead. `step`: restore exactly that checkpoint (CheckpointError if missing or damaged).
     """
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    candidates = sorted(self.manager.all_steps(), reverse=True)
+    if step is not None:
+      if step not in candidates:
+        raise CheckpointError(f"{self.directory} has no checkpoint of step {step}; it has "
+                              f"{sorted(candidates) or 'none'}")
+      candidates = [step]
+    named = step is not None
+    for step in candidates:
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         failure = None
@@ -143,15 +161,22 @@ class Checkpointer:
           failure = f"unreadable state ({type(e).__name__}: {str(e)[:200]})"
       if not distributed.any_process(failure is not None):
         return restored.state, restored.data, step
-      self._quarantine(step, failure or "unreadable on another process")
+      failure = failure or "unreadable on another process"
+      if named:
+        raise CheckpointError(f"checkpoint {self.directory}/{step} is damaged: {failure}")
+      self._set_aside(step, failure)
     return None
 
-  def _quarantine(self, step: int, why: str):
+  def _set_aside(self, step: int, why: str):
+    """Moves a damaged checkpoint to checkpoints.corrupt/ (read_only: only warns and skips it)."""
     target = os.path.join(self.quarantine, f"{step}-{int(time.time())}")
-    message = (f"WARNING: checkpoint {self.directory}/{step} is damaged: {why}. It was moved to "
-               f"{target} and the previous checkpoint is used instead.")
+    where = "It is skipped (left in place)" if self.read_only else f"It was moved to {target}"
+    message = (f"WARNING: checkpoint {self.directory}/{step} is damaged: {why}. {where} and the "
+               "previous checkpoint is used instead.")
     logging.warning(message)
     print(message, file=sys.stderr, flush=True)
+    if self.read_only:
+      return
     if jax.process_index() == 0:
       os.makedirs(self.quarantine, exist_ok=True)
       shutil.move(os.path.join(self.directory, str(step)), target)

@@ -19,12 +19,13 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   `resume_step`: rows of steps after it (logged by a run that died before its next checkpoint)
   are dropped when the file is opened, so a resumed run leaves exactly one row per step.
+  None (evaluation runs): every row is kept.
   """
 
-  def __init__(self, path: str, resume_step: int = 0):
+  def __init__(self, path: str, resume_step: int | None = 0):
     self.path = path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.exists(path):
+    if os.path.exists(path) and resume_step is not None:
       with open(path) as f:
         rows = [line for line in f if line.strip()]
       kept = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
@@ -56,8 +57,9 @@ class JsonlWriter(metric_writers.MetricWriter):
   def write_histograms(self, step, arrays, num_buckets=None): pass
 
 
-def create_writer(workdir: str, resume_step: int = 0) -> metric_writers.MetricWriter:
-  """Console + TensorBoard (`<workdir>/tensorboard`) + `<workdir>/metrics.jsonl` on process 0."""
+def create_writer(workdir: str, resume_step: int | None = 0) -> metric_writers.MetricWriter:
+  """Console + TensorBoard (`<workdir>/tensorboard`) + `<workdir>/metrics.jsonl` on process 0.
+  resume_step: see JsonlWriter (None keeps every row already in the file)."""
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(None, just_logging=True)
   return metric_writers.MultiWriter([
@@ -81,6 +83,16 @@ class Progress:
     if jax.process_index() == 0:
       print(f"step {step}/{self.total} | {shown} | {rate:.2f} steps/s | ETA {_duration(eta)}", flush=True)
     return rate
+
+
+def read_rows(workdir: str) -> list[dict]:
+  """The rows of `<workdir>/metrics.jsonl` that carry a step (hparams rows left out)."""
+  path = os.path.join(workdir, JSON_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if "step" in r]
 
 
 def _duration(seconds: float) -> str:

@@ -5,6 +5,7 @@ together are described in data_pipelines/samrs/reader.py and mtp_jax/checkpoints
 """
 
 import functools
+import os
 import signal
 import threading
 import time
@@ -21,13 +22,15 @@ from mtp_jax import models
 from mtp_jax.config import enabled_tasks
 from mtp_jax.checkpoints.encoder_init import initialize_encoder
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
-from mtp_jax.errors import ConfigError, DataError, Preempted
-from mtp_jax.metrics import report, segmentation, writers
+from mtp_jax.errors import CheckpointError, ConfigError, DataError, Preempted
+from mtp_jax.metrics import report, writers
 from mtp_jax.models.multitask import MultiTaskModel
 from mtp_jax.parallel import distributed, sharding
 from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mtp_jax.train.state import create_state
-from mtp_jax.train.step import make_predict, make_train_step
+from mtp_jax.train.batching import check_batch_size, compile_everywhere, device_batch
+from mtp_jax.train.evaluate import PretrainEvaluation, eval_scalars, summary_lines
+from mtp_jax.train.step import make_train_step
 
 DTYPES = {"float32": None, "bfloat16": jax.numpy.bfloat16, "float16": jax.numpy.float16}
 
@@ -61,27 +64,6 @@ def subset_classes(config) -> dict:
                       f"not the {len(expected)} {s} classes")
     out[s] = len(expected)
   return out
-
-
-def interleave(per_subset: dict, subsets, key: str) -> np.ndarray:
-  """{subset: (b, ...)} -> (b*G, ...) with image i of subset g at row i*G + g."""
-  stacked = np.stack([per_subset[s][key] for s in subsets], axis=1)
-  return stacked.reshape(-1, *stacked.shape[2:])
-
-
-def device_batch(raw: dict, subsets, mesh, keys=("image", "semantic")):
-  return sharding.global_batch({k: interleave(raw, subsets, k) for k in keys}, mesh)
-
-
-def check_batch_size(name: str, per_subset: int, mesh, accum_steps: int = 1):
-  """Per-process images per subset; the global count must split over the batch shards, the
-  processes and the micro-batches."""
-  div = sharding.batch_divisor(mesh)
-  if per_subset % (div * accum_steps) or per_subset % jax.process_count():
-    micro = f" times the {accum_steps} micro-batches" if accum_steps > 1 else ""
-    raise ConfigError(f"{name} = {per_subset} must be a multiple of the {div} batch shards{micro} "
-                      f"and of the {jax.process_count()} processes")
-  return per_subset // jax.process_count()
 
 
 def reader_streams(config) -> tuple[tuple[int, ...], int]:
@@ -135,13 +117,6 @@ class Trainer:
                         self.abstract_state, self.state_shardings)
 
 
-def compile_everywhere(jitted, name: str, *args):
-  """`jitted` compiled for `args`, once every process has compiled it (distributed.barrier)."""
-  compiled = jitted.lower(*args).compile()
-  distributed.barrier(f"compiled {name}")
-  return compiled
-
-
 # ----------------------------------------------------------------------------------------------
 # Preemption
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   reader.check_shard_counts(config.data.dir, subsets, "valid", jax.process_count())
 
   trainer = Trainer(config, num_classes, mesh)
+  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, num_classes)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
                               keep_every=config.train.keep_every,
                               signature=model_signature(config, trainer.abstract_state.params),
@@ -250,6 +226,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       writer.write_scalars(step, scalars)
       history.append({"step": step, **scalars})
       pending = []
+    if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total and not stop:
+      evaluated, _ = evaluation.run(state)
+      writer.write_scalars(step, eval_scalars(evaluated))
+      if jax.process_index() == 0:
+        print("\n".join(summary_lines(evaluated, step)), flush=True)
     if step % config.train.checkpoint_every == 0 or step == total or stop:
       writer.flush()   # the metrics of every step up to a checkpoint are on disk before it is
       checkpointer.save(step, state, merged_data_state(batches), force=True)
@@ -263,15 +244,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.flush()
   checkpointer.wait()
 
-  results = evaluate(config, trainer.graphdef, state, mesh, num_classes)
+  results, rows = evaluation.run(state, pictures=True)
   results["train"] = {"start_step": start, "end_step": total, "history": history}
-  if jax.process_index() == 0:
-    rows = results.pop("_rows")
-    paths = report.write_report(workdir, results, rows)
-    print(f"report: {paths['metrics']} and {paths['predictions']}", flush=True)
-  else:
-    results.pop("_rows")
-  writer.write_scalars(total, {f"eval/{s}/miou": r["miou"] for s, r in results["eval"].items()})
+  results = publish(workdir, writer, results, rows, total, checkpointer.directory, "train")
   writer.close()
   checkpointer.close()
   batches.close()
@@ -279,52 +254,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation (valid split, semantic segmentation mIoU per subset)
+# Evaluation: --mode eval, and the published numbers of any evaluation
 # ----------------------------------------------------------------------------------------------
-def evaluate(config, graphdef, state, mesh, num_classes: dict) -> dict:
+def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
+  """Evaluates the latest (or `step`'s) checkpoint in `workdir` on the valid splits and writes
+  the report. Read-only on the checkpoints: it can run beside the training job of that workdir."""
   subsets = tuple(config.data.subsets)
-  local_batch = check_batch_size("eval.batch_per_subset", config.eval.batch_per_subset, mesh)
-  predict = jax.jit(make_predict(graphdef))
-  iters = {s: iter(reader.make_dataset(
-      config.data.dir, s, "valid", image_size=config.data.image_size,
-      max_instances=config.data.max_instances[s], batch_size=local_batch, train=False,
-      process_index=jax.process_index(), process_count=jax.process_count())) for s in subsets}
-  conf = {s: np.zeros((num_classes[s] + 1,) * 2, np.int64) for s in subsets}
-  rows, batches_done = [], 0
-  while True:
-    raw = {s: next(it, None) for s, it in iters.items()}
-    if all(b is None for b in raw.values()):
-      break
-    template = next(b for b in raw.values() if b is not None)
-    raw = {s: b if b is not None else {k: np.zeros_like(v) for k, v in template.items()}
-           for s, b in raw.items()}
-    batch = device_batch(raw, subsets, mesh)
-    if batches_done == 0:
-      predict = compile_everywhere(predict, "predict", state.params, state.batch_stats, batch["image"])
-    preds = predict(state.params, state.batch_stats, batch["image"])
-    for s in subsets:
-      pred = np.asarray(multihost_utils.process_allgather(preds[s], tiled=True))
-      labels, real = raw[s]["semantic"], raw[s]["is_real"]
-      if jax.process_count() > 1:  # every process scores the whole batch
-        labels = np.asarray(multihost_utils.process_allgather(labels, tiled=True))
-        real = np.asarray(multihost_utils.process_allgather(real, tiled=True))
-      conf[s] += segmentation.confusion_matrix(labels[real], pred[real], num_classes[s] + 1)
-      for i in np.flatnonzero(raw[s]["is_real"]):
-        if sum(r[0].startswith(s) for r in rows) < config.eval.report_images:
-          rows.append((f"{s} valid", raw[s]["image"][i], raw[s]["semantic"][i], pred[i]))
-    batches_done += 1
-    if config.eval.max_batches and batches_done >= config.eval.max_batches:
-      break
-  for it in iters.values():
-    it.close()
-  results = {"eval": {}}
-  for s in subsets:
-    r = segmentation.iou_from_confusion(conf[s])
-    names = ["background"] + list(subset_layout(s).classes)
-    results["eval"][s] = {
-        "miou": r["miou"], "pixel_accuracy": r["accuracy"], "pixels": int(conf[s].sum()),
-        "iou_per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, r["iou"])}}
-    if jax.process_index() == 0:
-      print(f"eval {s}: mIoU {r['miou']:.4f}, pixel accuracy {r['accuracy']:.4f}", flush=True)
-  results["_rows"] = rows
+  num_classes = subset_classes(config)
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  reader.check_shard_counts(config.data.dir, subsets, "valid", jax.process_count())
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise CheckpointError(f"{os.path.abspath(workdir)} has no checkpoints/ folder: nothing to evaluate "
+                          "(pass the --workdir of a training run)")
+  trainer = Trainer(config, num_classes, mesh)
+  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                              signature=model_signature(config, trainer.abstract_state.params),
+                              config_json=config.to_json_best_effort(), read_only=True)
+  restored = checkpointer.restore(trainer.abstract_sharded_state(), step)
+  if restored is None:
+    raise CheckpointError(f"{checkpointer.directory} holds no readable checkpoint")
+  state, _, step = restored
+  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, num_classes)
+  results, rows = evaluation.run(state, pictures=True)
+  writer = writers.create_writer(workdir, resume_step=None)
+  results = publish(workdir, writer, results, rows, step, checkpointer.directory, "eval")
+  writer.close()
+  checkpointer.close()
+  return results
+
+
+def publish(workdir: str, writer, results: dict, rows: dict, step: int, checkpoints: str, mode: str) -> dict:
+  """Eval scalars to the writers, the summary to the console and the report to the workdir
+  (process 0). Returns `results` with step, checkpoint and mode added."""
+  writer.write_scalars(step, eval_scalars(results))
+  writer.flush()   # the report's curves read metrics.jsonl
+  results = {"step": step, "checkpoint": os.path.join(checkpoints, str(step)), "mode": mode, **results}
+  if jax.process_index() == 0:
+    print("\n".join(summary_lines(results, step)), flush=True)
+    paths = report.write_report(workdir, results, rows)
+    print(f"report: {paths['report']} (all numbers: {paths['metrics']})", flush=True)
   return results

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mtp_jax.metrics.segmentation import ConfusionMatrix
 from mtp_jax.models.heads.upernet import segmentation_loss
 from mtp_jax.train.state import TrainState
 
@@ -114,17 +115,29 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, subsets, base_ke
   return step
 
 
-def make_predict(graphdef):
-  """Returns predict(params, batch_stats, images) -> {subset: (b, S, S) int32 class maps}."""
+def make_eval_step(graphdef, subsets, num_classes: dict, ignore_index: int = 255):
+  """Returns eval_step(params, batch_stats, batch) -> (preds, confusions).
 
-  def predict(params, batch_stats, images):
+  batch: "image" (B, S, S, 3), "semantic" (B, S, S), "is_real" (B,), rows interleaved by subset.
+  preds: {subset: (b, S, S) int32 class maps}, logits bilinearly resized to the input size.
+  confusions: {subset: ConfusionMatrix} over the whole (global) batch, padded images and
+  `ignore_index` pixels left out; num_classes[subset] counts background (class 0).
+  """
+
+  def eval_step(params, batch_stats, batch):
     model = nnx.merge(graphdef, params, batch_stats)
-    outputs = model(images, train=False)
-    size = images.shape[1:3]
-    preds = {}
-    for s, logits in outputs["ss"].items():
+    outputs = model(batch["image"], train=False)
+    size = batch["image"].shape[1:3]
+    labels = split_by_subset(batch["semantic"], len(subsets))
+    real = split_by_subset(batch["is_real"], len(subsets))
+    preds, confusions = {}, {}
+    for g, s in enumerate(subsets):
+      logits = outputs["ss"][s]
       logits = jax.image.resize(logits, (logits.shape[0], *size, logits.shape[-1]), "bilinear", antialias=False)
       preds[s] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return preds
+      confusions[s] = ConfusionMatrix.from_model_output(
+          labels=labels[:, g], predictions=preds[s], num_classes=num_classes[s],
+          ignore_index=ignore_index, mask=real[:, g])
+    return preds, confusions
 
-  return predict
+  return eval_step
