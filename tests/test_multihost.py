@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mtp_jax import export
+from mtp_jax.metrics import DotaEvaluator
 from mtp_jax.errors import ConfigError
 from mtp_jax.parallel import distributed
 from mtp_jax.train import loop
@@ -116,3 +117,43 @@ def test_cluster_from_flags_slurm_and_tpu():
   assert distributed.resolve(environ={"TPU_WORKER_HOSTNAMES": "t0"}).source == "single"
   assert distributed.first_host("node1") == "node1"
   assert distributed.first_host("node[3-4]") == "node3"
+
+
+GATHER_SCRIPT = """
+import json, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+sys.path.insert(0, sys.argv[3])
+from test_dota_map import random_dataset
+from mtp_jax.metrics import DotaEvaluator
+detections, annotations = random_dataset(np.random.default_rng(11), images=7)
+evaluator = DotaEvaluator(3)
+for i in range(jax.process_index(), 7, 2):        # each process its own images, as its shards
+  evaluator.add(i, detections[i], annotations[i])
+r = evaluator.gather().result()
+print("RESULT " + json.dumps({"map": r["map"], "images": r["images"], "ap": r["ap_per_class"]}))
+"""
+
+
+def test_host_side_evaluator_gathered_over_two_processes_equals_one():
+  """DotaEvaluator.gather() (pickled images through jax's process_allgather) in two real processes
+  gives every process the one-process numbers."""
+  from test_dota_map import random_dataset
+  detections, annotations = random_dataset(np.random.default_rng(11), images=7)
+  one = DotaEvaluator(3)
+  for i in range(7):
+    one.add(i, detections[i], annotations[i])
+  expected = one.result()
+  port = free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  procs = [subprocess.Popen([sys.executable, "-c", GATHER_SCRIPT, f"127.0.0.1:{port}", str(i),
+                             os.path.dirname(__file__)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+    got = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    assert got["images"] == 7 and got["map"] == expected["map"]
+    assert got["ap"] == {str(k): v for k, v in expected["ap_per_class"].items()}

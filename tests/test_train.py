@@ -1,6 +1,7 @@
 """End to end: the quickstart config trains on the 8-device mesh, the loss falls, a run resumes
 exactly where it stopped, and bad input stops with one clear message."""
 
+import glob
 import json
 import os
 import shutil
@@ -53,7 +54,12 @@ def test_loss_falls_and_report_is_written(trained):
     assert os.path.getsize(os.path.join(workdir, "report", f"{picture}.png")) > 1000
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  tags = set()   # TensorBoard: the training scalars, the eval numbers and the report pictures
+  import tensorflow as tf
+  for event_file in glob.glob(os.path.join(workdir, "tensorboard", "events.*")):
+    for event in tf.compat.v1.train.summary_iterator(event_file):
+      tags |= {v.tag for v in event.summary.value}
+  assert {"loss", "eval/sota/ss/miou", "report/sota_predictions", "report/loss"} <= tags, sorted(tags)
   # Data health: the share of instances cut by max_instances, and skipped corrupt records.
   train_rows = [r for r in rows if "loss" in r]
   assert all(0.0 <= r["data/fast/dropped_by_cap"] <= 1.0 for r in train_rows)

@@ -126,7 +126,8 @@ def pictures_of(results: dict, rows: dict, metric_rows: list[dict]) -> dict:
 
 
 def write_report(workdir: str, results: dict, rows: dict | None = None) -> dict:
-  """Writes report.md, report/metrics.json and the pictures; returns {"report", "metrics", "pictures"}.
+  """Writes report.md, report/metrics.json and the pictures; returns {"report", "metrics",
+  "pictures": {name: path}, "images": {name: (H, W, 3) uint8}}.
 
   results: {"step", "checkpoint", "mode", "eval": {subset: {task: result}}, "mtp_average",
   "train" (optional)}; rows: {subset: [comparison rows]}. The pictures use `<workdir>/metrics.jsonl`.
@@ -137,7 +138,7 @@ def write_report(workdir: str, results: dict, rows: dict | None = None) -> dict:
   for name, image in pictures.items():
     drawing.save_png(image, os.path.join(folder, f"{name}.png"))
   paths = {"report": os.path.join(workdir, REPORT_MD), "metrics": os.path.join(folder, "metrics.json"),
-           "pictures": {n: os.path.join(folder, f"{n}.png") for n in pictures}}
+           "pictures": {n: os.path.join(folder, f"{n}.png") for n in pictures}, "images": pictures}
   with open(paths["metrics"], "w") as f:
     json.dump(jsonable(results), f, indent=1)
   with open(paths["report"], "w") as f:

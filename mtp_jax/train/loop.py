@@ -292,5 +292,7 @@ def publish(workdir: str, writer, results: dict, rows: dict, step: int, checkpoi
   if jax.process_index() == 0:
     print("\n".join(summary_lines(results, step)), flush=True)
     paths = report.write_report(workdir, results, rows)
+    writer.write_images(step, {f"report/{n}": image[None] for n, image in paths["images"].items()})
+    writer.flush()
     print(f"report: {paths['report']} (all numbers: {paths['metrics']})", flush=True)
   return results
