@@ -20,7 +20,7 @@ Boxes are DESIGN.md's le90 rotated boxes: (cx, cy, w, h, angle) in pixels and ra
 import numpy as np
 
 from mtp_jax.metrics.per_image import PerImageEvaluator
-from mtp_jax.ops.boxes import rbox_to_poly
+from mtp_jax.ops.boxes import poly_to_hbox, rbox_to_poly
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def dota_map(detections, annotations, iou_thr: float = 0.5, use_07_metric: bool 
     rboxes = np.asarray(ann["rboxes"], np.float64).reshape(-1, 5)
     polys = rbox_to_poly(rboxes)
     gt_polys.append(polys)
-    gt_hboxes.append(np.concatenate([polys.min(1), polys.max(1)], axis=-1))
+    gt_hboxes.append(poly_to_hbox(polys))
     gt_labels.append(np.asarray(ann["labels"], np.int64).reshape(-1))
     gt_difficult.append(np.asarray(ann.get("difficult", np.zeros(len(rboxes), bool)), bool).reshape(-1))
 
@@ -143,10 +143,10 @@ def dota_map(detections, annotations, iou_thr: float = 0.5, use_07_metric: bool 
       best, best_j = -np.inf, -1
       if len(in_class):
         poly = rbox_to_poly(dets[d, :5])
-        lo, hi = poly.min(0), poly.max(0)
+        x1, y1, x2, y2 = poly_to_hbox(poly)
         boxes = gt_hboxes[i][in_class]
-        overlap = ((np.minimum(boxes[:, 2], hi[0]) - np.maximum(boxes[:, 0], lo[0]) > 0)
-                   & (np.minimum(boxes[:, 3], hi[1]) - np.maximum(boxes[:, 1], lo[1]) > 0))
+        overlap = ((np.minimum(boxes[:, 2], x2) - np.maximum(boxes[:, 0], x1) > 0)
+                   & (np.minimum(boxes[:, 3], y2) - np.maximum(boxes[:, 1], y1) > 0))
         for j in np.flatnonzero(overlap):
           iou = convex_polygon_iou(poly, gt_polys[i][in_class[j]])
           if iou > best:
