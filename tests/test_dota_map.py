@@ -1,12 +1,15 @@
 """dota_map: hand-built cases with known answers, and random cases against an independent
 implementation of the DOTA devkit's voc_eval (polygons, shapely IoU) written here."""
 
+import jax
 import numpy as np
 import pytest
+import shapely
 from shapely.geometry import Polygon
 
 from mtp_jax.metrics import dota_map
-from mtp_jax.metrics.rotated_detection import DotaEvaluator, convex_polygon_iou
+from mtp_jax.metrics.rotated_detection import DotaEvaluator
+from mtp_jax.ops import iou as iou_ops
 from mtp_jax.ops.boxes import rbox_to_poly
 
 
@@ -86,14 +89,62 @@ def test_bad_input_names_the_image_and_class():
     dota_map([_dets([], []), _dets([], [])], anns)
 
 
-def test_convex_polygon_iou_matches_shapely():
-  rng = np.random.default_rng(1)
-  for _ in range(300):
-    a = np.r_[rng.uniform(0, 30, 2), rng.uniform(1, 20, 2), rng.uniform(-1.6, 1.6)]
-    b = np.r_[a[:2] + rng.normal(0, 5, 2), rng.uniform(1, 20, 2), rng.uniform(-1.6, 1.6)]
-    p, q = Polygon(rbox_to_poly(a)), Polygon(rbox_to_poly(b))
-    assert convex_polygon_iou(rbox_to_poly(a), rbox_to_poly(b)) == pytest.approx(
-        p.intersection(q).area / p.union(q).area, abs=1e-9)
+def _shapely_iou(boxes1, boxes2):
+  """Aligned IoU of (N, 5) float64 rboxes by shapely's polygon intersection; 0 for an empty union.
+
+  The intersection is taken on a 1e-12 px precision grid: GEOS's plain floating overlay returns
+  an empty intersection (a MULTIPOINT) for a quarter-turned copy whose corners differ from the
+  original's in the last bits (IoU 0 instead of 1); the grid costs about 1e-12 in IoU.
+  """
+  p, q = shapely.polygons(rbox_to_poly(boxes1)), shapely.polygons(rbox_to_poly(boxes2))
+  inter = shapely.area(shapely.intersection(p, q, grid_size=1e-12))
+  union = shapely.area(p) + shapely.area(q) - inter
+  return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _along(boxes, along_w, along_h):
+  """Boxes moved by multiples of their own w- and h-axes (le90, y down)."""
+  out = boxes.copy()
+  c, s = np.cos(boxes[:, 4]), np.sin(boxes[:, 4])
+  out[:, 0] += c * along_w * boxes[:, 2] - s * along_h * boxes[:, 3]
+  out[:, 1] += s * along_w * boxes[:, 2] + c * along_h * boxes[:, 3]
+  return out
+
+
+def _iou_pairs(rng, n=300):
+  """Named (boxes1, boxes2) float64 pairs: random ones near each other, then degenerate ones."""
+  a = np.c_[rng.uniform(0, 30, (n, 2)), rng.uniform(1, 20, (n, 2)), rng.uniform(-1.6, 1.6, n)]
+  b = np.c_[a[:, :2] + rng.normal(0, 5, (n, 2)), rng.uniform(1, 20, (n, 2)), rng.uniform(-1.6, 1.6, n)]
+  quarter = a[:, [0, 1, 3, 2, 4]] + [0, 0, 0, 0, np.pi / 2]        # the same rectangle
+  small = a * [1, 1, 0, 0, 1] + np.c_[np.zeros((n, 2)), a[:, 2:4].min(1, keepdims=True) * [0.3, 0.2],
+                                      rng.uniform(-1.6, 1.6, n)]    # fits inside at any angle
+  return {"random": (a, b), "identical": (a, a), "quarter_turned": (a, quarter),
+          "contained": (a, small), "touching_edges": (a, _along(a, 1.0, rng.uniform(-0.9, 0.9, n))),
+          "touching_corners": (a, _along(a, 1.0, 1.0)), "zero_area": (a * [1, 1, 1, 0, 1], b),
+          "both_zero_area": (a * [1, 1, 1, 0, 1], a * [1, 1, 0, 1, 1])}
+
+
+@pytest.mark.parametrize("name", sorted(_iou_pairs(np.random.default_rng(1))))
+def test_numpy_box_iou_rotated_matches_shapely_and_the_jax_path(name, monkeypatch):
+  boxes1, boxes2 = _iou_pairs(np.random.default_rng(1))[name]
+  want = _shapely_iou(boxes1, boxes2)
+  # float32 rounded inputs for the jax path; the numpy path gets the same values in float64.
+  narrow1, narrow2 = boxes1.astype(np.float32), boxes2.astype(np.float32)
+  on_jax = np.asarray(jax.jit(lambda x, y: iou_ops.box_iou_rotated(x, y, aligned=True))(narrow1, narrow2))
+  pairwise_jax = np.asarray(jax.jit(iou_ops.box_iou_rotated)(narrow1[:40], narrow2[:30]))
+  with monkeypatch.context() as patch:          # the numpy path makes no jax call at all
+    patch.setattr(iou_ops, "jax", None)
+    patch.setattr(iou_ops, "jnp", None)
+    got = iou_ops.box_iou_rotated(boxes1, boxes2, aligned=True)
+    pairwise = iou_ops.box_iou_rotated(boxes1, boxes2[:30], row_tile=64)
+    on_host = iou_ops.box_iou_rotated(narrow1.astype(np.float64), narrow2.astype(np.float64), aligned=True)
+    pairwise_host = iou_ops.box_iou_rotated(narrow1[:40].astype(np.float64), narrow2[:30].astype(np.float64))
+  assert type(got) is np.ndarray and got.dtype == np.float64 and pairwise.dtype == np.float64
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+  np.testing.assert_array_equal(pairwise[np.arange(30), np.arange(30)], got[:30])
+  assert pairwise.shape == (len(boxes1), 30)   # 300 rows in 5 numpy tiles
+  np.testing.assert_allclose(on_host, on_jax, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(pairwise_host, pairwise_jax, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

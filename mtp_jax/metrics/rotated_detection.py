@@ -3,8 +3,12 @@
 Per class, over the whole dataset:
 1. every detection of the class, from all images, sorted by score (descending; ties keep image
    order, then the order within the image: a stable sort, where the devkit's quicksort is not);
-2. each detection is compared with the ground truth of the same image
-   and class with the largest polygon IoU (exact intersection of the two rotated rectangles);
+2. each detection is compared with the ground truth of the same image and class with the
+   largest rotated IoU, among the objects whose enclosing horizontal box overlaps the detection's
+   with positive width and height (the devkit's pre-filter, less its +1 pixel: the objects that
+   only the +1 admits have IoU 0, so never match); the IoU is the exact one of
+   `mtp_jax.ops.iou.box_iou_rotated`, on numpy float64 rboxes (one call per class, on the
+   candidate pairs of all images, made before the matching);
    IoU > `iou_thr` (strictly, as the devkit) and that object not matched before -> true positive;
    already matched -> false positive (a duplicate); IoU <= `iou_thr` -> false positive;
    best match a *difficult* object -> neither (difficult objects are ignored: they are not
@@ -21,44 +25,7 @@ import numpy as np
 
 from mtp_jax.metrics.per_image import PerImageEvaluator
 from mtp_jax.ops.boxes import poly_to_hbox, rbox_to_poly
-
-
-# ----------------------------------------------------------------------------------------------
-# Polygon IoU of two convex quadrilaterals
-# ----------------------------------------------------------------------------------------------
-def polygon_area(poly) -> float:
-  """Shoelace area of a (K, 2) polygon (absolute value)."""
-  x, y = poly[:, 0], poly[:, 1]
-  return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
-def _clip(subject: np.ndarray, a, b, orientation: float) -> np.ndarray:
-  """Sutherland-Hodgman: the part of `subject` on the inner side of the directed edge a->b."""
-  if len(subject) == 0:
-    return subject
-  side = orientation * ((b[0] - a[0]) * (subject[:, 1] - a[1]) - (b[1] - a[1]) * (subject[:, 0] - a[0]))
-  out = []
-  for i in range(len(subject)):
-    p, q, sp, sq = subject[i], subject[(i + 1) % len(subject)], side[i], side[(i + 1) % len(subject)]
-    if sp >= 0:
-      out.append(p)
-    if (sp >= 0) != (sq >= 0):
-      out.append(p + (q - p) * (sp / (sp - sq)))
-  return np.asarray(out, np.float64).reshape(-1, 2)
-
-
-def convex_polygon_iou(p, q) -> float:
-  """IoU of two convex polygons (K, 2) (any vertex order); 0 when the union has no area."""
-  p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
-  area_p, area_q = polygon_area(p), polygon_area(q)
-  if area_p <= 0 or area_q <= 0:
-    return 0.0
-  signed = np.dot(q[:, 0], np.roll(q[:, 1], -1)) - np.dot(q[:, 1], np.roll(q[:, 0], -1))
-  inter = p
-  for i in range(len(q)):
-    inter = _clip(inter, q[i], q[(i + 1) % len(q)], np.sign(signed))
-  area = polygon_area(inter) if len(inter) >= 3 else 0.0
-  return float(area / (area_p + area_q - area))
+from mtp_jax.ops.iou import box_iou_rotated
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +70,75 @@ def _check_inputs(detections, annotations, num_classes):
       raise ValueError(f"dota_map: annotations[{i}] has label {int(outside[0])} outside [0, {num_classes})")
 
 
+_PAIRS_PER_CALL = 1 << 16   # bounds the host IoU's working set (~0.6 kB a pair: 40 MiB)
+
+
+def _hbox_overlap(hboxes1, hboxes2):
+  """(N, 4), (M, 4) horizontal boxes (x1, y1, x2, y2) -> (N, M) bool: their intersection has
+  positive width and height (the candidate pre-filter of the module docstring)."""
+  h1, h2 = hboxes1[:, None, :], hboxes2[None, :, :]
+  width = np.minimum(h1[..., 2], h2[..., 2]) - np.maximum(h1[..., 0], h2[..., 0])
+  height = np.minimum(h1[..., 3], h2[..., 3]) - np.maximum(h1[..., 1], h2[..., 1])
+  return (width > 0) & (height > 0)
+
+
+def _pair_iou(rboxes1, rboxes2):
+  """Exact IoU of corresponding (P, 5) float64 rboxes, a few `box_iou_rotated` calls in all."""
+  chunks = [box_iou_rotated(rboxes1[k:k + _PAIRS_PER_CALL], rboxes2[k:k + _PAIRS_PER_CALL],
+                            aligned=True) for k in range(0, len(rboxes1), _PAIRS_PER_CALL)]
+  return np.concatenate(chunks + [np.zeros(0)])
+
+
+def _first_best(pair_det, pair_gt, iou, num_dets):
+  """Per detection, the largest IoU over its candidate pairs and that pair's object; equal maxima
+  go to the lowest object index (the devkit's argmax). -inf and 0 for a detection without any."""
+  best, best_j = np.full(num_dets, -np.inf), np.zeros(num_dets, np.int64)
+  if len(iou) == 0:
+    return best, best_j
+  order = np.lexsort((pair_gt, -iou, pair_det))          # by detection, IoU down, object up
+  dets = pair_det[order]
+  first = order[np.r_[True, dets[1:] != dets[:-1]]]
+  best[pair_det[first]], best_j[pair_det[first]] = iou[first], pair_gt[first]
+  return best, best_j
+
+
+def _candidate_pairs(det_hboxes, counts, gt_hboxes):
+  """Pre-filtered (detection, object) pairs of the same image.
+
+  det_hboxes: (D, 4) enclosing boxes of the detections, image after image, counts[i] of image i;
+  gt_hboxes: per image, the (M_i, 4) enclosing boxes of its objects.
+  Returns (pair_det (P,) indices into the D detections, pair_gt (P,) indices into the image's
+  objects), detection-major with objects ascending.
+  """
+  starts = np.cumsum([0] + list(counts))
+  found = [np.nonzero(_hbox_overlap(det_hboxes[start:stop], hboxes))
+           for start, stop, hboxes in zip(starts[:-1], starts[1:], gt_hboxes)]
+  pair_det = np.concatenate([d + start for (d, _), start in zip(found, starts)] + [np.zeros(0, int)])
+  pair_gt = np.concatenate([g for _, g in found] + [np.zeros(0, int)])
+  return pair_det, pair_gt
+
+
+def _class_matches(c, detections, gt_rboxes, gt_hboxes, gt_labels):
+  """Class c's detections of all images, concatenated in image order, with their best matches.
+
+  The candidate pairs of every image are gathered first and their IoU is computed by one aligned
+  `box_iou_rotated` call (numpy float64; `_pair_iou`), never once per pair.
+  Returns (dets (D, 6), image_of (D,), best IoU (D,), best object (D,) as an index into the
+  image's class-c objects, in_class: per image the indices of its class-c objects).
+  """
+  rows = [np.asarray(d[c], np.float64).reshape(-1, 6) for d in detections]
+  in_class = [np.flatnonzero(lab == c) for lab in gt_labels]
+  image_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+  dets = np.concatenate(rows + [np.zeros((0, 6))])
+  pair_det, pair_gt = _candidate_pairs(poly_to_hbox(rbox_to_poly(dets[:, :5])), map(len, rows),
+                                       [h[idx] for h, idx in zip(gt_hboxes, in_class)])
+  class_rboxes = np.concatenate([r[idx] for r, idx in zip(gt_rboxes, in_class)] + [np.zeros((0, 5))])
+  gt_starts = np.cumsum([0] + [len(idx) for idx in in_class])
+  iou = _pair_iou(dets[pair_det, :5], class_rboxes[gt_starts[image_of[pair_det]] + pair_gt])
+  best, best_j = _first_best(pair_det, pair_gt, iou, len(dets))
+  return dets, image_of, best, best_j, in_class
+
+
 def dota_map(detections, annotations, iou_thr: float = 0.5, use_07_metric: bool = True,
              num_classes: int | None = None) -> dict:
   """DOTA task-1 mAP (module docstring).
@@ -110,17 +146,18 @@ def dota_map(detections, annotations, iou_thr: float = 0.5, use_07_metric: bool 
   detections[i][c]: (N, 6) array [cx, cy, w, h, angle, score] of image i and class c.
   annotations[i]: {"rboxes": (M, 5), "labels": (M,) ints in [0, C), "difficult": (M,) bool, optional}.
   num_classes: C, by default the length of detections[0].
+  Per class, the IoU of every candidate (detection, object) pair of every image is one aligned
+  `box_iou_rotated` call (numpy float64), made before the sequential matching over the sorted list.
   Returns {"map": float, "ap": (C,) per-class AP (NaN: no object), "num_objects": (C,) non-difficult
   object counts, "num_detections": (C,), "recall": (C,) final recall}.
   """
   num_classes = num_classes if num_classes is not None else (len(detections[0]) if detections else 0)
   _check_inputs(detections, annotations, num_classes)
-  gt_polys, gt_labels, gt_difficult, gt_hboxes = [], [], [], []
+  gt_rboxes, gt_labels, gt_difficult, gt_hboxes = [], [], [], []
   for ann in annotations:
     rboxes = np.asarray(ann["rboxes"], np.float64).reshape(-1, 5)
-    polys = rbox_to_poly(rboxes)
-    gt_polys.append(polys)
-    gt_hboxes.append(poly_to_hbox(polys))
+    gt_rboxes.append(rboxes)
+    gt_hboxes.append(poly_to_hbox(rbox_to_poly(rboxes)))
     gt_labels.append(np.asarray(ann["labels"], np.int64).reshape(-1))
     gt_difficult.append(np.asarray(ann.get("difficult", np.zeros(len(rboxes), bool)), bool).reshape(-1))
 
@@ -130,34 +167,20 @@ def dota_map(detections, annotations, iou_thr: float = 0.5, use_07_metric: bool 
   final_recall = np.full(num_classes, np.nan)
   for c in range(num_classes):
     num_objects[c] = sum(int(np.sum((lab == c) & ~dif)) for lab, dif in zip(gt_labels, gt_difficult))
-    rows = [(i, np.asarray(d[c], np.float64).reshape(-1, 6)) for i, d in enumerate(detections)]
-    image_of = np.concatenate([np.full(len(r), i) for i, r in rows]) if rows else np.zeros(0, int)
-    dets = np.concatenate([r for _, r in rows]) if rows else np.zeros((0, 6))
+    dets, image_of, best, best_j, in_class = _class_matches(c, detections, gt_rboxes, gt_hboxes, gt_labels)
     num_dets[c] = len(dets)
     order = np.argsort(-dets[:, 5], kind="stable")
-    matched = [np.zeros(int(np.sum(lab == c)), bool) for lab in gt_labels]
+    matched = [np.zeros(len(idx), bool) for idx in in_class]
     tp, fp = np.zeros(len(dets)), np.zeros(len(dets))
     for rank, d in enumerate(order):
-      i = image_of[d]
-      in_class = np.flatnonzero(gt_labels[i] == c)
-      best, best_j = -np.inf, -1
-      if len(in_class):
-        poly = rbox_to_poly(dets[d, :5])
-        x1, y1, x2, y2 = poly_to_hbox(poly)
-        boxes = gt_hboxes[i][in_class]
-        overlap = ((np.minimum(boxes[:, 2], x2) - np.maximum(boxes[:, 0], x1) > 0)
-                   & (np.minimum(boxes[:, 3], y2) - np.maximum(boxes[:, 1], y1) > 0))
-        for j in np.flatnonzero(overlap):
-          iou = convex_polygon_iou(poly, gt_polys[i][in_class[j]])
-          if iou > best:
-            best, best_j = iou, j
-      if best > iou_thr:
-        if gt_difficult[i][in_class[best_j]]:
+      i, j = image_of[d], best_j[d]
+      if best[d] > iou_thr:
+        if gt_difficult[i][in_class[i][j]]:
           continue
-        if matched[i][best_j]:
+        if matched[i][j]:
           fp[rank] = 1
         else:
-          tp[rank], matched[i][best_j] = 1, True
+          tp[rank], matched[i][j] = 1, True
       else:
         fp[rank] = 1
     if num_objects[c] == 0:

@@ -1,4 +1,5 @@
-"""Exact IoU of horizontal and rotated boxes in jax.numpy (static shapes, jit/vmap/grad-safe).
+"""Exact IoU of horizontal and rotated boxes in jax.numpy (static shapes, jit/vmap/grad-safe);
+the rotated IoU also runs on numpy, in float64, for host-side metrics.
 
 Rotated boxes are (cx, cy, w, h, angle), le90 conventions of `mtp_jax.ops.boxes`; horizontal boxes
 are (x1, y1, x2, y2). Everything is in pixels.
@@ -19,12 +20,19 @@ degenerate cases of tests/test_iou.py).
 
 Gradients are finite everywhere (safe divisions under `where`), so the IoU can serve as a loss;
 they come from a custom JVP (per-pair partials by forward mode), which reverse mode transposes.
+
+Host path. `box_iou_rotated` and `rotated_intersection_area` given numpy arrays (both arguments)
+run the same functions on numpy in float64 and return numpy float64 arrays, with no jax call
+(no custom JVP, no `lax.map`): the helpers take the array module from their inputs, as
+`mtp_jax.ops.boxes` does. This is the IoU of the host-side DOTA metric (`dota_map`). Anything
+else (jax arrays, tracers, lists) takes the jax path, in the inputs' dtype (at least float32).
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HALF_PI = math.pi / 2
 
@@ -56,33 +64,57 @@ def box_iou_rotated(boxes1, boxes2, aligned=False, row_tile=1024):
     boxes1: (N, 5). boxes2: (M, 5). With `aligned`, both (..., 5) broadcastable.
     aligned: IoU of corresponding pairs instead of all pairs.
     row_tile: pairwise mode evaluates this many rows of the (N, M) matrix at a time (static;
-      the whole per-pair computation fuses into one loop, so tiles only bound the working set).
+      the whole per-pair computation fuses into one loop, so tiles only bound the working set;
+      the numpy path holds about 0.6 kB of temporaries per pair of a tile).
   Returns:
-    (N, M) pairwise IoU, or (...,) for `aligned`. Zero-area pairs get 0.
+    (N, M) pairwise IoU, or (...,) for `aligned`. Zero-area pairs get 0. Both inputs numpy
+    arrays: a numpy float64 array, computed on the host without jax; otherwise a jax array.
   """
-  boxes1, boxes2 = jnp.asarray(boxes1), jnp.asarray(boxes2)
-  dtype = jnp.result_type(boxes1.dtype, boxes2.dtype, jnp.float32)
-  boxes1, boxes2 = boxes1.astype(dtype), boxes2.astype(dtype)
+  if _on_host(boxes1, boxes2):
+    boxes1, boxes2 = np.asarray(boxes1, np.float64), np.asarray(boxes2, np.float64)
+  else:
+    boxes1, boxes2 = jnp.asarray(boxes1), jnp.asarray(boxes2)
+    dtype = jnp.result_type(boxes1.dtype, boxes2.dtype, jnp.float32)
+    boxes1, boxes2 = boxes1.astype(dtype), boxes2.astype(dtype)
+  iou_fn = _iou_value if _xp(boxes1) is np else _iou_from_features
   if aligned:
-    return _iou_from_features(_features(boxes1), _features(boxes2))
+    return iou_fn(_features(boxes1), _features(boxes2))
   if boxes1.ndim != 2 or boxes2.ndim != 2 or boxes1.shape[-1] != 5 or boxes2.shape[-1] != 5:
     raise ValueError(f"box_iou_rotated expects (N, 5) and (M, 5) boxes, got {boxes1.shape} and "
                      f"{boxes2.shape}; use jax.vmap for a batch dimension")
-  n = boxes1.shape[0]
   feats2 = [f[None, :] for f in _features(boxes2)]
+  rows_iou = lambda b: iou_fn([f[:, None] for f in _features(b)], feats2)
+  n = boxes1.shape[0]
   if n <= row_tile:
-    return _iou_from_features([f[:, None] for f in _features(boxes1)], feats2)
+    return rows_iou(boxes1)
+  if _xp(boxes1) is np:
+    return np.concatenate([rows_iou(boxes1[i:i + row_tile]) for i in range(0, n, row_tile)])
   tiles = -(-n // row_tile)
   padded = jnp.pad(boxes1, ((0, tiles * row_tile - n), (0, 0)))
-  rows = jax.lax.map(lambda b: _iou_from_features([f[:, None] for f in _features(b)], feats2),
-                     padded.reshape(tiles, row_tile, 5))
+  rows = jax.lax.map(rows_iou, padded.reshape(tiles, row_tile, 5))
   return rows.reshape(tiles * row_tile, -1)[:n]
 
 
 def rotated_intersection_area(boxes1, boxes2):
-  """Exact intersection area of corresponding rotated boxes, (..., 5) broadcastable -> (...)."""
-  frame, other = _order_pair(_features(jnp.asarray(boxes1)), _features(jnp.asarray(boxes2)))
+  """Exact intersection area of corresponding rotated boxes, (..., 5) broadcastable -> (...).
+
+  Both inputs numpy arrays: numpy float64 on the host; otherwise jax, in the inputs' dtype.
+  """
+  xp = np if _on_host(boxes1, boxes2) else jnp
+  dtype = np.float64 if xp is np else None
+  boxes1, boxes2 = xp.asarray(boxes1, dtype), xp.asarray(boxes2, dtype)
+  frame, other = _order_pair(_features(boxes1), _features(boxes2))
   return _clipped_area(frame, other)
+
+
+def _on_host(*arrays):
+  """True when every argument is a numpy array: the float64 numpy path of the public functions."""
+  return all(isinstance(x, np.ndarray) for x in arrays)
+
+
+def _xp(x):
+  """The array module of `x`: numpy for numpy arrays and scalars, jax.numpy otherwise (tracers)."""
+  return np if isinstance(x, (np.ndarray, np.generic)) else jnp
 
 
 def _features(boxes):
@@ -91,8 +123,9 @@ def _features(boxes):
   Separate arrays rather than a trailing axis: elementwise work then vectorises over the pairs.
   The cosine and sine are computed once per box, not once per pair.
   """
+  xp = _xp(boxes)
   fields = [boxes[..., i] for i in range(5)]
-  return fields + [jnp.cos(fields[4]), jnp.sin(fields[4])]
+  return fields + [xp.cos(fields[4]), xp.sin(fields[4])]
 
 
 @jax.custom_jvp
@@ -129,6 +162,7 @@ def _iou_jvp(primals, tangents):
 
 
 def _iou_value(feats1, feats2):
+  """IoU of box pairs (`_features` lists), in the array module of the features; no custom JVP."""
   frame, other = _order_pair(feats1, feats2)
   inter = _clipped_area(frame, other)
   # Areas from the ordered pair, so that IoU(a, b) and IoU(b, a) round identically.
@@ -138,20 +172,22 @@ def _iou_value(feats1, feats2):
 
 def _order_pair(feats1, feats2):
   """Puts the larger box first; exact ties are broken by comparing parameters, for symmetry."""
-  both = jnp.broadcast_arrays(*feats1, *feats2)
+  xp = _xp(feats1[0])
+  both = xp.broadcast_arrays(*feats1, *feats2)
   feats1, feats2 = both[:len(feats1)], both[len(feats1):]
   area1, area2 = feats1[2] * feats1[3], feats2[2] * feats2[3]
-  second_first = jnp.zeros(area1.shape, bool)
+  second_first = xp.zeros(area1.shape, bool)
   for i in reversed(range(5)):   # lexicographic over (cx, cy, w, h, angle): cx decides first
-    second_first = jnp.where(feats2[i] != feats1[i], feats2[i] > feats1[i], second_first)
+    second_first = xp.where(feats2[i] != feats1[i], feats2[i] > feats1[i], second_first)
   second_first = (area2 > area1) | ((area2 == area1) & second_first)
-  frame = [jnp.where(second_first, f2, f1) for f1, f2 in zip(feats1, feats2)]
-  other = [jnp.where(second_first, f1, f2) for f1, f2 in zip(feats1, feats2)]
+  frame = [xp.where(second_first, f2, f1) for f1, f2 in zip(feats1, feats2)]
+  other = [xp.where(second_first, f1, f2) for f1, f2 in zip(feats1, feats2)]
   return frame, other
 
 
 def _clipped_area(frame, other):
   """Area of box `other` inside box `frame`, both given as `_features` lists of equal shapes."""
+  xp = _xp(frame[0])
   fx, fy, fw, fh, ft, cos_f, sin_f = frame
   ox, oy, ow, oh, ot = other[:5]
   dx, dy = ox - fx, oy - fy
@@ -160,16 +196,16 @@ def _clipped_area(frame, other):
   # The relative angle from the angles themselves (exact subtraction for close angles), not from
   # products of cosines: thin boxes turn a 1e-8 angle error into a large area error.
   rel = ot - ft
-  quarter = jnp.round(rel / _HALF_PI)
+  quarter = xp.round(rel / _HALF_PI)
   rel = rel - quarter * _HALF_PI        # |rel| <= pi/4; exactly 0 for exact quarter turns
-  odd = jnp.mod(quarter, 2) != 0
-  ow, oh = jnp.where(odd, oh, ow), jnp.where(odd, ow, oh)
-  cos_r, sin_r = jnp.cos(rel), jnp.sin(rel)
+  odd = xp.mod(quarter, 2) != 0
+  ow, oh = xp.where(odd, oh, ow), xp.where(odd, ow, oh)
+  cos_r, sin_r = xp.cos(rel), xp.sin(rel)
   ux, uy = cos_r * ow / 2, sin_r * ow / 2
   vx, vy = -sin_r * oh / 2, cos_r * oh / 2
   xs = [cx - ux - vx, cx + ux - vx, cx + ux + vx, cx - ux + vx]
   ys = [cy - uy - vy, cy + uy - vy, cy + uy + vy, cy - uy + vy]
-  return jnp.clip(_green_area(xs, ys, fw / 2, fh / 2), 0)
+  return xp.clip(_green_area(xs, ys, fw / 2, fh / 2), 0, None)
 
 
 def _green_area(xs, ys, a, b):
@@ -185,6 +221,7 @@ def _green_area(xs, ys, a, b):
   on a side is counted once, by part 1, and no sorting, compaction or tolerance is needed.
   Both polygons must have the same orientation (they do: the corner order of `_clipped_area`).
   """
+  xp = _xp(xs[0])
   t_lo, t_hi = [0.0] * 4, [1.0] * 4     # per edge i (vertex i -> i+1): the part inside the box
   # Which side cut each end of an edge (-1: none): the cut end is snapped exactly onto that side.
   lo_side, hi_side = [-1] * 4, [-1] * 4
@@ -201,13 +238,13 @@ def _green_area(xs, ys, a, b):
       enters = (g[i] < 0) & (g[j] >= 0)
       leaves = (g[i] >= 0) & (g[j] < 0)
       crosses = enters | leaves
-      t = jnp.where(crosses, g[i] / jnp.where(crosses, g[i] - g[j], 1.0), 0.0)
+      t = xp.where(crosses, g[i] / xp.where(crosses, g[i] - g[j], 1.0), 0.0)
       new_lo, new_hi = enters & (t > t_lo[i]), leaves & (t < t_hi[i])
-      t_lo[i], lo_side[i] = jnp.where(new_lo, t, t_lo[i]), jnp.where(new_lo, k, lo_side[i])
-      t_hi[i], hi_side[i] = jnp.where(new_hi, t, t_hi[i]), jnp.where(new_hi, k, hi_side[i])
+      t_lo[i], lo_side[i] = xp.where(new_lo, t, t_lo[i]), xp.where(new_lo, k, lo_side[i])
+      t_hi[i], hi_side[i] = xp.where(new_hi, t, t_hi[i]), xp.where(new_hi, k, hi_side[i])
       outside[i] = outside[i] | ((g[i] < 0) & (g[j] < 0))
-      hit = jnp.clip(other[i] + t * (other[j] - other[i]), -extent, extent)   # on the side
-      along = along + jnp.where(enters, hit, 0.0) - jnp.where(leaves, hit, 0.0)
+      hit = xp.clip(other[i] + t * (other[j] - other[i]), -extent, extent)   # on the side
+      along = along + xp.where(enters, hit, 0.0) - xp.where(leaves, hit, 0.0)
     line = sign * limit
     # x dy - y dx along the line x = line is line * dy; along y = line it is -line * dx.
     side_terms = side_terms + (line * along if along_x else -line * along)
@@ -217,13 +254,13 @@ def _green_area(xs, ys, a, b):
     j = (i + 1) % 4
 
     def point(t, side):
-      x = jnp.where(side == 0, a, jnp.where(side == 1, -a, xs[i] + t * (xs[j] - xs[i])))
-      y = jnp.where(side == 2, b, jnp.where(side == 3, -b, ys[i] + t * (ys[j] - ys[i])))
+      x = xp.where(side == 0, a, xp.where(side == 1, -a, xs[i] + t * (xs[j] - xs[i])))
+      y = xp.where(side == 2, b, xp.where(side == 3, -b, ys[i] + t * (ys[j] - ys[i])))
       return x, y
 
     (x0, y0), (x1, y1) = point(t_lo[i], lo_side[i]), point(t_hi[i], hi_side[i])
     keep = ~outside[i] & (t_lo[i] < t_hi[i])
-    edge_terms = edge_terms + jnp.where(keep, x0 * y1 - y0 * x1, 0.0)
+    edge_terms = edge_terms + xp.where(keep, x0 * y1 - y0 * x1, 0.0)
   return 0.5 * (edge_terms + side_terms)
 
 
@@ -232,5 +269,7 @@ def _hbox_area(boxes):
 
 
 def _safe_ratio(inter, union):
+  """inter / union where union > 0, else 0 (no division by zero, so finite gradients)."""
+  xp = _xp(union)
   positive = union > 0
-  return jnp.where(positive, inter / jnp.where(positive, union, 1.0), 0.0)
+  return xp.where(positive, inter / xp.where(positive, union, 1.0), 0.0)
