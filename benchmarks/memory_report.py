@@ -41,7 +41,7 @@ import jax  # noqa: E402
 from data_pipelines.samrs.classes import subset as subset_layout  # noqa: E402
 from mtp_jax.config import enabled_tasks, load_config, pretrain_defaults, validate  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
-from mtp_jax.train import loop  # noqa: E402
+from mtp_jax.train import batching, loop  # noqa: E402
 from _report import write_result  # noqa: E402
 
 GIB = 2 ** 30
@@ -94,13 +94,12 @@ def compile_step(config, devices, mode: str, remat: bool, b: int) -> dict:
     config.model.remat = remat
     config.data.batch_per_subset = NUM_DEVICES * b
   subsets = tuple(config.data.subsets)
-  num_classes = {s: len(subset_layout(s).classes) for s in subsets}
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
-  trainer = loop.Trainer(config, num_classes, mesh)   # the training loop's own step
+  class_names = {s: list(subset_layout(s).classes) for s in subsets}
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  trainer = loop.Trainer(config, loop.build_tasks(config, class_names), mesh)   # the loop's own step
   step, abstract_state, state_shardings = trainer.step, trainer.abstract_state, trainer.state_shardings
-  rows, size = config.data.batch_per_subset * len(subsets), config.data.image_size
-  batch = {"image": jax.ShapeDtypeStruct((rows, size, size, 3), jax.numpy.uint8),
-           "semantic": jax.ShapeDtypeStruct((rows, size, size), jax.numpy.uint8)}
+  batch = batching.abstract_batch(subsets, config.data.batch_per_subset, config.data.image_size,
+                                  dict(config.data.max_instances), trainer.fields)
   t = time.perf_counter()
   lowered = step.lower(abstract_state, batch)
   lower_s = time.perf_counter() - t

@@ -30,9 +30,8 @@ def main():
   args = p.parse_args()
   config = apply_overrides(load_config("configs/pretrain/quickstart.py"), [f"data.dir={args.data!r}"])
   subsets = tuple(config.data.subsets)
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  num_classes = loop.subset_classes(config)
-  trainer = loop.Trainer(config, num_classes, mesh)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  trainer = loop.Trainer(config, loop.build_tasks(config), mesh)
   state, step = trainer.init(), trainer.step
 
   batches = reader.PretrainBatches(config.data.dir, subsets, image_size=config.data.image_size,
@@ -43,7 +42,7 @@ def main():
   for _ in range(n_data):
     raw = next(batches)
   data_s = (time.perf_counter() - t) / n_data
-  batch = batching.device_batch(raw, subsets, mesh)
+  batch = batching.device_batch(raw, subsets, mesh, trainer.fields)
 
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()

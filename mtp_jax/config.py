@@ -22,14 +22,14 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   """All pretraining keys with the paper's values (MTP_SPEC §3), locked against new keys."""
   c = ml_collections.ConfigDict()
   c.seed = 2023                       # the original's seed (§3.2)
-  # The three MTP tasks (§3.1), each with its loss weight (1 in the original, §3.2). A task runs
-  # when enabled and its head exists (mtp_jax/models/multitask.py HEADS); 'is' (Mask R-CNN) and
-  # 'rd' (Oriented R-CNN) are named here and off until their heads land: enabling one stops
-  # with an error that says so. Adding a head is then this switch, not a change of the step.
-  c.tasks = ml_collections.ConfigDict({
-      "ss": {"enabled": True, "weight": 1.0},
-      "is": {"enabled": False, "weight": 1.0},
-      "rd": {"enabled": False, "weight": 1.0}})
+  # The three MTP tasks (§3.1), each with its loss weight (1 in the original, §3.2) and the
+  # fields its module defines (mtp_jax/tasks/<task>.py, Task.default_config). A task runs when
+  # enabled; 'is' (Mask R-CNN) is named here and off until its module lands: enabling it stops
+  # with an error that says so.
+  from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
+  c.tasks = ml_collections.ConfigDict(
+      {name: tasks_lib.TASKS[name].default_config() if name in tasks_lib.TASKS
+       else {"enabled": False, "weight": 1.0} for name in tasks_lib.ORDER})
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""                     # converted TFRecords (python -m data_pipelines.samrs.convert)
@@ -53,11 +53,6 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.model.encoder = "vit_b"
   c.model.encoder_overrides = ml_collections.ConfigDict()  # e.g. depth=4 for tiny runs
   c.model.drop_path_rate = 0.1        # pretraining (§1.1)
-  c.model.seg_channels = 256          # UperNet channels in pretraining (§3.3)
-  c.model.seg_dropout = 0.1
-  # UperNet norm: 'batch' (the original's SyncBN, statistics per subset) or 'group' (GroupNorm:
-  # no batch statistics, for small per-device batches or exact gradient accumulation).
-  c.model.seg_norm = "batch"
   c.model.compute_dtype = "float32"   # 'bfloat16' on accelerators; parameters stay float32
   c.model.remat = False               # activation checkpointing per encoder block
   # Encoder initialisation for a fresh run (not a resume): '' (random), an official / MAE PyTorch
@@ -97,11 +92,11 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.eval.every_steps = 0              # also evaluate every N training steps (0: only at the end)
 
   c.mesh = ml_collections.ConfigDict()
-  # Devices as (data, fsdp, tensor); one entry may be -1 (all remaining devices). The batch is
-  # split over data x fsdp. (-1, 1, 1): pure data parallelism; (1, -1, 1): FSDP (parameters and
-  # optimizer state split over all devices); (1, -1, 2): FSDP with tensor-parallel heads/MLP.
+  # Devices as (data, fsdp, tensor) (the axes are fixed: parallel/sharding.py MESH_AXES); one
+  # entry may be -1 (all remaining devices). The batch is split over data x fsdp. (-1, 1, 1):
+  # pure data parallelism; (1, -1, 1): FSDP (parameters and optimizer state split over all
+  # devices); (1, -1, 2): FSDP with tensor-parallel heads/MLP.
   c.mesh.shape = (-1, 1, 1)
-  c.mesh.axes = ("data", "fsdp", "tensor")
   # Logical parameter axis -> mesh axis (None: replicated). Mesh axes of size 1 are ignored, and
   # a dimension that the mesh axis does not divide stays whole (mtp_jax/parallel/sharding.py).
   c.sharding_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),
@@ -131,15 +126,22 @@ def validate(config, defaults=None):
       close = difflib.get_close_matches(k, known, n=2)
       hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
     raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
-  from mtp_jax.models.multitask import HEADS, PENDING_HEADS  # noqa: PLC0415 (pulls in jax)
+  from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
+  runnable = sorted(tasks_lib.TASKS)
   for name, task in config.tasks.items():
-    if name not in HEADS and name not in PENDING_HEADS:
-      raise ConfigError(f"tasks.{name}: unknown task; the tasks are {sorted(HEADS) + sorted(PENDING_HEADS)}")
-    if task.enabled and name not in HEADS:
-      raise ConfigError(f"tasks.{name}.enabled: the {PENDING_HEADS[name]} head has not landed in "
-                        f"mtp_jax yet; the tasks that run now are {sorted(HEADS)}")
-  if not enabled_tasks(config):
-    raise ConfigError(f"no task is enabled in config.tasks; the tasks that run now are {sorted(HEADS)}")
+    if name not in tasks_lib.TASKS and name not in tasks_lib.PENDING:
+      raise ConfigError(f"tasks.{name}: unknown task; the tasks are {runnable + sorted(tasks_lib.PENDING)}")
+    if task.enabled and name not in tasks_lib.TASKS:
+      raise ConfigError(f"tasks.{name}.enabled: the {tasks_lib.PENDING[name]} task has not landed in "
+                        f"mtp_jax yet; the tasks that run now are {runnable}")
+  for name in tasks_lib.TASKS:
+    problem = tasks_lib.TASKS[name].check_config(config.tasks[name])
+    if problem:
+      raise ConfigError(f"tasks.{name}.{problem}")
+  if not tasks_lib.enabled(config):
+    raise ConfigError(f"no task is enabled in config.tasks; the tasks that run now are {runnable}")
+  if len(config.mesh.shape) != 3:
+    raise ConfigError(f"mesh.shape {tuple(config.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
   if config.optimizer.grad_accum_steps < 1:
     raise ConfigError(f"optimizer.grad_accum_steps = {config.optimizer.grad_accum_steps} must be >= 1")
   if not 0 < config.optimizer.layer_decay <= 1:
@@ -149,16 +151,9 @@ def validate(config, defaults=None):
     raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be a non-empty subset of {SUBSET_NAMES}")
   if config.data.image_size % 32:
     raise ConfigError(f"data.image_size {config.data.image_size} must be a multiple of 32")
-  if config.model.seg_norm not in ("batch", "group"):
-    raise ConfigError(f"model.seg_norm {config.model.seg_norm!r} is not 'batch' or 'group'")
   if config.model.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.compute_dtype {config.model.compute_dtype!r} is not float32, bfloat16 or float16")
   return config
-
-
-def enabled_tasks(config) -> tuple:
-  """Names of the tasks that run, in the order of MTP's loss sum (ss, is, rd)."""
-  return tuple(name for name in ("ss", "is", "rd") if name in config.tasks and config.tasks[name].enabled)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -215,3 +210,9 @@ def apply_overrides(config, overrides) -> ml_collections.ConfigDict:
     except (TypeError, ValueError) as e:
       raise ConfigError(f"override {item!r}: {e}") from None
   return validate(config)
+
+
+def enabled_tasks(config) -> tuple:
+  """Names of the tasks that run, in the order of MTP's loss sum (ss, is, rd)."""
+  from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
+  return tasks_lib.enabled(config)

@@ -22,13 +22,14 @@ QUICKSTART = os.path.join(ROOT, "configs", "pretrain", "quickstart.py")
 
 
 def tiny_overrides(data_dir, **overrides) -> list[str]:
-  """`--set` values shrinking the quickstart to a 2-block, 48-wide ViT at 64 px on the test sample."""
+  """`--set` values shrinking the quickstart to a 2-block, 48-wide ViT at 64 px on the test sample,
+  semantic segmentation only (`TINY_RD` adds a toy rotated-detection head)."""
   sets = [f"data.dir={data_dir!r}", f"data.image_size={SAMPLE_SIZE}", "data.batch_per_subset=8",
           "data.shuffle_window=16", "model.encoder_overrides.embed_dim=48",
           "model.encoder_overrides.depth=2", "model.encoder_overrides.num_heads=2",
           "model.encoder_overrides.out_indices=(0, 1, 1, 1)",
           "model.encoder_overrides.patch_size=8",  # 8x8 tokens: RVSA windows fit at 64 px
-          "model.seg_channels=16", "data.max_instances.fast=2",
+          "tasks.ss.channels=16", "data.max_instances.fast=2", "tasks.rd.enabled=False",
           "optimizer.lr=1e-2", "optimizer.warmup_steps=0", "train.log_every=1",
           "train.checkpoint_every=3", "eval.batch_per_subset=8", "eval.report_images=1"]
   return sets + [f"{k}={v!r}" for k, v in overrides.items()]
@@ -39,6 +40,22 @@ def tiny_config(data_dir, **overrides):
   from mtp_jax import config as config_lib
   return config_lib.apply_overrides(config_lib.load_config(QUICKSTART), tiny_overrides(data_dir, **overrides))
 
+
+# {subset: object class names} of SAMRS (what the converted sample carries).
+def _samrs_classes():
+  from data_pipelines.samrs.classes import subset
+  return {s: list(subset(s).classes) for s in ("sota", "sior", "fast")}
+
+
+SAMRS_CLASSES = _samrs_classes()
+
+# A toy Oriented R-CNN for the 64 px sample: MTP's structure and assignment rules, small widths
+# and sample counts, anchors of 2 x stride (the sample's objects are 6-17 px at 64 px; MTP's
+# 8 x stride anchors would never reach the 0.3 IoU a positive needs).
+TINY_RD = {"tasks.rd.enabled": True, "tasks.rd.neck_channels": 32, "tasks.rd.fc_channels": 64,
+           "tasks.rd.anchor_scale": 2.0, "tasks.rd.rpn_samples": 64, "tasks.rd.train_proposals": 256,
+           "tasks.rd.test_proposals": 256, "tasks.rd.rcnn_samples": 64, "tasks.rd.max_detections": 100,
+           "tasks.rd.max_candidates": 1000}
 
 SAMPLE_IMAGES = 16   # per subset: 12 train, 4 valid
 SAMPLE_SIZE = 64
@@ -60,3 +77,15 @@ def tfrecord_dir(sample_dir, tmp_path_factory):
     for split in ("train", "valid"):
       convert.convert_split(sample_dir, subset, split, out, num_shards=2, log=lambda *_: None)
   return out
+
+
+# The tiny ss + rd pretraining run shared by the rotated-detection tests (3 steps, evaluated at
+# the end): its workdir, results and the overrides that made it (for main.py children).
+SS_RD_RUN = {**TINY_RD, "train.num_steps": 3, "eval.every_steps": 0}
+
+
+@pytest.fixture(scope="session")
+def ss_rd_run(tfrecord_dir, tmp_path_factory):
+  from mtp_jax.train import loop
+  workdir = str(tmp_path_factory.mktemp("ss_rd"))
+  return workdir, loop.train_and_evaluate(tiny_config(tfrecord_dir, **SS_RD_RUN), workdir)

@@ -80,8 +80,8 @@ def test_encoder_outputs_four_scales_and_official_names():
 
 
 def test_logical_axes_map_to_the_mesh():
-  mesh = sharding.make_mesh((-1, 2), ("data", "fsdp"))
-  assert mesh.shape == {"data": 4, "fsdp": 2}
+  mesh = sharding.make_mesh((-1, 2, 1))
+  assert mesh.shape == {"data": 4, "fsdp": 2, "tensor": 1}
   rules = (("embed", "fsdp"), ("mlp", None))
   spec = sharding.logical_to_mesh(jax.sharding.PartitionSpec("embed", "mlp"), rules, mesh)
   assert spec == jax.sharding.PartitionSpec("fsdp", None)

@@ -19,7 +19,7 @@ from mtp_jax.errors import ConfigError
 from mtp_jax.parallel import distributed
 from mtp_jax.train import loop
 
-from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
+from conftest import QUICKSTART, ROOT, SS_RD_RUN, tiny_config, tiny_overrides
 
 RUN = {"train.num_steps": 5, "train.checkpoint_every": 5, "eval.max_batches": 1}
 
@@ -66,7 +66,7 @@ def test_two_processes_equal_one_process_with_eight_devices(tfrecord_dir, tmp_pa
   assert data == single_data and sorted(data["streams"]) == ["0", "1"]
   eval_multi = json.load(open(os.path.join(multi, "report", "metrics.json")))["eval"]
   eval_single = json.load(open(os.path.join(single, "report", "metrics.json")))["eval"]
-  for s in eval_single:   # the same pixels scored; parameters equal to the tolerance above
+  for s in eval_single:   # the same pixels and images scored; parameters equal to the tolerance above
     assert eval_multi[s]["ss"]["pixels"] == eval_single[s]["ss"]["pixels"]
     np.testing.assert_allclose(eval_multi[s]["ss"]["miou"], eval_single[s]["ss"]["miou"], atol=1e-4)
 
@@ -74,6 +74,7 @@ def test_two_processes_equal_one_process_with_eight_devices(tfrecord_dir, tmp_pa
   # shards, the confusion counts summed on device) gives exactly the one-process numbers.
   evaluated = str(tmp_path / "evaluated")
   shutil.copytree(single, evaluated)
+  shutil.rmtree(os.path.join(evaluated, "report"))   # what follows is the evaluation's own output
   outs = run_two_processes(tfrecord_dir, evaluated, "--mode", "eval")
   assert "eval step 5 sota: ss mIoU" in outs[0] and "report:" not in outs[1]
   report = json.load(open(os.path.join(evaluated, "report", "metrics.json")))
@@ -81,10 +82,34 @@ def test_two_processes_equal_one_process_with_eight_devices(tfrecord_dir, tmp_pa
   assert report["eval"] == eval_single
 
 
-def run_two_processes(tfrecord_dir, workdir, *args) -> list[str]:
+def test_two_processes_evaluate_rotated_detection_exactly_as_one(ss_rd_run, tfrecord_dir, tmp_path):
+  """The ss + rd checkpoint of the shared tiny run, evaluated by 2 processes (each its own valid
+  shards; confusion counts summed on device, each process's detections gathered for the DOTA
+  mAP): exactly the one-process numbers and the same DOTA Task1 lines."""
+  single, _ = ss_rd_run
+  evaluated = str(tmp_path / "evaluated")
+  shutil.copytree(single, evaluated)
+  shutil.rmtree(os.path.join(evaluated, "report"))   # what follows is the evaluation's own output
+  outs = run_two_processes(tfrecord_dir, evaluated, "--mode", "eval", run=SS_RD_RUN)
+  assert "rd rotated mAP" in outs[0] and "report:" not in outs[1]
+  report = json.load(open(os.path.join(evaluated, "report", "metrics.json")))
+  eval_single = json.load(open(os.path.join(single, "report", "metrics.json")))["eval"]
+  assert report["eval"] == eval_single
+  assert all(eval_single[s]["rd"]["images"] == 4 for s in eval_single)
+  lines = 0
+  for s in eval_single:   # whichever process evaluated an image, the same submission lines
+    single_files = os.path.join(single, "report", "dota_task1", s)
+    lines += sum(len(open(os.path.join(single_files, n)).readlines()) for n in os.listdir(single_files))
+    for name in os.listdir(single_files):
+      assert (open(os.path.join(evaluated, "report", "dota_task1", s, name)).read()
+              == open(os.path.join(single_files, name)).read())
+  assert lines > 0   # detections to compare: a misaligned row would change them
+
+
+def run_two_processes(tfrecord_dir, workdir, *args, run=RUN) -> list[str]:
   """main.py as 2 processes of 4 CPU devices each (coordinator on 127.0.0.1); their outputs."""
   port = free_port()
-  sets = [arg for s in tiny_overrides(tfrecord_dir, **RUN) for arg in ("--set", s)]
+  sets = [arg for s in tiny_overrides(tfrecord_dir, **run) for arg in ("--set", s)]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
   procs = [subprocess.Popen(

@@ -18,14 +18,32 @@ from mtp_jax.errors import CheckpointError, ConfigError
 from mtp_jax.metrics import report
 from mtp_jax.train import loop
 
-from conftest import QUICKSTART, ROOT, SAMPLE_SIZE, tiny_config
+from conftest import QUICKSTART, ROOT, SAMPLE_SIZE, SAMRS_CLASSES, tiny_config
+
+# Without dropout, so that the run is a function of the parameters and data alone: the one
+# golden run below was made with this config before the task protocol changed how heads get keys.
+TRAINED = {"train.num_steps": 8, "eval.every_steps": 4, "tasks.ss.dropout": 0.0}
+GOLDEN = os.path.join(ROOT, "tests", "data", "ss_losses_before_task_protocol.json")
+
 
 @pytest.fixture(scope="module")
 def trained(tfrecord_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  results = loop.train_and_evaluate(tiny_config(tfrecord_dir, **{"train.num_steps": 8, "eval.every_steps": 4}),
-                                    workdir)
+  results = loop.train_and_evaluate(tiny_config(tfrecord_dir, **TRAINED), workdir)
   return workdir, results
+
+
+def test_ss_only_run_is_unchanged_by_the_task_protocol(trained):
+  """The same losses (every subset's, every step) and valid mIoU as the code before the tasks
+  moved into mtp_jax/tasks/ (tests/data: made at commit ac968dc with this fixture's config)."""
+  _, results = trained
+  golden = json.load(open(GOLDEN))
+  for got, want in zip(results["train"]["history"], golden["history"], strict=True):
+    assert got["step"] == want["step"]
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"step {got['step']} {key}")
+  for s, miou in golden["miou"].items():
+    np.testing.assert_allclose(results["eval"][s]["ss"]["miou"], miou, rtol=1e-5, atol=1e-7)
 
 
 def _params(workdir, step):
@@ -44,6 +62,7 @@ def test_loss_falls_and_report_is_written(trained):
   assert set(saved["eval"]) == {"sota", "sior", "fast"} and saved["step"] == 8
   ss = saved["eval"]["sota"]["ss"]
   assert ss["pixels"] == 4 * SAMPLE_SIZE * SAMPLE_SIZE  # the 4 valid images, padding left out
+  assert {"ss/sota/ce", "ss/sior/ce", "ss/fast/ce"} <= set(results["train"]["history"][0])
   assert np.asarray(ss["confusion"]).sum() == ss["pixels"]
   assert 0.0 <= saved["eval"]["fast"]["ss"]["miou"] <= 1.0
   assert saved["mtp_average"] is None   # ss only: the average needs all three tasks
@@ -74,7 +93,7 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(tra
   shutil.copytree(workdir, resumed)
   for step in ("6", "8"):  # as if the run had died after the checkpoint at step 3
     shutil.rmtree(os.path.join(resumed, "checkpoints", step))
-  results = loop.train_and_evaluate(tiny_config(tfrecord_dir, **{"train.num_steps": 8}), resumed)
+  results = loop.train_and_evaluate(tiny_config(tfrecord_dir, **{**TRAINED, "eval.every_steps": 0}), resumed)
   assert "resumed from" in capsys.readouterr().out
   assert results["train"]["start_step"] == 3
   assert [h["step"] for h in results["train"]["history"]] == [4, 5, 6, 7, 8]
@@ -198,8 +217,8 @@ def test_encoder_init_loads_a_pytorch_file_and_an_mae_one_non_strictly(trained, 
   trained_encoder, _ = restore_params(workdir)
   sd = torch_convert.encoder_to_state_dict(trained_encoder["encoder"])
   config = tiny_config(tfrecord_dir, **{"mesh.shape": (1, 8, 1)})   # into FSDP shards
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  fresh = loop.Trainer(config, {"sota": 18, "sior": 20, "fast": 37}, mesh).init().params
+  mesh = sharding.make_mesh(config.mesh.shape)
+  fresh = loop.Trainer(config, loop.build_tasks(config, SAMRS_CLASSES), mesh).init().params
 
   full = str(tmp_path / "encoder.safetensors")
   torch_convert.write_state_dict(sd, full)
@@ -209,8 +228,8 @@ def test_encoder_init_loads_a_pytorch_file_and_an_mae_one_non_strictly(trained, 
   for k in got:
     np.testing.assert_array_equal(got[k], sd[k])
   assert params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"][...].sharding.spec[0] == "fsdp"
-  np.testing.assert_array_equal(np.asarray(params["semseghead"]["sota"]["conv_seg"]["kernel"][...]),
-                                np.asarray(fresh["semseghead"]["sota"]["conv_seg"]["kernel"][...]))
+  np.testing.assert_array_equal(np.asarray(params["heads"]["ss"]["semseghead"]["sota"]["conv_seg"]["kernel"][...]),
+                                np.asarray(fresh["heads"]["ss"]["semseghead"]["sota"]["conv_seg"]["kernel"][...]))
 
   # An MAE-style file: a cls token in pos_embed and no RVSA parameters. Loaded non-strictly, the
   # RVSA parameters keep their initialisation and are listed.

@@ -5,8 +5,11 @@
     python main.py --config configs/pretrain/quickstart.py --workdir workdirs/quickstart
 
 Same step, sharding, checkpointing and reports as the paper's configs, at toy size: 128 px,
-a 4-block ViT+RVSA of width 96 (blocks 0, 1, 3 RVSA, block 2 global), UperNet with 64 channels,
-4 images per subset per step.
+a 4-block ViT+RVSA of width 96 (blocks 0, 1, 3 RVSA, block 2 global), 4 images per subset per
+step, two tasks: UperNet with 64 channels (ss) and Oriented R-CNN (rd) with MTP's structure and
+assignment rules at toy widths and sample counts (FPN 64, Shared2FC 256, 128 RoIs and 128
+anchors sampled per image, 500 proposals), anchors of 4 x stride (the sample's objects are
+15-35 px at 128 px; MTP's 8 x stride would leave the smallest without a positive anchor).
 """
 
 from mtp_jax.config import pretrain_defaults
@@ -23,7 +26,11 @@ def get_config(arg=None):
   c.model.encoder = "vit_t_rvsa"     # the paper's RVSA architecture, toy width and depth
   c.model.encoder_overrides.update(dict(embed_dim=96, depth=4, num_heads=3, out_indices=(0, 1, 2, 3)))
   c.model.drop_path_rate = 0.0
-  c.model.seg_channels = 64
+  c.tasks.ss.channels = 64
+  c.tasks.rd.enabled = True
+  c.tasks.rd.update(dict(neck_channels=64, fc_channels=256, anchor_scale=4.0, rpn_samples=128,
+                         train_proposals=500, test_proposals=500, rcnn_samples=128,
+                         max_detections=200, max_candidates=2000))
   c.optimizer.lr = 1e-3               # toy model from scratch: far above the paper's 6e-5
   c.optimizer.warmup_steps = 10
   c.train.num_steps = 200

@@ -14,7 +14,8 @@ A static example (numpy), S = image_size, M = max_instances:
   rbox_valid (M,) bool: the rotated box is usable (its centre survived the crop);
   masks (M, S, S) uint8, only with `with_masks`;
   num_instances () int32: usable instances before the cap (the excess is truncated);
-  is_real () bool: False for the padding examples of a final partial evaluation batch.
+  is_real () bool: False for the padding examples of a final partial evaluation batch;
+  image_id () str: the image's file stem (unique within a subset; '' for padding examples).
 Training examples go through `augment.train_augment`; evaluation images are resized (longer
 side = S, aspect kept) and zero padded, boxes scaled with them.
 """
@@ -109,6 +110,15 @@ def resize_and_pad(sample: dict, image_size: int) -> dict:
   return augment.pad_to(sample, image_size)
 
 
+def example_shapes(image_size: int, max_instances: int) -> dict:
+  """{field: (shape, numpy dtype)} of a static example's array fields (module docstring; masks
+  and the host-only string `image_id` left out)."""
+  s, m = image_size, max_instances
+  return {"image": ((s, s, 3), np.uint8), "semantic": ((s, s), np.uint8), "labels": ((m,), np.int32),
+          "rboxes": ((m, 5), np.float32), "hboxes": ((m, 4), np.float32), "valid": ((m,), bool),
+          "rbox_valid": ((m,), bool), "num_instances": ((), np.int32), "is_real": ((), bool)}
+
+
 def pack(sample: dict, image_size: int, max_instances: int) -> dict:
   """A padded sample -> the static example of the module docstring.
 
@@ -140,12 +150,30 @@ def pack(sample: dict, image_size: int, max_instances: int) -> dict:
 def to_static_example(raw: bytes, image_size: int, max_instances: int, rng=None,
                       augment_config=None, with_masks: bool = False) -> dict:
   """Parses one TFRecord into a static example; augments it when `rng` is given (training)."""
-  sample = record_to_sample(schema.decode(raw), with_masks)
+  record = schema.decode(raw)
+  sample = record_to_sample(record, with_masks)
   if rng is None:
     sample = resize_and_pad(sample, image_size)
   else:
     sample = augment.train_augment(sample, rng, image_size, augment_config or augment.AugmentConfig())
-  return pack(sample, image_size, max_instances)
+  example = pack(sample, image_size, max_instances)
+  example["image_id"] = np.str_(image_stem(record.filename))
+  return example
+
+
+def image_stem(filename: str) -> str:
+  """'dir/P0001.png' -> 'P0001': the image id used by the evaluators and DOTA submissions."""
+  return os.path.splitext(os.path.basename(filename))[0]
+
+
+def eval_max_instances(data_dir: str, subset: str, split: str = "valid") -> int:
+  """Instances to pack per evaluation image: the most any image of the split has (from
+  dataset_info.json), so that evaluation scores against the full ground truth, never a cap."""
+  info = load_info(data_dir, subset, split)
+  if "max_instances_per_image" not in info:
+    raise DataError(f"{data_dir}/{subset}/{split}/{INFO_FILE} lacks max_instances_per_image; "
+                    "reconvert it with python -m data_pipelines.samrs.convert")
+  return max(int(info["max_instances_per_image"]), 1)
 
 
 class SkipCorrupt:

@@ -63,16 +63,11 @@ def stack(rows, gap: int = 4) -> np.ndarray:
   return out
 
 
-def comparison_row(title: str, image, gt_map, pred_map, gt_rboxes=None, gt_labels=None,
-                   pred_rboxes=None, pred_labels=None, scale: int = 2) -> np.ndarray:
-  """One report row: image | ground truth | prediction. Maps are coloured; rotated boxes, when
-  given, are outlined on the map of their side (ground truth or prediction)."""
-  gt = colourize(gt_map)
-  pred = colourize(pred_map)
-  if gt_rboxes is not None and len(gt_rboxes):
-    gt = draw_rboxes(gt, gt_rboxes, colour=(255, 255, 255))
-  if pred_rboxes is not None and len(pred_rboxes):
-    pred = draw_rboxes(pred, pred_rboxes, colour=(255, 255, 255))
+def comparison_row(title: str, image, gt_panel, pred_panel, scale: int = 2) -> np.ndarray:
+  """One report row: image | ground truth | prediction. A panel is an (H, W, 3) picture (the
+  tasks paint theirs: maps, rotated boxes) or an (H, W) class map, coloured here."""
+  gt = colourize(gt_panel) if np.ndim(gt_panel) == 2 else np.asarray(gt_panel, np.uint8)
+  pred = colourize(pred_panel) if np.ndim(pred_panel) == 2 else np.asarray(pred_panel, np.uint8)
   row = np.concatenate([np.asarray(image, np.uint8), gt, pred], axis=1)
   row = np.repeat(np.repeat(row, scale, axis=0), scale, axis=1)
   return np.asarray(_label(row, f"{title}: image | ground truth | prediction"))

@@ -1,31 +1,18 @@
-"""The pretraining numbers of MTP (MTP_SPEC.md §3.6): one headline metric per task and subset,
-and the "MTP average" of all of them when the three tasks run.
-
-Per subset, the evaluation results hold one dict per task:
-  ss: segmentation_scores  -> headline "miou"        (mIoU, background included, §3.4)
-  is: {"segm": coco_ap, "bbox": coco_ap} -> "segm"/"AP" (COCO mask AP, IoU 0.50:0.95)
-  rd: DotaEvaluator.result -> "map"         (DOTA VOC07 mAP at IoU 0.5)
+"""The "MTP average" of the paper (MTP_SPEC.md §3.6): the mean of the headline numbers of the
+three pretraining tasks (ss mIoU, is mask AP, rd mAP) over every subset (9 numbers for SOTA,
+SIOR, FAST). Each task gives its own headline number (mtp_jax/tasks/, Task.headline).
 """
 
 import math
 
-HEADLINE = {"ss": ("miou",), "is": ("segm", "AP"), "rd": ("map",)}
-HEADLINE_NAMES = {"ss": "mIoU", "is": "mask AP", "rd": "rotated mAP"}
+MTP_TASKS = ("ss", "is", "rd")
 
 
-def headline(task: str, result: dict) -> float:
-  """The task's headline number (a fraction) from its result dict."""
-  value = result
-  for key in HEADLINE[task]:
-    value = value[key]
-  return float(value)
-
-
-def mtp_average(per_subset: dict) -> float | None:
-  """Mean of the headline numbers of ss, is and rd over every subset ({subset: {task: result}}),
-  as the paper's "MTP average" (9 numbers for SOTA, SIOR, FAST); None unless every subset has all
-  three tasks. NaN if any of them is NaN (an empty evaluation), so it is never silently partial."""
-  if not per_subset or any(set(HEADLINE) - set(tasks) for tasks in per_subset.values()):
+def mtp_average(headlines: dict) -> float | None:
+  """Mean of {subset: {task: headline fraction}} over every subset and the three MTP tasks; None
+  unless every subset has all three. NaN if any of them is NaN (an empty evaluation), so it is
+  never silently partial."""
+  if not headlines or any(set(MTP_TASKS) - set(tasks) for tasks in headlines.values()):
     return None
-  values = [headline(t, tasks[t]) for tasks in per_subset.values() for t in HEADLINE]
+  values = [float(tasks[t]) for tasks in headlines.values() for t in MTP_TASKS]
   return float("nan") if any(math.isnan(v) for v in values) else sum(values) / len(values)

@@ -7,10 +7,12 @@
     report/eval.png           evaluation headline numbers over steps (when evaluated more than once)
     report/<subset>_predictions.png  image | ground truth | prediction rows (maps, rotated boxes)
     report/<subset>_<task>_per_class.png  per-class IoU / AP bars
-    report/<subset>_ss_confusion.png      row-normalised confusion matrix
+    report/<subset>_...png    each task's own pictures (ss: the row-normalised confusion matrix)
 
 Numbers in report.md are percentages with two decimals (as the paper prints them); metrics.json
-keeps fractions. Only process 0 writes.
+keeps fractions. Only process 0 writes. Every task-specific part (headline, per-class table,
+text, extra pictures) comes from the task objects (mtp_jax/tasks/, {name: Task}); the report
+names no task.
 """
 
 import json
@@ -20,7 +22,7 @@ import os
 import numpy as np
 
 from mtp_jax.metrics import drawing, writers
-from mtp_jax.metrics.multitask import HEADLINE, HEADLINE_NAMES, headline
+from mtp_jax.metrics.multitask import MTP_TASKS
 
 REPORT_MD = "report.md"
 REPORT_DIR = "report"
@@ -36,16 +38,6 @@ def markdown_table(header, rows) -> str:
   return "\n".join(lines)
 
 
-def _per_class(task: str, result: dict) -> tuple[str, dict] | None:
-  """(label, {class: value}) of a task result: IoU for ss, AP for detection tasks."""
-  if task == "ss":
-    return "IoU", result["iou_per_class"]
-  for source in (result, result.get("segm", {})):
-    if "ap_per_class" in source:
-      return "AP", source["ap_per_class"]
-  return None
-
-
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
   """(steps, values) of `key` over the rows; a step logged twice (re-evaluated) keeps its last value."""
   by_step = {r["step"]: r[key] for r in rows if key in r}
@@ -53,10 +45,11 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
   return steps, [by_step[s] for s in steps]
 
 
-def _curves(rows: list[dict]) -> dict:
+def _curves(rows: list[dict], task_names) -> dict:
   """{picture name: chart} of the metrics.jsonl rows: losses, and eval headlines if logged twice."""
   charts = {}
-  loss_keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith(("ss/", "is/", "rd/"))})
+  prefixes = tuple(f"{t}/" for t in task_names)
+  loss_keys = sorted({k for r in rows for k in r if k == "loss" or (prefixes and k.startswith(prefixes))})
   if loss_keys:
     charts["loss"] = drawing.curves_chart({k: _series(rows, k) for k in loss_keys}, "training loss")
   eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
@@ -66,34 +59,29 @@ def _curves(rows: list[dict]) -> dict:
   return charts
 
 
-def markdown(results: dict, pictures) -> str:
+def markdown(results: dict, pictures, tasks: dict) -> str:
   """report.md text of `results` (see write_report); `pictures` are the written picture names."""
   evaluation = results["eval"]
-  tasks = [t for t in HEADLINE if any(t in r for r in evaluation.values())]
+  names = [t for t in tasks if any(t in r for r in evaluation.values())]
   out = [f"# mtp_jax report: step {results['step']}", "",
          f"Checkpoint `{results.get('checkpoint', 'n/a')}`, evaluated on the valid split "
          f"({results.get('mode', 'train')} run). Numbers are percentages.", "",
          "## Summary", ""]
-  rows = [[s] + [percent(headline(t, r[t])) if t in r else "-" for t in tasks] for s, r in evaluation.items()]
-  out.append(markdown_table(["subset"] + [f"{t} {HEADLINE_NAMES[t]}" for t in tasks], rows))
+  rows = [[s] + [percent(tasks[t].headline(r[t])) if t in r else "-" for t in names]
+          for s, r in evaluation.items()]
+  out.append(markdown_table(["subset"] + [f"{t} {tasks[t].headline_name}" for t in names], rows))
   if results.get("mtp_average") is not None:
-    out += ["", f"**MTP average** (mean of the {3 * len(evaluation)} numbers above, MTP_SPEC §3.6): "
+    out += ["", f"**MTP average** (mean of the {len(MTP_TASKS) * len(evaluation)} numbers above, MTP_SPEC §3.6): "
                 f"{percent(results['mtp_average'])}"]
   for s, per_task in evaluation.items():
-    out += ["", f"## {s}", ""]
-    if "ss" in per_task:
-      ss = per_task["ss"]
-      out.append(f"Semantic segmentation: mIoU {percent(ss['miou'])}, overall accuracy "
-                 f"{percent(ss['overall_accuracy'])}, mean accuracy {percent(ss['macc'])}, "
-                 f"{ss['pixels']} pixels.")
-      out += ["", markdown_table(["class", "IoU", "accuracy"],
-                                 [[n, percent(v), percent(ss["accuracy_per_class"][n])]
-                                  for n, v in ss["iou_per_class"].items()])]
+    out += ["", f"## {s}"]
     for t, r in per_task.items():
-      if t != "ss" and _per_class(t, r):
-        label, values = _per_class(t, r)
-        out += ["", f"{t} {HEADLINE_NAMES[t]} {percent(headline(t, r))}", "",
-                markdown_table(["class", label], [[n, percent(v)] for n, v in values.items()])]
+      out += ["", tasks[t].summary(r)]
+      table = tasks[t].class_table(r)
+      if table:
+        header, columns = table
+        out += ["", markdown_table(["class"] + header,
+                                   [[n] + [percent(c[n]) for c in columns] for n in columns[0]])]
     out += [""] + [f"![{p}]({REPORT_DIR}/{p}.png)" for p in pictures if p.startswith(f"{s}_")]
   train = results.get("train")
   if train and train.get("history"):
@@ -106,35 +94,34 @@ def markdown(results: dict, pictures) -> str:
   return "\n".join(out) + "\n"
 
 
-def pictures_of(results: dict, rows: dict, metric_rows: list[dict]) -> dict:
+def pictures_of(results: dict, rows: dict, metric_rows: list[dict], tasks: dict) -> dict:
   """{name: (H, W, 3) uint8} for the report: per subset the prediction rows (`rows[subset]`, a
-  list of drawing.comparison_row images), per-class bars and the confusion matrix; curves."""
+  list of drawing.comparison_row images), per-class bars and each task's own pictures; curves."""
   out = {}
   for s, per_task in results["eval"].items():
     if rows.get(s):
       out[f"{s}_predictions"] = drawing.stack(rows[s])
     for t, r in per_task.items():
-      per_class = _per_class(t, r)
+      per_class = tasks[t].per_class(r)
       if per_class:
         label, values = per_class
         out[f"{s}_{t}_per_class"] = drawing.bar_chart(values, f"{s} {t}: {label} per class", label)
-    if "ss" in per_task:
-      out[f"{s}_ss_confusion"] = drawing.confusion_chart(
-          per_task["ss"]["confusion"], list(per_task["ss"]["iou_per_class"]), f"{s} semantic segmentation")
-  out.update(_curves(metric_rows))
+      out.update(tasks[t].report_pictures(s, r))
+  out.update(_curves(metric_rows, tuple(tasks)))
   return out
 
 
-def write_report(workdir: str, results: dict, rows: dict | None = None) -> dict:
+def write_report(workdir: str, results: dict, tasks: dict, rows: dict | None = None) -> dict:
   """Writes report.md, report/metrics.json and the pictures; returns {"report", "metrics",
   "pictures": {name: path}, "images": {name: (H, W, 3) uint8}}.
 
   results: {"step", "checkpoint", "mode", "eval": {subset: {task: result}}, "mtp_average",
-  "train" (optional)}; rows: {subset: [comparison rows]}. The pictures use `<workdir>/metrics.jsonl`.
+  "train" (optional)}; tasks: {name: Task}; rows: {subset: [comparison rows]}. The pictures use
+  `<workdir>/metrics.jsonl`.
   """
   folder = os.path.join(workdir, REPORT_DIR)
   os.makedirs(folder, exist_ok=True)
-  pictures = pictures_of(results, rows or {}, writers.read_rows(workdir))
+  pictures = pictures_of(results, rows or {}, writers.read_rows(workdir), tasks)
   for name, image in pictures.items():
     drawing.save_png(image, os.path.join(folder, f"{name}.png"))
   paths = {"report": os.path.join(workdir, REPORT_MD), "metrics": os.path.join(folder, "metrics.json"),
@@ -142,7 +129,7 @@ def write_report(workdir: str, results: dict, rows: dict | None = None) -> dict:
   with open(paths["metrics"], "w") as f:
     json.dump(jsonable(results), f, indent=1)
   with open(paths["report"], "w") as f:
-    f.write(markdown(results, list(pictures)))
+    f.write(markdown(results, list(pictures), tasks))
   return paths
 
 

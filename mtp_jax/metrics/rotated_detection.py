@@ -209,4 +209,5 @@ class DotaEvaluator(PerImageEvaluator):
     r = dota_map(detections, annotations, self.iou_thr, self.use_07_metric, self.num_classes)
     return {"map": r["map"], "ap_per_class": dict(zip(self.class_names, r["ap"].tolist())),
             "num_objects": dict(zip(self.class_names, r["num_objects"].tolist())),
+            "num_detections": dict(zip(self.class_names, r["num_detections"].tolist())),
             "images": len(self.images)}

@@ -79,7 +79,7 @@ class Progress:
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
     eta = (self.total - step) / max(rate, 1e-9)
-    shown = " | ".join(f"{k} {v:.4g}" for k, v in scalars.items() if not k.startswith("ss/"))
+    shown = " | ".join(f"{k} {v:.4g}" for k, v in scalars.items())
     if jax.process_index() == 0:
       print(f"step {step}/{self.total} | {shown} | {rate:.2f} steps/s | ETA {_duration(eta)}", flush=True)
     return rate

@@ -1,8 +1,9 @@
 """Mesh construction and the mapping from logical parameter axes to mesh axes.
 
 Parameters carry logical axis names (mtp_jax/models/layers.py); `config.sharding_rules` maps each
-to a mesh axis or None. The batch is split over ('data', 'fsdp'). Meshes are built with
-`jax.sharding.Mesh` and Auto axis types (jax.make_mesh would default to Explicit axes).
+to a mesh axis or None. The mesh axes are fixed, `MESH_AXES` = ('data', 'fsdp', 'tensor'), and
+the batch is split over `BATCH_AXES` = ('data', 'fsdp'); config.mesh.shape sizes them. Meshes are
+built with `jax.sharding.Mesh` and Auto axis types (jax.make_mesh would default to Explicit axes).
 """
 
 import math
@@ -14,15 +15,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mtp_jax.errors import ConfigError
 
+MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(shape, axis_names, devices=None) -> Mesh:
-  """Mesh of `shape` over `devices` (default all); one entry of `shape` may be -1."""
+def make_mesh(shape, devices=None) -> Mesh:
+  """Mesh of `shape` (sizes of MESH_AXES) over `devices` (default all); one entry may be -1."""
   devices = list(devices if devices is not None else jax.devices())
   shape = list(shape)
+  axis_names = MESH_AXES
   if len(shape) != len(axis_names):
-    raise ConfigError(f"mesh.shape {tuple(shape)} and mesh.axes {tuple(axis_names)} differ in length")
+    raise ConfigError(f"mesh.shape {tuple(shape)} must give the sizes of the mesh axes {axis_names}")
   if shape.count(-1) > 1:
     raise ConfigError(f"mesh.shape {tuple(shape)} has more than one -1")
   if -1 in shape:
@@ -90,3 +93,12 @@ def global_batch(local_tree, mesh: Mesh):
   """This process's rows -> global jax.Arrays split over the batch axes (multi-host safe)."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_tree)
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array (in global row order), as numpy: the
+  rows its own input batch held. Replicated copies of a row block (e.g. over 'tensor') count once."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  blocks = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])

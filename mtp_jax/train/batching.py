@@ -1,12 +1,16 @@
-"""Host batches to device: subsets interleaved into one global batch split over the batch axes.
+"""Host batches to device: images interleaved into one global batch, ground truth per subset.
 
 The encoder sees one batch whose rows alternate between subsets (MTP_SPEC.md §3.2, one encoder
 pass over the G subsets' images): image i of subset g is row i*G + g (mtp_jax/models/multitask.py).
+Ground truth stays per subset, `{subset: {field: (b, ...)}}`, since subsets pad their instances to
+different counts (data.max_instances); every array is split over the batch axes, so a device
+holds the ground truth of exactly the images whose rows it holds.
 """
 
 import jax
 import numpy as np
 
+from data_pipelines.samrs import reader
 from mtp_jax.errors import ConfigError
 from mtp_jax.parallel import distributed, sharding
 
@@ -17,9 +21,26 @@ def interleave(per_subset: dict, subsets, key: str) -> np.ndarray:
   return stacked.reshape(-1, *stacked.shape[2:])
 
 
-def device_batch(raw: dict, subsets, mesh, keys=("image", "semantic")):
-  """{subset: host batch} -> {key: global jax.Array} of the interleaved rows."""
-  return sharding.global_batch({k: interleave(raw, subsets, k) for k in keys}, mesh)
+def task_fields(tasks: dict, train: bool) -> tuple:
+  """The example fields that the enabled tasks read on the device, in a fixed order."""
+  return tuple(sorted({f for task in tasks.values() for f in task.fields(train)}))
+
+
+def device_batch(raw: dict, subsets, mesh, fields=()):
+  """{subset: host batch} -> {"image": (b*G, ...) interleaved, "gt": {subset: {field: (b, ...)}}}
+  as global jax.Arrays split over the batch axes."""
+  host = {"image": interleave(raw, subsets, "image"),
+          "gt": {s: {f: raw[s][f] for f in fields} for s in subsets}}
+  return sharding.global_batch(host, mesh)
+
+
+def abstract_batch(subsets, per_subset: int, image_size: int, max_instances: dict, fields) -> dict:
+  """ShapeDtypeStructs of a `device_batch` of `per_subset` images per subset (for lowering)."""
+  shapes = {s: reader.example_shapes(image_size, max_instances[s]) for s in subsets}
+  struct = lambda shape, dtype, n: jax.ShapeDtypeStruct((n, *shape), dtype)
+  image_shape, image_dtype = shapes[subsets[0]]["image"]
+  return {"image": struct(image_shape, image_dtype, per_subset * len(subsets)),
+          "gt": {s: {f: struct(*shapes[s][f], per_subset) for f in fields} for s in subsets}}
 
 
 def check_batch_size(name: str, per_subset: int, mesh, accum_steps: int = 1):

@@ -18,8 +18,7 @@ from flax import nnx
 
 from data_pipelines.samrs import augment, reader
 from data_pipelines.samrs.classes import subset as subset_layout
-from mtp_jax import models
-from mtp_jax.config import enabled_tasks
+from mtp_jax import models, tasks as tasks_lib
 from mtp_jax.checkpoints.encoder_init import initialize_encoder
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
 from mtp_jax.errors import CheckpointError, ConfigError, DataError, Preempted
@@ -28,6 +27,7 @@ from mtp_jax.models.multitask import MultiTaskModel
 from mtp_jax.parallel import distributed, sharding
 from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mtp_jax.train.state import create_state
+from mtp_jax.train import batching
 from mtp_jax.train.batching import check_batch_size, compile_everywhere, device_batch
 from mtp_jax.train.evaluate import PretrainEvaluation, eval_scalars, summary_lines
 from mtp_jax.train.step import make_train_step
@@ -38,23 +38,21 @@ DTYPES = {"float32": None, "bfloat16": jax.numpy.bfloat16, "float16": jax.numpy.
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
-def build_model(config, num_classes: dict, rngs: nnx.Rngs) -> MultiTaskModel:
+def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
+  """The encoder of config.model and the head of every task in `tasks` ({name: Task})."""
   dtype = DTYPES[config.model.compute_dtype]
   encoder = models.build_encoder(
       config.model.encoder, config.data.image_size, rngs=rngs, dtype=dtype,
       drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
       **dict(config.model.encoder_overrides))
-  return MultiTaskModel(encoder, num_classes, tasks=enabled_tasks(config),
-                        seg_channels=config.model.seg_channels, seg_dropout=config.model.seg_dropout,
-                        seg_norm=config.model.seg_norm,
-                        dtype=dtype, rngs=rngs)
+  return MultiTaskModel(encoder, tasks, dtype=dtype, rngs=rngs)
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
 def subset_classes(config) -> dict:
-  """{subset: class count}, checking that the converted data carries the expected class lists."""
+  """{subset: object class names}, checking that the converted data carries the expected lists."""
   out = {}
   for s in config.data.subsets:
     info = reader.load_info(config.data.dir, s, "train")
@@ -62,8 +60,16 @@ def subset_classes(config) -> dict:
     if info.get("class_names") != expected:
       raise DataError(f"{config.data.dir}/{s}/train holds classes {info.get('class_names')}, "
                       f"not the {len(expected)} {s} classes")
-    out[s] = len(expected)
+    out[s] = expected
   return out
+
+
+def build_tasks(config, class_names: dict | None = None) -> dict:
+  """{name: Task} of the enabled tasks over the subsets of config.data; class_names {subset:
+  [names]} default to those of the converted data (checked against the SAMRS lists)."""
+  names = class_names if class_names is not None else subset_classes(config)
+  names = {s: names[s] for s in config.data.subsets}   # the order the batch interleaves them
+  return tasks_lib.build_tasks(config, {s: len(n) for s, n in names.items()}, names)
 
 
 def reader_streams(config) -> tuple[tuple[int, ...], int]:
@@ -89,21 +95,23 @@ class Trainer:
   """Model, optimizer, shardings and the jitted train step of `config` on `mesh`.
 
   init() -> a fresh TrainState created directly in its shards; step(state, batch) -> (state,
-  metrics) with the state donated; batch = `device_batch(...)` rows, split over the batch axes.
+  metrics) with the state donated; batch = `device_batch(..., self.fields)`, split over the batch
+  axes. tasks: {name: Task} (`build_tasks`).
   """
 
-  def __init__(self, config, num_classes: dict, mesh):
-    self.mesh = mesh
-    model_fn = functools.partial(build_model, config, num_classes)
+  def __init__(self, config, tasks: dict, mesh):
+    self.mesh, self.tasks = mesh, tasks
+    self.fields = batching.task_fields(tasks, train=True)
+    model_fn = functools.partial(build_model, config, tasks)
     tx = make_optimizer(config)
     self._init_fn = functools.partial(create_state, model_fn, tx, config.seed)
     self.abstract_state = jax.eval_shape(self._init_fn)
     self.state_shardings = sharding.tree_shardings(self.abstract_state, mesh, config.sharding_rules)
     self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
     step = make_train_step(
-        self.graphdef, tx, tuple(config.data.subsets), jax.random.key(config.seed + 1),
+        self.graphdef, tx, tasks, jax.random.key(config.seed + 1),
         schedule=learning_rate_schedule(config),
-        task_weights={t: config.tasks[t].weight for t in enabled_tasks(config)},
+        task_weights={t: config.tasks[t].weight for t in tasks},
         accum_steps=config.optimizer.grad_accum_steps, batch_shards=sharding.batch_divisor(mesh),
         skip_nonfinite=config.optimizer.skip_nonfinite)
     self.step = jax.jit(step, in_shardings=(self.state_shardings, sharding.batch_sharding(mesh)),
@@ -153,16 +161,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Raises Preempted after saving a checkpoint if SIGTERM arrives during training.
   """
   subsets = tuple(config.data.subsets)
-  num_classes = subset_classes(config)
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  tasks = build_tasks(config)
+  mesh = sharding.make_mesh(config.mesh.shape)
   local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh,
                                  config.optimizer.grad_accum_steps)
   streams, num_streams = reader_streams(config)
   reader.check_shard_counts(config.data.dir, subsets, "train", num_streams)
   reader.check_shard_counts(config.data.dir, subsets, "valid", jax.process_count())
 
-  trainer = Trainer(config, num_classes, mesh)
-  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, num_classes)
+  trainer = Trainer(config, tasks, mesh)
+  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, tasks)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
                               keep_every=config.train.keep_every,
                               signature=model_signature(config, trainer.abstract_state.params),
@@ -204,7 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for s in subsets:
       counts = raw[s]["num_instances"].astype(np.int64)
       instances[s] += [counts.sum(), np.maximum(counts - config.data.max_instances[s], 0).sum()]
-    batch = device_batch(raw, subsets, mesh)
+    batch = device_batch(raw, subsets, mesh, trainer.fields)
     if step == start + 1:
       step_fn = compile_everywhere(trainer.step, "train step", state, batch)
     state, metrics = step_fn(state, batch)
@@ -227,10 +235,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       history.append({"step": step, **scalars})
       pending = []
     if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total and not stop:
-      evaluated, _ = evaluation.run(state)
-      writer.write_scalars(step, eval_scalars(evaluated))
+      evaluated, _, _ = evaluation.run(state)
+      writer.write_scalars(step, eval_scalars(evaluated, tasks))
       if jax.process_index() == 0:
-        print("\n".join(summary_lines(evaluated, step)), flush=True)
+        print("\n".join(summary_lines(evaluated, step, tasks)), flush=True)
     if step % config.train.checkpoint_every == 0 or step == total or stop:
       writer.flush()   # the metrics of every step up to a checkpoint are on disk before it is
       checkpointer.save(step, state, merged_data_state(batches), force=True)
@@ -244,9 +252,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.flush()
   checkpointer.wait()
 
-  results, rows = evaluation.run(state, pictures=True)
+  results, rows, evaluators = evaluation.run(state, pictures=True)
   results["train"] = {"start_step": start, "end_step": total, "history": history}
-  results = publish(workdir, writer, results, rows, total, checkpointer.directory, "train")
+  results = publish(workdir, writer, results, rows, evaluators, tasks, total, checkpointer.directory,
+                    "train")
   writer.close()
   checkpointer.close()
   batches.close()
@@ -260,13 +269,13 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   """Evaluates the latest (or `step`'s) checkpoint in `workdir` on the valid splits and writes
   the report. Read-only on the checkpoints: it can run beside the training job of that workdir."""
   subsets = tuple(config.data.subsets)
-  num_classes = subset_classes(config)
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  tasks = build_tasks(config)
+  mesh = sharding.make_mesh(config.mesh.shape)
   reader.check_shard_counts(config.data.dir, subsets, "valid", jax.process_count())
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise CheckpointError(f"{os.path.abspath(workdir)} has no checkpoints/ folder: nothing to evaluate "
                           "(pass the --workdir of a training run)")
-  trainer = Trainer(config, num_classes, mesh)
+  trainer = Trainer(config, tasks, mesh)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
                               signature=model_signature(config, trainer.abstract_state.params),
                               config_json=config.to_json_best_effort(), read_only=True)
@@ -274,24 +283,27 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   if restored is None:
     raise CheckpointError(f"{checkpointer.directory} holds no readable checkpoint")
   state, _, step = restored
-  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, num_classes)
-  results, rows = evaluation.run(state, pictures=True)
+  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, tasks)
+  results, rows, evaluators = evaluation.run(state, pictures=True)
   writer = writers.create_writer(workdir, resume_step=None)
-  results = publish(workdir, writer, results, rows, step, checkpointer.directory, "eval")
+  results = publish(workdir, writer, results, rows, evaluators, tasks, step, checkpointer.directory, "eval")
   writer.close()
   checkpointer.close()
   return results
 
 
-def publish(workdir: str, writer, results: dict, rows: dict, step: int, checkpoints: str, mode: str) -> dict:
-  """Eval scalars to the writers, the summary to the console and the report to the workdir
-  (process 0). Returns `results` with step, checkpoint and mode added."""
-  writer.write_scalars(step, eval_scalars(results))
+def publish(workdir: str, writer, results: dict, rows: dict, evaluators: dict, tasks: dict, step: int,
+            checkpoints: str, mode: str) -> dict:
+  """Eval scalars to the writers, the summary to the console, the report and each task's result
+  files (e.g. DOTA submissions) to the workdir (process 0). Returns `results` with step,
+  checkpoint, mode and the written task files added."""
+  writer.write_scalars(step, eval_scalars(results, tasks))
   writer.flush()   # the report's curves read metrics.jsonl
   results = {"step": step, "checkpoint": os.path.join(checkpoints, str(step)), "mode": mode, **results}
   if jax.process_index() == 0:
-    print("\n".join(summary_lines(results, step)), flush=True)
-    paths = report.write_report(workdir, results, rows)
+    print("\n".join(summary_lines(results, step, tasks)), flush=True)
+    results["outputs"] = {n: tasks[n].write_outputs(workdir, e) for n, e in evaluators.items()}
+    paths = report.write_report(workdir, results, tasks, rows)
     writer.write_images(step, {f"report/{n}": image[None] for n, image in paths["images"].items()})
     writer.flush()
     print(f"report: {paths['report']} (all numbers: {paths['metrics']})", flush=True)

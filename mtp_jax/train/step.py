@@ -1,9 +1,11 @@
 """The multi-task train step: a pure function over the TrainState, jitted with explicit shardings.
 
-batch: {'image': (b*G, S, S, 3) uint8, 'semantic': (b*G, S, S) uint8}, rows interleaved by subset
-(mtp_jax/models/multitask.py). Loss = sum over tasks and subsets of each loss times its task's
-weight (config.tasks.<task>.weight, 1 as in the original, MTP_SPEC §3.2). The key for stochastic
-depth and dropout is folded from the step (and from the micro-batch index when accumulating).
+batch: {'image': (b*G, S, S, 3) uint8, rows interleaved by subset (mtp_jax/models/multitask.py),
+'gt': {subset: {field: (b, ...)}}, the fields every enabled task reads (Task.fields)}. Loss = sum
+over tasks and subsets of each loss component times its task's weight (config.tasks.<task>.weight,
+1 as in the original, MTP_SPEC §3.2). The key for stochastic depth, dropout and the R-CNN samplers
+is folded from the step (and from the micro-batch index when accumulating). The step iterates over
+`tasks` ({name: Task}) and names none of them.
 """
 
 import jax
@@ -11,32 +13,33 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mtp_jax.metrics.segmentation import ConfusionMatrix
-from mtp_jax.models.heads.upernet import segmentation_loss
+from mtp_jax.models.multitask import task_keys
 from mtp_jax.train.state import TrainState
 
 
-def split_by_subset(x, groups: int):
-  """(b*G, ...) interleaved rows -> (b, G, ...)."""
-  return x.reshape(x.shape[0] // groups, groups, *x.shape[1:])
+def loss_normalizers(batch: dict, tasks: dict) -> dict:
+  """{task: that task's whole-batch normalisers} (Task.normalizers), before micro-batching."""
+  return {name: task.normalizers(batch["gt"]) for name, task in tasks.items()}
 
 
-def loss_normalizers(batch: dict, subsets, ignore_index: int = 255) -> dict:
-  """{'ss/<subset>': labelled pixels of that subset in the whole batch}: each task loss's mean."""
-  labels = split_by_subset(batch["semantic"], len(subsets))
-  return {f"ss/{s}": (labels[:, g] != ignore_index).sum() for g, s in enumerate(subsets)}
+def compute_losses(model, batch: dict, tasks: dict, weights: dict, normalizers: dict, key,
+                   micro_batches: int = 1) -> dict:
+  """{'loss': weighted total, '<task>/<subset>/<component>': unweighted ...} (MTP_SPEC §3.2).
 
-
-def compute_losses(outputs: dict, batch: dict, subsets, weights: dict, normalizers: dict) -> dict:
-  """{'loss': weighted total, '<task>/<subset>': unweighted ...} (MTP_SPEC §3.2: all weights 1)."""
-  losses = {}
-  total = 0.0
-  if "ss" in outputs:
-    labels = split_by_subset(batch["semantic"], len(subsets))
-    for g, s in enumerate(subsets):
-      losses[f"ss/{s}"], _ = segmentation_loss(outputs["ss"][s], labels[:, g],
-                                               normalizer=normalizers[f"ss/{s}"])
-      total = total + weights["ss"] * losses[f"ss/{s}"]
+  A task without whole-batch normalisers (normalizers[task] == {}) has its losses divided by
+  `micro_batches`, so that summing the micro-batches' losses averages them.
+  """
+  k_enc, k_tasks = task_keys(key, tuple(tasks))
+  features = model.features(batch["image"], train=True, key=k_enc)
+  losses, total = {}, 0.0
+  for name, task in tasks.items():
+    parts = task.losses(model.heads[name], features, batch["gt"], train=True, key=k_tasks[name],
+                        normalizers=normalizers[name])
+    share = 1.0 if normalizers[name] else 1.0 / micro_batches
+    for component, value in parts.items():
+      value = value * share
+      losses[f"{name}/{component}"] = value
+      total = total + weights[name] * value
   losses["loss"] = total
   return losses
 
@@ -54,7 +57,7 @@ def split_micro_batches(batch: dict, k: int, shards: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, subsets, base_key, *,
+def make_train_step(graphdef, tx: optax.GradientTransformation, tasks: dict, base_key, *,
                     schedule=None, task_weights=None, accum_steps: int = 1, batch_shards: int = 1,
                     skip_nonfinite: bool = True):
   """Returns step(state, batch) -> (state, metrics); jit it with shardings and donation.
@@ -65,22 +68,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, subsets, base_ke
   batch. BatchNorm layers normalise each micro-batch by its own statistics and update their
   running statistics once per micro-batch, as accumulation does in every framework.
   skip_nonfinite: a step whose loss or gradient norm is not finite keeps the old parameters,
-  optimizer and BatchNorm state, and counts itself in `state.nonfinite_steps`.
+  optimizer and BatchNorm state, and counts itself in `state.nonfinite_steps`. Tasks that
+  normalise inside their loss (the R-CNN heads' sample counts) normalise each micro-batch by its
+  own counts; their accumulated losses are then averaged over the micro-batches.
   """
-  weights = dict(task_weights or {"ss": 1.0})
+  weights = {name: 1.0 for name in tasks} | dict(task_weights or {})
 
   def micro_grads(params, batch_stats, batch, key, normalizers):
     def loss_fn(params, batch_stats):  # batch_stats as an argument: mutated inside this trace
       model = nnx.merge(graphdef, params, batch_stats, copy=True)
-      outputs = model(batch["image"], train=True, key=key)
-      losses = compute_losses(outputs, batch, subsets, weights, normalizers)
+      losses = compute_losses(model, batch, tasks, weights, normalizers, key, accum_steps)
       return losses["loss"], (losses, nnx.state(model, nnx.BatchStat))
     (_, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
     return grads, losses, batch_stats
 
   def step(state: TrainState, batch: dict):
     key = jax.random.fold_in(base_key, state.step)
-    normalizers = loss_normalizers(batch, subsets)
+    normalizers = loss_normalizers(batch, tasks)
     if accum_steps == 1:
       grads, losses, batch_stats = micro_grads(state.params, state.batch_stats, batch, key, normalizers)
     else:
@@ -92,10 +96,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, subsets, base_ke
         return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, loss_sum, losses),
                 batch_stats), None
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      loss_zeros = {name: jnp.zeros((), jnp.float32) for name in [*normalizers, "loss"]}
+      micros = split_micro_batches(batch, accum_steps, batch_shards)
+      first = jax.tree.map(lambda x: x[0], micros)
+      loss_shapes = jax.eval_shape(lambda: micro_grads(state.params, state.batch_stats, first, key,
+                                                       normalizers)[1])
+      loss_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), loss_shapes)
       (grads, losses, batch_stats), _ = jax.lax.scan(
-          body, (zeros, loss_zeros, state.batch_stats),
-          (split_micro_batches(batch, accum_steps, batch_shards), jnp.arange(accum_steps)))
+          body, (zeros, loss_zeros, state.batch_stats), (micros, jnp.arange(accum_steps)))
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -115,29 +122,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, subsets, base_ke
   return step
 
 
-def make_eval_step(graphdef, subsets, num_classes: dict, ignore_index: int = 255):
-  """Returns eval_step(params, batch_stats, batch) -> (preds, confusions).
+def make_eval_step(graphdef, tasks: dict):
+  """Returns eval_step(params, batch_stats, batch) -> {task: (sums, per_image)} (Task.eval_outputs).
 
-  batch: "image" (B, S, S, 3), "semantic" (B, S, S), "is_real" (B,), rows interleaved by subset.
-  preds: {subset: (b, S, S) int32 class maps}, logits bilinearly resized to the input size.
-  confusions: {subset: ConfusionMatrix} over the whole (global) batch, padded images and
-  `ignore_index` pixels left out; num_classes[subset] counts background (class 0).
+  batch: "image" (b*G, S, S, 3) interleaved, "gt": {subset: {field: (b, ...)}} with each task's
+  evaluation fields and "is_real" (b,) (False for the padding images of a last batch).
   """
 
   def eval_step(params, batch_stats, batch):
     model = nnx.merge(graphdef, params, batch_stats)
-    outputs = model(batch["image"], train=False)
+    features = model.features(batch["image"], train=False)
     size = batch["image"].shape[1:3]
-    labels = split_by_subset(batch["semantic"], len(subsets))
-    real = split_by_subset(batch["is_real"], len(subsets))
-    preds, confusions = {}, {}
-    for g, s in enumerate(subsets):
-      logits = outputs["ss"][s]
-      logits = jax.image.resize(logits, (logits.shape[0], *size, logits.shape[-1]), "bilinear", antialias=False)
-      preds[s] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      confusions[s] = ConfusionMatrix.from_model_output(
-          labels=labels[:, g], predictions=preds[s], num_classes=num_classes[s],
-          ignore_index=ignore_index, mask=real[:, g])
-    return preds, confusions
+    return {name: task.eval_outputs(model.heads[name], features, batch["gt"], size)
+            for name, task in tasks.items()}
 
   return eval_step

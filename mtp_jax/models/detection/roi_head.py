@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp_jax.models import layers
+from mtp_jax.models.classes import with_background
 from mtp_jax.ops.assign import max_iou_assign, prepend_gt_as_proposals, random_sample
 from mtp_jax.ops.box_coders import ORIENTED_RCNN_CODER
 from mtp_jax.ops.iou import box_iou, box_iou_rotated
@@ -155,7 +156,7 @@ class BoxPredictor(nnx.Module):
   def __init__(self, fc_channels: int, num_classes: int, reg_dim: int = 5, *, rngs, dtype=None):
     fc = lambda dout: _fc(fc_channels, dout, init="torch", rngs=rngs, dtype=dtype,
                           in_axis="conv_out", out_axis=None)
-    self.fc_cls = fc(num_classes + 1)
+    self.fc_cls = fc(with_background(num_classes))   # background = index C (mmdet)
     self.fc_reg = fc(reg_dim)
 
   def __call__(self, x):
@@ -251,7 +252,7 @@ def roi_loss(cls_score, bbox_pred, targets: RoITargets, cfg: RoIConfig = RoIConf
     loss weights; float32 scalars.
   """
   num_classes = cls_score.shape[-1] - 1
-  logits = cls_score.reshape(-1, num_classes + 1).astype(jnp.float32)
+  logits = cls_score.reshape(-1, with_background(num_classes)).astype(jnp.float32)
   labels = targets.labels.reshape(-1)
   label_weights = targets.label_weights.reshape(-1).astype(jnp.float32)
   d = targets.bbox_targets.shape[-1]

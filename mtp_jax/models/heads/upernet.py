@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax.models import layers
+from mtp_jax.models.interleave import subset_rows
 from mtp_jax.models.subset_batch_norm import SubsetBatchNorm
 
 
@@ -123,3 +124,21 @@ def segmentation_loss(logits, labels, ignore_index: int = 255, normalizer=None):
   count = valid.sum()
   normalizer = count if normalizer is None else normalizer
   return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(normalizer, 1), count
+
+
+class UperNetHead(nnx.Module):
+  """The semantic-segmentation head of MTP: one shared `semsegdecoder` (UperNet trunk) and one
+  `semseghead[subset]` predictor per subset (MTP_SPEC §3.2), over `num_outputs[subset]` classes."""
+
+  def __init__(self, in_channels, num_outputs: dict, *, channels: int = 256, dropout: float = 0.1,
+               norm: str = "batch", rngs, dtype=None):
+    self.semsegdecoder = UperNetTrunk(in_channels, channels, dtype=dtype, norm=norm, rngs=rngs)
+    self.semseghead = nnx.Dict({s: SegPredictor(channels, n, dropout=dropout, dtype=dtype, rngs=rngs)
+                                for s, n in num_outputs.items()})
+
+  def __call__(self, features, *, subsets, train: bool, key=None) -> dict:
+    """4 NHWC maps with rows interleaved by subset -> {subset: (b, H/4, W/4, classes) logits}."""
+    groups = len(subsets)
+    seg = subset_rows(self.semsegdecoder(features, groups=groups, train=train), groups)
+    keys = jax.random.split(key if key is not None else jax.random.key(0), groups)
+    return {s: self.semseghead[s](seg[g], train=train, key=keys[g]) for g, s in enumerate(subsets)}

@@ -1,0 +1,129 @@
+"""The task protocol: everything one task owns, in one place (DESIGN.md §3.1).
+
+A task (ss, rd, later is and the finetuning tasks) is a subclass of `Task` in its own module. It
+owns its config block (`default_config`), its head (`build_head`: shared trunk + per-subset
+predictors, MTP_SPEC §3.2), the example fields its loss and its evaluation read on the device
+(`fields`), its loss components (`losses`), its device-side evaluation outputs (`eval_outputs`),
+its host-side evaluator (`evaluator`), its headline number, per-class table, report text and
+pictures. The model, the step, evaluation, the report and the config iterate over the enabled
+tasks and name none of them.
+
+Batch layout on the device (mtp_jax/train/batching.py): images of all subsets interleaved,
+(b*G, S, S, 3) with image i of subset g at row i*G + g, so the encoder runs once; ground truth
+per subset, `{subset: {field: (b, ...)}}`, each array sharded on its batch axis (subsets may pad
+to different instance counts M_s). Encoder features keep the interleaved rows; a head takes a
+subset's rows with `mtp_jax.models.interleave.subset_rows`.
+
+Class counts: `num_classes[subset]` is always the number of OBJECT classes, never counting
+background; `mtp_jax.models.classes.with_background` is the one place that adds it.
+"""
+
+import ml_collections
+
+from mtp_jax.models.classes import with_background  # noqa: F401 (re-exported by mtp_jax.tasks)
+
+
+class Task:
+  """Base class of a task; subclasses set the class attributes and implement the methods.
+
+  name: the key under config.tasks and in metric names (`<name>/<subset>/<component>`).
+  title: what it is, for messages. headline_name: its headline metric, for tables.
+  """
+
+  name = ""
+  title = ""
+  headline_name = ""
+
+  def __init__(self, config, num_classes: dict, class_names: dict):
+    """config: the whole run config; num_classes / class_names: {subset: object classes}."""
+    self.config = config
+    self.task_config = config.tasks[self.name]
+    self.subsets = tuple(num_classes)
+    if self.subsets != tuple(config.data.subsets):
+      raise ValueError(f"{self.name}: classes given for subsets {self.subsets}, but the batch "
+                       f"interleaves data.subsets {tuple(config.data.subsets)} in that order")
+    self.num_classes = dict(num_classes)
+    self.class_names = {s: list(n) for s, n in class_names.items()}
+
+  # ---- config ----------------------------------------------------------------------------------
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """The task's config block: `enabled`, `weight` (1 in the original, MTP_SPEC §3.2) + its own."""
+    return ml_collections.ConfigDict({"enabled": False, "weight": 1.0})
+
+  @classmethod
+  def check_config(cls, task_config) -> str | None:
+    """'<key> ...: what is wrong' for an invalid value of this task's block, else None."""
+    del task_config
+    return None
+
+  # ---- model -----------------------------------------------------------------------------------
+  def build_head(self, in_channels, *, rngs, dtype=None):
+    """The head module (shared trunk + per-subset predictors) on the encoder's 4 feature maps."""
+    raise NotImplementedError
+
+  def fields(self, train: bool) -> tuple:
+    """Example fields (data_pipelines/samrs/reader.py) this task reads on the device."""
+    raise NotImplementedError
+
+  # ---- training --------------------------------------------------------------------------------
+  def normalizers(self, gt: dict) -> dict:
+    """Whole-batch loss normalisers computed before the batch is split into micro-batches
+    ({} when the task normalises inside its own loss, as the R-CNN heads do)."""
+    del gt
+    return {}
+
+  def losses(self, head, features, gt: dict, *, train: bool, key, normalizers: dict) -> dict:
+    """{'<subset>/<component>': unweighted scalar}; features: the encoder's 4 interleaved maps."""
+    raise NotImplementedError
+
+  # ---- evaluation ------------------------------------------------------------------------------
+  def eval_outputs(self, head, features, gt: dict, image_size):
+    """(sums, per_image): sums are reduced over the global batch (replicated on every device),
+    per_image leaves have the batch as their first axis ({subset: (b, ...)}, sharded)."""
+    raise NotImplementedError
+
+  def evaluator(self):
+    """A fresh host-side evaluator: add(sums, per_image, raw) per batch, with the eval step's
+    global outputs (per_image batch-sharded: take this process's rows with
+    `sharding.local_rows`, which line up with `raw`, this process's host batches {subset:
+    example arrays}); results() -> {subset: result}, a collective every process calls once."""
+    raise NotImplementedError
+
+  # ---- numbers and report ----------------------------------------------------------------------
+  def headline(self, result: dict) -> float:
+    raise NotImplementedError
+
+  def scalars(self, result: dict) -> dict:
+    """{metric: value} written as eval/<subset>/<task>/<metric> (the headline first)."""
+    raise NotImplementedError
+
+  def per_class(self, result: dict):
+    """(label, {class name: value}) for the per-class table and bar chart, or None."""
+    return None
+
+  def class_table(self, result: dict):
+    """(column headers, [{class name: value} per column]) of the report's per-class table."""
+    per_class = self.per_class(result)
+    return ([per_class[0]], [per_class[1]]) if per_class else None
+
+  def summary(self, result: dict) -> str:
+    """One line of report text under the subset's heading."""
+    return f"{self.title}: {self.headline_name} {100 * self.headline(result):.2f}."
+
+  def report_pictures(self, subset: str, result: dict) -> dict:
+    """{name: (H, W, 3) uint8} extra pictures of this task (beyond the per-class bars)."""
+    del subset, result
+    return {}
+
+  def paint(self, gt_panel, pred_panel, example: dict, prediction):
+    """Draws this task's ground truth / prediction of one image onto the two report panels
+    ((S, S, 3) uint8, returned as new arrays). prediction: this task's per-image outputs.
+    Tasks paint in loss-sum order (ss, is, rd), starting from two copies of the image: a task
+    whose output is a map (ss) replaces the panels, the others draw on top."""
+    return gt_panel, pred_panel
+
+  def write_outputs(self, workdir: str, evaluator) -> dict:
+    """Writes task-specific result files (e.g. DOTA submissions) under workdir; {name: path}."""
+    del workdir, evaluator
+    return {}

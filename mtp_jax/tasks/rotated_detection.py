@@ -1,0 +1,185 @@
+"""Task `rd`: Oriented R-CNN rotated object detection (MTP_SPEC §3.3, le90), its evaluation and
+report.
+
+Ground truth per subset: `rboxes` (b, M_s, 5) le90 (cx, cy, w, h, angle) pixels/radians y down,
+`labels` (b, M_s) object classes 0..C-1, `rbox_valid` (b, M_s). The head (mtp_jax/models/heads/
+oriented_rcnn.py) returns the four loss components of each subset, logged as
+`rd/<subset>/{rpn_cls, rpn_bbox, cls, bbox}`.
+
+Evaluation: DOTA task-1 mAP (VOC07 11-point, IoU > 0.5; `mtp_jax.metrics.dota_map`) per subset
+over the valid split, against the FULL ground truth of each image (the evaluation reader packs
+every instance, never the training cap). Detections and ground truth are in pixels of the
+evaluated image (longer side resized to the training size, MTP_SPEC §3.4 validation). The DOTA
+Task1 submission files are written per subset:
+`<workdir>/report/dota_task1/<subset>/Task1_<class name>.txt`, one line per detection,
+`<image stem> <score> x1 y1 x2 y2 x3 y3 x4 y4` (corners in pixels of the evaluated image).
+"""
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+
+from mtp_jax.metrics import drawing
+from mtp_jax.metrics.rotated_detection import DotaEvaluator
+from mtp_jax.models.detection.roi_head import RoIConfig
+from mtp_jax.models.detection.rpn import RPNConfig
+from mtp_jax.models.heads.oriented_rcnn import OrientedRCNN
+from mtp_jax.ops.boxes import rbox_to_poly
+from mtp_jax.parallel.sharding import local_rows
+from mtp_jax.tasks.base import Task
+
+DOTA_TASK1_DIR = os.path.join("report", "dota_task1")
+
+
+class RotatedDetection(Task):
+  name = "rd"
+  title = "Oriented R-CNN rotated detection"
+  headline_name = "rotated mAP"
+
+  @classmethod
+  def check_config(cls, task_config):
+    if task_config.init not in ("mtp", "mmdet"):
+      return f"init {task_config.init!r} is not 'mtp' or 'mmdet'"
+    return None
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """MTP's Oriented R-CNN (§3.3); the sizes are fields so that toy runs can shrink them."""
+    return ml_collections.ConfigDict({
+        "enabled": False, "weight": 1.0,
+        "neck_channels": 256,          # FPN outputs (5 levels, strides 4..64)
+        "anchor_scale": 8.0,           # anchor side = scale x stride (x ratio terms), mmdet's 8
+        "fc_channels": 1024,           # Shared2FC
+        "rpn_samples": 256,            # anchors sampled per image for the RPN loss (half positive)
+        "train_proposals": 2000,       # per level before NMS (0.8) and kept after it, training
+        "test_proposals": 2000,        # the same at test time
+        "rcnn_samples": 512,           # RoIs sampled per image (a quarter positive)
+        "max_detections": 2000,        # per image after rotated NMS (0.1), score > 0.05
+        "max_candidates": 10000,       # (proposal, class) pairs entering that NMS (static shapes)
+        "init": "mtp",                 # 'mtp': the inits MTP really starts from; 'mmdet': init_cfg
+        "report_score": 0.3,           # detections drawn in the report pictures
+    })
+
+  def _head_configs(self):
+    """(RPNConfig, RoIConfig): MTP's Oriented R-CNN with this block's sizes."""
+    t = self.task_config
+    rpn = RPNConfig()
+    rpn = dataclasses.replace(
+        rpn, num_samples=t.rpn_samples, anchors=dataclasses.replace(rpn.anchors, scales=(t.anchor_scale,)),
+        train_proposals=dataclasses.replace(rpn.train_proposals, nms_pre=t.train_proposals,
+                                            max_per_img=t.train_proposals),
+        test_proposals=dataclasses.replace(rpn.test_proposals, nms_pre=t.test_proposals,
+                                           max_per_img=t.test_proposals))
+    roi = dataclasses.replace(RoIConfig(), num_samples=t.rcnn_samples, max_per_img=t.max_detections,
+                              max_candidates=t.max_candidates)
+    return rpn, roi
+
+  def build_head(self, in_channels, *, rngs, dtype=None):
+    rpn, roi = self._head_configs()
+    return OrientedRCNN(in_channels, self.num_classes, rpn=rpn, roi=roi,
+                        channels=self.task_config.neck_channels,
+                        fc_channels=self.task_config.fc_channels, init=self.task_config.init,
+                        rngs=rngs, dtype=dtype)
+
+  def fields(self, train: bool) -> tuple:
+    # Evaluation needs no ground truth on the device: it is scored on the host.
+    return ("rboxes", "labels", "rbox_valid") if train else ()
+
+  def losses(self, head, features, gt, *, train, key, normalizers):
+    del train, normalizers   # the R-CNN losses normalise by their own sample counts (avg_factor)
+    size = (self.config.data.image_size,) * 2
+    boxes = {s: {"rboxes": g["rboxes"], "labels": g["labels"], "valid": g["rbox_valid"]}
+             for s, g in gt.items()}
+    per_subset = head.losses(features, boxes, subsets=self.subsets, image_size=size, key=key)
+    return {f"{s}/{c}": v for s, parts in per_subset.items() for c, v in parts.items()}
+
+  # ---- evaluation ------------------------------------------------------------------------------
+  def eval_outputs(self, head, features, gt, image_size):
+    del gt
+    return {}, head.predict(features, subsets=self.subsets, image_size=tuple(image_size))
+
+  def evaluator(self):
+    return _DotaEvaluation(self)
+
+  # ---- numbers and report ----------------------------------------------------------------------
+  def headline(self, result):
+    return float(result["map"])
+
+  def scalars(self, result):
+    return {"map": result["map"]}
+
+  def per_class(self, result):
+    return "AP", result["ap_per_class"]
+
+  def summary(self, result):
+    objects = sum(result["num_objects"].values())
+    return (f"Rotated detection: DOTA mAP (VOC07, IoU 0.5) {100 * result['map']:.2f} over "
+            f"{result['images']} images, {objects} objects.")
+
+  def paint(self, gt_panel, pred_panel, example, prediction):
+    keep = example["rbox_valid"].astype(bool)
+    gt_panel = drawing.draw_rboxes(gt_panel, example["rboxes"][keep], colour=(255, 255, 255))
+    shown = prediction["valid"] & (prediction["scores"] >= self.task_config.report_score)
+    pred_panel = drawing.draw_rboxes(pred_panel, prediction["rboxes"][shown],
+                                     labels=prediction["labels"][shown])
+    return gt_panel, pred_panel
+
+  def write_outputs(self, workdir, evaluator):
+    return evaluator.write_dota_task1(os.path.join(workdir, DOTA_TASK1_DIR))
+
+
+def detections_per_class(rboxes, scores, labels, valid, num_classes: int) -> list:
+  """One image's fixed-size detections -> [(N_c, 6) [cx, cy, w, h, angle, score] per class]."""
+  rboxes, scores, labels = np.asarray(rboxes, np.float64), np.asarray(scores), np.asarray(labels)
+  valid = np.asarray(valid, bool)
+  return [np.concatenate([rboxes[valid & (labels == c)], scores[valid & (labels == c)][:, None]], 1)
+          for c in range(num_classes)]
+
+
+class _DotaEvaluation:
+  """Per subset, a DotaEvaluator of the images this process evaluated, gathered at the end."""
+
+  def __init__(self, task: RotatedDetection):
+    self.task = task
+    self.evaluators = {s: DotaEvaluator(task.num_classes[s], task.class_names[s]) for s in task.subsets}
+    self._gathered = False
+
+  def add(self, sums: dict, per_image: dict, raw: dict):
+    del sums
+    for s, outputs in per_image.items():
+      dets = {k: local_rows(v) for k, v in outputs.items()}
+      ex = raw[s]
+      for i in np.flatnonzero(ex["is_real"]):
+        keep = ex["rbox_valid"][i].astype(bool)
+        annotation = {"rboxes": ex["rboxes"][i][keep].astype(np.float64), "labels": ex["labels"][i][keep]}
+        per_class = detections_per_class(dets["rboxes"][i], dets["scores"][i], dets["labels"][i],
+                                         dets["valid"][i], self.task.num_classes[s])
+        self.evaluators[s].add(str(ex["image_id"][i]), per_class, annotation)
+
+  def results(self) -> dict:
+    if not self._gathered:   # a collective: every process calls results() once
+      for e in self.evaluators.values():
+        e.gather()
+      self._gathered = True
+    return {s: e.result() for s, e in self.evaluators.items()}
+
+  def write_dota_task1(self, folder: str) -> dict:
+    """DOTA Task1 files per subset and class (module docstring); {"<subset>": folder}."""
+    out = {}
+    for s, e in self.evaluators.items():
+      sub = os.path.join(folder, s)
+      os.makedirs(sub, exist_ok=True)
+      ids = sorted(e.images)
+      for c, name in enumerate(self.task.class_names[s]):
+        lines = []
+        for image_id in ids:
+          dets = e.images[image_id][0][c]
+          for d in dets[np.argsort(-dets[:, 5], kind="stable")]:
+            corners = rbox_to_poly(d[:5]).reshape(-1)
+            lines.append(f"{image_id} {d[5]:.6f} " + " ".join(f"{v:.2f}" for v in corners))
+        with open(os.path.join(sub, f"Task1_{name}.txt"), "w") as f:
+          f.write("".join(line + "\n" for line in lines))
+      out[s] = sub
+    return out
