@@ -22,6 +22,8 @@ from conftest import QUICKSTART, ROOT, SAMPLE_SIZE, SAMRS_CLASSES, tiny_config
 
 # Without dropout, so that the run is a function of the parameters and data alone: the one
 # golden run below was made with this config before the task protocol changed how heads get keys.
+# (Resuming with randomness in the step, dropout and the R-CNN samplers, is checked bit for bit
+# by tests/test_preemption.py, whose runs keep dropout.)
 TRAINED = {"train.num_steps": 8, "eval.every_steps": 4, "tasks.ss.dropout": 0.0}
 GOLDEN = os.path.join(ROOT, "tests", "data", "ss_losses_before_task_protocol.json")
 
