@@ -30,8 +30,8 @@ def _tasks():
   c = config_lib.pretrain_defaults()
   c.tasks.rd.enabled = True
   names = {"sota": ["plane", "ship"], "sior": ["plane", "ship"], "fast": ["plane", "ship"]}
-  tasks = build_tasks(c, {s: 2 for s in names}, names)
-  return {"ss": tasks["ss"], "is": _MaskAP(c, {s: 2 for s in names}, names), "rd": tasks["rd"]}
+  tasks = build_tasks(c, names)
+  return {"ss": tasks["ss"], "is": _MaskAP(c, names), "rd": tasks["rd"]}
 
 
 def test_draw_rboxes_outlines_the_le90_corners_and_leaves_the_input_alone():

@@ -1,6 +1,6 @@
 """The pretraining tasks, by name (MTP_SPEC §3.1), each in its own module (DESIGN.md §3.1).
 
-    tasks = build_tasks(config, num_classes, class_names)   # {name: Task} of the enabled tasks
+    tasks = build_tasks(config, class_names)   # {name: Task} of the enabled tasks
 
 `TASKS` run; `PENDING` are named in the config and stop with a clear error when enabled, until
 their module lands. Adding a task is adding its module and one line here.
@@ -22,9 +22,9 @@ def enabled(config) -> tuple:
   return tuple(n for n in ORDER if n in config.tasks and config.tasks[n].enabled)
 
 
-def build_tasks(config, num_classes: dict, class_names: dict) -> dict:
-  """{name: Task} of the enabled tasks; num_classes / class_names: {subset: object classes}."""
-  return {n: TASKS[n](config, num_classes, class_names) for n in enabled(config)}
+def build_tasks(config, class_names: dict) -> dict:
+  """{name: Task} of the enabled tasks; class_names: {subset: object class names}."""
+  return {n: TASKS[n](config, class_names) for n in enabled(config)}
 
 
 __all__ = ["ORDER", "PENDING", "TASKS", "RotatedDetection", "SemanticSegmentation", "Task",

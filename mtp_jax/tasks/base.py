@@ -34,16 +34,17 @@ class Task:
   title = ""
   headline_name = ""
 
-  def __init__(self, config, num_classes: dict, class_names: dict):
-    """config: the whole run config; num_classes / class_names: {subset: object classes}."""
+  def __init__(self, config, class_names: dict):
+    """config: the whole run config; class_names: {subset: object class names} (no background);
+    num_classes[subset] is their count."""
     self.config = config
     self.task_config = config.tasks[self.name]
-    self.subsets = tuple(num_classes)
+    self.subsets = tuple(class_names)
     if self.subsets != tuple(config.data.subsets):
       raise ValueError(f"{self.name}: classes given for subsets {self.subsets}, but the batch "
                        f"interleaves data.subsets {tuple(config.data.subsets)} in that order")
-    self.num_classes = dict(num_classes)
     self.class_names = {s: list(n) for s, n in class_names.items()}
+    self.num_classes = {s: len(n) for s, n in self.class_names.items()}
 
   # ---- config ----------------------------------------------------------------------------------
   @classmethod

@@ -37,6 +37,7 @@ class PretrainEvaluation:
     self.subsets = tuple(config.data.subsets)
     self.local_batch = check_batch_size("eval.batch_per_subset", config.eval.batch_per_subset, mesh)
     self.fields = task_fields(tasks, train=False) + ("is_real",)
+    self.max_instances = {s: reader.eval_max_instances(config.data.dir, s) for s in self.subsets}
     replicated, batch = NamedSharding(mesh, PartitionSpec()), sharding.batch_sharding(mesh)
     self._jitted = jax.jit(make_eval_step(graphdef, tasks),
                            out_shardings={n: (replicated, batch) for n in tasks})
@@ -46,7 +47,7 @@ class PretrainEvaluation:
     c = self.config
     return {s: iter(reader.make_dataset(
         c.data.dir, s, "valid", image_size=c.data.image_size,
-        max_instances=reader.eval_max_instances(c.data.dir, s), batch_size=self.local_batch,
+        max_instances=self.max_instances[s], batch_size=self.local_batch,
         train=False, process_index=jax.process_index(), process_count=jax.process_count(),
         max_corrupt_fraction=c.data.max_corrupt_fraction))
         for s in self.subsets}
@@ -83,8 +84,7 @@ class PretrainEvaluation:
     """A batch of padding examples (is_real False) for a subset whose data ran out here: the
     shapes of an evaluation example (reader.pack), all zero."""
     b = self.local_batch
-    shapes = reader.example_shapes(self.config.data.image_size,
-                                   reader.eval_max_instances(self.config.data.dir, subset))
+    shapes = reader.example_shapes(self.config.data.image_size, self.max_instances[subset])
     out = {k: np.zeros((b, *shape), dtype) for k, (shape, dtype) in shapes.items()}
     out["semantic"][:] = 255   # padding label, ignored
     out["image_id"] = np.full((b,), "", dtype=np.str_)

@@ -69,7 +69,7 @@ def build_tasks(config, class_names: dict | None = None) -> dict:
   [names]} default to those of the converted data (checked against the SAMRS lists)."""
   names = class_names if class_names is not None else subset_classes(config)
   names = {s: names[s] for s in config.data.subsets}   # the order the batch interleaves them
-  return tasks_lib.build_tasks(config, {s: len(n) for s, n in names.items()}, names)
+  return tasks_lib.build_tasks(config, names)
 
 
 def reader_streams(config) -> tuple[tuple[int, ...], int]:
