@@ -23,13 +23,15 @@ QUICKSTART = os.path.join(ROOT, "configs", "pretrain", "quickstart.py")
 
 def tiny_overrides(data_dir, **overrides) -> list[str]:
   """`--set` values shrinking the quickstart to a 2-block, 48-wide ViT at 64 px on the test sample,
-  semantic segmentation only (`TINY_RD` adds a toy rotated-detection head)."""
+  semantic segmentation only (`TINY_RD` and `TINY_IS` add toy rotated-detection and
+  instance-segmentation heads)."""
   sets = [f"data.dir={data_dir!r}", f"data.image_size={SAMPLE_SIZE}", "data.batch_per_subset=8",
           "data.shuffle_window=16", "model.encoder_overrides.embed_dim=48",
           "model.encoder_overrides.depth=2", "model.encoder_overrides.num_heads=2",
           "model.encoder_overrides.out_indices=(0, 1, 1, 1)",
           "model.encoder_overrides.patch_size=8",  # 8x8 tokens: RVSA windows fit at 64 px
           "tasks.ss.channels=16", "data.max_instances.fast=2", "tasks.rd.enabled=False",
+          "tasks.is.enabled=False",
           "optimizer.lr=1e-2", "optimizer.warmup_steps=0", "train.log_every=1",
           "train.checkpoint_every=3", "eval.batch_per_subset=8", "eval.report_images=1"]
   return sets + [f"{k}={v!r}" for k, v in overrides.items()]
@@ -57,6 +59,14 @@ TINY_RD = {"tasks.rd.enabled": True, "tasks.rd.neck_channels": 32, "tasks.rd.fc_
            "tasks.rd.test_proposals": 256, "tasks.rd.rcnn_samples": 64, "tasks.rd.max_detections": 100,
            "tasks.rd.max_candidates": 1000}
 
+# A toy Mask R-CNN for the same sample: MTP's structure and rules, small widths and counts.
+TINY_IS = {"tasks.is.enabled": True, "tasks.is.neck_channels": 32, "tasks.is.fc_channels": 64,
+           "tasks.is.mask_channels": 16, "tasks.is.anchor_scale": 2.0, "tasks.is.rpn_samples": 64,
+           "tasks.is.train_pre_nms": 256, "tasks.is.train_proposals": 128,
+           "tasks.is.test_pre_nms": 256, "tasks.is.test_proposals": 128,
+           "tasks.is.rcnn_samples": 64, "tasks.is.max_detections": 50,
+           "tasks.is.max_candidates": 1000}
+
 SAMPLE_IMAGES = 16   # per subset: 12 train, 4 valid
 SAMPLE_SIZE = 64
 
@@ -79,13 +89,14 @@ def tfrecord_dir(sample_dir, tmp_path_factory):
   return out
 
 
-# The tiny ss + rd pretraining run shared by the rotated-detection tests (3 steps, evaluated at
-# the end): its workdir, results and the overrides that made it (for main.py children).
-SS_RD_RUN = {**TINY_RD, "train.num_steps": 3, "eval.every_steps": 0}
+# The tiny three-task (ss + is + rd) pretraining run shared by the detection and segmentation
+# tests (3 steps, evaluated at the end): its workdir, results and the overrides that made it
+# (for main.py children).
+MTP_RUN = {**TINY_IS, **TINY_RD, "train.num_steps": 3, "eval.every_steps": 0}
 
 
 @pytest.fixture(scope="session")
-def ss_rd_run(tfrecord_dir, tmp_path_factory):
+def mtp_run(tfrecord_dir, tmp_path_factory):
   from mtp_jax.train import loop
-  workdir = str(tmp_path_factory.mktemp("ss_rd"))
-  return workdir, loop.train_and_evaluate(tiny_config(tfrecord_dir, **SS_RD_RUN), workdir)
+  workdir = str(tmp_path_factory.mktemp("mtp"))
+  return workdir, loop.train_and_evaluate(tiny_config(tfrecord_dir, **MTP_RUN), workdir)

@@ -160,7 +160,8 @@ def test_static_examples_pack_usable_instances_first_and_count_the_cap(tfrecord_
   raw_record = next(iter(grain.experimental.TFRecordIterDataset(path)))
   n = schema.decode(raw_record).num_instances
   example = reader.to_static_example(raw_record, 64, 2, rng=np.random.default_rng(0), with_masks=True)
-  assert example["masks"].shape == (2, 64, 64) and example["num_instances"] <= n
+  assert example["mask_crops"].shape == (2, reader.MASK_CROP_SIZE, reader.MASK_CROP_SIZE)
+  assert example["num_instances"] <= n
   usable = int(example["num_instances"])
   assert example["valid"].sum() + (example["rbox_valid"] & ~example["valid"]).sum() == min(usable, 2)
 

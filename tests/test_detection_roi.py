@@ -15,11 +15,11 @@ from flax import nnx
 
 from mtp_jax.models.detection.roi_head import (BoxPredictor, RoIConfig, RoITargets, Shared2FC,
                                                num_candidates_bound, roi_loss, roi_targets,
-                                               rotated_detections)
+                                               detections)
 
 STDS = np.array([0.1, 0.1, 0.2, 0.2, 0.1])
 targets_jit = jax.jit(roi_targets, static_argnames=("cfg", "num_classes"))
-detections_jit = jax.jit(rotated_detections, static_argnames=("image_size", "cfg"))
+detections_jit = jax.jit(detections, static_argnames=("image_size", "cfg"))
 EPS = np.finfo(np.float32).eps
 
 
@@ -333,11 +333,11 @@ def test_oriented_rcnn_smoke():
   feats = [jax.random.normal(jax.random.key(i), (b * 2, size // s, size // s, 8))
            for i, s in enumerate((4, 8, 16, 32))]
   box_a = [[24.0, 24.0, 30.0, 24.0, 0.1], [44.0, 40.0, 28.0, 14.0, -0.6], [0, 0, 0, 0, 0]]
-  gt = {"sota": {"rboxes": jnp.array([box_a, box_a], jnp.float32),
+  gt = {"sota": {"boxes": jnp.array([box_a, box_a], jnp.float32),
                  "labels": jnp.array([[0, 2, 0], [1, 1, 0]], jnp.int32),
                  # image 1 of sota has no valid gt at all
                  "valid": jnp.array([[True, True, False], [False, False, False]])},
-        "fast": {"rboxes": jnp.tile(jnp.array([[32.0, 30.0, 36.0, 20.0, 0.4]]), (b, 4, 1)),
+        "fast": {"boxes": jnp.tile(jnp.array([[32.0, 30.0, 36.0, 20.0, 0.4]]), (b, 4, 1)),
                  "labels": jnp.full((b, 4), 4, jnp.int32),
                  "valid": jnp.ones((b, 4), bool)}}                 # every slot valid
   graphdef, state = nnx.split(model)

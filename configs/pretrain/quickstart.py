@@ -27,6 +27,11 @@ def get_config(arg=None):
   c.model.encoder_overrides.update(dict(embed_dim=96, depth=4, num_heads=3, out_indices=(0, 1, 2, 3)))
   c.model.drop_path_rate = 0.0
   c.tasks.ss.channels = 64
+  c.tasks["is"].enabled = True
+  c.tasks["is"].update(dict(neck_channels=64, fc_channels=256, mask_channels=64, anchor_scale=4.0,
+                            rpn_samples=128, train_pre_nms=500, train_proposals=250,
+                            test_pre_nms=500, test_proposals=250, rcnn_samples=128,
+                            max_detections=100, max_candidates=2000))
   c.tasks.rd.enabled = True
   c.tasks.rd.update(dict(neck_channels=64, fc_channels=256, anchor_scale=4.0, rpn_samples=128,
                          train_proposals=500, test_proposals=500, rcnn_samples=128,

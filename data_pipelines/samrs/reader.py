@@ -12,7 +12,13 @@ A static example (numpy), S = image_size, M = max_instances:
     MTP_SPEC §3.4) and 255 = padding (ignored by the loss);
   labels (M,) int32, rboxes (M, 5) float32 le90, hboxes (M, 4) float32, valid (M,) bool;
   rbox_valid (M,) bool: the rotated box is usable (its centre survived the crop);
-  masks (M, S, S) uint8, only with `with_masks`;
+  with `with_masks`: mask_crops (M, R, R) uint8, R = MASK_CROP_SIZE: each packed instance's mask
+    as mmcv's aligned RoIAlign over its packed hbox at R x R, soft coverage 0..255
+    (`mtp_jax.ops.mask_targets.crop_masks`; the device resizes them to the sampled RoIs with
+    `mask_targets`; dense (M, S, S) masks would cost 51 MB per image at S = 448), zeros for
+    padding slots; evaluation examples (rng None) also mask_rles (M,) object array of the
+    instances' COCO RLE `counts` (ascii str) in the evaluated S x S geometry, '' for padding
+    slots (host only, for the COCO ground truth);
   num_instances () int32: usable instances before the cap (the excess is truncated);
   is_real () bool: False for the padding examples of a final partial evaluation batch;
   image_id () str: the image's file stem (unique within a subset; '' for padding examples).
@@ -33,6 +39,12 @@ from PIL import Image
 from data_pipelines.samrs import augment, schema
 from data_pipelines.samrs.convert import INFO_FILE
 from mtp_jax.errors import DataError
+from mtp_jax.ops import mask_targets
+
+# Side of the per-instance mask crops (module docstring), chosen by
+# benchmarks/mask_target_fidelity.py: targets within 0.1% of mmdet's full-mask ones at 1/64 of
+# the dense masks' bytes (docs/benchmarks.md). The device reads it from the crops' shape.
+MASK_CROP_SIZE = 56
 
 
 def load_info(data_dir: str, subset: str, split: str) -> dict:
@@ -111,20 +123,23 @@ def resize_and_pad(sample: dict, image_size: int) -> dict:
 
 
 def example_shapes(image_size: int, max_instances: int) -> dict:
-  """{field: (shape, numpy dtype)} of a static example's array fields (module docstring; masks
-  and the host-only string `image_id` left out)."""
-  s, m = image_size, max_instances
+  """{field: (shape, numpy dtype)} of a static example's device fields (module docstring;
+  `mask_crops` is present only in `with_masks` examples; the host-only `image_id` and
+  `mask_rles` are left out)."""
+  s, m, r = image_size, max_instances, MASK_CROP_SIZE
   return {"image": ((s, s, 3), np.uint8), "semantic": ((s, s), np.uint8), "labels": ((m,), np.int32),
           "rboxes": ((m, 5), np.float32), "hboxes": ((m, 4), np.float32), "valid": ((m,), bool),
-          "rbox_valid": ((m,), bool), "num_instances": ((), np.int32), "is_real": ((), bool)}
+          "rbox_valid": ((m,), bool), "num_instances": ((), np.int32), "is_real": ((), bool),
+          "mask_crops": ((m, r, r), np.uint8)}
 
 
-def pack(sample: dict, image_size: int, max_instances: int) -> dict:
+def pack(sample: dict, image_size: int, max_instances: int, mask_rles: bool = False) -> dict:
   """A padded sample -> the static example of the module docstring.
 
   Usable instances (a usable box or rotated box) are packed first, in order, then capped at
   `max_instances`; `num_instances` counts them before the cap, so the dropped fraction is
-  (num_instances - kept) / num_instances.
+  (num_instances - kept) / num_instances. A sample with masks gives `mask_crops`, and with
+  `mask_rles` also the kept masks' RLEs.
   """
   usable = np.flatnonzero(sample["box_valid"] | sample["rbox_valid"])
   kept = usable[:max_instances]
@@ -141,9 +156,21 @@ def pack(sample: dict, image_size: int, max_instances: int) -> dict:
   out["valid"][:n] = sample["box_valid"][kept]
   out["rbox_valid"][:n] = sample["rbox_valid"][kept]
   if "masks" in sample:
-    masks = np.zeros((max_instances, image_size, image_size), np.uint8)
-    masks[:n] = sample["masks"][kept]
-    out["masks"] = masks
+    r = MASK_CROP_SIZE
+    out["mask_crops"] = np.zeros((max_instances, r, r), np.uint8)
+    out["mask_crops"][:n] = mask_targets.crop_masks(sample["masks"][kept], out["hboxes"][:n], r)
+    if mask_rles:
+      out["mask_rles"] = encode_rles(sample["masks"][kept], max_instances)
+  return out
+
+
+def encode_rles(masks: np.ndarray, length: int) -> np.ndarray:
+  """(N, H, W) bool -> (length,) object array of COCO RLE `counts` (ascii str), '' past N."""
+  from pycocotools import mask as mask_utils  # lazy: only mask-using pipelines need it
+  out = np.full((length,), "", object)
+  if len(masks):
+    rles = mask_utils.encode(np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1)))
+    out[:len(masks)] = [r["counts"].decode("ascii") for r in rles]
   return out
 
 
@@ -156,7 +183,7 @@ def to_static_example(raw: bytes, image_size: int, max_instances: int, rng=None,
     sample = resize_and_pad(sample, image_size)
   else:
     sample = augment.train_augment(sample, rng, image_size, augment_config or augment.AugmentConfig())
-  example = pack(sample, image_size, max_instances)
+  example = pack(sample, image_size, max_instances, mask_rles=rng is None)
   example["image_id"] = np.str_(image_stem(record.filename))
   return example
 
@@ -274,8 +301,9 @@ def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max
 def _pad_batch(examples: list[dict], size: int) -> dict:
   pad = size - len(examples)
   if pad:
-    filler = {k: np.zeros_like(v) for k, v in examples[0].items()}
-    examples = examples + [filler] * pad  # is_real is False in the filler
+    filler = {k: np.full_like(v, "") if v.dtype == object else np.zeros_like(v)
+              for k, v in examples[0].items()}
+    examples = examples + [filler] * pad  # is_real is False in the filler, RLEs ''
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 

@@ -4,9 +4,20 @@ Used for instance segmentation (MTP pretraining's `is` task: segm AP) and horizo
 (DIOR, Xview: AP50, MTP_SPEC.md §5.2). Inputs are plain arrays in DESIGN.md conventions:
 
   annotations[i] = {"hboxes": (M, 4) x1, y1, x2, y2 pixels, "labels": (M,) in [0, C),
-                    "masks": optional (M, H, W) binary, "iscrowd": optional (M,) bool,
-                    "height": H, "width": W}
-  detections[i]  = {"hboxes": (N, 4), "scores": (N,), "labels": (N,), "masks": optional (N, H, W)}
+                    "masks": optional (M, H, W) binary, or "rles": optional M COCO RLEs,
+                    "iscrowd": optional (M,) bool, "height": H, "width": W,
+                    "image_id": optional str (the image's stem)}
+  detections[i]  = {"hboxes": (N, 4), "scores": (N,), "labels": (N,),
+                    "masks": optional (N, H, W), or "rles": optional N COCO RLEs}
+
+An RLE is a dict {"size": [H, W], "counts": str | bytes (compressed) | list (uncompressed)} or the
+compressed counts alone (str or bytes; the size is the image's). With RLEs, nothing dense is held
+for more than one mask at a time, so a whole split's masks fit in memory.
+
+Image ids: COCO ids are 1..N in sorted order of the images' own ids (the `image_ids` argument, else
+every annotation's "image_id", else the list order), and "file_name" is that id as a string; the
+numbering therefore does not depend on how images were split over processes (COCOeval breaks
+score ties between images by id order, so this matters for AP).
 
 Conventions (as mmdet's CocoMetric): category id = label + 1; a ground-truth area is its mask
 area when masks are given, else its box area (COCOeval's small/medium/large split uses it); boxes
@@ -33,48 +44,113 @@ def _rle(mask) -> dict:
   return rle
 
 
+def as_rle(rle, height: int, width: int) -> dict:
+  """Any RLE form (module docstring) -> {"size": [H, W], "counts": ascii str} (json-ready)."""
+  if isinstance(rle, (str, bytes, np.bytes_, np.str_)):
+    rle = {"size": [height, width], "counts": rle}
+  size = [int(v) for v in rle.get("size", (height, width))]
+  counts = rle["counts"]
+  if isinstance(counts, (bytes, np.bytes_)):
+    counts = bytes(counts).decode("ascii")
+  elif isinstance(counts, np.str_):
+    counts = str(counts)
+  elif not isinstance(counts, str):   # uncompressed counts
+    compressed = mask_utils.frPyObjects({"size": size, "counts": list(counts)}, *size)
+    counts = compressed["counts"].decode("ascii")
+  if size != [int(height), int(width)]:
+    raise ValueError(f"RLE of size {size} in an image of size {[int(height), int(width)]}")
+  return {"size": size, "counts": counts}
+
+
+def _instance_rles(item, count: int, height: int, width: int, what: str):
+  """The item's masks as json-ready RLEs (None without masks), one at a time from dense masks."""
+  if "rles" in item:
+    if len(item["rles"]) != count:
+      raise ValueError(f"{what}: {len(item['rles'])} rles for {count} instances")
+    return [as_rle(r, height, width) for r in item["rles"]]
+  if "masks" in item:
+    masks = item["masks"]
+    if len(masks) != count:
+      raise ValueError(f"{what}: {len(masks)} masks for {count} instances")
+    return [_rle(m) for m in masks]
+  return None
+
+
 def _xywh(box) -> list:
   x1, y1, x2, y2 = (float(v) for v in box)
   return [x1, y1, x2 - x1, y2 - y1]
 
 
-def to_coco(detections, annotations, num_classes: int, iou_type: str = "bbox"):
-  """(ground-truth dataset dict, result list) in COCO json form; image id = index + 1."""
+def coco_image_ids(annotations, image_ids=None) -> tuple:
+  """(COCO integer id per image, file name per image): ids 1..N in sorted order of the images' own
+  ids (`image_ids`, else every annotation's "image_id", else the list order; module docstring)."""
+  if image_ids is None and annotations and all("image_id" in a for a in annotations):
+    image_ids = [a["image_id"] for a in annotations]
+  if image_ids is None:
+    return list(range(1, len(annotations) + 1)), [str(i) for i in range(len(annotations))]
+  image_ids = list(image_ids)
+  if len(image_ids) != len(annotations):
+    raise ValueError(f"{len(image_ids)} image ids for {len(annotations)} images")
+  rank = {key: k + 1 for k, key in enumerate(sorted(set(image_ids)))}
+  if len(rank) != len(image_ids):
+    raise ValueError("image ids are not unique")
+  return [rank[key] for key in image_ids], [str(key) for key in image_ids]
+
+
+def to_coco(detections, annotations, num_classes: int, iou_type: str = "bbox", class_names=None,
+            image_ids=None):
+  """(ground-truth dataset dict, result list) in COCO json form (json-ready: plain Python types).
+
+  image ids as `coco_image_ids`; the gt carries "segmentation" RLEs where the annotations have
+  masks or rles; results carry them for iou_type "segm" (and always their box, as mmdet's
+  CocoMetric writes them: COCO.loadRes then takes the box area as the detection's area).
+  """
+  if len(detections) != len(annotations):
+    raise ValueError(f"coco: {len(detections)} images of detections but {len(annotations)} of annotations")
+  ids, names = coco_image_ids(annotations, image_ids)
   images, gts, results = [], [], []
   for i, ann in enumerate(annotations):
-    image_id = i + 1
-    images.append({"id": image_id, "height": int(ann["height"]), "width": int(ann["width"])})
+    image_id, height, width = ids[i], int(ann["height"]), int(ann["width"])
+    images.append({"id": image_id, "file_name": names[i], "height": height, "width": width})
     boxes = np.asarray(ann["hboxes"], np.float64).reshape(-1, 4)
+    labels = np.asarray(ann["labels"]).reshape(-1)
     crowd = np.asarray(ann.get("iscrowd", np.zeros(len(boxes), bool)), bool).reshape(-1)
-    for k, (box, label) in enumerate(zip(boxes, np.asarray(ann["labels"]).reshape(-1))):
+    rles = _instance_rles(ann, len(boxes), height, width, f"annotations[{i}]")
+    if iou_type == "segm" and rles is None:
+      raise ValueError(f"coco_ap(iou_type='segm'): annotations[{i}] has no masks")
+    for k, (box, label) in enumerate(zip(boxes, labels)):
       g = {"id": len(gts) + 1, "image_id": image_id, "category_id": int(label) + 1,
            "bbox": _xywh(box), "iscrowd": int(crowd[k])}
-      if "masks" in ann:
-        g["segmentation"] = _rle(ann["masks"][k])
-        g["area"] = float(mask_utils.area(g["segmentation"]))
+      if rles is not None:
+        g["segmentation"] = rles[k]
+        g["area"] = float(mask_utils.area(rles[k]))
       else:
         g["area"] = float((box[2] - box[0]) * (box[3] - box[1]))
-      if iou_type == "segm" and "segmentation" not in g:
-        raise ValueError(f"coco_ap(iou_type='segm'): annotations[{i}] has no masks")
       gts.append(g)
   for i, det in enumerate(detections):
     boxes = np.asarray(det["hboxes"], np.float64).reshape(-1, 4)
+    rles = None
+    if iou_type == "segm":
+      ann = annotations[i]
+      rles = _instance_rles(det, len(boxes), int(ann["height"]), int(ann["width"]), f"detections[{i}]")
+      if rles is None:
+        raise ValueError(f"coco_ap(iou_type='segm'): detections[{i}] has no masks")
     for k, (box, score, label) in enumerate(zip(boxes, np.asarray(det["scores"]).reshape(-1),
                                                 np.asarray(det["labels"]).reshape(-1))):
-      r = {"image_id": i + 1, "category_id": int(label) + 1, "score": float(score), "bbox": _xywh(box)}
-      if iou_type == "segm":
-        if "masks" not in det:
-          raise ValueError(f"coco_ap(iou_type='segm'): detections[{i}] has no masks")
-        r["segmentation"] = _rle(det["masks"][k])
+      r = {"image_id": ids[i], "category_id": int(label) + 1, "score": float(score), "bbox": _xywh(box)}
+      if rles is not None:
+        r["segmentation"] = rles[k]
       results.append(r)
+  names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
   dataset = {"images": images, "annotations": gts,
-             "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)]}
+             "categories": [{"id": c + 1, "name": str(names[c])} for c in range(num_classes)]}
   return dataset, results
 
 
 def coco_ap(detections, annotations, num_classes: int, iou_type: str = "bbox", max_dets: int = 100,
-            class_names=None, verbose: bool = False) -> dict:
-  """COCOeval on the given arrays (module docstring). iou_type: 'bbox' or 'segm'.
+            class_names=None, verbose: bool = False, image_ids=None) -> dict:
+  """COCOeval on the given arrays (module docstring). iou_type: 'bbox' or 'segm'; image_ids: the
+  images' own ids (optional, `coco_image_ids`).
 
   Returns {"AP", "AP50", ... (STAT_NAMES, fractions; -1 where COCOeval has no data),
   "ap_per_class": {name: AP}, "ap50_per_class": {name: AP50}}.
@@ -84,7 +160,18 @@ def coco_ap(detections, annotations, num_classes: int, iou_type: str = "bbox", m
   if len(detections) != len(annotations):
     raise ValueError(f"coco_ap: {len(detections)} images of detections but {len(annotations)} of annotations")
   names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
-  dataset, results = to_coco(detections, annotations, num_classes, iou_type)
+  dataset, results = to_coco(detections, annotations, num_classes, iou_type, names, image_ids)
+  return coco_eval(dataset, results, iou_type, max_dets, names, verbose)
+
+
+def coco_eval(dataset: dict, results: list, iou_type: str = "bbox", max_dets: int = 100, class_names=None,
+              verbose: bool = False) -> dict:
+  """`coco_ap`'s dict from COCO json objects (`to_coco`'s pair, or the same loaded from files)."""
+  names = (list(class_names) if class_names is not None
+           else [c["name"] for c in sorted(dataset["categories"], key=lambda c: c["id"])])
+  # COCO.loadRes and COCOeval add keys to the dicts they are given ("area", "ignore" ...): copies
+  dataset = {**dataset, "annotations": [dict(a) for a in dataset["annotations"]]}
+  results = [dict(r) for r in results]
   quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
   with quiet:
     gt = COCO()
@@ -111,8 +198,9 @@ def coco_ap(detections, annotations, num_classes: int, iou_type: str = "bbox", m
 
 
 class CocoEvaluator(PerImageEvaluator):
-  """add(image_id, detection, annotation) per image (`coco_ap`'s per-image dicts), then
-  result() -> `coco_ap`'s dict."""
+  """add(image_id, detection, annotation) per image (`coco_ap`'s per-image dicts; image_id: the
+  image's own id, e.g. its file stem, which also numbers the COCO images), then result() ->
+  `coco_ap`'s dict, or write_files(folder, subset) -> the COCO json files (`coco_files`)."""
 
   def __init__(self, num_classes: int, class_names=None, iou_type: str = "bbox", max_dets: int = 100):
     super().__init__()
@@ -121,4 +209,13 @@ class CocoEvaluator(PerImageEvaluator):
 
   def result(self) -> dict:
     detections, annotations = self.columns() or ([], [])
-    return coco_ap(detections, annotations, self.num_classes, self.iou_type, self.max_dets, self.class_names)
+    return coco_ap(detections, annotations, self.num_classes, self.iou_type, self.max_dets, self.class_names,
+                   image_ids=sorted(self.images))
+
+  def write_files(self, folder: str, subset: str) -> dict:
+    """`coco_files.write_coco_files` of this evaluator's images; {name: path}."""
+    from mtp_jax.metrics.coco_files import write_coco_files   # coco_files imports this module
+    ids = sorted(self.images)
+    detections, annotations = self.columns() or ([], [])
+    names = self.class_names if self.class_names is not None else [str(c) for c in range(self.num_classes)]
+    return write_coco_files(folder, subset, ids, annotations, detections, names)

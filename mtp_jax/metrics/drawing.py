@@ -45,6 +45,25 @@ def draw_rboxes(image, rboxes, labels=None, colour=None, thickness: int = 1) -> 
   return out
 
 
+def draw_instances(image, hboxes, masks=None, labels=None, colour=None, thickness: int = 1) -> np.ndarray:
+  """Instance masks (outlines of their regions) and horizontal boxes (x1, y1, x2, y2) on a copy of
+  `image`; colours as `draw_rboxes`. masks: (N, H, W) bool at the image's size, or None."""
+  out = np.ascontiguousarray(np.asarray(image, np.uint8).copy())
+  hboxes = np.asarray(hboxes, np.float64).reshape(-1, 4)
+  labels = np.zeros(len(hboxes), np.int64) if labels is None else np.asarray(labels).reshape(-1)
+  pal = palette()
+  for k, (box, label) in enumerate(zip(hboxes, labels)):
+    c = tuple(int(v) for v in (colour if colour is not None else pal[(int(label) + 1) % 255]))
+    if masks is not None and k < len(masks) and masks[k].any():
+      contours, _ = cv2.findContours(np.asarray(masks[k], np.uint8), cv2.RETR_EXTERNAL,
+                                     cv2.CHAIN_APPROX_SIMPLE)
+      cv2.drawContours(out, contours, -1, c, thickness)
+    x1, y1, x2, y2 = np.round(box).astype(np.int32)
+    cv2.rectangle(out, (int(x1), int(y1)), (int(x2) - 1, int(y2) - 1), c, thickness,
+                  lineType=cv2.LINE_4)
+  return out
+
+
 def _label(tile: np.ndarray, text: str) -> Image.Image:
   canvas = Image.new("RGB", (tile.shape[1], tile.shape[0] + 14), "white")
   canvas.paste(Image.fromarray(tile), (0, 14))

@@ -8,12 +8,13 @@ their module lands. Adding a task is adding its module and one line here.
 
 from mtp_jax.models.classes import with_background
 from mtp_jax.tasks.base import Task
+from mtp_jax.tasks.instance_segmentation import InstanceSegmentation
 from mtp_jax.tasks.rotated_detection import RotatedDetection
 from mtp_jax.tasks.semantic_segmentation import SemanticSegmentation
 
 # In the order of MTP's loss sum (ss, is, rd; MTP_SPEC §3.2).
-TASKS = {"ss": SemanticSegmentation, "rd": RotatedDetection}
-PENDING = {"is": "Mask R-CNN instance segmentation"}
+TASKS = {"ss": SemanticSegmentation, "is": InstanceSegmentation, "rd": RotatedDetection}
+PENDING = {}
 ORDER = ("ss", "is", "rd")
 
 
@@ -27,5 +28,10 @@ def build_tasks(config, class_names: dict) -> dict:
   return {n: TASKS[n](config, class_names) for n in enabled(config)}
 
 
-__all__ = ["ORDER", "PENDING", "TASKS", "RotatedDetection", "SemanticSegmentation", "Task",
-           "build_tasks", "enabled", "with_background"]
+def needs_masks(tasks: dict) -> bool:
+  """Whether the input pipeline must decode instance masks for these tasks ({name: Task})."""
+  return any(t.needs_masks for t in tasks.values())
+
+
+__all__ = ["ORDER", "PENDING", "TASKS", "InstanceSegmentation", "RotatedDetection", "SemanticSegmentation", "Task",
+           "build_tasks", "enabled", "needs_masks", "with_background"]

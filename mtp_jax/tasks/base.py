@@ -1,6 +1,6 @@
 """The task protocol: everything one task owns, in one place (DESIGN.md §3.1).
 
-A task (ss, rd, later is and the finetuning tasks) is a subclass of `Task` in its own module. It
+A task (ss, is, rd, later the finetuning tasks) is a subclass of `Task` in its own module. It
 owns its config block (`default_config`), its head (`build_head`: shared trunk + per-subset
 predictors, MTP_SPEC §3.2), the example fields its loss and its evaluation read on the device
 (`fields`), its loss components (`losses`), its device-side evaluation outputs (`eval_outputs`),
@@ -28,11 +28,13 @@ class Task:
 
   name: the key under config.tasks and in metric names (`<name>/<subset>/<component>`).
   title: what it is, for messages. headline_name: its headline metric, for tables.
+  needs_masks: the input pipeline must decode instance masks (costly, so only when a task asks).
   """
 
   name = ""
   title = ""
   headline_name = ""
+  needs_masks = False   # the reader decodes instance masks (mask_crops, mask_rles) for this task
 
   def __init__(self, config, class_names: dict):
     """config: the whole run config; class_names: {subset: object class names} (no background);

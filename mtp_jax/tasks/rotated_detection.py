@@ -90,7 +90,7 @@ class RotatedDetection(Task):
   def losses(self, head, features, gt, *, train, key, normalizers):
     del train, normalizers   # the R-CNN losses normalise by their own sample counts (avg_factor)
     size = (self.config.data.image_size,) * 2
-    boxes = {s: {"rboxes": g["rboxes"], "labels": g["labels"], "valid": g["rbox_valid"]}
+    boxes = {s: {"boxes": g["rboxes"], "labels": g["labels"], "valid": g["rbox_valid"]}
              for s, g in gt.items()}
     per_subset = head.losses(features, boxes, subsets=self.subsets, image_size=size, key=key)
     return {f"{s}/{c}": v for s, parts in per_subset.items() for c, v in parts.items()}

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines.samrs import reader
+from mtp_jax import tasks as tasks_lib
 from mtp_jax.metrics import drawing
 from mtp_jax.metrics.multitask import mtp_average
 from mtp_jax.parallel import distributed, sharding
@@ -38,6 +39,7 @@ class PretrainEvaluation:
     self.local_batch = check_batch_size("eval.batch_per_subset", config.eval.batch_per_subset, mesh)
     self.fields = task_fields(tasks, train=False) + ("is_real",)
     self.max_instances = {s: reader.eval_max_instances(config.data.dir, s) for s in self.subsets}
+    self.with_masks = tasks_lib.needs_masks(tasks)
     replicated, batch = NamedSharding(mesh, PartitionSpec()), sharding.batch_sharding(mesh)
     self._jitted = jax.jit(make_eval_step(graphdef, tasks),
                            out_shardings={n: (replicated, batch) for n in tasks})
@@ -49,7 +51,7 @@ class PretrainEvaluation:
         c.data.dir, s, "valid", image_size=c.data.image_size,
         max_instances=self.max_instances[s], batch_size=self.local_batch,
         train=False, process_index=jax.process_index(), process_count=jax.process_count(),
-        max_corrupt_fraction=c.data.max_corrupt_fraction))
+        with_masks=self.with_masks, max_corrupt_fraction=c.data.max_corrupt_fraction))
         for s in self.subsets}
 
   def run(self, state, pictures: bool = False):
@@ -88,6 +90,10 @@ class PretrainEvaluation:
     out = {k: np.zeros((b, *shape), dtype) for k, (shape, dtype) in shapes.items()}
     out["semantic"][:] = 255   # padding label, ignored
     out["image_id"] = np.full((b,), "", dtype=np.str_)
+    if self.with_masks:
+      out["mask_rles"] = np.full((b, self.max_instances[subset]), "", dtype=object)
+    else:
+      out.pop("mask_crops", None)
     return out
 
   def _rows(self, subset: str, raw: dict, outputs: dict) -> list:

@@ -181,7 +181,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       streams=streams, num_streams=num_streams, shuffle_window=config.data.shuffle_window,
       augment_config=augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                               for k, v in config.data.augment.items()}),
-      max_corrupt_fraction=config.data.max_corrupt_fraction)
+      with_masks=tasks_lib.needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction)
 
   restored = checkpointer.restore(trainer.abstract_sharded_state())
   if restored is None:

@@ -1,10 +1,13 @@
 """Second stage of the two-stage detectors: RoI sampling, box head, losses, rotated post-processing.
 
-Generic parts (shared with Mask R-CNN): the `Shared2FC` trunk, the per-dataset `BoxPredictor`,
-`roi_targets` (max-IoU assignment with the ground truth added as proposals, random sampling,
-regression targets) and `roi_loss` (softmax CE + SmoothL1). Rotated specifics are options of
-`RoIConfig` (`rotated`, the coder); `rotated_roi_features` and `rotated_detections` are Oriented
-R-CNN's. Rotated boxes are le90 (cx, cy, w, h, angle): pixels, radians, y down (DESIGN.md §4).
+One second stage for Oriented R-CNN and Mask R-CNN: the `Shared2FC` trunk, the per-dataset
+`BoxPredictor`, `roi_targets` (max-IoU assignment with the ground truth added as proposals, random
+sampling, regression targets), `roi_loss` (softmax CE + SmoothL1 or L1), `roi_features` (RoIAlign
+or RoIAlignRotated on the FPN level of each box) and `detections` (test-time decode + class-aware
+NMS). The two detectors differ only in `RoIConfig` fields (`rotated`, `class_agnostic`, the coder,
+the loss, the test settings): `RoIConfig()` is Oriented R-CNN's, `RoIConfig.mask_rcnn()` Mask
+R-CNN's. Rotated boxes are le90 (cx, cy, w, h, angle): pixels, radians, y down (DESIGN.md §4);
+horizontal boxes (x1, y1, x2, y2) pixels.
 
 Sources (mmdet 3.x / mmrotate 1.x semantics, as MTP's copies in
 `MTP:Multi-Task_Pretrain/rotated_detection/{bbox_head.py, base_bbox_head.py, standard_roi_head.py,
@@ -19,7 +22,8 @@ oriented_rcnn.py}` use them):
   <= 0) for positives, 1 for negatives; bbox targets = coder.encode(roi, gt) and weights 1 for
   positives only.
 - losses: `MTP_RD_BBoxHead.loss` (mmdet `BBoxHead.loss`): CE avg_factor = max(#(label_weight > 0),
-  1); SmoothL1 over positives with avg_factor = bbox_targets.size(0) (every sampled RoI of the
+  1); SmoothL1 (Mask R-CNN: L1) over positives (class-specific regression: the deltas of the
+  positive's class) with avg_factor = bbox_targets.size(0) (every sampled RoI of the
   batch); mmdet's `weight_reduce_loss` divides by (avg_factor + float32 eps).
 - trunk: `MTP_RD_Shared2FCBBoxHead` (mmdet `Shared2FCBBoxHead`): flatten (C, H, W), two
   Linear + ReLU; the predictors are MTP's `rotdetroiboxhead_fc_{cls,reg}_k` (MTP_SPEC §3.2).
@@ -47,10 +51,10 @@ from flax import nnx
 from mtp_jax.models import layers
 from mtp_jax.models.classes import with_background
 from mtp_jax.ops.assign import max_iou_assign, prepend_gt_as_proposals, random_sample
-from mtp_jax.ops.box_coders import ORIENTED_RCNN_CODER
+from mtp_jax.ops.box_coders import ORIENTED_RCNN_CODER, RCNN_CODER
 from mtp_jax.ops.iou import box_iou, box_iou_rotated
-from mtp_jax.ops.rois import multilevel_roi_align_rotated
-from mtp_jax.ops.suppression import nms_rotated
+from mtp_jax.ops.rois import multilevel_roi_align, multilevel_roi_align_rotated
+from mtp_jax.ops.suppression import nms, nms_rotated
 
 _EPS = float(jnp.finfo(jnp.float32).eps)   # mmdet weight_reduce_loss: sum / (avg_factor + eps)
 _MIN_SIZE = 1e-3                            # mmrotate rbbox_overlaps clamps w, h to >= 1e-3
@@ -58,14 +62,17 @@ _MIN_SIZE = 1e-3                            # mmrotate rbbox_overlaps clamps w, 
 
 @dataclasses.dataclass(frozen=True)
 class RoIConfig:
-  """Oriented R-CNN's R-CNN settings (MTP_SPEC §3.3, `MTP:rotated_detection/oriented_rcnn.py`).
+  """R-CNN settings; the defaults are Oriented R-CNN's (MTP_SPEC §3.3,
+  `MTP:rotated_detection/oriented_rcnn.py`), `RoIConfig.mask_rcnn()` Mask R-CNN's
+  (`MTP:instance_segmentation/mask_rcnn.py`).
 
   `max_candidates` bounds the (proposal, class) pairs entering the test NMS (see
-  `rotated_detections`): the static count is min(max_candidates, P * min(C, floor(1 /
+  `detections`): the static count is min(max_candidates, P * min(C, floor(1 /
   score_thr))). No more pairs than the second term can pass score_thr (a RoI's softmax scores sum
   to 1), so the selection is exact unless max_candidates binds.
   """
-  rotated: bool = True                       # box_iou_rotated (RBboxOverlaps2D) vs box_iou
+  rotated: bool = True                       # le90 boxes, box_iou_rotated (RBboxOverlaps2D),
+                                             # RoIAlignRotated; else (x1, y1, x2, y2), box_iou
   # MaxIoUAssigner
   pos_iou_thr: float = 0.5
   neg_iou_thr: float = 0.5
@@ -78,18 +85,20 @@ class RoIConfig:
   neg_pos_ub: int = -1
   add_gt_as_proposals: bool = True
   pos_weight: float = -1.0                   # <= 0 means 1
-  # RotatedSingleRoIExtractor + RoIAlignRotated
+  # (Rotated)SingleRoIExtractor + RoIAlign(Rotated)
   roi_size: int = 7
-  sampling_ratio: int = 2
+  sampling_ratio: int = 2                    # 0: adaptive (mmcv RoIAlign)
   aligned: bool = True
   clockwise: bool = True
   featmap_strides: tuple = (4, 8, 16, 32)
   finest_scale: int = 56
   # box head
   coder: object = ORIENTED_RCNN_CODER
-  reg_dim: int = 5                           # class-agnostic (reg_class_agnostic=True)
+  reg_dim: int = 5                           # deltas per box
+  class_agnostic: bool = True                # fc_reg: reg_dim (agnostic) or C * reg_dim outputs
   cls_loss_weight: float = 1.0
   bbox_loss_weight: float = 1.0
+  bbox_loss: str = "smooth_l1"               # or "l1"
   smooth_l1_beta: float = 1.0
   # test_cfg.rcnn
   score_thr: float = 0.05
@@ -97,6 +106,29 @@ class RoIConfig:
   max_per_img: int = 2000
   max_candidates: int = 10000
   nms_tile: int = 256
+
+  def __post_init__(self):
+    if self.bbox_loss not in ("smooth_l1", "l1"):
+      raise ValueError(f"bbox_loss {self.bbox_loss!r} is not 'smooth_l1' or 'l1'")
+    if self.reg_dim != (5 if self.rotated else 4):
+      raise ValueError(f"reg_dim {self.reg_dim} does not fit rotated={self.rotated}")
+
+  @property
+  def box_dim(self) -> int:
+    return 5 if self.rotated else 4
+
+  def fc_reg_outputs(self, num_classes: int) -> int:
+    return self.reg_dim if self.class_agnostic else num_classes * self.reg_dim
+
+  @classmethod
+  def mask_rcnn(cls, **overrides):
+    """MTP's Mask R-CNN R-CNN (mmdet mask_rcnn_r50_fpn): horizontal boxes, MaxIoU 0.5/0.5/0.5
+    with low-quality matching, RoIAlign 7x7 sampling_ratio 0, class-specific DeltaXYWH (stds 0.1,
+    0.1, 0.2, 0.2), CE + L1, test score 0.05, NMS 0.5, 100 per image."""
+    values = dict(rotated=False, match_low_quality=True, sampling_ratio=0, coder=RCNN_CODER,
+                  reg_dim=4, class_agnostic=False, bbox_loss="l1", nms_iou_thr=0.5,
+                  max_per_img=100)
+    return cls(**{**values, **overrides})
 
 
 class RoITargets(NamedTuple):
@@ -150,17 +182,19 @@ class Shared2FC(nnx.Module):
 
 
 class BoxPredictor(nnx.Module):
-  """Per-dataset `fc_cls` (-> C + 1, index C = background) and `fc_reg` (-> reg_dim), PyTorch's
-  default nn.Linear init (weights and biases U(+-1/sqrt(fan_in))), MTP_SPEC §3.2."""
+  """Per-dataset `fc_cls` (-> C + 1, index C = background) and `fc_reg` (-> reg_outputs: reg_dim
+  class-agnostic, C * reg_dim class-specific, class c's deltas at [c * reg_dim, (c + 1) * reg_dim)
+  as mmdet), PyTorch's default nn.Linear init (weights and biases U(+-1/sqrt(fan_in))), MTP_SPEC
+  §3.2."""
 
-  def __init__(self, fc_channels: int, num_classes: int, reg_dim: int = 5, *, rngs, dtype=None):
+  def __init__(self, fc_channels: int, num_classes: int, reg_outputs: int = 5, *, rngs, dtype=None):
     fc = lambda dout: _fc(fc_channels, dout, init="torch", rngs=rngs, dtype=dtype,
                           in_axis="conv_out", out_axis=None)
     self.fc_cls = fc(with_background(num_classes))   # background = index C (mmdet)
-    self.fc_reg = fc(reg_dim)
+    self.fc_reg = fc(reg_outputs)
 
   def __call__(self, x):
-    """(R, fc) -> (cls_score (R, C + 1), bbox_pred (R, reg_dim))."""
+    """(R, fc) -> (cls_score (R, C + 1), bbox_pred (R, reg_outputs))."""
     return self.fc_cls(x), self.fc_reg(x)
 
 
@@ -248,7 +282,7 @@ def roi_loss(cls_score, bbox_pred, targets: RoITargets, cfg: RoIConfig = RoIConf
     targets: `RoITargets` with matching leading dims.
   Returns:
     {"cls": sum(CE * label_weight) / (max(#label_weight > 0, 1) + eps),
-     "bbox": sum over positives' coordinates of SmoothL1 / (#sampled RoIs + eps)}, times the
+     "bbox": sum over positives' coordinates of SmoothL1 (or L1) / (#sampled RoIs + eps)}, times the
     loss weights; float32 scalars.
   """
   num_classes = cls_score.shape[-1] - 1
@@ -268,7 +302,9 @@ def roi_loss(cls_score, bbox_pred, targets: RoITargets, cfg: RoIConfig = RoIConf
     pred = pred.reshape(pred.shape[0], -1, d)
     pred = jnp.take_along_axis(pred, jnp.clip(labels, 0, pred.shape[1] - 1)[:, None, None], 1)[:, 0]
   positive = valid & (labels >= 0) & (labels < num_classes)
-  per_coord = smooth_l1(pred - bbox_targets, cfg.smooth_l1_beta) * bbox_weights
+  diff = pred - bbox_targets
+  per_coord = (smooth_l1(diff, cfg.smooth_l1_beta) if cfg.bbox_loss == "smooth_l1"
+               else jnp.abs(diff)) * bbox_weights
   loss_bbox = jnp.where(positive[:, None], per_coord, 0.0).sum() / (valid.sum() + _EPS)
   return {"cls": cfg.cls_loss_weight * loss_cls, "bbox": cfg.bbox_loss_weight * loss_bbox}
 
@@ -277,31 +313,38 @@ def roi_loss(cls_score, bbox_pred, targets: RoITargets, cfg: RoIConfig = RoIConf
 # RoI features and test-time detections
 # ----------------------------------------------------------------------------------------------
 
-def rotated_roi_features(maps, rois, cfg: RoIConfig):
-  """mmrotate `RotatedSingleRoIExtractor` + mmcv `RoIAlignRotated` on one subset's maps.
+def roi_features(maps, rois, cfg: RoIConfig, output_size: int | None = None):
+  """mmdet `SingleRoIExtractor` + mmcv `RoIAlign` (horizontal), or mmrotate
+  `RotatedSingleRoIExtractor` + `RoIAlignRotated` (cfg.rotated), on one subset's maps.
 
   Each image samples only its own maps (vmapped per image, so a batch-sharded step stays local).
 
   Args:
     maps: list of (b, H_l, W_l, C) FPN maps, strides cfg.featmap_strides (extra maps ignored).
-    rois: (b, S, 5) rotated boxes in image pixels, S per image.
+    rois: (b, S, 5) rotated or (b, S, 4) horizontal boxes in image pixels, S per image.
+    output_size: bins per side (default cfg.roi_size; Mask R-CNN's mask branch uses 14).
   Returns:
-    (b * S, roi_size, roi_size, C), image-major.
+    (b * S, size, size, C), image-major.
   """
   maps = list(maps)[:len(cfg.featmap_strides)]
+  size = output_size or cfg.roi_size
 
   def one(image_maps, image_rois):
-    return multilevel_roi_align_rotated(
-        [m[None] for m in image_maps], image_rois, jnp.zeros(image_rois.shape[0], jnp.int32),
-        cfg.roi_size, cfg.featmap_strides, finest_scale=cfg.finest_scale,
-        sampling_ratio=cfg.sampling_ratio, aligned=cfg.aligned, clockwise=cfg.clockwise)
+    common = dict(finest_scale=cfg.finest_scale, sampling_ratio=cfg.sampling_ratio,
+                  aligned=cfg.aligned)
+    index = jnp.zeros(image_rois.shape[0], jnp.int32)
+    image_maps = [m[None] for m in image_maps]
+    if cfg.rotated:
+      return multilevel_roi_align_rotated(image_maps, image_rois, index, size,
+                                          cfg.featmap_strides, clockwise=cfg.clockwise, **common)
+    return multilevel_roi_align(image_maps, image_rois, index, size, cfg.featmap_strides, **common)
 
   feats = jax.vmap(one)(maps, jax.lax.stop_gradient(rois))
   return feats.reshape(-1, *feats.shape[2:])
 
 
 def num_candidates_bound(num_proposals: int, num_classes: int, cfg: RoIConfig) -> int:
-  """Static number of (proposal, class) pairs kept before the NMS of `rotated_detections`.
+  """Static number of (proposal, class) pairs kept before the NMS of `detections`.
 
   Softmax scores of one RoI sum to 1, so at most floor(1 / score_thr) of its classes can pass
   score_thr (20 at 0.05); the bound is exact below `cfg.max_candidates`.
@@ -311,7 +354,8 @@ def num_candidates_bound(num_proposals: int, num_classes: int, cfg: RoIConfig) -
 
 
 def _detections_single(scores, boxes, valid, cfg: RoIConfig):
-  """One image: (P, C + 1) softmax scores, (P, 5) decoded boxes, (P,) valid -> detection dict."""
+  """One image: (P, C + 1) softmax scores, (P, d) class-agnostic or (P, C, d) class-specific
+  decoded boxes, (P,) valid -> detection dict."""
   num_proposals, num_classes = scores.shape[0], scores.shape[1] - 1
   fg = scores[:, :num_classes]
   passing = (fg > cfg.score_thr) & valid[:, None]
@@ -319,41 +363,51 @@ def _detections_single(scores, boxes, valid, cfg: RoIConfig):
   top, pair = jax.lax.top_k(flat, num_candidates_bound(num_proposals, num_classes, cfg))
   cand_valid = jnp.isfinite(top)
   cand_scores = jnp.where(cand_valid, top, 0.0)
-  cand_boxes = boxes[pair // num_classes]
   cand_labels = (pair % num_classes).astype(jnp.int32)
-  keep, _ = nms_rotated(cand_boxes, cand_scores, cfg.nms_iou_thr, cfg.max_per_img,
-                        classes=cand_labels, valid=cand_valid, tile_size=cfg.nms_tile)
+  cand_boxes = (boxes[pair // num_classes] if boxes.ndim == 2
+                else boxes[pair // num_classes, cand_labels])
+  suppress = nms_rotated if cfg.rotated else nms
+  keep, _ = suppress(cand_boxes, cand_scores, cfg.nms_iou_thr, cfg.max_per_img,
+                     classes=cand_labels, valid=cand_valid, tile_size=cfg.nms_tile)
   kept = keep >= 0
   safe = jnp.maximum(keep, 0)
-  return {"rboxes": jnp.where(kept[:, None], cand_boxes[safe], 0.0),
+  return {"rboxes" if cfg.rotated else "hboxes": jnp.where(kept[:, None], cand_boxes[safe], 0.0),
           "scores": jnp.where(kept, cand_scores[safe], 0.0),
           "labels": jnp.where(kept, cand_labels[safe], -1),
           "valid": kept,
           "num_candidates": passing.sum(dtype=jnp.int32)}
 
 
-def rotated_detections(cls_score, bbox_pred, proposals, proposal_valid, image_size,
-                       cfg: RoIConfig = RoIConfig()) -> dict:
-  """Oriented R-CNN test-time post-processing (`_predict_by_feat_single` + `multiclass_nms`).
+def detections(cls_score, bbox_pred, proposals, proposal_valid, image_size,
+               cfg: RoIConfig = RoIConfig()) -> dict:
+  """Test-time post-processing: mmrotate `_predict_by_feat_single` + `multiclass_nms` (Oriented
+  R-CNN) or mmdet `BBoxHead._predict_by_feat_single` + `multiclass_nms` (Mask R-CNN).
 
-  Softmax scores; class-agnostic decode of every proposal, centres clipped to the image
-  (max_shape = image_size (H, W)); each (proposal, class != background) pair with score >
-  score_thr is a candidate; class-aware rotated NMS (IoU > nms_iou_thr suppresses); the
-  max_per_img best by score.
+  Softmax scores; every proposal decoded (class-agnostic: one box, centres clipped to the image;
+  class-specific: one box per class, corners clipped to the image), max_shape = image_size (H, W);
+  each (proposal, class != background) pair with score > score_thr is a candidate; class-aware
+  NMS (rotated or horizontal IoU > nms_iou_thr suppresses); the max_per_img best by score.
 
   Static-shape approximation (deliberate): only the `num_candidates_bound` best-scoring candidate
-  pairs enter the NMS (mmrotate keeps every pair above the threshold). It is exact whenever at
+  pairs enter the NMS (mmdet keeps every pair above the threshold). It is exact whenever at
   most that many pairs pass the threshold; `num_candidates` (the true count) lets callers count
   the images where it was not.
 
   Args:
-    cls_score: (b, P, C + 1) logits. bbox_pred: (b, P, 5) deltas. proposals: (b, P, 5).
-    proposal_valid: (b, P) bool. image_size: (H, W) pixels.
+    cls_score: (b, P, C + 1) logits. bbox_pred: (b, P, reg_outputs) deltas.
+    proposals: (b, P, box_dim). proposal_valid: (b, P) bool. image_size: (H, W) pixels.
   Returns:
-    {"rboxes": (b, K, 5), "scores": (b, K), "labels": (b, K) int32 (-1 padding),
-     "valid": (b, K) bool, "num_candidates": (b,) int32}, K = max_per_img, by decreasing score.
+    {"rboxes" (b, K, 5) (rotated) or "hboxes" (b, K, 4), "scores": (b, K), "labels": (b, K)
+     int32 (-1 padding), "valid": (b, K) bool, "num_candidates": (b,) int32}, K = max_per_img,
+     by decreasing score.
   """
   scores = jax.nn.softmax(cls_score.astype(jnp.float32), axis=-1)
-  boxes = cfg.coder.decode(proposals, bbox_pred.astype(jnp.float32), max_shape=image_size)
-  fn = lambda s, b, v: _detections_single(s, b, v, cfg)
+  deltas = bbox_pred.astype(jnp.float32)
+  if cfg.class_agnostic:
+    boxes = cfg.coder.decode(proposals, deltas, max_shape=image_size)
+  else:
+    b, p = deltas.shape[:2]
+    boxes = cfg.coder.decode(proposals[:, :, None], deltas.reshape(b, p, -1, cfg.reg_dim),
+                             max_shape=image_size)
+  fn = lambda s, bx, v: _detections_single(s, bx, v, cfg)
   return jax.vmap(fn)(scores, boxes, jnp.asarray(proposal_valid, bool))
