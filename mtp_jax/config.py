@@ -60,6 +60,12 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   # RVSA parameters MAE lacks keep their init, as the original's strict=False load, §3.5), or a
   # folder written by `python -m mtp_jax.import_torch`.
   c.model.encoder_init = ""
+  # Whole-model initialisation for a fresh run: an official MTP full-model checkpoint
+  # (`Iter_*_pretrn_model.pth`, or ours from `python -m mtp_jax.export --full`) loaded strictly
+  # into the encoder and the heads of the enabled tasks (MTP_SPEC §3.6); the checkpoint's other
+  # tasks are ignored. Official files pickle their optimizer: `model.full_init_trust_pickle=True`.
+  c.model.full_init = ""
+  c.model.full_init_trust_pickle = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 6e-5               # AdamW (§3.5)

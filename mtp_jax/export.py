@@ -1,11 +1,16 @@
-"""Export the encoder of a training run to a PyTorch state_dict with the official MTP key names.
+"""Export a training run to a PyTorch state_dict with the official MTP key names: the encoder
+(default) or, with --full, the whole pretraining model (encoder, decoders, per-dataset predictors
+and BatchNorm statistics; the official `Iter_*_pretrn_model.pth` layout, MTP_SPEC §3.6).
 
     python -m mtp_jax.export --workdir workdirs/quickstart --out encoder.pth [--step N]
     python -m mtp_jax.export --workdir DIR --out encoder.safetensors
+    python -m mtp_jax.export --workdir DIR --out model.pth --full
 
 `.pth` files load with `model.load_state_dict(torch.load(path), strict=True)` into a module of the
 same architecture (for the RVSA encoders: `mtp_jax.torch_twin.vit_rvsa.build_twin`, or the
-official `ViT_Win_RVSA_V3_WSZ7`). `.pth` needs torch, `.safetensors` the safetensors package.
+official `ViT_Win_RVSA_V3_WSZ7`; for --full: `mtp_jax.torch_twin.mtp_decoders.MTPFramework`, or
+the official `MutliTaskPretrnFramework`, whose `state_dict` also has the heads of tasks a run did
+not train). `.pth` needs torch, `.safetensors` the safetensors package.
 """
 
 import argparse
@@ -17,6 +22,22 @@ from mtp_jax.errors import CheckpointError
 
 def restore_params(workdir: str, step: int | None = None):
   """(nested params of the run's model, step) from `<workdir>/checkpoints`, latest by default."""
+  state, step = _restore(workdir, step)
+  return state["params"], step
+
+
+def restore_state(workdir: str, step: int | None = None):
+  """(params, batch_stats, meta, step): the nested parameters and BatchNorm statistics (saved
+  beside the parameters, as `batch_stats`) of the run's model and the checkpoint's metadata
+  (its `signature` names the subsets and tasks)."""
+  import orbax.checkpoint as ocp
+  state, step = _restore(workdir, step)
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "meta")
+  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+  return state["params"], state.get("batch_stats") or {}, meta, step
+
+
+def _restore(workdir: str, step: int | None):
   import jax
   import numpy as np
   import orbax.checkpoint as ocp
@@ -34,7 +55,9 @@ def restore_params(workdir: str, step: int | None = None):
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         checkpointer.metadata(path).item_metadata)
   state = checkpointer.restore(path, target)
-  return _unwrap_variables(jax.tree.map(np.asarray, state["params"])), step
+  keep = {k: _unwrap_variables(jax.tree.map(np.asarray, state[k]))
+          for k in ("params", "batch_stats") if k in state}
+  return keep, step
 
 
 def _unwrap_variables(tree):
@@ -51,6 +74,8 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", required=True, help="FILE.pth or FILE.safetensors")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--full", action="store_true",
+                      help="the whole model (official full-model keys) instead of the encoder")
   args = parser.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.ERROR)  # Orbax warns about metadata files it does not need here
@@ -58,15 +83,35 @@ def main(argv=None):
   try:
     if not args.out.endswith((".pth", ".pt", ".safetensors")):
       raise CheckpointError(f"--out {args.out!r} must end in .pth, .pt or .safetensors")
-    params, step = restore_params(args.workdir, args.step)
-    if "encoder" not in params:
-      raise CheckpointError(f"the checkpoint at step {step} has no encoder parameters")
-    sd = torch_convert.encoder_to_state_dict(params["encoder"])
-    torch_convert.write_state_dict(sd, args.out)
+    if args.full:
+      sd, step = full_state_dict(args.workdir, args.step)
+    else:
+      params, step = restore_params(args.workdir, args.step)
+      if "encoder" not in params:
+        raise CheckpointError(f"the checkpoint at step {step} has no encoder parameters")
+      sd = torch_convert.encoder_to_state_dict(params["encoder"])
+    if args.full:
+      from mtp_jax.checkpoints.full_model import write_full_checkpoint
+      write_full_checkpoint(sd, args.out)
+    else:
+      torch_convert.write_state_dict(sd, args.out)
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"wrote {len(sd)} encoder tensors of step {step} to {args.out}")
+  print(f"wrote {len(sd)} {'model' if args.full else 'encoder'} tensors of step {step} to {args.out}")
+
+
+def full_state_dict(workdir: str, step: int | None = None):
+  """({official full-model key: array}, step) of a run's checkpoint; k = 1, 2, 3 of the
+  per-dataset predictors follow the run's `data.subsets` order (saved in the checkpoint)."""
+  from mtp_jax.checkpoints import full_model
+  params, batch_stats, meta, step = restore_state(workdir, step)
+  subsets = meta.get("signature", {}).get("subsets")
+  if not subsets:
+    raise CheckpointError(f"the checkpoint at step {step} does not name its subsets")
+  tree = full_model.model_state_tree(params, batch_stats)
+  # SyncBN's num_batches_tracked (unused): what MTP's per-subset decoder calls count.
+  return full_model.model_to_state_dict(tree, subsets, num_batches_tracked=step * len(subsets)), step
 
 
 if __name__ == "__main__":

@@ -4,7 +4,13 @@ JAX starts; shared fixtures build a small synthetic SAMRS sample and its TFRecor
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU aborts a program whose simulated devices wait more than 40 s for each other at a
+# collective; 8 simulated devices of a loaded 2-core machine can lag that much (seen in the
+# three-task step), so the tests allow 15 minutes. Child processes get the same flags.
+PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                       "--xla_cpu_collective_timeout_seconds=900")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
+                           + PATIENT_COLLECTIVES).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402

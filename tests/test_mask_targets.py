@@ -10,33 +10,12 @@ from pycocotools import mask as mask_utils
 from data_pipelines.samrs import augment, reader, schema
 from mtp_jax.ops import mask_targets as mt
 
+from mmcv_reference import bilinear_interpolate
+
 targets_fn = jax.jit(mt.mask_targets, static_argnames=("out_size", "max_samples"))
 
 
 # --- plain references, written per bin and per sample ------------------------------------------
-
-def mmcv_bilinear(image, y, x):
-  """mmcv's `bilinear_interpolate` (roi_align_common), scalar by scalar."""
-  h, w = image.shape
-  if y < -1.0 or y > h or x < -1.0 or x > w:
-    return 0.0
-  y, x = max(y, 0.0), max(x, 0.0)
-  y_low, x_low = int(y), int(x)
-  if y_low >= h - 1:
-    y_high = y_low = h - 1
-    y = float(y_low)
-  else:
-    y_high = y_low + 1
-  if x_low >= w - 1:
-    x_high = x_low = w - 1
-    x = float(x_low)
-  else:
-    x_high = x_low + 1
-  ly, lx = y - y_low, x - x_low
-  hy, hx = 1.0 - ly, 1.0 - lx
-  return (hy * hx * image[y_low, x_low] + hy * lx * image[y_low, x_high]
-          + ly * hx * image[y_high, x_low] + ly * lx * image[y_high, x_high])
-
 
 def mmcv_roi_align(image, roi, size):
   """mmcv RoIAlign forward, aligned=True, sampling_ratio 0, spatial_scale 1, one map and box."""
@@ -53,7 +32,7 @@ def mmcv_roi_align(image, roi, size):
         y = y1 + ph * bin_h + (iy + 0.5) * bin_h / gh
         for ix in range(gw):
           x = x1 + pw * bin_w + (ix + 0.5) * bin_w / gw
-          acc += mmcv_bilinear(image, y, x)
+          acc += bilinear_interpolate(image, y, x)
       out[ph, pw] = acc / max(gh * gw, 1)
   return out
 

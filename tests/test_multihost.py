@@ -19,7 +19,7 @@ from mtp_jax.errors import ConfigError
 from mtp_jax.parallel import distributed
 from mtp_jax.train import loop
 
-from conftest import QUICKSTART, ROOT, SS_RD_RUN, tiny_config, tiny_overrides
+from conftest import MTP_RUN, PATIENT_COLLECTIVES, QUICKSTART, ROOT, tiny_config, tiny_overrides
 
 RUN = {"train.num_steps": 5, "train.checkpoint_every": 5, "eval.max_batches": 1}
 
@@ -70,32 +70,37 @@ def test_two_processes_equal_one_process_with_eight_devices(tfrecord_dir, tmp_pa
     assert eval_multi[s]["ss"]["pixels"] == eval_single[s]["ss"]["pixels"]
     np.testing.assert_allclose(eval_multi[s]["ss"]["miou"], eval_single[s]["ss"]["miou"], atol=1e-4)
 
-  # The evaluation of one checkpoint split over the two processes (each reading its own valid
-  # shards, the confusion counts summed on device) gives exactly the one-process numbers.
+  # The evaluation split over the two processes (each reading its own valid shards, the
+  # confusion counts summed on device; the end of the run above) gives exactly the numbers of
+  # one process evaluating the same checkpoint, which also restores the two processes'
+  # checkpoint onto one process's 8 devices. (`--mode eval` over two processes, restoring a
+  # one-process checkpoint: test_two_processes_evaluate_the_three_tasks_exactly_as_one.)
+  assert "eval step 5 sota: ss mIoU" in outs[0] and "eval step 5" not in outs[1]
   evaluated = str(tmp_path / "evaluated")
-  shutil.copytree(single, evaluated)
+  shutil.copytree(multi, evaluated)
   shutil.rmtree(os.path.join(evaluated, "report"))   # what follows is the evaluation's own output
-  outs = run_two_processes(tfrecord_dir, evaluated, "--mode", "eval")
-  assert "eval step 5 sota: ss mIoU" in outs[0] and "report:" not in outs[1]
+  loop.evaluate_checkpoint(tiny_config(tfrecord_dir, **RUN), evaluated)
   report = json.load(open(os.path.join(evaluated, "report", "metrics.json")))
   assert report["step"] == 5 and report["mode"] == "eval"
-  assert report["eval"] == eval_single
+  assert report["eval"] == eval_multi
 
 
-def test_two_processes_evaluate_rotated_detection_exactly_as_one(ss_rd_run, tfrecord_dir, tmp_path):
-  """The ss + rd checkpoint of the shared tiny run, evaluated by 2 processes (each its own valid
-  shards; confusion counts summed on device, each process's detections gathered for the DOTA
-  mAP): exactly the one-process numbers and the same DOTA Task1 lines."""
-  single, _ = ss_rd_run
+def test_two_processes_evaluate_the_three_tasks_exactly_as_one(mtp_run, tfrecord_dir, tmp_path):
+  """The ss + is + rd checkpoint of the shared tiny run, evaluated by 2 processes (each its own
+  valid shards; confusion counts summed on device, each process's detections and masks gathered
+  for DOTA mAP and COCO AP): exactly the one-process numbers, the same DOTA Task1 lines and the
+  same COCO result files."""
+  single, _ = mtp_run
   evaluated = str(tmp_path / "evaluated")
   shutil.copytree(single, evaluated)
   shutil.rmtree(os.path.join(evaluated, "report"))   # what follows is the evaluation's own output
-  outs = run_two_processes(tfrecord_dir, evaluated, "--mode", "eval", run=SS_RD_RUN)
-  assert "rd rotated mAP" in outs[0] and "report:" not in outs[1]
+  outs = run_two_processes(tfrecord_dir, evaluated, "--mode", "eval", run=MTP_RUN)
+  assert "rd rotated mAP" in outs[0] and "is mask AP" in outs[0] and "report:" not in outs[1]
   report = json.load(open(os.path.join(evaluated, "report", "metrics.json")))
   eval_single = json.load(open(os.path.join(single, "report", "metrics.json")))["eval"]
   assert report["eval"] == eval_single
-  assert all(eval_single[s]["rd"]["images"] == 4 for s in eval_single)
+  assert all(eval_single[s]["rd"]["images"] == 4 and eval_single[s]["is"]["images"] == 4
+             for s in eval_single)
   lines = 0
   for s in eval_single:   # whichever process evaluated an image, the same submission lines
     single_files = os.path.join(single, "report", "dota_task1", s)
@@ -104,13 +109,19 @@ def test_two_processes_evaluate_rotated_detection_exactly_as_one(ss_rd_run, tfre
       assert (open(os.path.join(evaluated, "report", "dota_task1", s, name)).read()
               == open(os.path.join(single_files, name)).read())
   assert lines > 0   # detections to compare: a misaligned row would change them
+  coco = os.path.join(single, "report", "coco")
+  names = sorted(os.listdir(coco))
+  assert names == sorted(f"{s}_{k}.json" for s in eval_single for k in ("gt", "bbox", "segm"))
+  for name in names:
+    assert open(os.path.join(evaluated, "report", "coco", name)).read() == open(os.path.join(coco, name)).read()
+  assert any(json.load(open(os.path.join(coco, f"{s}_segm.json"))) for s in eval_single)
 
 
 def run_two_processes(tfrecord_dir, workdir, *args, run=RUN) -> list[str]:
   """main.py as 2 processes of 4 CPU devices each (coordinator on 127.0.0.1); their outputs."""
   port = free_port()
   sets = [arg for s in tiny_overrides(tfrecord_dir, **run) for arg in ("--set", s)]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4 " + PATIENT_COLLECTIVES,
          "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), "--config", QUICKSTART, "--workdir", workdir, *sets,
@@ -171,7 +182,7 @@ def test_host_side_evaluator_gathered_over_two_processes_equals_one():
     one.add(i, detections[i], annotations[i])
   expected = one.result()
   port = free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1 " + PATIENT_COLLECTIVES}
   procs = [subprocess.Popen([sys.executable, "-c", GATHER_SCRIPT, f"127.0.0.1:{port}", str(i),
                              os.path.dirname(__file__)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)

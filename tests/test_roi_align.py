@@ -8,28 +8,7 @@ import pytest
 
 from mtp_jax.ops import rois as ra
 
-
-def _bilinear_ref(fmap, y, x):
-  """mmcv bilinear_interpolate, scalar by scalar. fmap: (H, W, C)."""
-  height, width = fmap.shape[:2]
-  if y < -1.0 or y > height or x < -1.0 or x > width:
-    return np.zeros(fmap.shape[-1])
-  y, x = max(y, 0.0), max(x, 0.0)
-  y_low, x_low = int(y), int(x)
-  if y_low >= height - 1:
-    y_high = y_low = height - 1
-    y = float(y_low)
-  else:
-    y_high = y_low + 1
-  if x_low >= width - 1:
-    x_high = x_low = width - 1
-    x = float(x_low)
-  else:
-    x_high = x_low + 1
-  ly, lx = y - y_low, x - x_low
-  hy, hx = 1 - ly, 1 - lx
-  return (hy * hx * fmap[y_low, x_low] + hy * lx * fmap[y_low, x_high]
-          + ly * hx * fmap[y_high, x_low] + ly * lx * fmap[y_high, x_high])
+from mmcv_reference import bilinear_interpolate
 
 
 def _bins(roi_w, roi_h, out, sampling_ratio, aligned):
@@ -55,7 +34,7 @@ def roi_align_ref(fmap, box, out, scale, sampling_ratio, aligned):
         yy = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
         for ix in range(grid_w):
           xx = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-          result[ph, pw] += _bilinear_ref(fmap, yy, xx)
+          result[ph, pw] += bilinear_interpolate(fmap, yy, xx)
       result[ph, pw] /= count
   return result
 
@@ -78,7 +57,7 @@ def roi_align_rotated_ref(fmap, rbox, out, scale, sampling_ratio, aligned, clock
           xx = -roi_w / 2 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
           y = yy * cos - xx * sin + cy
           x = yy * sin + xx * cos + cx
-          result[ph, pw] += _bilinear_ref(fmap, y, x)
+          result[ph, pw] += bilinear_interpolate(fmap, y, x)
       result[ph, pw] /= count
   return result
 

@@ -1,5 +1,8 @@
-"""The train step on the 8-device CPU mesh: data parallel, FSDP and tensor parallel agree; FSDP
-really shards; gradient accumulation, the non-finite guard, remat and bf16 behave as documented."""
+"""The train step on the 8-device CPU mesh: data parallel, FSDP and tensor parallel agree (the
+full three-task ss + is + rd step too); FSDP really shards; gradient accumulation, the
+non-finite guard, remat and bf16 behave as documented."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,7 @@ from data_pipelines.samrs import reader
 from mtp_jax.parallel import sharding
 from mtp_jax.train import batching, loop
 
-from conftest import SAMRS_CLASSES, tiny_config
+from conftest import MTP_RUN, SAMRS_CLASSES, tiny_config
 
 SUBSETS = ("sota", "sior", "fast")
 CLASSES = {"sota": 18, "sior": 20, "fast": 37}
@@ -29,14 +32,29 @@ def fixed_batches(config, n):
   return out
 
 
-def run(config, raw_batches):
-  """(final state, per-step metrics) of the configured step over `raw_batches`."""
-  mesh = sharding.make_mesh(config.mesh.shape)
-  trainer = loop.Trainer(config, loop.build_tasks(config, SAMRS_CLASSES), mesh)
+_TRAINERS = {}
+
+
+def trainer_for(config):
+  """The Trainer of `config`, built (and its step compiled) once per module: tests that need the
+  same program share one jitted step instead of tracing and compiling it again."""
+  key = config.to_json_best_effort()
+  if key not in _TRAINERS:
+    mesh = sharding.make_mesh(config.mesh.shape)
+    _TRAINERS[key] = loop.Trainer(config, loop.build_tasks(config, SAMRS_CLASSES), mesh)
+  return _TRAINERS[key]
+
+
+def run(config, raw_batches, edit=None):
+  """(final state, per-step metrics) of the configured step over `raw_batches`, from a fresh
+  initial state (`edit(state)` may change it first)."""
+  trainer = trainer_for(config)
   state = trainer.init()
+  if edit is not None:
+    edit(state)
   metrics = []
   for raw in raw_batches:
-    state, m = trainer.step(state, batching.device_batch(raw, SUBSETS, mesh, trainer.fields))
+    state, m = trainer.step(state, batching.device_batch(raw, SUBSETS, trainer.mesh, trainer.fields))
     metrics.append(jax.device_get(m))
   return state, metrics
 
@@ -98,6 +116,42 @@ def test_sharded_steps_equal_data_parallel(mesh_shape, max_tol, tfrecord_dir, fi
   assert qkv.sharding.spec == (P("fsdp", "tensor") if mesh_shape[2] > 1 else P("fsdp", None))
 
 
+def test_three_task_step_compiles_once_and_fsdp_equals_data_parallel(mtp_run, tfrecord_dir):
+  """The full pretraining step (ss + is + rd, the shared tiny run: 3 steps, data parallel over the
+  8 devices) again with FSDP over the 8 devices, from the same initial state on the same batches:
+  losses per step and component agree to rtol 1e-4 and the parameters after 3 AdamW steps at lr
+  1e-2 to 2e-3 (float32 reduction order; the RoI sampling sees the same proposals only up to
+  that rounding), one compiled program for the three steps."""
+  from mtp_jax import export
+  workdir, _ = mtp_run
+  config = tiny_config(tfrecord_dir, **MTP_RUN, **{"mesh.shape": (1, 8, 1)})
+  tasks = loop.build_tasks(config)
+  trainer = loop.Trainer(config, tasks, sharding.make_mesh(config.mesh.shape))
+  batches = loop.train_batches(config, tasks, config.data.batch_per_subset)
+  state = loop.fresh_state(config, trainer)
+  metrics = []
+  for _ in range(3):
+    state, m = trainer.step(state, batching.device_batch(next(batches), SUBSETS, trainer.mesh, trainer.fields))
+    metrics.append(jax.device_get(m))
+  batches.close()
+  assert trainer.step._cache_size() == 1
+  rows = [r for r in map(json.loads, open(f"{workdir}/metrics.jsonl")) if "loss" in r]
+  components = [k for k in rows[0] if k.split("/")[0] in ("ss", "is", "rd")]
+  assert {k.split("/")[0] for k in components} == {"ss", "is", "rd"}
+  for row, m in zip(rows, metrics):
+    np.testing.assert_allclose([float(m[k]) for k in components], [row[k] for k in components],
+                               rtol=1e-4, atol=1e-6)
+  dp, _ = export.restore_params(workdir, 3)
+  norm = lambda k: k.replace(".value", "").replace("'", "")   # "['blocks'][0]" == "['blocks']['0']"
+  want = {norm(jax.tree_util.keystr(p)): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(dp)}
+  got = {norm(k): v for k, v in host_params(state).items()}
+  assert set(got) == set(want)
+  diff = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
+  assert diff < 2e-3, diff
+  qkv = state.params["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding.spec == P("fsdp", None)
+
+
 def test_rules_leave_whole_what_does_not_divide():
   mesh = sharding.make_mesh((1, 4, 2))
   rules = (("embed", "fsdp"), ("mlp", "tensor"), ("conv_out", "fsdp"))
@@ -134,39 +188,46 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch(tfrecord_dir):
   errors = {k: np.linalg.norm(g_acc[k] - g_whole[k]) / np.linalg.norm(g_whole[k])
             for k in g_whole if k not in NO_GRADIENT and np.any(g_whole[k])}   # encoder.norm is unused
   assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
-  # And it is not trivially so: one micro-batch alone has another gradient.
-  half = [{s: {k: v[:8] for k, v in batch[0][s].items()} for s in SUBSETS}]
-  _, half_metrics = run(tiny_config(tfrecord_dir, **{**kw, "data.batch_per_subset": 8}), half)
+  # And it is not trivially so: one micro-batch alone has another gradient. The first half of
+  # the batch twice over has exactly that half's gradient (losses are means over the batch and
+  # GroupNorm sees one image at a time), and runs through the whole-batch step already compiled.
+  first_half_twice = [{s: {k: np.concatenate([v[:8], v[:8]]) for k, v in batch[0][s].items()} for s in SUBSETS}]
+  _, half_metrics = run(tiny_config(tfrecord_dir, **kw), first_half_twice)
   assert abs(half_metrics[0]["grad_norm"] - whole_metrics[0]["grad_norm"]) > 1e-2 * whole_metrics[0]["grad_norm"]
 
 
-def test_nonfinite_step_is_skipped_and_counted(tfrecord_dir, five_batches):
-  config = tiny_config(tfrecord_dir)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  trainer = loop.Trainer(config, loop.build_tasks(config, SAMRS_CLASSES), mesh)
-  state = trainer.init()
+def poison_sota_logits(state):
+  """Sets one sota class's conv_seg bias to inf: the sota logits become inf - inf = NaN."""
   bias = state.params["heads"]["ss"]["semseghead"]["sota"]["conv_seg"]["bias"]
-  bias[...] = bias[...].at[0].set(jnp.inf)    # the sota logits become inf - inf = NaN
+  bias[...] = bias[...].at[0].set(jnp.inf)
+
+
+# The non-finite guard and remat are checked on the layout tests' data-parallel program, and the
+# unguarded counterfactual on the remat program with the guard off (guard and remat do not
+# change a finite step): two programs fewer to compile than one per check.
+REMAT_UNGUARDED = {**LAYOUT, "model.remat": True, "optimizer.skip_nonfinite": False}
+
+
+def test_nonfinite_step_is_skipped_and_counted(tfrecord_dir, five_batches):
+  config = tiny_config(tfrecord_dir, **LAYOUT, **{"mesh.shape": (8, 1, 1)})
+  trainer = trainer_for(config)
+  state = trainer.init()
+  poison_sota_logits(state)
   before = jax.device_get((state.params, state.opt_state, state.batch_stats))
-  state, metrics = trainer.step(state, batching.device_batch(five_batches[0], SUBSETS, mesh, trainer.fields))
+  state, metrics = trainer.step(state, batching.device_batch(five_batches[0], SUBSETS, trainer.mesh, trainer.fields))
   assert not np.isfinite(float(metrics["loss"]))
   assert int(state.step) == 1 and int(state.nonfinite_steps) == 1 and int(metrics["nonfinite_steps"]) == 1
   after = jax.device_get((state.params, state.opt_state, state.batch_stats))
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
   # Without the guard the same step writes NaN into the parameters.
-  unguarded_config = tiny_config(tfrecord_dir, **{"optimizer.skip_nonfinite": False})
-  unguarded = loop.Trainer(unguarded_config, loop.build_tasks(unguarded_config, SAMRS_CLASSES), mesh)
-  state = unguarded.init()
-  bias = state.params["heads"]["ss"]["semseghead"]["sota"]["conv_seg"]["bias"]
-  bias[...] = bias[...].at[0].set(jnp.inf)
-  state, _ = unguarded.step(state, batching.device_batch(five_batches[0], SUBSETS, mesh, trainer.fields))
+  state, _ = run(tiny_config(tfrecord_dir, **REMAT_UNGUARDED), five_batches[:1], edit=poison_sota_logits)
   assert np.isnan(np.asarray(state.params["encoder"]["pos_embed"][...])).any()
 
 
 def test_remat_is_the_same_step_and_bf16_keeps_float32_parameters(tfrecord_dir, five_batches, data_parallel):
   dp_state, dp_metrics = data_parallel
-  remat, remat_metrics = run(tiny_config(tfrecord_dir, **LAYOUT, **{"model.remat": True}), five_batches[:2])
+  remat, remat_metrics = run(tiny_config(tfrecord_dir, **REMAT_UNGUARDED), five_batches[:2])
   np.testing.assert_allclose([m["loss"] for m in remat_metrics], [m["loss"] for m in dp_metrics[:2]], rtol=1e-6)
   bf16, bf16_metrics = run(tiny_config(tfrecord_dir, **LAYOUT, **{"model.compute_dtype": "bfloat16"}),
                            five_batches[:2])

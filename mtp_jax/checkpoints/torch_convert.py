@@ -135,9 +135,9 @@ def state_dict_to_encoder(state_dict: dict, template: dict, strict: bool = True)
 # ----------------------------------------------------------------------------------------------
 # Official checkpoint files
 # ----------------------------------------------------------------------------------------------
-def read_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
-  """Reads `.pth`/`.pt`/`.bin` (torch) or `.safetensors`; unwraps `state_dict`/`model`, strips
-  `module.`, keeps `encoder.*` or `backbone.*` of full-model checkpoints (prefix removed)."""
+def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """Reads `.pth`/`.pt`/`.bin` (torch) or `.safetensors` as {key: numpy}; unwraps
+  `state_dict`/`model` and strips `module.`; every key kept."""
   if not os.path.isfile(path):
     raise CheckpointError(f"checkpoint file {path!r} does not exist")
   if path.endswith(".safetensors"):
@@ -162,7 +162,13 @@ def read_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
       raise CheckpointError(f"{path!r} holds no state_dict (a dict of tensors, possibly under "
                             f"'state_dict' or 'model')")
     sd = {k: v.detach().cpu().numpy() for k, v in obj.items()}
-  sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+  return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def read_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """`read_state_dict`, keeping only `encoder.*` or `backbone.*` of full-model checkpoints
+  (prefix removed)."""
+  sd = read_state_dict(path, trust_pickle)
   for prefix in ("encoder.", "backbone."):
     if any(k.startswith(prefix) for k in sd):
       sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -215,7 +221,7 @@ def write_state_dict(sd: dict, path: str):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
-    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path)
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in sd.items()}, path)
   else:
     import torch
     torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}, path)

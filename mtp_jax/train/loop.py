@@ -19,6 +19,7 @@ from flax import nnx
 from data_pipelines.samrs import augment, reader
 from data_pipelines.samrs.classes import subset as subset_layout
 from mtp_jax import models, tasks as tasks_lib
+from mtp_jax.checkpoints import full_model
 from mtp_jax.checkpoints.encoder_init import initialize_encoder
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
 from mtp_jax.errors import CheckpointError, ConfigError, DataError, Preempted
@@ -128,6 +129,37 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Preemption
 # ----------------------------------------------------------------------------------------------
+def train_batches(config, tasks: dict, local_batch: int) -> reader.PretrainBatches:
+  """This process's training batch stream of `config` (`local_batch` images per subset)."""
+  streams, num_streams = reader_streams(config)
+  return reader.PretrainBatches(
+      config.data.dir, tuple(config.data.subsets), image_size=config.data.image_size,
+      max_instances=dict(config.data.max_instances), batch_size=local_batch, seed=config.seed,
+      streams=streams, num_streams=num_streams, shuffle_window=config.data.shuffle_window,
+      augment_config=augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                              for k, v in config.data.augment.items()}),
+      with_masks=tasks_lib.needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction)
+
+
+def fresh_state(config, trainer: "Trainer"):
+  """The TrainState a run without a checkpoint starts from: the trainer's initialisation, then
+  `model.encoder_init` (encoder only) and `model.full_init` (encoder and the enabled tasks'
+  heads, official full-model names) when they name checkpoints."""
+  state = trainer.init()
+  patch_size = config.model.encoder_overrides.get("patch_size", 16)
+  if config.model.encoder_init:
+    params, _ = initialize_encoder(state.params, config.model.encoder_init, config.data.image_size,
+                                   patch_size)
+    state = state.replace(params=params)
+  if config.model.full_init:
+    params, stats, _ = full_model.initialize_model(
+        state.params, state.batch_stats, config.model.full_init, tuple(config.data.subsets),
+        tasks=tuple(trainer.tasks), image_size=config.data.image_size, patch_size=patch_size,
+        trust_pickle=config.model.full_init_trust_pickle)
+    state = state.replace(params=params, batch_stats=stats)
+  return state
+
+
 class PreemptionWatch:
   """Did a SIGTERM arrive? One process: a signal handler sets a flag. Several: JAX's preemption
   sync point (the distributed runtime catches SIGTERM), so every process stops at the same step."""
@@ -175,21 +207,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               keep_every=config.train.keep_every,
                               signature=model_signature(config, trainer.abstract_state.params),
                               config_json=config.to_json_best_effort())
-  batches = reader.PretrainBatches(
-      config.data.dir, subsets, image_size=config.data.image_size,
-      max_instances=dict(config.data.max_instances), batch_size=local_batch, seed=config.seed,
-      streams=streams, num_streams=num_streams, shuffle_window=config.data.shuffle_window,
-      augment_config=augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                                              for k, v in config.data.augment.items()}),
-      with_masks=tasks_lib.needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction)
+  batches = train_batches(config, tasks, local_batch)
 
   restored = checkpointer.restore(trainer.abstract_sharded_state())
   if restored is None:
-    state = trainer.init()
-    if config.model.encoder_init:
-      params, _ = initialize_encoder(state.params, config.model.encoder_init, config.data.image_size,
-                                     config.model.encoder_overrides.get("patch_size", 16))
-      state = state.replace(params=params)
+    state = fresh_state(config, trainer)
     start = 0
   else:
     state, data_state, start = restored

@@ -1,0 +1,379 @@
+"""The whole pretraining model <-> the official MTP full-model `state_dict` (MTP_SPEC §3.6).
+
+The official `Iter_*_pretrn_model.pth` holds `state_dict = MutliTaskPretrnFramework.state_dict()`
+(`MTP:Multi-Task_Pretrain/models.py`, saved as `model.module.state_dict()`, so no `module.`):
+  encoder.*                                  the encoder (keys of MTP_SPEC §1.6, `torch_convert`)
+  semsegdecoder.decode_head.*                mmseg UPerHead: psp_modules.{i}.1.{conv,bn}, bottleneck,
+                                             lateral_convs.{i}, fpn_convs.{i}, fpn_bottleneck (each
+                                             ConvModule: conv without bias + SyncBN `bn` with
+                                             running_mean / running_var / num_batches_tracked),
+                                             and its own conv_seg (num_classes=1: (1, 256, 1, 1))
+  semseghead_{k}.1.{weight,bias}             Sequential(Dropout2d, Conv2d(256, C_ss)) per subset
+  {inssegdecoder,rotdetdecoder}.neck.*       mmdet FPN: lateral_convs.{i}.conv, fpn_convs.{i}.conv
+  {...}.rpn_head.{rpn_conv,rpn_cls,rpn_reg}  RPN convs (3 anchors; 4 / 6 deltas)
+  {...}.roi_head.bbox_head.shared_fcs.{0,1}  Shared2FC Linears (MTP comments out the head's own
+                                             fc_cls / fc_reg, so there are none)
+  inssegdecoder.roi_head.mask_head.convs.{i}.conv, .upsample   FCNMaskHead (conv_logits commented
+                                             out); upsample = ConvTranspose2d, weight (in, out, 2, 2)
+  inssegroiboxhead_fc_cls{k}, inssegroiboxhead_fc_reg{k}   Linear(1024, C+1), Linear(1024, 4 C)
+  inssegroimaskhead_conv{k}                  Conv2d(256, C, 1)
+  rotdetroiboxhead_fc_cls{k}, rotdetroiboxhead_fc_reg{k}   Linear(1024, C+1), Linear(1024, 5)
+k = 1, 2, 3 are the model's subsets in `data.subsets` order (MTP: sota, sior, fast). The RoI
+extractors, losses, coders and the data preprocessor (non-persistent mean/std buffers) hold no
+state. The twin `mtp_jax.torch_twin.mtp_decoders.MTPFramework` has exactly this key set.
+
+Our tree (the union of the model's nnx.Param and nnx.BatchStat pure dicts, `model_state_tree`):
+`encoder/...` and `heads/{ss,is,rd}/...`; a path joins into the official key with these rules:
+  heads/ss/semsegdecoder/X           -> semsegdecoder.decode_head.X (psp_modules.{i} -> .{i}.1)
+  heads/ss/semseghead/<s>/conv_seg   -> semseghead_{k}.1
+  heads/{is,rd}/{neck,rpn_head}/X    -> {inssegdecoder,rotdetdecoder}.{neck,rpn_head}.X
+  heads/{is,rd}/roi_head/X           -> ....roi_head.bbox_head.X
+  heads/is/mask_head/X               -> inssegdecoder.roi_head.mask_head.X
+  heads/{is,rd}/predictors/<s>/fc_cls|fc_reg -> {inssegroi,rotdetroi}boxhead_fc_cls{k}|_fc_reg{k}
+  heads/is/mask_predictors/<s>/conv_logits   -> inssegroimaskhead_conv{k}
+  leaves kernel/scale -> weight, mean -> running_mean, var -> running_var; Linear (in, out) ->
+  (out, in); Conv HWIO -> OIHW; the 2x2 deconv `upsample` (2, 2, in, out) -> (in, out, 2, 2).
+Class-specific `fc_reg` (Mask R-CNN): ours holds class c's 4 deltas at [4c, 4c + 4), the mmdet
+layout ([c0 dx, dy, dw, dh, c1 ...], `bbox_pred.view(n, -1, 4)`), so no permutation is needed.
+
+Official parameters our model does not have (Deliberate, written on export, shape-checked and
+dropped on import, listed in the import report under 'dropped_unused'):
+- `semsegdecoder.decode_head.conv_seg.{weight,bias}` ((1, C, 1, 1), (1,)): UPerHead's own
+  classifier, built by mmseg with num_classes=1 and never called by MTP. Exported as zeros.
+- `<bn>.num_batches_tracked` (int64 scalar) of every SyncBN: unused with momentum 0.1. Exported as
+  `num_batches_tracked` (the CLI passes step x number of subsets, the count MTP's per-subset
+  decoder calls would have reached; default 0).
+Their absence from a checkpoint is not an error, even with strict=True.
+
+Tasks: export writes the encoder and the heads the tree has (a ss + rd run has no insseg* keys).
+Import loads the encoder and the heads of `tasks` (default: every head of the template). With
+strict=True (default) a checkpoint key that has no place is an error, so an official 3-task
+checkpoint into a ss-only model needs `tasks=('ss',)` (keys of other tasks are then listed under
+'ignored_other_tasks') or strict=False; heads of the template outside `tasks` keep their values
+('kept'), e.g. a fresh head to finetune.
+"""
+
+import numpy as np
+
+from mtp_jax.checkpoints import torch_convert as tc
+from mtp_jax.errors import CheckpointError
+
+ORDER = ("ss", "is", "rd")
+_DECODER = {"is": "inssegdecoder", "rd": "rotdetdecoder"}
+_PREDICTOR = {"is": "inssegroi", "rd": "rotdetroi"}
+_LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+_UPER_CONV_SEG = "semsegdecoder.decode_head.conv_seg"
+
+
+def task_of_key(key: str) -> str | None:
+  """'encoder', 'ss', 'is', 'rd' or None for an official full-model key."""
+  if key.startswith("encoder."):
+    return "encoder"
+  if key.startswith(("semsegdecoder.", "semseghead_")):
+    return "ss"
+  if key.startswith(("inssegdecoder.", "inssegroi")):
+    return "is"
+  if key.startswith(("rotdetdecoder.", "rotdetroi")):
+    return "rd"
+  return None
+
+
+def _join(parts) -> str:
+  parts = [str(p) for p in parts]
+  return ".".join(parts[:-1] + [_LEAF.get(parts[-1], parts[-1])])
+
+
+def head_key(path, subsets) -> str:
+  """Official key of the head leaf at `path` = ('heads', task, module, ...)."""
+  p = [str(x) for x in path]
+  if len(p) < 4 or p[0] != "heads":
+    raise CheckpointError(f"no official name for {'/'.join(p)}")
+  task, module, rest = p[1], p[2], p[3:]
+
+  def k(subset):
+    if subset not in subsets:
+      raise CheckpointError(f"{'/'.join(p)}: subset {subset!r} is not one of {list(subsets)}")
+    return subsets.index(subset) + 1
+
+  if task == "ss":
+    if module == "semsegdecoder":
+      if rest[0] == "psp_modules":   # mmseg PPM: Sequential(AdaptiveAvgPool2d, ConvModule)
+        rest = rest[:2] + ["1"] + rest[2:]
+      return "semsegdecoder.decode_head." + _join(rest)
+    if module == "semseghead" and len(rest) == 3 and rest[1] == "conv_seg":
+      return f"semseghead_{k(rest[0])}.1." + _join(rest[2:])
+  elif task in _DECODER:
+    dec, pre = _DECODER[task], _PREDICTOR[task]
+    if module in ("neck", "rpn_head"):
+      return f"{dec}.{module}." + _join(rest)
+    if module == "roi_head":
+      return f"{dec}.roi_head.bbox_head." + _join(rest)
+    if module == "mask_head" and task == "is":
+      return f"{dec}.roi_head.mask_head." + _join(rest)
+    if module == "predictors" and len(rest) == 3 and rest[1] in ("fc_cls", "fc_reg"):
+      return f"{pre}boxhead_{rest[1]}{k(rest[0])}." + _join(rest[2:])
+    if module == "mask_predictors" and task == "is" and len(rest) == 3 and rest[1] == "conv_logits":
+      return f"{pre}maskhead_conv{k(rest[0])}." + _join(rest[2:])
+  raise CheckpointError(f"no official name for {'/'.join(p)}")
+
+
+def _is_deconv(path) -> bool:
+  return len(path) >= 2 and str(path[-2]) == "upsample" and str(path[-1]) == "kernel"
+
+
+def to_torch(path, value: np.ndarray) -> np.ndarray:
+  leaf = str(path[-1])
+  if leaf == "kernel" and value.ndim == 2:
+    return value.T
+  if leaf == "kernel" and value.ndim == 4:
+    return value.transpose(2, 3, 0, 1) if _is_deconv(path) else value.transpose(3, 2, 0, 1)
+  return value
+
+
+def from_torch(path, value: np.ndarray) -> np.ndarray:
+  leaf = str(path[-1])
+  if leaf == "kernel" and value.ndim == 2:
+    return value.T
+  if leaf == "kernel" and value.ndim == 4:
+    return value.transpose(2, 3, 0, 1) if _is_deconv(path) else value.transpose(2, 3, 1, 0)
+  return value
+
+
+def _unused_entries(heads: dict, task: str, head_keys) -> dict:
+  """{official key: (shape, dtype)} of the official parameters of `task` that we do not have."""
+  if task != "ss":
+    return {}
+  out = {}
+  trunk = heads["ss"]["semsegdecoder"]
+  channels = int(np.shape(trunk["fpn_bottleneck"]["conv"]["kernel"])[-1])
+  out[_UPER_CONV_SEG + ".weight"] = ((1, channels, 1, 1), np.float32)
+  out[_UPER_CONV_SEG + ".bias"] = ((1,), np.float32)
+  for key in head_keys:
+    if key.endswith(".running_mean"):
+      out[key[:-len("running_mean")] + "num_batches_tracked"] = ((), np.int64)
+  return out
+
+
+def _rank(key: str) -> tuple:
+  """Module order of the official framework (the twin's `state_dict()` order)."""
+  groups = ("encoder.", "semsegdecoder.", "semseghead_", "inssegdecoder.", "inssegroiboxhead_fc_cls",
+            "inssegroiboxhead_fc_reg", "inssegroimaskhead_conv", "rotdetdecoder.",
+            "rotdetroiboxhead_fc_cls", "rotdetroiboxhead_fc_reg")
+  return next(i for i, g in enumerate(groups) if key.startswith(g)), key.split(".")[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+def model_state_tree(params: dict, batch_stats: dict | None = None) -> dict:
+  """One nested dict from the pure dicts of nnx.Param and nnx.BatchStat (disjoint leaves)."""
+  out = {}
+  for tree in (params, batch_stats or {}):
+    for path, value in tc.flatten_params(tree):
+      node = out
+      for p in path[:-1]:
+        node = node.setdefault(p, {})
+      if path[-1] in node:
+        raise ValueError(f"{'/'.join(map(str, path))} is both a parameter and a batch statistic")
+      node[path[-1]] = value
+  return out
+
+
+def split_like(tree: dict, reference: dict) -> dict:
+  """The part of `tree` at the paths of `reference` (e.g. the params or batch_stats half)."""
+  flat = dict(tc.flatten_params(tree))
+  return tc.nest_params({path: flat[path] for path, _ in tc.flatten_params(reference)})
+
+
+def model_to_state_dict(state_tree: dict, subsets, *, num_batches_tracked: int = 0,
+                        copy: bool = True) -> dict[str, np.ndarray]:
+  """The model's tree (`model_state_tree`) -> {official full-model key: numpy array}, in the
+  official module order; keys of tasks the tree has no head for are omitted."""
+  subsets = tuple(subsets)
+  unknown = sorted(set(state_tree) - {"encoder", "heads"})
+  if unknown:
+    raise CheckpointError(f"no official name for the model's top-level entries {unknown}")
+  out = {"encoder." + k: v for k, v in tc.encoder_to_state_dict(state_tree["encoder"], copy).items()}
+  heads = state_tree.get("heads", {})
+  extra = sorted(set(heads) - set(ORDER))
+  if extra:
+    raise CheckpointError(f"no official names for the heads {extra}")
+  for task in (t for t in ORDER if t in heads):
+    keys = []
+    for path, value in tc.flatten_params(heads[task]):
+      path = ("heads", task) + tuple(path)
+      key = head_key(path, subsets)
+      value = to_torch(path, np.asarray(value))
+      out[key] = np.ascontiguousarray(value) if copy else value
+      keys.append(key)
+    for key, (shape, dtype) in _unused_entries(heads, task, keys).items():
+      out[key] = (np.full(shape, num_batches_tracked, dtype) if dtype == np.int64
+                  else np.zeros(shape, dtype))
+  return dict(sorted(out.items(), key=lambda kv: _rank(kv[0])))
+
+
+def state_dict_shapes(state_tree: dict, subsets) -> dict[str, tuple]:
+  """{official key: PyTorch shape} of a tree of arrays or ShapeDtypeStructs; no copies."""
+  zeros = tc.nest_params({p: np.broadcast_to(np.float32(0), np.shape(v))
+                          for p, v in tc.flatten_params(state_tree)})
+  return {k: tuple(np.shape(v)) for k, v in model_to_state_dict(zeros, subsets, copy=False).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+# ----------------------------------------------------------------------------------------------
+def _convert(sd: dict, template: dict, subsets, strict: bool, tasks):
+  subsets = tuple(subsets)
+  heads = template.get("heads", {})
+  model_tasks = tuple(t for t in ORDER if t in heads)
+  explicit = tasks is not None
+  tasks = model_tasks if tasks is None else tuple(tasks)
+  if set(tasks) - set(model_tasks):
+    raise CheckpointError(f"tasks {sorted(set(tasks) - set(model_tasks))} have no head in the "
+                          f"model (it has {list(model_tasks)})")
+  unknown = sorted(set(template) - {"encoder", "heads"} | set(heads) - set(ORDER))
+  if unknown:
+    raise CheckpointError(f"no official name for the model's entries {unknown}")
+  bad_shapes, problems, consumed, loaded_paths = [], [], set(), set()
+
+  # Encoder: torch_convert does the work; mis-shaped keys are taken out first, so that every
+  # problem is reported together and strict=False can keep the template's value.
+  enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+  enc_shapes = tc.state_dict_shapes(template["encoder"])
+  for k in sorted(set(enc_sd) & set(enc_shapes)):
+    if tuple(np.shape(enc_sd[k])) != enc_shapes[k]:
+      bad_shapes.append(f"encoder.{k}: checkpoint {tuple(np.shape(enc_sd[k]))}, model expects {enc_shapes[k]}")
+      del enc_sd[k]
+  # (raises, strict or not, on a relative_position_index that is not the 7x7 window index)
+  enc_params, enc_report = tc.state_dict_to_encoder(enc_sd, template["encoder"], strict=False)
+  mis_shaped = {m.split(":")[0] for m in bad_shapes}
+  missing = ["encoder." + k for k in enc_report["missing"] if "encoder." + k not in mis_shaped]
+  unexpected = ["encoder." + k for k in enc_report["unexpected"]]
+  consumed |= {"encoder." + k for k in enc_sd}
+  loaded_paths |= {("encoder",) + tuple(p) for p, _ in tc.flatten_params(template["encoder"])
+                   if tc.torch_key(p) in enc_sd and tc.torch_key(p) not in enc_report["missing"]}
+
+  flat_out = {("encoder",) + tuple(p): v for p, v in tc.flatten_params(enc_params)}
+  kept, dropped, loaded = [], [], len(loaded_paths)
+  for task in model_tasks:
+    keys = []
+    for path, ref in tc.flatten_params(heads[task]):
+      full = ("heads", task) + tuple(path)
+      key = head_key(full, subsets)
+      keys.append(key)
+      flat_out[full] = ref
+      if task not in tasks:
+        kept.append(key)
+        continue
+      if key not in sd:
+        missing.append(key)
+        continue
+      consumed.add(key)
+      value = from_torch(full, np.asarray(sd[key]))
+      if tuple(value.shape) != tuple(np.shape(ref)):
+        want = to_torch(full, np.broadcast_to(np.float32(0), np.shape(ref))).shape
+        bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(sd[key]))}, model expects {tuple(want)}")
+        continue
+      flat_out[full] = value.astype(getattr(ref, "dtype", np.float32))
+      loaded_paths.add(full)
+      loaded += 1
+    if task in tasks:
+      for key, (shape, _) in _unused_entries(heads, task, keys).items():
+        if key in sd:
+          consumed.add(key)
+          if tuple(np.shape(sd[key])) != shape:
+            bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(sd[key]))}, official shape {shape}")
+          else:
+            dropped.append(key)
+
+  ignored = []
+  for key in sorted(set(sd) - consumed):
+    if key.startswith("encoder."):
+      continue   # already in `unexpected` (from the encoder's report) or consumed
+    owner = task_of_key(key)
+    if explicit and owner in ORDER and owner not in tasks:
+      ignored.append(key)
+    else:
+      unexpected.append(key)
+  if strict and missing:
+    problems.append(f"missing keys ({len(missing)}): {missing}")
+  if strict and unexpected:
+    hint = ""
+    others = sorted({task_of_key(k) for k in unexpected} & (set(ORDER) - set(tasks)))
+    if others:
+      hint = (f" (keys of tasks {others} that the model does not load: pass tasks= the tasks "
+              f"to load, or strict=False)")
+    problems.append(f"unexpected keys ({len(unexpected)}){hint}: {unexpected}")
+  if bad_shapes:
+    problems.append(f"shape mismatch ({len(bad_shapes)}): " + "; ".join(bad_shapes))
+  if strict and problems:
+    raise CheckpointError("checkpoint does not fit the model: " + " | ".join(problems))
+  report = {"loaded": loaded, "missing": missing, "unexpected": unexpected,
+            "shape_mismatch": bad_shapes, "dropped_unused": dropped,
+            "ignored_other_tasks": ignored, "kept": kept, "problems": problems}
+  return tc.nest_params(flat_out), report, loaded_paths
+
+
+def state_dict_to_model(sd: dict, template: dict, subsets, strict: bool = True, tasks=None):
+  """{official full-model key: array} -> a tree shaped like `template` (`model_state_tree` of the
+  model's current values: parameters and batch statistics; where nothing is loaded the
+  template's value stays).
+
+  tasks: the heads to load (default: all of the template's); see the module docstring.
+  Returns (tree, report): report = {'loaded': n, 'missing', 'unexpected', 'shape_mismatch',
+  'dropped_unused', 'ignored_other_tasks', 'kept', 'problems'}. strict=True raises a
+  CheckpointError naming every missing and unexpected key and every shape mismatch;
+  strict=False loads what fits and reports the rest.
+  """
+  tree, report, _ = _convert(sd, template, subsets, strict, tasks)
+  return tree, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and the train state
+# ----------------------------------------------------------------------------------------------
+def read_full_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """A full-model `.pth`/`.safetensors` as {key: numpy}: `state_dict`/`model` unwrapped and
+  `module.` stripped, prefixes (`encoder.`, ...) kept (torch_convert.read_checkpoint keeps only
+  the encoder)."""
+  return tc.read_state_dict(path, trust_pickle)
+
+
+def write_full_checkpoint(sd: dict, path: str):
+  """`.safetensors` or `.pth` (torch.save of tensors); 0-d tensors (num_batches_tracked) stay 0-d."""
+  tc.write_state_dict(sd, path)
+
+
+def initialize_model(params, batch_stats, path: str, subsets, *, tasks=None, strict: bool = True,
+                     image_size: int | None = None, patch_size: int = 16, trust_pickle: bool = False):
+  """(params, batch_stats, report): the nnx.States of a fresh train state with every tensor the
+  official full checkpoint `path` supplies replaced (each new array in the sharding of the one
+  it replaces, so sharded and multi-host states work). image_size: resize the encoder's pos_embed
+  and global rel-pos tables to it (MTP_SPEC §5.1) when the checkpoint was trained at another."""
+  import jax
+  from flax import nnx
+  pure_p, pure_b = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+  current = model_state_tree(pure_p, pure_b)
+  template = jax.tree.map(lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), current)
+  sd = read_full_checkpoint(path, trust_pickle)
+  if image_size is not None:
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
+    sd.update({"encoder." + k: v for k, v in tc.adapt_to_image_size(enc, image_size, patch_size).items()})
+  tree, report, loaded_paths = _convert(sd, template, subsets, strict, tasks)
+  flat_new = dict(tc.flatten_params(tree))
+
+  def replace(path_keys, value):
+    if tuple(path_keys) not in loaded_paths:
+      return value
+    new = np.asarray(flat_new[tuple(path_keys)]).astype(value.dtype)
+    return jax.make_array_from_callback(value.shape, value.sharding, lambda index: new[index])
+
+  merged = tc.nest_params({p: replace(p, v) for p, v in tc.flatten_params(current)})
+  nnx.replace_by_pure_dict(params, split_like(merged, pure_p))
+  nnx.replace_by_pure_dict(batch_stats, split_like(merged, pure_b))
+  print(f"model initialised from {path}: {report['loaded']} tensors loaded; "
+        f"{len(report['missing'])} missing, {len(report['unexpected'])} unexpected, "
+        f"{len(report['kept'])} kept (tasks not loaded), {len(report['dropped_unused'])} unused "
+        f"official tensors dropped", flush=True)
+  return params, batch_stats, report
