@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt
 install: $(VENV)/.installed
 
 $(TFRECORDS)/sota/train/dataset_info.json: $(VENV)/.installed
-	$(PY) -m data_pipelines.samrs.synthetic --out $(SAMPLE) --images 24 --size 128 --seed 0
+	$(PY) -m data_pipelines.samrs.synthetic --out $(SAMPLE) --images 48 --size 128 --seed 0
 	rm -rf $(TFRECORDS)  # derived from the sample: rebuilt whole (the converter refuses foreign folders)
 	$(PY) -m data_pipelines.samrs.convert --root $(SAMPLE) --subset all --split all --out $(TFRECORDS)
 

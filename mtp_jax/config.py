@@ -103,6 +103,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   # pure data parallelism; (1, -1, 1): FSDP (parameters and optimizer state split over all
   # devices); (1, -1, 2): FSDP with tensor-parallel heads/MLP.
   c.mesh.shape = (-1, 1, 1)
+  # Devices the mesh spans in a one-process job: 0 = all of them, k = the first k (e.g. one
+  # device of a simulated 8-device CPU). Multi-process jobs always use every device.
+  c.mesh.num_devices = 0
   # Logical parameter axis -> mesh axis (None: replicated). Mesh axes of size 1 are ignored, and
   # a dimension that the mesh axis does not divide stays whole (mtp_jax/parallel/sharding.py).
   c.sharding_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("qkv", "tensor"),

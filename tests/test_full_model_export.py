@@ -290,7 +290,7 @@ def test_a_fresh_run_with_model_full_init_starts_from_the_exported_model(mtp_run
   export.main(["--workdir", workdir, "--out", out, "--full"])
   config = tiny_config(tfrecord_dir, **MTP_RUN, **{"model.full_init": out})
   tasks = loop.build_tasks(config)
-  trainer = loop.Trainer(config, tasks, sharding.make_mesh(config.mesh.shape))
+  trainer = loop.Trainer(config, tasks, sharding.config_mesh(config.mesh))
   state = loop.fresh_state(config, trainer)
   params, stats, _, _ = export.restore_state(workdir)
   want = dict(tc.flatten_params(fm.model_state_tree(params, stats)))

@@ -6,10 +6,11 @@
 
 Same step, sharding, checkpointing and reports as the paper's configs, at toy size: 128 px,
 a 4-block ViT+RVSA of width 96 (blocks 0, 1, 3 RVSA, block 2 global), 4 images per subset per
-step, two tasks: UperNet with 64 channels (ss) and Oriented R-CNN (rd) with MTP's structure and
-assignment rules at toy widths and sample counts (FPN 64, Shared2FC 256, 128 RoIs and 128
-anchors sampled per image, 500 proposals), anchors of 4 x stride (the sample's objects are
-15-35 px at 128 px; MTP's 8 x stride would leave the smallest without a positive anchor).
+step, MTP's three tasks: UperNet with 64 channels (ss), Mask R-CNN (is) and Oriented R-CNN (rd)
+with MTP's structure and assignment rules at toy widths and sample counts (FPN 64, Shared2FC 256,
+mask convs 64, 128 RoIs and 128 anchors sampled per image; is: 500 proposals before NMS, 250
+after; rd: 500), anchors of 4 x stride (the sample's objects have sides of 8-51 px at 128 px;
+MTP's 8 x stride would leave the smallest without a positive anchor).
 """
 
 from mtp_jax.config import pretrain_defaults
@@ -36,8 +37,8 @@ def get_config(arg=None):
   c.tasks.rd.update(dict(neck_channels=64, fc_channels=256, anchor_scale=4.0, rpn_samples=128,
                          train_proposals=500, test_proposals=500, rcnn_samples=128,
                          max_detections=200, max_candidates=2000))
-  c.optimizer.lr = 1e-3               # toy model from scratch: far above the paper's 6e-5
-  c.optimizer.warmup_steps = 10
+  c.optimizer.lr = 2e-3               # toy model from scratch: far above the paper's 6e-5
+  c.optimizer.warmup_steps = 20
   c.train.num_steps = 200
   c.train.log_every = 20
   c.train.checkpoint_every = 100

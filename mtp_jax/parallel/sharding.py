@@ -39,6 +39,20 @@ def make_mesh(shape, devices=None) -> Mesh:
               axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
+def config_mesh(mesh_config) -> Mesh:
+  """The mesh of a config's `mesh` block: `shape` over all devices, or over the first
+  `num_devices` of a one-process job."""
+  n = int(mesh_config.get("num_devices", 0))
+  if n <= 0:
+    return make_mesh(mesh_config.shape)
+  if jax.process_count() > 1:
+    raise ConfigError(f"mesh.num_devices={n}: a job of {jax.process_count()} processes uses all "
+                      f"its devices; leave it 0")
+  if n > jax.device_count():
+    raise ConfigError(f"mesh.num_devices={n} but this process has {jax.device_count()} devices")
+  return make_mesh(mesh_config.shape, jax.devices()[:n])
+
+
 def logical_to_mesh(spec: P, rules, mesh: Mesh, shape=None) -> P:
   """PartitionSpec of logical names -> PartitionSpec of mesh axes.
 

@@ -194,7 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   subsets = tuple(config.data.subsets)
   tasks = build_tasks(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.config_mesh(config.mesh)
   local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh,
                                  config.optimizer.grad_accum_steps)
   streams, num_streams = reader_streams(config)
@@ -292,7 +292,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   the report. Read-only on the checkpoints: it can run beside the training job of that workdir."""
   subsets = tuple(config.data.subsets)
   tasks = build_tasks(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.config_mesh(config.mesh)
   reader.check_shard_counts(config.data.dir, subsets, "valid", jax.process_count())
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise CheckpointError(f"{os.path.abspath(workdir)} has no checkpoints/ folder: nothing to evaluate "
