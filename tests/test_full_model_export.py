@@ -293,9 +293,10 @@ def test_a_fresh_run_with_model_full_init_starts_from_the_exported_model(mtp_run
   trainer = loop.Trainer(config, tasks, sharding.config_mesh(config.mesh))
   state = loop.fresh_state(config, trainer)
   params, stats, _, _ = export.restore_state(workdir)
-  want = dict(tc.flatten_params(fm.model_state_tree(params, stats)))
-  got = dict(tc.flatten_params(fm.model_state_tree(nnx.to_pure_dict(state.params),
-                                                   nnx.to_pure_dict(state.batch_stats))))
+  as_str = lambda flat: {tuple(map(str, p)): v for p, v in flat}   # list indices: 0 vs '0'
+  want = as_str(tc.flatten_params(fm.model_state_tree(params, stats)))
+  got = as_str(tc.flatten_params(fm.model_state_tree(nnx.to_pure_dict(state.params),
+                                                     nnx.to_pure_dict(state.batch_stats))))
   assert set(got) == set(want) and any(p[0] == "heads" and p[1] == "is" for p in got)
   for p, v in want.items():
     np.testing.assert_array_equal(np.asarray(got[p]), v, err_msg=str(p))
