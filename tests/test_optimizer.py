@@ -61,7 +61,7 @@ def test_paper_configs_hold_the_paper_settings():
     assert (c.model.encoder, c.data.image_size, c.train.num_steps, c.optimizer.lr, c.optimizer.weight_decay,
             c.optimizer.grad_clip_norm, c.model.drop_path_rate, c.data.batch_per_subset, c.optimizer.warmup_steps,
             c.optimizer.layer_decay) == (encoder, 448, 80_000, 6e-5, 0.05, 5.0, 0.1, 32, 0, 1.0)
-    assert config_lib.enabled_tasks(c) == ("ss", "rd") and set(c.tasks) == {"ss", "is", "rd"}
+    assert config_lib.enabled_tasks(c) == ("ss", "is", "rd") and set(c.tasks) == {"ss", "is", "rd"}
   fsdp = config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_l_rvsa.py:fsdp+bf16")
   assert tuple(fsdp.mesh.shape) == (1, -1, 1) and fsdp.model.compute_dtype == "bfloat16"
   with pytest.raises(ConfigError, match="Mask R-CNN instance segmentation task has not landed"):
