@@ -64,7 +64,7 @@ def test_paper_configs_hold_the_paper_settings():
     assert config_lib.enabled_tasks(c) == ("ss", "is", "rd") and set(c.tasks) == {"ss", "is", "rd"}
   fsdp = config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_l_rvsa.py:fsdp+bf16")
   assert tuple(fsdp.mesh.shape) == (1, -1, 1) and fsdp.model.compute_dtype == "bfloat16"
-  with pytest.raises(ConfigError, match="Mask R-CNN instance segmentation task has not landed"):
-    config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_b_rvsa.py"), ["tasks.is.enabled=True"])
+  with pytest.raises(ConfigError, match="tasks.is.init"):
+    config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_b_rvsa.py"), ["tasks.is.init='torch'"])
   with pytest.raises(ConfigError, match="layer_decay"):
     config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_b_rvsa.py"), ["optimizer.layer_decay=1.5"])
