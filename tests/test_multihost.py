@@ -94,8 +94,7 @@ def test_two_processes_evaluate_the_three_tasks_exactly_as_one(mtp_run, tfrecord
   evaluated = str(tmp_path / "evaluated")
   shutil.copytree(single, evaluated)
   shutil.rmtree(os.path.join(evaluated, "report"))   # what follows is the evaluation's own output
-  # Every device of the two processes (a multi-process job uses them all).
-  outs = run_two_processes(tfrecord_dir, evaluated, "--mode", "eval", run={**MTP_RUN, "mesh.num_devices": 0})
+  outs = run_two_processes(tfrecord_dir, evaluated, "--mode", "eval", run=MTP_RUN)
   assert "rd rotated mAP" in outs[0] and "is mask AP" in outs[0] and "report:" not in outs[1]
   report = json.load(open(os.path.join(evaluated, "report", "metrics.json")))
   eval_single = json.load(open(os.path.join(single, "report", "metrics.json")))["eval"]

@@ -6,9 +6,11 @@ the batch is split over `BATCH_AXES` = ('data', 'fsdp'); config.mesh.shape sizes
 built with `jax.sharding.Mesh` and Auto axis types (jax.make_mesh would default to Explicit axes).
 """
 
+import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -101,6 +103,50 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
   """How many ways the batch dimension is split."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def traced_in_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` as the abstract mesh in context (`jax.sharding.use_abstract_mesh`),
+  so the ops inside can split per-device work with `map_batch_shards`. Wrap a step with it
+  before `jax.jit`."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def vmap_batch_shards(fn, in_axes=0):
+  """`jax.vmap(fn, in_axes)` (in_axes: 0 or None per argument), run per device.
+
+  Under a mesh in context (`traced_in_mesh`) that splits the batch, and when the mapped
+  arguments' leading axis divides by that split, the vmap runs inside `jax.shard_map`: mapped
+  arguments split over BATCH_AXES, unmapped ones (in_axes None) replicated; otherwise it is
+  plainly `jax.vmap(fn, in_axes)`. fn must not close over traced arrays (pass them unmapped).
+  What it buys: a data-dependent loop in fn (NMS's `lax.while_loop`s), vmapped, iterates while
+  "any row is still running"; over a sharded batch that predicate is an all-reduce per
+  iteration, and several such loops started by independent branches of one step deadlock
+  XLA:CPU's simulated devices (each waits in a different rendezvous). Per device, each loop
+  only waits for its own rows and needs no collective at all.
+  """
+  batched = jax.vmap(fn, in_axes=in_axes)
+
+  @functools.wraps(fn)
+  def run(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    axes_in = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+    if mesh.empty:
+      return batched(*args)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    rows = {jnp.shape(x)[0] for a, ax in zip(args, axes_in) if ax is not None
+            for x in jax.tree.leaves(a)}
+    if ways == 1 or len(rows) != 1 or rows.pop() % ways:
+      return batched(*args)
+    specs = tuple(P() if ax is None else P(axes) for ax in axes_in)
+    return jax.shard_map(batched, mesh=mesh, in_specs=specs, out_specs=P(axes),
+                         check_vma=False)(*args)
+  return run
 
 
 def global_batch(local_tree, mesh: Mesh):

@@ -41,7 +41,7 @@ class PretrainEvaluation:
     self.max_instances = {s: reader.eval_max_instances(config.data.dir, s) for s in self.subsets}
     self.with_masks = tasks_lib.needs_masks(tasks)
     replicated, batch = NamedSharding(mesh, PartitionSpec()), sharding.batch_sharding(mesh)
-    self._jitted = jax.jit(make_eval_step(graphdef, tasks),
+    self._jitted = jax.jit(sharding.traced_in_mesh(make_eval_step(graphdef, tasks), mesh),
                            out_shardings={n: (replicated, batch) for n in tasks})
     self._compiled = None
 

@@ -55,6 +55,7 @@ from mtp_jax.ops.box_coders import ORIENTED_RCNN_CODER, RCNN_CODER
 from mtp_jax.ops.iou import box_iou, box_iou_rotated
 from mtp_jax.ops.rois import multilevel_roi_align, multilevel_roi_align_rotated
 from mtp_jax.ops.suppression import nms, nms_rotated
+from mtp_jax.parallel import sharding
 
 _EPS = float(jnp.finfo(jnp.float32).eps)   # mmdet weight_reduce_loss: sum / (avg_factor + eps)
 _MIN_SIZE = 1e-3                            # mmrotate rbbox_overlaps clamps w, h to >= 1e-3
@@ -410,4 +411,4 @@ def detections(cls_score, bbox_pred, proposals, proposal_valid, image_size,
     boxes = cfg.coder.decode(proposals[:, :, None], deltas.reshape(b, p, -1, cfg.reg_dim),
                              max_shape=image_size)
   fn = lambda s, bx, v: _detections_single(s, bx, v, cfg)
-  return jax.vmap(fn)(scores, boxes, jnp.asarray(proposal_valid, bool))
+  return sharding.vmap_batch_shards(fn)(scores, boxes, jnp.asarray(proposal_valid, bool))

@@ -46,6 +46,7 @@ from mtp_jax.ops.box_coders import ORIENTED_RPN_CODER, RPN_CODER
 from mtp_jax.ops.boxes import hbox_to_rbox, rbox_to_hbox
 from mtp_jax.ops.iou import box_iou
 from mtp_jax.ops.suppression import nms
+from mtp_jax.parallel import sharding
 
 _EPS = float(np.finfo(np.float32).eps)   # mmdet weight_reduce_loss: / (avg_factor + eps)
 
@@ -300,12 +301,16 @@ def rpn_proposals(cls, reg, anchors_per_level, image_size, cfg: RPNConfig, train
   if sum(sizes) != cls.shape[1] or reg.shape[:2] != cls.shape or reg.shape[2] != cfg.reg_dim:
     raise ValueError(f"cls {cls.shape} / reg {reg.shape} do not match {sum(sizes)} anchors with "
                      f"{cfg.reg_dim} deltas")
-  single = functools.partial(_proposals_single, anchors_per_level=anchors_per_level, pcfg=pcfg,
-                             cfg=cfg, tile_size=nms_tile_size)
+  single = functools.partial(_proposals_single, pcfg=pcfg, cfg=cfg, tile_size=nms_tile_size)
+  anchors = tuple(jnp.asarray(a, jnp.float32) for a in anchors_per_level)
+  # Per device: NMS's loops must not agree over the whole batch on every iteration.
   if image_size is None:
-    return jax.vmap(lambda c, r: single(c, r, None))(cls, reg)
+    return sharding.vmap_batch_shards(
+        lambda c, r, a: single(c, r, None, anchors_per_level=a), in_axes=(0, 0, None))(cls, reg, anchors)
   image_size = jnp.broadcast_to(jnp.asarray(image_size, jnp.float32), (cls.shape[0], 2))
-  return jax.vmap(single)(cls, reg, image_size)
+  return sharding.vmap_batch_shards(
+      lambda c, r, s, a: single(c, r, s, anchors_per_level=a), in_axes=(0, 0, 0, None))(
+          cls, reg, image_size, anchors)
 
 
 def _proposals_single(logits, deltas, image_size, *, anchors_per_level, pcfg, cfg, tile_size):
