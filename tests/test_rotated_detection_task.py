@@ -1,5 +1,5 @@
-"""Rotated detection (Oriented R-CNN) as a pretraining task: in the shared three-task run its loss
-components are logged per subset, the evaluation scores DOTA mAP against the full ground truth
+"""Rotated detection (Oriented R-CNN) as a pretraining task: in the shared three-task run (whose
+loss components per task and subset test_instance_segmentation_task checks) the evaluation scores DOTA mAP against the full ground truth
 and writes DOTA Task1 files; a tiny model overfits a handful of images to mAP > 0.9, and a
 configuration compiles once whatever the ground-truth counts."""
 
@@ -22,23 +22,11 @@ from mtp_jax.train.step import make_eval_step
 from conftest import SAMPLE_SIZE, TINY_RD, tiny_config
 
 SUBSETS = ("sota", "sior", "fast")
-COMPONENTS = ("rpn_cls", "rpn_bbox", "cls", "bbox")
 
 
 @pytest.fixture(scope="module")
 def trained(mtp_run):
   return mtp_run
-
-
-def test_rd_logs_every_component_per_subset(trained):
-  workdir, results = trained
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  train_rows = [r for r in rows if "loss" in r]
-  assert [r["step"] for r in train_rows] == [1, 2, 3]
-  for r in train_rows:
-    parts = [r[f"rd/{s}/{c}"] for s in SUBSETS for c in COMPONENTS]
-    assert all(np.isfinite(parts)) and all(p >= 0 for p in parts)
-  assert all(r["rd/sota/rpn_cls"] > 0 for r in train_rows)
 
 
 def test_evaluation_scores_dota_map_on_the_full_ground_truth(trained, tfrecord_dir):

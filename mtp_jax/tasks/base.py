@@ -130,3 +130,31 @@ class Task:
     """Writes task-specific result files (e.g. DOTA submissions) under workdir; {name: path}."""
     del workdir, evaluator
     return {}
+
+
+class TwoStageDetectionTask(Task):
+  """What the two-stage detection tasks (is: Mask R-CNN, rd: Oriented R-CNN) share: the `init`
+  choice, the per-subset losses of a `TwoStageDetector` head (normalised by its own sample
+  counts, so no batch-wide normalisers) and its fixed-size predictions, scored on the host (no
+  ground truth on the device at evaluation). A subclass names its ground truth with `head_gt`."""
+
+  @classmethod
+  def check_config(cls, task_config):
+    if task_config.init not in ("mtp", "mmdet"):
+      return f"init {task_config.init!r} is not 'mtp' or 'mmdet'"
+    return None
+
+  def head_gt(self, gt: dict) -> dict:
+    """One subset's reader fields -> the head's ground truth {"boxes", "labels", "valid", ...}."""
+    raise NotImplementedError
+
+  def losses(self, head, features, gt, *, train, key, normalizers):
+    del train, normalizers   # the R-CNN losses normalise by their own sample counts (avg_factor)
+    size = (self.config.data.image_size,) * 2
+    boxes = {s: self.head_gt(g) for s, g in gt.items()}
+    per_subset = head.losses(features, boxes, subsets=self.subsets, image_size=size, key=key)
+    return {f"{s}/{c}": v for s, parts in per_subset.items() for c, v in parts.items()}
+
+  def eval_outputs(self, head, features, gt, image_size):
+    del gt
+    return {}, head.predict(features, subsets=self.subsets, image_size=tuple(image_size))

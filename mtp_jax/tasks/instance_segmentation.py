@@ -32,12 +32,12 @@ from mtp_jax.models.detection.roi_head import RoIConfig
 from mtp_jax.models.detection.rpn import ProposalConfig, RPNConfig
 from mtp_jax.models.heads.mask_rcnn import MaskRCNN
 from mtp_jax.parallel.sharding import local_rows
-from mtp_jax.tasks.base import Task
+from mtp_jax.tasks.base import TwoStageDetectionTask
 
 COCO_DIR = os.path.join("report", "coco")
 
 
-class InstanceSegmentation(Task):
+class InstanceSegmentation(TwoStageDetectionTask):
   name = "is"
   title = "Mask R-CNN instance segmentation"
   headline_name = "mask AP"
@@ -64,12 +64,6 @@ class InstanceSegmentation(Task):
         "report_score": 0.3,           # detections drawn in the report pictures
     })
 
-  @classmethod
-  def check_config(cls, task_config):
-    if task_config.init not in ("mtp", "mmdet"):
-      return f"init {task_config.init!r} is not 'mtp' or 'mmdet'"
-    return None
-
   def _head_configs(self):
     """(RPNConfig, RoIConfig): MTP's Mask R-CNN with this block's sizes."""
     t = self.task_config
@@ -94,19 +88,11 @@ class InstanceSegmentation(Task):
     # Evaluation needs no ground truth on the device: it is scored on the host.
     return ("hboxes", "labels", "valid", "mask_crops") if train else ()
 
-  def losses(self, head, features, gt, *, train, key, normalizers):
-    del train, normalizers   # the R-CNN losses normalise by their own sample counts
-    size = (self.config.data.image_size,) * 2
-    boxes = {s: {"boxes": g["hboxes"], "labels": g["labels"], "valid": g["valid"],
-                 "mask_crops": g["mask_crops"]} for s, g in gt.items()}
-    per_subset = head.losses(features, boxes, subsets=self.subsets, image_size=size, key=key)
-    return {f"{s}/{c}": v for s, parts in per_subset.items() for c, v in parts.items()}
+  def head_gt(self, gt):
+    return {"boxes": gt["hboxes"], "labels": gt["labels"], "valid": gt["valid"],
+            "mask_crops": gt["mask_crops"]}
 
   # ---- evaluation ------------------------------------------------------------------------------
-  def eval_outputs(self, head, features, gt, image_size):
-    del gt
-    return {}, head.predict(features, subsets=self.subsets, image_size=tuple(image_size))
-
   def evaluator(self):
     return _CocoEvaluation(self)
 

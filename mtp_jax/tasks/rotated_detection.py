@@ -28,21 +28,15 @@ from mtp_jax.models.detection.rpn import RPNConfig
 from mtp_jax.models.heads.oriented_rcnn import OrientedRCNN
 from mtp_jax.ops.boxes import rbox_to_poly
 from mtp_jax.parallel.sharding import local_rows
-from mtp_jax.tasks.base import Task
+from mtp_jax.tasks.base import TwoStageDetectionTask
 
 DOTA_TASK1_DIR = os.path.join("report", "dota_task1")
 
 
-class RotatedDetection(Task):
+class RotatedDetection(TwoStageDetectionTask):
   name = "rd"
   title = "Oriented R-CNN rotated detection"
   headline_name = "rotated mAP"
-
-  @classmethod
-  def check_config(cls, task_config):
-    if task_config.init not in ("mtp", "mmdet"):
-      return f"init {task_config.init!r} is not 'mtp' or 'mmdet'"
-    return None
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -87,19 +81,10 @@ class RotatedDetection(Task):
     # Evaluation needs no ground truth on the device: it is scored on the host.
     return ("rboxes", "labels", "rbox_valid") if train else ()
 
-  def losses(self, head, features, gt, *, train, key, normalizers):
-    del train, normalizers   # the R-CNN losses normalise by their own sample counts (avg_factor)
-    size = (self.config.data.image_size,) * 2
-    boxes = {s: {"boxes": g["rboxes"], "labels": g["labels"], "valid": g["rbox_valid"]}
-             for s, g in gt.items()}
-    per_subset = head.losses(features, boxes, subsets=self.subsets, image_size=size, key=key)
-    return {f"{s}/{c}": v for s, parts in per_subset.items() for c, v in parts.items()}
+  def head_gt(self, gt):
+    return {"boxes": gt["rboxes"], "labels": gt["labels"], "valid": gt["rbox_valid"]}
 
   # ---- evaluation ------------------------------------------------------------------------------
-  def eval_outputs(self, head, features, gt, image_size):
-    del gt
-    return {}, head.predict(features, subsets=self.subsets, image_size=tuple(image_size))
-
   def evaluator(self):
     return _DotaEvaluation(self)
 
