@@ -95,19 +95,23 @@ def bytes_per_device(tree) -> int:
   return total
 
 
+def batch_spec(mesh) -> P:
+  """The batch dimension split over the BATCH_AXES the mesh (or AbstractMesh) has."""
+  return P(tuple(a for a in BATCH_AXES if a in mesh.axis_names))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  return NamedSharding(mesh, P(axes))
+  return NamedSharding(mesh, batch_spec(mesh))
 
 
-def batch_divisor(mesh: Mesh) -> int:
-  """How many ways the batch dimension is split."""
+def batch_divisor(mesh) -> int:
+  """How many ways the batch dimension is split (a Mesh or an AbstractMesh)."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
 
 
 def traced_in_mesh(fn, mesh: Mesh):
   """`fn` traced with `mesh` as the abstract mesh in context (`jax.sharding.use_abstract_mesh`),
-  so the ops inside can split per-device work with `map_batch_shards`. Wrap a step with it
+  so the ops inside can split per-device work with `vmap_batch_shards`. Wrap a step with it
   before `jax.jit`."""
   @functools.wraps(fn)
   def traced(*args, **kwargs):
@@ -134,17 +138,17 @@ def vmap_batch_shards(fn, in_axes=0):
   @functools.wraps(fn)
   def run(*args):
     mesh = jax.sharding.get_abstract_mesh()
-    axes_in = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
     if mesh.empty:
       return batched(*args)
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    ways = math.prod(mesh.shape[a] for a in axes)
+    axes_in = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
     rows = {jnp.shape(x)[0] for a, ax in zip(args, axes_in) if ax is not None
             for x in jax.tree.leaves(a)}
+    ways = batch_divisor(mesh)
     if ways == 1 or len(rows) != 1 or rows.pop() % ways:
       return batched(*args)
-    specs = tuple(P() if ax is None else P(axes) for ax in axes_in)
-    return jax.shard_map(batched, mesh=mesh, in_specs=specs, out_specs=P(axes),
+    split = batch_spec(mesh)
+    specs = tuple(P() if ax is None else split for ax in axes_in)
+    return jax.shard_map(batched, mesh=mesh, in_specs=specs, out_specs=split,
                          check_vma=False)(*args)
   return run
 

@@ -115,7 +115,8 @@ class Trainer:
         task_weights={t: config.tasks[t].weight for t in tasks},
         accum_steps=config.optimizer.grad_accum_steps, batch_shards=sharding.batch_divisor(mesh),
         skip_nonfinite=config.optimizer.skip_nonfinite)
-    self.step = jax.jit(sharding.traced_in_mesh(step, mesh), in_shardings=(self.state_shardings, sharding.batch_sharding(mesh)),
+    self.step = jax.jit(sharding.traced_in_mesh(step, mesh),
+                        in_shardings=(self.state_shardings, sharding.batch_sharding(mesh)),
                         out_shardings=(self.state_shardings, None), donate_argnums=0)
 
   def init(self):

@@ -303,14 +303,12 @@ def rpn_proposals(cls, reg, anchors_per_level, image_size, cfg: RPNConfig, train
                      f"{cfg.reg_dim} deltas")
   single = functools.partial(_proposals_single, pcfg=pcfg, cfg=cfg, tile_size=nms_tile_size)
   anchors = tuple(jnp.asarray(a, jnp.float32) for a in anchors_per_level)
+  if image_size is not None:
+    image_size = jnp.broadcast_to(jnp.asarray(image_size, jnp.float32), (cls.shape[0], 2))
   # Per device: NMS's loops must not agree over the whole batch on every iteration.
-  if image_size is None:
-    return sharding.vmap_batch_shards(
-        lambda c, r, a: single(c, r, None, anchors_per_level=a), in_axes=(0, 0, None))(cls, reg, anchors)
-  image_size = jnp.broadcast_to(jnp.asarray(image_size, jnp.float32), (cls.shape[0], 2))
   return sharding.vmap_batch_shards(
-      lambda c, r, s, a: single(c, r, s, anchors_per_level=a), in_axes=(0, 0, 0, None))(
-          cls, reg, image_size, anchors)
+      lambda c, r, s, a: single(c, r, s, anchors_per_level=a),
+      in_axes=(0, 0, None if image_size is None else 0, None))(cls, reg, image_size, anchors)
 
 
 def _proposals_single(logits, deltas, image_size, *, anchors_per_level, pcfg, cfg, tile_size):
