@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp_jax.models.detection.mask_head import MaskConfig, class_masks, mask_loss
+from mtp_jax.models.detection.mask_head import MaskConfig, MaskPredictor, mask_loss
 from mtp_jax.models.detection.roi_head import RoIConfig, RoITargets, detections, roi_loss
 from mtp_jax.models.detection.rpn import ProposalConfig, RPNConfig
 from mtp_jax.ops.box_coders import RCNN_CODER
@@ -112,9 +112,13 @@ def test_mask_loss_is_mmdet_mask_cross_entropy():
   want = np.mean(np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x))))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert float(mask_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.zeros((2, 5), bool))) == 0.0
-  per_class = rng.normal(size=(3, 4, 4, 6)).astype(np.float32)
-  picked = np.asarray(class_masks(jnp.asarray(per_class), jnp.array([5, 0, 2])))
-  np.testing.assert_array_equal(picked, per_class[np.arange(3), :, :, [5, 0, 2]])
+  # The label's logits alone equal that channel of mmdet's per-class conv_logits output.
+  predictor = MaskPredictor(8, 6, rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.normal(size=(3, 4, 4, 8)).astype(np.float32))
+  labels = np.array([5, 0, 2])
+  every_class = np.asarray(predictor(x))
+  np.testing.assert_allclose(np.asarray(predictor.class_logits(x, jnp.asarray(labels))),
+                             every_class[np.arange(3), :, :, labels], rtol=1e-5, atol=1e-6)
 
 
 def test_mask_rcnn_head_trains_and_predicts():

@@ -87,14 +87,19 @@ class MaskPredictor(nnx.Module):
                                    out_axis=None)
 
   def __call__(self, x):
+    """(R, S, S, C_in) -> (R, S, S, C): every class's mask logits (mmdet's `mask_preds`)."""
     return self.conv_logits(x)
 
-
-def class_masks(logits, labels):
-  """(R, S, S, C) per-class logits, (R,) labels -> (R, S, S) float32 logits of each label
-  (labels outside [0, C) read class 0; callers mask them)."""
-  index = jnp.clip(labels, 0, logits.shape[-1] - 1)
-  return jnp.take_along_axis(logits.astype(jnp.float32), index[:, None, None, None], -1)[..., 0]
+  def class_logits(self, x, labels):
+    """(R, S, S, C_in), (R,) labels -> (R, S, S) float32: the logits of each RoI's label only,
+    = `self(x)[r, :, :, labels[r]]` (the 1x1 conv's column of that class), without the other
+    C - 1 maps: 1/C of the conv's work, forward and backward. Labels outside [0, C) read class 0."""
+    kernel = self.conv_logits.kernel[...]                          # (1, 1, C_in, C)
+    index = jnp.clip(labels, 0, kernel.shape[-1] - 1)
+    dtype = self.conv_logits.dtype or x.dtype
+    weight = kernel[0, 0].T[index].astype(dtype)                   # (R, C_in)
+    logits = jnp.einsum("rhwc,rc->rhw", x.astype(dtype), weight)
+    return logits.astype(jnp.float32) + self.conv_logits.bias[...][index].astype(jnp.float32)[:, None, None]
 
 
 def mask_loss(logits, targets, positive, cfg: MaskConfig = MaskConfig()):

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp_jax.models.detection.mask_head import (FCNMaskTrunk, MaskConfig, MaskPredictor,
-                                                class_masks, mask_loss)
+from mtp_jax.models.detection.mask_head import FCNMaskTrunk, MaskConfig, MaskPredictor, mask_loss
 from mtp_jax.models.detection.roi_head import RoIConfig, roi_features
 from mtp_jax.models.detection.rpn import RPNConfig
 from mtp_jax.models.detection.two_stage import TwoStageDetector
@@ -50,8 +49,8 @@ class MaskRCNN(TwoStageDetector):
     """(b, R, 4) rois with (b, R) labels -> (b, R, 28, 28) float32 logits of each label."""
     b, r = rois.shape[:2]
     feats = roi_features(maps, rois, self.roi_cfg, output_size=self.mask_cfg.roi_size)
-    logits = self.mask_predictors[subset](self.mask_head(feats))
-    return class_masks(logits, labels.reshape(-1)).reshape(b, r, *logits.shape[1:3])
+    logits = self.mask_predictors[subset].class_logits(self.mask_head(feats), labels.reshape(-1))
+    return logits.reshape(b, r, *logits.shape[1:])
 
   def branch_losses(self, subset, maps, sample, gt):
     """{"mask": loss} over the positive sampled RoIs of the subset's batch."""
