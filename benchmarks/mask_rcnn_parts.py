@@ -11,7 +11,8 @@ step feeds it (all subsets' images together, RoIs of 8-64 px; random values): Ro
 box branch (7 x 7) and of the mask branch (14 x 14) (forward + backward to the maps), the mask
 trunk (4 convs + deconv), the label's conv_logits against mmdet's all-class conv_logits then a
 pick, the mask targets from crops, and the RPN proposals (forward: no gradient flows through
-them). Times are means over --steps calls after a first, compiling one.
+them). Times are means over --steps calls after a first, compiling one. --data must hold the
+converted sample (`make data`).
 """
 
 import argparse
@@ -68,20 +69,16 @@ def random_rois(key, images, count, size):
   return jnp.concatenate([xy, xy + wh], -1)
 
 
-def whole_head(config, task, head, data_dir, steps):
+def whole_head(config, task, head, feats, steps):
+  """The task's losses on one real batch of config.data.dir and the given encoder maps."""
   from data_pipelines.samrs import reader
   subsets = tuple(config.data.subsets)
-  batches = reader.PretrainBatches(data_dir, subsets, image_size=config.data.image_size,
+  batches = reader.PretrainBatches(config.data.dir, subsets, image_size=config.data.image_size,
                                    max_instances=dict(config.data.max_instances),
                                    batch_size=config.data.batch_per_subset, seed=0, with_masks=True)
   raw = next(batches)
   batches.close()
   gt = {s: {f: jnp.asarray(raw[s][f]) for f in task.fields(True)} for s in subsets}
-  size = config.data.image_size
-  images = config.data.batch_per_subset * len(subsets)
-  width = config.model.encoder_overrides.embed_dim
-  feats = [jax.random.normal(jax.random.key(i), (images, size // s, size // s, width))
-           for i, s in enumerate(STRIDES)]
   graphdef, params = nnx.split(head)
 
   def loss(params, feats):
@@ -102,14 +99,17 @@ def main():
   config = apply_overrides(load_config(QUICKSTART), [f"data.dir={args.data!r}", "tasks.is.enabled=True",
                                                       *args.set])
   task = loop.build_tasks(config)["is"]
-  head = task.build_head([config.model.encoder_overrides.embed_dim] * 4, rngs=nnx.Rngs(0))
+  width = config.model.encoder_overrides.embed_dim
+  head = task.build_head([width] * 4, rngs=nnx.Rngs(0))
   t = config.tasks["is"]
   size = config.data.image_size
   images = config.data.batch_per_subset * len(config.data.subsets)
   channels, mask_cfg, roi_cfg = t.neck_channels, head.mask_cfg, head.roi_cfg
   num_pos = int(roi_cfg.num_samples * roi_cfg.pos_fraction)
-  keys = iter(jax.random.split(jax.random.key(1), 16))
-  maps = [jax.random.normal(next(keys), (images, size // s, size // s, channels)) for s in STRIDES]
+  keys = iter(jax.random.split(jax.random.key(1), 32))
+  random_maps = lambda c: [jax.random.normal(next(keys), (images, size // s, size // s, c))
+                           for s in STRIDES]
+  encoder_maps, maps = random_maps(width), random_maps(channels)   # the head's input, its FPN's
   box_rois = random_rois(next(keys), images, roi_cfg.num_samples, size)
   mask_rois = box_rois[:, :num_pos]
   roi_feats = jax.random.normal(next(keys), (images * num_pos, mask_cfg.roi_size, mask_cfg.roi_size,
@@ -117,9 +117,9 @@ def main():
   trunk_out = jax.random.normal(next(keys), (images * num_pos, mask_cfg.mask_size, mask_cfg.mask_size,
                                              mask_cfg.conv_channels))
   labels = jax.random.randint(next(keys), (images * num_pos,), 0, 10)
-  predictor_params, label_logits = module_grad(head.mask_predictors[config.data.subsets[-1]],
-                                               lambda m, x, l: m.class_logits(x, l))
-  _, every_logits = module_grad(head.mask_predictors[config.data.subsets[-1]],
+  predictor = head.mask_predictors[config.data.subsets[-1]]
+  predictor_params, label_logits = module_grad(predictor, lambda m, x, l: m.class_logits(x, l))
+  _, every_logits = module_grad(predictor,
                                 lambda m, x, l: jnp.take_along_axis(m(x), l[:, None, None, None], -1))
   trunk_params, trunk_grad = module_grad(head.mask_head, lambda m, x: m(x))
   crops = jax.random.randint(next(keys), (images, config.data.max_instances["fast"], 56, 56), 0, 256
@@ -152,8 +152,7 @@ def main():
   result = {
       "device": str(jax.devices()[0].device_kind), "image_size": size, "images": images,
       "is": {k: t[k] for k in t if k not in ("enabled", "weight")},
-      "whole head, losses (fwd+bwd)": (whole_head(config, task, head, args.data, args.steps)
-                                       if os.path.isdir(args.data) else None),
+      "whole head, losses (fwd+bwd)": whole_head(config, task, head, encoder_maps, args.steps),
       "parts": parts,
   }
   write_result(result, args.out)

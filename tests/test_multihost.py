@@ -104,20 +104,19 @@ def test_two_processes_evaluate_the_three_tasks_exactly_as_one(mtp_run, tfrecord
   # Whichever process evaluated an image, byte for byte the same submission lines and COCO
   # files: 2 processes of 4 devices run each image on the same device position, with the same
   # per-device program, as the shared run's one process of 8.
+  read = lambda *parts: open(os.path.join(*parts)).read()
   lines = 0
   for s in eval_single:
-    single_files = os.path.join(single, "report", "dota_task1", s)
-    lines += sum(len(open(os.path.join(single_files, n)).readlines()) for n in os.listdir(single_files))
-    for name in os.listdir(single_files):
-      assert (open(os.path.join(evaluated, "report", "dota_task1", s, name)).read()
-              == open(os.path.join(single_files, name)).read()), (s, name)
+    for name in os.listdir(os.path.join(single, "report", "dota_task1", s)):
+      want = read(single, "report", "dota_task1", s, name)
+      assert read(evaluated, "report", "dota_task1", s, name) == want, (s, name)
+      lines += len(want.splitlines())
   assert lines > 0   # detections to compare: a misaligned row would change them
   coco = os.path.join(single, "report", "coco")
   names = sorted(os.listdir(coco))
   assert names == sorted(f"{s}_{k}.json" for s in eval_single for k in ("gt", "bbox", "segm"))
   for name in names:
-    assert (open(os.path.join(evaluated, "report", "coco", name)).read()
-            == open(os.path.join(coco, name)).read()), name
+    assert read(evaluated, "report", "coco", name) == read(coco, name), name
   assert any(json.load(open(os.path.join(coco, f"{s}_segm.json"))) for s in eval_single)
 
 

@@ -93,10 +93,12 @@ class MaskPredictor(nnx.Module):
   def class_logits(self, x, labels):
     """(R, S, S, C_in), (R,) labels -> (R, S, S) float32: the logits of each RoI's label only,
     = `self(x)[r, :, :, labels[r]]` (the 1x1 conv's column of that class), without the other
-    C - 1 maps: 1/C of the conv's work, forward and backward. Labels outside [0, C) read class 0."""
+    C - 1 maps: 1/C of the conv's work, forward and backward. Computed in the conv's dtype, the
+    bias added in float32 (under bfloat16 that rounds once less). Labels outside [0, C) read
+    class 0."""
     kernel = self.conv_logits.kernel[...]                          # (1, 1, C_in, C)
     index = jnp.clip(labels, 0, kernel.shape[-1] - 1)
-    dtype = self.conv_logits.dtype or x.dtype
+    dtype = self.conv_logits.dtype or jnp.result_type(x.dtype, kernel.dtype)  # as nnx.Conv
     weight = kernel[0, 0].T[index].astype(dtype)                   # (R, C_in)
     logits = jnp.einsum("rhwc,rc->rhw", x.astype(dtype), weight)
     return logits.astype(jnp.float32) + self.conv_logits.bias[...][index].astype(jnp.float32)[:, None, None]
