@@ -14,59 +14,27 @@ not train). `.pth` needs torch, `.safetensors` the safetensors package.
 """
 
 import argparse
-import os
 import sys
 
 from mtp_jax.errors import CheckpointError
 
 
+def read_checkpoint(workdir: str, step: int | None = None):
+  """The one Orbax reader (mtp_jax/checkpoints/manager.py), imported when used: keeps --help fast."""
+  from mtp_jax.checkpoints.manager import read_checkpoint as read  # noqa: PLC0415
+  return read(workdir, step)
+
+
 def restore_params(workdir: str, step: int | None = None):
   """(nested params of the run's model, step) from `<workdir>/checkpoints`, latest by default."""
-  state, step = _restore(workdir, step)
-  return state["params"], step
+  params, _, _, step = read_checkpoint(workdir, step)
+  return params, step
 
 
 def restore_state(workdir: str, step: int | None = None):
-  """(params, batch_stats, meta, step): the nested parameters and BatchNorm statistics (saved
-  beside the parameters, as `batch_stats`) of the run's model and the checkpoint's metadata
-  (its `signature` names the subsets and tasks)."""
-  import orbax.checkpoint as ocp
-  state, step = _restore(workdir, step)
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "meta")
-  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
-  return state["params"], state.get("batch_stats") or {}, meta, step
-
-
-def _restore(workdir: str, step: int | None):
-  import jax
-  import numpy as np
-  import orbax.checkpoint as ocp
-  root = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-  if not steps:
-    raise CheckpointError(f"{workdir!r} holds no checkpoint (looked for {root}/<step>)")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has {steps}")
-  path = os.path.join(root, str(step), "state")
-  checkpointer = ocp.StandardCheckpointer()
-  # Restore onto this process's first device whatever mesh wrote it (no topology needed).
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        checkpointer.metadata(path).item_metadata)
-  state = checkpointer.restore(path, target)
-  keep = {k: _unwrap_variables(jax.tree.map(np.asarray, state[k]))
-          for k in ("params", "batch_stats") if k in state}
-  return keep, step
-
-
-def _unwrap_variables(tree):
-  """nnx.State saves each Variable as {'value': array}; return plain nested arrays."""
-  if isinstance(tree, dict):
-    if set(tree) == {"value"} and not isinstance(tree["value"], dict):
-      return tree["value"]
-    return {k: _unwrap_variables(v) for k, v in tree.items()}
-  return tree
+  """(params, batch_stats, meta, step): the nested parameters and BatchNorm statistics of the
+  run's model and the checkpoint's metadata (its `signature` names the subsets and tasks)."""
+  return read_checkpoint(workdir, step)
 
 
 def main(argv=None):

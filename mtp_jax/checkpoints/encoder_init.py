@@ -1,7 +1,10 @@
 """Initialise the encoder of a fresh run from a pretrained checkpoint (`config.model.encoder_init`).
 
-The source is an official / MAE PyTorch file (`.pth`, `.safetensors`) or a folder written by
-`python -m mtp_jax.import_torch`. A PyTorch file goes through the same loading as the original's
+The source is a training workdir of ours (a pretraining run: its latest checkpoint, or one
+checkpoint folder `<workdir>/checkpoints/<step>`; read with `manager.read_checkpoint`), an
+official / MAE PyTorch file (`.pth`, `.safetensors`) or a folder written by
+`python -m mtp_jax.import_torch`. Every source goes through the same conversion: to the official
+state-dict keys, pos_embed and the global rel-pos tables resized to the new image size, back. A PyTorch file goes through the same loading as the original's
 (MTP_SPEC §3.5, §5.1): wrappers and `module.`/`encoder.` prefixes removed, pos_embed (without MAE's
 cls token) and global rel-pos tables resized to the image size, then loaded non-strictly: keys the
 encoder lacks are dropped and encoder parameters the file lacks (the RVSA offsets and window
@@ -16,21 +19,34 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax.checkpoints import torch_convert
+from mtp_jax.checkpoints.manager import read_checkpoint
 from mtp_jax.errors import CheckpointError
+
+
+def is_training_checkpoint(path: str) -> bool:
+  """A workdir of ours (holds checkpoints/) or one of its checkpoint folders (holds state/)."""
+  return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "state"))
 
 
 def read_encoder_source(path: str, template: dict, image_size: int, patch_size: int) -> tuple[dict, dict]:
   """(nested encoder params converted from `path`, shaped like `template`, report); parameters
   the source lacks are listed in report['missing'] (their entries in the result are meaningless)."""
-  if os.path.isdir(path):
+  if is_training_checkpoint(path):
+    params, _, meta, step = read_checkpoint(path)
+    if "encoder" not in params:
+      raise CheckpointError(f"model.encoder_init {path!r}: the checkpoint of step {step} has no encoder")
+    sd = torch_convert.encoder_to_state_dict(params["encoder"])
+    sd = torch_convert.adapt_to_image_size(sd, image_size, patch_size)
+  elif os.path.isdir(path):
     from mtp_jax.import_torch import load_encoder_params  # noqa: PLC0415
     sd = torch_convert.encoder_to_state_dict(load_encoder_params(path))
+    sd = torch_convert.adapt_to_image_size(sd, image_size, patch_size)
   elif os.path.isfile(path):
     sd = torch_convert.read_checkpoint(path)
     sd = torch_convert.adapt_to_image_size(sd, image_size, patch_size)
   else:
-    raise CheckpointError(f"model.encoder_init {path!r} is neither a checkpoint file nor an "
-                          "import_torch folder")
+    raise CheckpointError(f"model.encoder_init {path!r} is neither a training workdir, a "
+                          "checkpoint file nor an import_torch folder")
   loaded, report = torch_convert.state_dict_to_encoder(sd, template, strict=False)
   if report["loaded"] == 0:
     raise CheckpointError(f"model.encoder_init {path!r}: none of its {len(sd)} tensors fits the "

@@ -7,6 +7,11 @@
 
 Restoring into a different model stops with a CheckpointError that lists what differs, instead of
 an Orbax shape error from deep inside the restore.
+
+Two ways in, one layout: `Checkpointer.restore` puts a run's own state back into its shardings
+(training, resume, `--mode eval`); `read_checkpoint` reads any run's parameters onto one device
+without knowing its model (export, finetune initialisation from a pretraining workdir). Both
+check the saved fingerprint.
 """
 
 import os
@@ -197,3 +202,62 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a run's parameters without its model (export, finetune initialisation)
+# ----------------------------------------------------------------------------------------------
+def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int]:
+  """(checkpoints folder, step) named by `path`: a workdir (its latest checkpoint, or `step`) or
+  one checkpoint folder `<workdir>/checkpoints/<step>`."""
+  path = os.path.abspath(path)
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+    named = int(os.path.basename(path))
+    if step is not None and step != named:
+      raise CheckpointError(f"{path} is the checkpoint of step {named}, not {step}")
+    return os.path.dirname(path), named
+  root = os.path.join(path, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise CheckpointError(f"{path!r} holds no checkpoint (looked for {root}/<step>)")
+  if step is None:
+    return root, steps[-1]
+  if step not in steps:
+    raise CheckpointError(f"{path!r} has no checkpoint at step {step}; it has {steps}")
+  return root, step
+
+
+def read_checkpoint(path: str, step: int | None = None) -> tuple[dict, dict, dict, int]:
+  """(params, batch_stats, meta, step) of a run's checkpoint as nested numpy arrays, on one
+  device whatever mesh wrote it. path: a workdir (latest checkpoint, or `step`) or a checkpoint
+  folder `<workdir>/checkpoints/<step>`. meta holds the run's `signature` (encoder, image size,
+  subsets, tasks) and `config`. A state that does not match its saved fingerprint is refused."""
+  root, step = checkpoint_location(path, step)
+  where = os.path.join(root, str(step))
+  try:
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(where, "meta"))
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(os.path.join(where, "state")).item_metadata)
+    state = checkpointer.restore(os.path.join(where, "state"), target)
+  except Exception as e:  # noqa: BLE001 (any unreadable file means a damaged checkpoint)
+    raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+  saved = meta.get("fingerprint")
+  # The state comes back as a dict (leaves in key order), not the TrainState it was saved from
+  # (field order): compare the per-leaf fingerprints as multisets.
+  if saved is not None and sorted(saved) != sorted(_fingerprint_list(state)):
+    raise CheckpointError(f"checkpoint {where} is damaged: its arrays differ from the fingerprint "
+                          "saved with them")
+  keep = {k: _unwrap_variables(jax.tree.map(np.asarray, state[k])) if k in state else {}
+          for k in ("params", "batch_stats")}
+  return keep["params"], keep["batch_stats"], meta, step
+
+
+def _unwrap_variables(tree):
+  """nnx.State saves each Variable as {'value': array}; return plain nested arrays."""
+  if isinstance(tree, dict):
+    if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+      return tree["value"]
+    return {k: _unwrap_variables(v) for k, v in tree.items()}
+  return tree

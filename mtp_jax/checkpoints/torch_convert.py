@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from mtp_jax.errors import CheckpointError
+from mtp_jax.checkpoints.resize import bicubic_resize
 from mtp_jax.models.rel_pos import window_bias_index
 
 _RENAME = {"kernel": "weight", "scale": "weight"}
@@ -178,9 +179,8 @@ def read_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
 
 def adapt_to_image_size(sd: dict, img_size: int, patch_size: int = 16) -> dict:
   """MTP's finetune loading (MTP_SPEC §5.1): drop the MAE cls entry of pos_embed, resize pos_embed
-  and every `full_attn_rel_pos_{h,w}` bicubically (align_corners=False) to the new grid."""
-  import torch
-  import torch.nn.functional as F
+  and every `full_attn_rel_pos_{h,w}` bicubically (PyTorch's align_corners=False, in numpy:
+  `mtp_jax.checkpoints.resize`) to the new grid. Tables already of the new size are untouched."""
   sd = dict(sd)
   grid = img_size // patch_size
   if "pos_embed" in sd:
@@ -191,17 +191,13 @@ def adapt_to_image_size(sd: dict, img_size: int, patch_size: int = 16) -> dict:
     if old * old != pe.shape[1]:
       raise CheckpointError(f"pos_embed of {pe.shape[1]} tokens is not a square grid")
     if old != grid:
-      t = torch.from_numpy(pe).reshape(1, old, old, -1).permute(0, 3, 1, 2)
-      t = F.interpolate(t, size=(grid, grid), mode="bicubic", align_corners=False)
-      pe = t.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).numpy()
+      pe = bicubic_resize(pe[0].reshape(old, old, -1), (grid, grid)).reshape(1, grid * grid, -1)
     sd["pos_embed"] = pe
   sd.pop("cls_token", None)
   for k in [k for k in sd if k.endswith(("full_attn_rel_pos_h", "full_attn_rel_pos_w"))]:
     r = np.asarray(sd[k], np.float32)
     if r.shape[0] != 2 * grid - 1:
-      t = F.interpolate(torch.from_numpy(r)[None, None], size=(2 * grid - 1, r.shape[1]),
-                        mode="bicubic", align_corners=False)
-      sd[k] = t[0, 0].numpy()
+      sd[k] = bicubic_resize(r, (2 * grid - 1, r.shape[1]))
   return sd
 
 
