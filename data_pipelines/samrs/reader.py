@@ -262,8 +262,13 @@ def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max
                  batch_size: int, seed: int = 0, train: bool = True, process_index: int = 0,
                  process_count: int = 1, shuffle_window: int = 256, cycle_length: int = 4,
                  augment_config=None, with_masks: bool = False, max_corrupt_fraction: float = 0.01,
-                 corrupt_min_seen: int = 100, skip_counter: list | None = None):
+                 corrupt_min_seen: int = 100, skip_counter: list | None = None, parse=None):
   """A grain IterDataset of batches for one subset.
+
+  parse(raw, rng) -> static example (rng None when evaluating) reads one record; by default the
+  SAMRS record (`to_static_example` with image_size, max_instances, augment_config, with_masks).
+  Other datasets in the same folder layout (`<data_dir>/<subset>/<split>`, dataset_info.json
+  with its shard list) pass their own (data_pipelines/downstream/).
 
   train=True: endless, shard order reshuffled every epoch, window shuffle, augmentation
   (`augment_config`, default MTP's; per-example randomness from `seed` and the position in the
@@ -280,15 +285,16 @@ def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max
   ds = grain.experimental.InterleaveIterDataset(ds, cycle_length=min(cycle_length, len(files)) if train else 1)
   if train:
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
-  parse = functools.partial(to_static_example, image_size=image_size, max_instances=max_instances,
-                            with_masks=with_masks)
+  if parse is None:
+    parse = functools.partial(to_static_example, image_size=image_size, max_instances=max_instances,
+                              with_masks=with_masks, augment_config=augment_config or augment.AugmentConfig())
   if train:
-    config = augment_config or augment.AugmentConfig()
-    safe = SkipCorrupt(lambda raw, rng: parse(raw, rng=rng, augment_config=config),
-                       f"{subset}/{split}", max_corrupt_fraction, corrupt_min_seen)
+    safe = SkipCorrupt(lambda raw, rng: parse(raw, rng=rng), f"{subset}/{split}",
+                       max_corrupt_fraction, corrupt_min_seen)
     ds = ds.random_map(safe, seed=seed)
   else:
-    safe = SkipCorrupt(parse, f"{subset}/{split}", max_corrupt_fraction, corrupt_min_seen)
+    safe = SkipCorrupt(lambda raw: parse(raw, rng=None), f"{subset}/{split}", max_corrupt_fraction,
+                       corrupt_min_seen)
     ds = ds.map(safe)
   if skip_counter is not None:
     skip_counter.append(safe)
@@ -320,20 +326,22 @@ class PretrainBatches:
   def __init__(self, data_dir: str, subsets, *, image_size: int, max_instances: dict,
                batch_size: int, seed: int, streams=(0,), num_streams: int = 1,
                shuffle_window: int = 256, augment_config=None, with_masks: bool = False,
-               max_corrupt_fraction: float = 0.01):
+               max_corrupt_fraction: float = 0.01, parse=None):
+    """parse: {subset: parse(raw, rng)} for non-SAMRS records (see make_dataset), else None."""
     self.subsets, self.streams, self.num_streams = tuple(subsets), tuple(streams), num_streams
     if batch_size % len(self.streams):
       raise DataError(f"{batch_size} images per subset do not split over {len(self.streams)} streams")
     self._counters = {s: [] for s in self.subsets}
     self._iters = {
         (s, j): iter(make_dataset(data_dir, s, "train", image_size=image_size,
-                                  max_instances=max_instances[s],
+                                  max_instances=max_instances.get(s, 0),
                                   batch_size=batch_size // len(self.streams),
                                   seed=seed + 1000 * i + 100_000 * j, process_index=j,
                                   process_count=num_streams, shuffle_window=shuffle_window,
                                   augment_config=augment_config, with_masks=with_masks,
                                   max_corrupt_fraction=max_corrupt_fraction,
-                                  skip_counter=self._counters[s]))
+                                  skip_counter=self._counters[s],
+                                  parse=parse[s] if parse else None))
         for i, s in enumerate(self.subsets) for j in self.streams}
 
   def corrupt_records(self) -> dict:

@@ -1,0 +1,74 @@
+"""Convert a dataset from its native release layout into TFRecords, one command per dataset.
+
+    python -m data_pipelines.convert eurosat  --root RAW --out DIR [--num-shards K] [--seed 0] [--strict]
+    python -m data_pipelines.convert resisc45 --root RAW --out DIR
+    python -m data_pipelines.convert spacenet1 --root RAW/AOI_1_Rio --out DIR
+    python -m data_pipelines.convert loveda   --root RAW/LoveDA --out DIR
+    python -m data_pipelines.convert samrs    --root SAMRS --out DIR [SAMRS converter options]
+
+Each writes `<DIR>/<dataset>/<split>/` (data_pipelines/downstream/writer.py); a config's
+`data.dir` is DIR. Samples that cannot be used (an unreadable file, a folder that is not a class
+of the list, a file not named as the release names them) are named and skipped, and listed in
+dataset_info.json with the reason; `--strict` stops at the first instead.
+"""
+
+import argparse
+import os
+import sys
+
+from data_pipelines.downstream import scene_folders, segmentation_releases
+from mtp_jax.errors import DataError
+
+RELEASES = {"eurosat": scene_folders.EUROSAT, "resisc45": scene_folders.RESISC45,
+            "spacenet1": segmentation_releases.SPACENET1, "loveda": segmentation_releases.LOVEDA}
+DATASETS = ("samrs", *RELEASES)
+
+
+def convert_release(release, root: str, out: str, *, num_shards: int = 1, seed: int = 0,
+                    strict: bool = False, log=print) -> dict:
+  """Converts a release (RELEASES) into its splits; {split: info}."""
+  from data_pipelines.downstream.writer import write_split  # noqa: PLC0415 (pulls in TensorFlow)
+  try:
+    splits, foreign = release.splits(root, seed)
+  except scene_folders.BadSample as e:
+    raise DataError(str(e)) from None
+  for path, reason in foreign:
+    if strict:
+      raise DataError(f"{release.name} {path!r}: {reason}")
+    log(f"skipping {release.name} {path}: {reason}")
+  settings = {"source_root": os.path.abspath(root), "seed": seed,
+              "train_fraction": getattr(release, "train_fraction", None), "not_in_release": foreign}
+  return {split: write_split(out, release.name, split, items,
+                             lambda p, label: release.read(root, p, label), release.classes,
+                             settings=settings, num_shards=num_shards, strict=strict, log=log)
+          for split, items in splits.items()}
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["samrs"]:
+    from data_pipelines.samrs import convert as samrs_convert  # noqa: PLC0415
+    return samrs_convert.main(argv[1:])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("dataset", choices=DATASETS)
+  parser.add_argument("--root", required=True, help="the dataset's release folder (or its parent)")
+  parser.add_argument("--out", required=True, help="output folder (a config's data.dir)")
+  parser.add_argument("--num-shards", type=int, default=1, help="shards per split (>= the reader processes)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the train/valid split of releases without one (EuroSAT, RESISC-45, SpaceNet)")
+  parser.add_argument("--strict", action="store_true", help="stop at the first unusable sample")
+  args = parser.parse_args(argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  try:
+    infos = convert_release(RELEASES[args.dataset], args.root, args.out,
+                           num_shards=args.num_shards, seed=args.seed, strict=args.strict)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  for split, info in infos.items():
+    print(f"{args.dataset}/{split}: {info['num_examples']} samples, {len(info['shards'])} shard(s), "
+          f"{len(info['skipped'])} skipped -> {os.path.join(args.out, args.dataset, split)}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,122 @@
+"""Scene-classification releases laid out as one folder per class (MTP_SPEC §5.2).
+
+    EuroSAT (RGB):  <root>/2750/<Class>/<Class>_<n>.jpg            10 classes, 64 x 64
+    RESISC-45:      <root>/NWPU-RESISC45/<class>/<class>_<nnn>.jpg  45 classes, 256 x 256
+
+`--root` may name the release folder itself (2750/, NWPU-RESISC45/) or the folder holding it.
+Splits are drawn per class with a seeded permutation (`split_samples`): RESISC-45 keeps MTP's
+20 % for training ("nwpu28": 140 of each class's 700) and the other 80 % for evaluation; EuroSAT
+80 % / 20 % (MTP's EuroSAT list files are not part of its release). The split lists are written
+into dataset_info.json, so a conversion says exactly which images trained.
+"""
+
+import dataclasses
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines.downstream.schema import DownstreamRecord
+
+EUROSAT_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
+                   "Pasture", "PermanentCrop", "Residential", "River", "SeaLake")
+RESISC45_CLASSES = (
+    "airplane", "airport", "baseball_diamond", "basketball_court", "beach", "bridge", "chaparral",
+    "church", "circular_farmland", "cloud", "commercial_area", "dense_residential", "desert",
+    "forest", "freeway", "golf_course", "ground_track_field", "harbor", "industrial_area",
+    "intersection", "island", "lake", "meadow", "medium_residential", "mobile_home_park",
+    "mountain", "overpass", "palace", "parking_lot", "railway", "railway_station",
+    "rectangular_farmland", "river", "roundabout", "runway", "sea_ice", "ship", "snowberg",
+    "sparse_residential", "stadium", "storage_tank", "tennis_court", "terrace",
+    "thermal_power_station", "wetland")
+
+
+class BadSample(Exception):
+  """A sample that cannot be used; the message says why (the converter names and skips it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneRelease:
+  """One class-folder release: its folder name, classes, image suffix and split fractions."""
+  name: str
+  folder: str
+  classes: tuple
+  suffix: str
+  train_fraction: float
+
+  def release_root(self, root: str) -> str:
+    """The folder holding the class folders, from --root (the release folder or its parent)."""
+    for candidate in (os.path.join(root, self.folder), root):
+      if os.path.isdir(candidate) and any(os.path.isdir(os.path.join(candidate, c)) for c in self.classes):
+        return candidate
+    raise BadSample(f"{root!r} holds no {self.name} release: expected {self.folder}/<class>/ folders "
+                    f"named {', '.join(self.classes[:3])}, ...")
+
+  def list_samples(self, root: str):
+    """([(relative path, label)] sorted, [(path, reason)] of what does not belong).
+
+    A folder that is not a class of the list, and a file that is not `<class>_<n><suffix>`,
+    is named in the second list (the converter skips it, or stops with --strict)."""
+    top = self.release_root(root)
+    samples, foreign = [], []
+    for entry in sorted(os.listdir(top)):
+      path = os.path.join(top, entry)
+      if not os.path.isdir(path):
+        continue
+      if entry not in self.classes:
+        foreign.append((entry, f"folder {entry!r} is not one of the {len(self.classes)} "
+                               f"{self.name} classes"))
+        continue
+      for file in sorted(os.listdir(path)):
+        stem, suffix = os.path.splitext(file)
+        number = stem[len(entry) + 1:]
+        if suffix.lower() != self.suffix or not stem.startswith(entry + "_") or not number.isdigit():
+          foreign.append((f"{entry}/{file}", f"not a {entry}_<n>{self.suffix} image"))
+          continue
+        samples.append((f"{entry}/{file}", self.classes.index(entry)))
+    missing = [c for c in self.classes if not os.path.isdir(os.path.join(top, c))]
+    if missing:
+      foreign.append(("/".join((os.path.basename(top), "")), f"class folders missing: {missing}"))
+    return samples, foreign
+
+  def splits(self, root: str, seed: int = 0):
+    """({'train': [(path, label)], 'valid': [...]}, [(path, reason)] of what does not belong)."""
+    samples, foreign = self.list_samples(root)
+    return split_samples(samples, len(self.classes), self.train_fraction, seed), foreign
+
+  def read(self, root: str, relative: str, label: int) -> DownstreamRecord:
+    """One image as a record (its source bytes kept); BadSample if it does not decode."""
+    path = os.path.join(self.release_root(root), relative)
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+      with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        width, height = image.size
+        if image.mode not in ("RGB", "L"):
+          raise BadSample(f"image mode {image.mode}, not RGB")
+    except BadSample:
+      raise
+    except Exception as e:  # noqa: BLE001 (any unreadable image: truncated, not an image)
+      raise BadSample(f"unreadable image ({type(e).__name__}: {e})") from None
+    return DownstreamRecord(image_bytes=data, height=height, width=width, channels=3,
+                            filename=relative, dataset=self.name, label=label)
+
+
+def split_samples(samples: list, num_classes: int, train_fraction: float, seed: int) -> dict:
+  """{'train': [...], 'valid': [...]}: per class, a seeded permutation's first
+  round(train_fraction * n) samples train, the rest evaluate; each list sorted by path."""
+  rng = np.random.default_rng(seed)
+  out = {"train": [], "valid": []}
+  for c in range(num_classes):
+    members = [s for s in samples if s[1] == c]
+    order = rng.permutation(len(members))
+    k = int(round(train_fraction * len(members)))
+    out["train"] += [members[i] for i in order[:k]]
+    out["valid"] += [members[i] for i in order[k:]]
+  return {split: sorted(items) for split, items in out.items()}
+
+
+EUROSAT = SceneRelease("eurosat", "2750", EUROSAT_CLASSES, ".jpg", 0.8)
+RESISC45 = SceneRelease("resisc45", "NWPU-RESISC45", RESISC45_CLASSES, ".jpg", 0.2)

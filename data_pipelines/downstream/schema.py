@@ -1,0 +1,92 @@
+"""The finetuning TFRecord schema: one `tf.train.Example` per sample, for every downstream task.
+
+Keys:
+  image/encoded    the source file's bytes (PNG / JPEG; TIFF re-encoded as PNG), or raw pixels (`image/format` "raw":
+                   H*W*C row-major, dtype `image/dtype`, for multispectral images)
+  image/format     "source" or "raw"; image/height, image/width, image/channels, image/dtype
+  image/filename   the sample's path relative to the dataset root (its id is the file stem)
+  dataset          the dataset's name (eurosat, resisc45, ...)
+  label            classification: the class index (0-based, in the dataset's class list)
+  semantic/encoded segmentation: PNG, uint8, the training label (0 = background, k + 1 = object
+                   class k, 255 = ignored: the `ss` task's convention), already mapped from the
+                   release's own values by its reader (e.g. LoveDA's reduce_zero_label)
+Encoding and parsing need no TensorFlow (`tensorflow_datasets.proto`).
+"""
+
+import dataclasses
+
+import numpy as np
+from tensorflow_datasets.proto import tf_example_pb2
+
+
+@dataclasses.dataclass
+class DownstreamRecord:
+  image_bytes: bytes
+  height: int
+  width: int
+  channels: int
+  filename: str
+  dataset: str
+  image_format: str = "source"   # "source" (PNG/JPEG bytes) or "raw" (pixels, dtype below)
+  dtype: str = "uint8"
+  label: int = -1                 # classification; -1 when the dataset has none
+  semantic_bytes: bytes = b""     # segmentation: PNG of the label map; b"" when none
+
+
+def encode(record: DownstreamRecord) -> bytes:
+  example = tf_example_pb2.Example()
+  f = example.features.feature
+  f["image/encoded"].bytes_list.value.append(record.image_bytes)
+  f["image/format"].bytes_list.value.append(record.image_format.encode())
+  f["image/dtype"].bytes_list.value.append(record.dtype.encode())
+  for key, value in (("image/height", record.height), ("image/width", record.width),
+                     ("image/channels", record.channels), ("label", record.label)):
+    f[key].int64_list.value.append(int(value))
+  f["image/filename"].bytes_list.value.append(record.filename.encode())
+  f["dataset"].bytes_list.value.append(record.dataset.encode())
+  if record.semantic_bytes:
+    f["semantic/encoded"].bytes_list.value.append(record.semantic_bytes)
+  return example.SerializeToString(deterministic=True)
+
+
+def decode(raw: bytes) -> DownstreamRecord:
+  """Parses bytes written by `encode`; ValueError for a record of another schema."""
+  example = tf_example_pb2.Example.FromString(raw)
+  f = example.features.feature
+  missing = [k for k in ("image/encoded", "image/height", "image/width", "image/channels", "label")
+             if k not in f]
+  if missing:
+    raise ValueError(f"record lacks the finetuning keys {missing}")
+  text = lambda key: f[key].bytes_list.value[0].decode()
+  number = lambda key: int(f[key].int64_list.value[0])
+  return DownstreamRecord(
+      image_bytes=f["image/encoded"].bytes_list.value[0], height=number("image/height"),
+      width=number("image/width"), channels=number("image/channels"),
+      filename=text("image/filename"), dataset=text("dataset"), image_format=text("image/format"),
+      dtype=text("image/dtype"), label=number("label"),
+      semantic_bytes=f["semantic/encoded"].bytes_list.value[0] if "semantic/encoded" in f else b"")
+
+
+def decode_image(record: DownstreamRecord) -> np.ndarray:
+  """(H, W, C) pixels of a record: source bytes decoded (RGB), raw pixels reshaped."""
+  if record.image_format == "raw":
+    pixels = np.frombuffer(record.image_bytes, np.dtype(record.dtype))
+    return pixels.reshape(record.height, record.width, record.channels)
+  from data_pipelines.samrs.reader import decode_png_or_jpeg  # noqa: PLC0415 (one decoder)
+  image = decode_png_or_jpeg(record.image_bytes, "RGB")
+  if image.shape[:2] != (record.height, record.width):
+    raise ValueError(f"{record.filename}: decoded {image.shape[:2]}, record says "
+                     f"{(record.height, record.width)}")
+  return image
+
+
+def decode_semantic(record: DownstreamRecord) -> np.ndarray:
+  """(H, W) uint8 label map of a segmentation record."""
+  if not record.semantic_bytes:
+    raise ValueError(f"{record.filename}: the record has no label map")
+  from data_pipelines.samrs.reader import decode_png_or_jpeg  # noqa: PLC0415
+  label = decode_png_or_jpeg(record.semantic_bytes, "L")
+  if label.shape != (record.height, record.width):
+    raise ValueError(f"{record.filename}: label map {label.shape} differs from the image "
+                     f"{(record.height, record.width)}")
+  return label

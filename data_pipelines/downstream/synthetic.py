@@ -1,0 +1,147 @@
+"""Tiny finetuning releases in their exact native layouts, for tests, smoke runs and the docs.
+
+    python -m data_pipelines.downstream.synthetic eurosat --out data/eurosat_sample [--per-class 12]
+    python -m data_pipelines.downstream.synthetic spacenet1 --out data/spacenet_sample [--images 12]
+
+Scene releases (EuroSAT `2750/<Class>/<Class>_<n>.jpg`, RESISC-45 `NWPU-RESISC45/<class>/
+<class>_<nnn>.jpg`): each class a distinct texture (a colour and a stripe orientation) with
+noise, so a small model separates them in a few dozen steps.
+Segmentation releases: SpaceNet v1 (`3band/3band_AOI_1_RIO_img<N>.tif` GeoTIFFs with their
+geotransform tags, `geojson/Geo_AOI_1_RIO_img<N>.geojson` building polygons in lon/lat, bright
+roofs on green-brown ground) and LoveDA (`{Train,Val}/{Urban,Rural}/{images_png,masks_png}/
+<n>.png`, blobs of the 7 classes in distinct colours, mask 0 = no-data at the borders).
+"""
+
+import argparse
+import os
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines.downstream import scene_folders
+
+RELEASES = {"eurosat": (scene_folders.EUROSAT, 64, "{c}_{n}.jpg"),
+            "resisc45": (scene_folders.RESISC45, 256, "{c}_{n:03d}.jpg")}
+
+# SpaceNet v1 Rio's geotransform scale (about 50 cm per pixel at 22.9 S): degrees per pixel.
+RIO_ORIGIN, RIO_DEGREES = (-43.68, -22.88), 4.5e-6
+
+
+def scene_image(label: int, num_classes: int, size: int, rng) -> np.ndarray:
+  """(size, size, 3) uint8: class `label`'s colour and stripe angle, plus noise."""
+  hue = 2 * np.pi * label / num_classes
+  colour = 127 + 100 * np.array([np.cos(hue), np.cos(hue + 2.1), np.cos(hue + 4.2)])
+  angle = np.pi * (label % 4) / 4
+  y, x = np.mgrid[:size, :size] / size
+  stripes = np.sin(2 * np.pi * 6 * (x * np.cos(angle) + y * np.sin(angle)))
+  image = colour[None, None] * (0.75 + 0.25 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_scene_release(name: str, out: str, per_class: int = 12, seed: int = 0, classes=None) -> str:
+  """Writes `per_class` images of each class (all classes, or the first `classes`) under
+  `<out>/<release folder>/`; returns that folder."""
+  release, size, pattern = RELEASES[name]
+  rng = np.random.default_rng(seed)
+  top = os.path.join(out, release.folder)
+  names = release.classes[:classes] if classes else release.classes
+  for label, c in enumerate(names):
+    os.makedirs(os.path.join(top, c), exist_ok=True)
+    for n in range(1, per_class + 1):
+      image = scene_image(label, len(release.classes), size, rng)
+      Image.fromarray(image).save(os.path.join(top, c, pattern.format(c=c, n=n)), quality=95)
+  return top
+
+
+def write_geotiff(path: str, image: np.ndarray, origin: tuple, degrees: float):
+  """An RGB GeoTIFF whose pixel (0, 0) corner is at `origin` (lon, lat), `degrees` per pixel."""
+  from PIL import TiffImagePlugin  # noqa: PLC0415
+  tags = TiffImagePlugin.ImageFileDirectory_v2()
+  tags[33550] = (degrees, degrees, 0.0)                           # ModelPixelScaleTag
+  tags.tagtype[33550] = 12
+  tags[33922] = (0.0, 0.0, 0.0, origin[0], origin[1], 0.0)        # ModelTiepointTag
+  tags.tagtype[33922] = 12
+  Image.fromarray(image).save(path, tiffinfo=tags)
+
+
+def write_spacenet1(out: str, images: int = 12, seed: int = 0, size=(88, 80)) -> str:
+  """SpaceNet v1 tiles of about `size` (w, h) px (each a few px larger or smaller), each with
+  2-5 buildings (rotated rectangles, one with a courtyard hole) drawn and written as GeoJSON."""
+  from data_pipelines.downstream.segmentation_releases import rasterise  # noqa: PLC0415
+  import json  # noqa: PLC0415
+  rng = np.random.default_rng(seed)
+  os.makedirs(os.path.join(out, "3band"), exist_ok=True)
+  os.makedirs(os.path.join(out, "geojson"), exist_ok=True)
+  for n in range(1, images + 1):
+    w, h = size[0] + int(rng.integers(-4, 5)), size[1] + int(rng.integers(-4, 5))
+    lon0 = RIO_ORIGIN[0] + n * 0.01
+    lat0 = RIO_ORIGIN[1]
+    features = []
+    for b in range(int(rng.integers(2, 6))):
+      cx, cy = rng.uniform(12, w - 12), rng.uniform(12, h - 12)
+      bw, bh, angle = rng.uniform(8, 20), rng.uniform(8, 16), rng.uniform(0, np.pi)
+      c, s_ = np.cos(angle), np.sin(angle)
+      corners = [(cx + dx * c - dy * s_, cy + dx * s_ + dy * c)
+                 for dx, dy in ((-bw / 2, -bh / 2), (bw / 2, -bh / 2), (bw / 2, bh / 2), (-bw / 2, bh / 2))]
+      rings = [corners + corners[:1]]
+      if b == 0:   # a courtyard: a hole of a third of the size
+        rings.append([(cx + (x - cx) / 3, cy + (y - cy) / 3) for x, y in rings[0]])
+      lonlat = [[[lon0 + x * RIO_DEGREES, lat0 - y * RIO_DEGREES, 0.0] for x, y in ring] for ring in rings]
+      features.append({"type": "Feature", "properties": {"building": "yes"},
+                       "geometry": {"type": "Polygon", "coordinates": lonlat}})
+    collection = {"type": "FeatureCollection", "features": features}
+    label = rasterise(collection, (lon0, RIO_DEGREES, lat0, -RIO_DEGREES), (h, w))
+    ground = np.array([70, 110, 60]) + rng.normal(0, 10, (h, w, 3))
+    roof = np.array([200, 190, 185]) + rng.normal(0, 10, (h, w, 3))
+    image = np.clip(np.where(label[..., None] == 1, roof, ground), 0, 255).astype(np.uint8)
+    write_geotiff(os.path.join(out, "3band", f"3band_AOI_1_RIO_img{n}.tif"), image, (lon0, lat0), RIO_DEGREES)
+    with open(os.path.join(out, "geojson", f"Geo_AOI_1_RIO_img{n}.geojson"), "w") as f:
+      json.dump(collection, f)
+  return out
+
+
+LOVEDA_COLOURS = np.array([[200, 200, 200], [220, 60, 60], [240, 240, 70], [40, 90, 220],
+                           [160, 120, 80], [30, 140, 40], [200, 170, 30]])
+
+
+def write_loveda(out: str, per_domain: int = 3, seed: int = 0, size: int = 96) -> str:
+  """LoveDA Train and Val, `per_domain` images per domain (Urban, Rural): blobs of the 7 classes
+  in their colours (mask values 1..7) with a no-data border (0); numbered as the release
+  (Rural from 0, Urban after it)."""
+  rng = np.random.default_rng(seed)
+  number = 0
+  for split in ("Train", "Val"):
+    for domain in ("Rural", "Urban"):
+      for folder in ("images_png", "masks_png"):
+        os.makedirs(os.path.join(out, split, domain, folder), exist_ok=True)
+      for _ in range(per_domain):
+        classes = np.zeros((size // 16, size // 16), np.int64)
+        classes[:] = rng.integers(0, 7, classes.shape)
+        cls = np.kron(classes, np.ones((16, 16), np.int64))
+        image = np.clip(LOVEDA_COLOURS[cls] + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+        mask = (cls + 1).astype(np.uint8)
+        mask[:2], mask[:, :2] = 0, 0   # no-data
+        Image.fromarray(image).save(os.path.join(out, split, domain, "images_png", f"{number}.png"))
+        Image.fromarray(mask).save(os.path.join(out, split, domain, "masks_png", f"{number}.png"))
+        number += 1
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda"]))
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--per-class", type=int, default=12, help="scene releases: images per class")
+  parser.add_argument("--images", type=int, default=12, help="spacenet1: tiles; loveda: per domain and split")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.dataset == "spacenet1":
+    print(f"wrote {write_spacenet1(args.out, args.images, args.seed)}")
+  elif args.dataset == "loveda":
+    print(f"wrote {write_loveda(args.out, args.images, args.seed)}")
+  else:
+    print(f"wrote {write_scene_release(args.dataset, args.out, args.per_class, args.seed)}")
+
+
+if __name__ == "__main__":
+  main()

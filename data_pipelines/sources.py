@@ -1,0 +1,203 @@
+"""Data sources of the experiments, picked by `config.data.dataset` (DESIGN.md §3.2).
+
+A source knows a dataset's class lists, its training batch stream and its evaluation batches;
+the loop, the Trainer and the evaluation ask it and name no dataset. Every source reads the same
+folder layout (`<data.dir>/<subset>/<split>/` shards + dataset_info.json) with the same grain
+reader (samrs/reader.py `make_dataset`, `PretrainBatches`), and differs in the record parser:
+
+  samrs                 pretraining: subsets sota/sior/fast, the SAMRS example (samrs/reader.py)
+  eurosat, resisc45     scene classification: one subset named as the dataset
+                        (downstream/classification.py)
+  spacenet1, loveda     semantic segmentation (the `ss` task; downstream/segmentation.py)
+"""
+
+import functools
+
+import jax
+import numpy as np
+
+from data_pipelines.downstream import classification, scene_folders, segmentation, segmentation_releases
+from data_pipelines.samrs import augment, reader
+from data_pipelines.samrs.classes import subset as samrs_subset
+from mtp_jax.errors import DataError
+
+
+def _reader_streams(config):
+  n, p = config.data.num_streams or jax.process_count(), jax.process_count()
+  if n % p:
+    from mtp_jax.errors import ConfigError  # noqa: PLC0415
+    raise ConfigError(f"data.num_streams = {n} must be a multiple of the {p} processes")
+  per = n // p
+  return tuple(range(jax.process_index() * per, (jax.process_index() + 1) * per)), n
+
+
+class Source:
+  """What the loop needs from a dataset. subsets: config.data.subsets; tasks: the tasks it serves."""
+
+  tasks = ()
+  pretraining = False   # True: the pretraining data (its runs start from MAE or from scratch)
+
+  def class_names(self, config) -> dict:
+    """{subset: object class names}, checked against the converted data."""
+    raise NotImplementedError
+
+  def train_parsers(self, config, tasks) -> dict | None:
+    """{subset: parse(raw, rng)} for `reader.PretrainBatches`, or None for the SAMRS default."""
+    raise NotImplementedError
+
+  def eval_dataset(self, config, subset: str, tasks, batch_size: int, split: str):
+    raise NotImplementedError
+
+  def padding_batch(self, config, subset: str, tasks, batch_size: int) -> dict:
+    """A batch of `is_real=False` examples shaped like the evaluation batches, all zero."""
+    raise NotImplementedError
+
+  def reader_streams(self, config):
+    """(this process's stream indices, total streams): data.num_streams, or one per process."""
+    return _reader_streams(config)
+
+  def train_batches(self, config, tasks, local_batch: int) -> reader.PretrainBatches:
+    streams, num_streams = self.reader_streams(config)
+    from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
+    return reader.PretrainBatches(
+        config.data.dir, tuple(config.data.subsets), image_size=config.data.image_size,
+        max_instances=dict(config.data.max_instances), batch_size=local_batch, seed=config.seed,
+        streams=streams, num_streams=num_streams, shuffle_window=config.data.shuffle_window,
+        augment_config=augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                                for k, v in config.data.augment.items()}),
+        with_masks=tasks_lib.needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction,
+        parse=self.train_parsers(config, tasks))
+
+
+class SamrsSource(Source):
+  tasks = ("ss", "is", "rd")
+  pretraining = True
+
+  def class_names(self, config):
+    out = {}
+    for s in config.data.subsets:
+      info = reader.load_info(config.data.dir, s, "train")
+      expected = list(samrs_subset(s).classes)
+      if info.get("class_names") != expected:
+        raise DataError(f"{config.data.dir}/{s}/train holds classes {info.get('class_names')}, "
+                        f"not the {len(expected)} {s} classes")
+      out[s] = expected
+    return out
+
+  def train_parsers(self, config, tasks):
+    return None
+
+  def eval_max_instances(self, config, subset):
+    return reader.eval_max_instances(config.data.dir, subset)
+
+  def eval_dataset(self, config, subset, tasks, batch_size, split):
+    from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
+    return reader.make_dataset(
+        config.data.dir, subset, split, image_size=config.data.image_size,
+        max_instances=self.eval_max_instances(config, subset), batch_size=batch_size, train=False,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        with_masks=tasks_lib.needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction)
+
+  def padding_batch(self, config, subset, tasks, batch_size):
+    from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
+    m = self.eval_max_instances(config, subset)
+    shapes = reader.example_shapes(config.data.image_size, m)
+    out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
+    out["semantic"][:] = 255   # padding label, ignored
+    out["image_id"] = np.full((batch_size,), "", dtype=np.str_)
+    if tasks_lib.needs_masks(tasks):
+      out["mask_rles"] = np.full((batch_size, m), "", dtype=object)
+    else:
+      out.pop("mask_crops", None)
+    return out
+
+
+class SceneSource(Source):
+  """A scene-classification dataset converted by `python -m data_pipelines.convert <name>`."""
+
+  tasks = ("cls",)
+
+  def __init__(self, release: scene_folders.SceneRelease):
+    self.release = release
+
+  def class_names(self, config):
+    (subset,) = config.data.subsets
+    info = reader.load_info(config.data.dir, subset, "train")
+    if info.get("class_names") != list(self.release.classes):
+      raise DataError(f"{config.data.dir}/{subset}/train holds classes {info.get('class_names')}, "
+                      f"not the {len(self.release.classes)} {self.release.name} classes")
+    return {subset: list(self.release.classes)}
+
+  def _parse(self, config):
+    bands = tuple(config.data.bands) if config.data.bands else None
+    return functools.partial(classification.to_example, image_size=config.data.image_size,
+                             mean=tuple(config.data.mean), std=tuple(config.data.std), bands=bands)
+
+  def train_parsers(self, config, tasks):
+    return {s: self._parse(config) for s in config.data.subsets}
+
+  def eval_dataset(self, config, subset, tasks, batch_size, split):
+    return reader.make_dataset(
+        config.data.dir, subset, split, image_size=config.data.image_size, max_instances=0,
+        batch_size=batch_size, train=False, process_index=jax.process_index(),
+        process_count=jax.process_count(), max_corrupt_fraction=config.data.max_corrupt_fraction,
+        parse=self._parse(config))
+
+  def padding_batch(self, config, subset, tasks, batch_size):
+    shapes = classification.example_shapes(config.data.image_size, len(config.data.mean))
+    out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
+    out["image_id"] = np.full((batch_size,), "", dtype=np.str_)
+    return out
+
+
+class SegmentationSource(Source):
+  """A segmentation release converted by `python -m data_pipelines.convert <name>`; the `ss`
+  task, with the release's object classes (background is output 0, as in pretraining)."""
+
+  tasks = ("ss",)
+
+  def __init__(self, release):
+    self.release = release
+
+  def class_names(self, config):
+    (subset,) = config.data.subsets
+    info = reader.load_info(config.data.dir, subset, "train")
+    if info.get("class_names") != list(self.release.classes):
+      raise DataError(f"{config.data.dir}/{subset}/train holds classes {info.get('class_names')}, "
+                      f"not the {self.release.name} classes {list(self.release.classes)}")
+    return {subset: list(self.release.classes)}
+
+  @staticmethod
+  def eval_size(config) -> int:
+    return config.eval.image_size or config.data.image_size
+
+  def _parse(self, config):
+    return functools.partial(segmentation.to_example, image_size=config.data.image_size,
+                             eval_size=self.eval_size(config))
+
+  def train_parsers(self, config, tasks):
+    return {s: self._parse(config) for s in config.data.subsets}
+
+  def eval_dataset(self, config, subset, tasks, batch_size, split):
+    return reader.make_dataset(
+        config.data.dir, subset, split, image_size=config.data.image_size, max_instances=0,
+        batch_size=batch_size, train=False, process_index=jax.process_index(),
+        process_count=jax.process_count(), max_corrupt_fraction=config.data.max_corrupt_fraction,
+        parse=self._parse(config))
+
+  def padding_batch(self, config, subset, tasks, batch_size):
+    shapes = segmentation.example_shapes(self.eval_size(config))
+    out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
+    out["semantic"][:] = 255
+    out["image_id"] = np.full((batch_size,), "", dtype=np.str_)
+    return out
+
+
+SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT),
+           "resisc45": SceneSource(scene_folders.RESISC45),
+           "spacenet1": SegmentationSource(segmentation_releases.SPACENET1),
+           "loveda": SegmentationSource(segmentation_releases.LOVEDA)}
+
+
+def source(config) -> Source:
+  return SOURCES[config.data.dataset]
