@@ -32,8 +32,16 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
        else {"enabled": False, "weight": 1.0} for name in tasks_lib.ORDER})
 
   c.data = ml_collections.ConfigDict()
-  c.data.dir = ""                     # converted TFRecords (python -m data_pipelines.samrs.convert)
+  # The experiment's data source (data_pipelines/sources.py): 'samrs' (pretraining) or a
+  # finetuning dataset converted by `python -m data_pipelines.convert <dataset>` (then
+  # data.subsets is (dataset,), one subset named as the dataset).
+  c.data.dataset = "samrs"
+  c.data.dir = ""                     # converted TFRecords (python -m data_pipelines.convert ...)
   c.data.subsets = SUBSET_NAMES
+  # Per-band pixel mean / std that normalise the images on the device (RGB of §3.4 by default).
+  c.data.mean = (123.675, 116.28, 103.53)
+  c.data.std = (58.395, 57.12, 57.375)
+  c.data.bands = ()                   # band indices to keep from multi-band images (): all
   c.data.image_size = 448             # S (§3.4)
   c.data.batch_per_subset = 32        # GLOBAL images per subset per step: 96 in all (§3.2)
   # Independent reader streams (0: one per process). The global batch is the concatenation of
@@ -66,6 +74,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   # tasks are ignored. Official files pickle their optimizer: `model.full_init_trust_pickle=True`.
   c.model.full_init = ""
   c.model.full_init_trust_pickle = False
+  # Frozen encoder (linear probing / frozen-backbone protocols, as GEO-Bench and PANGAEA
+  # evaluate foundation models): only the heads train; the encoder stays bit-identical.
+  c.model.freeze_encoder = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 6e-5               # AdamW (§3.5)
@@ -96,6 +107,13 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.eval.max_batches = 0              # 0: the whole valid split
   c.eval.report_images = 4            # images per subset in the report PNG (from the first batch)
   c.eval.every_steps = 0              # also evaluate every N training steps (0: only at the end)
+  c.eval.split = "valid"              # the converted split evaluated (valid, or test where converted)
+  # Finetuning segmentation: images are evaluated whole, unresized, padded to a canvas of
+  # eval.image_size px (0: data.image_size); with eval.slide_window > 0, by mmseg's slide
+  # inference (windows of that size every eval.slide_stride px, logits averaged).
+  c.eval.image_size = 0
+  c.eval.slide_window = 0
+  c.eval.slide_stride = 0
 
   c.mesh = ml_collections.ConfigDict()
   # Devices as (data, fsdp, tensor) (the axes are fixed: parallel/sharding.py MESH_AXES); one
@@ -112,6 +130,70 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
                       ("conv_in", None), ("conv_out", "fsdp"))
   c.lock()
   c.model.encoder_overrides.unlock()  # free-form: any build_encoder keyword
+  return c
+
+
+def finetune_defaults(dataset: str, task: str) -> ml_collections.ConfigDict:
+  """The keys of `pretrain_defaults` set for finetuning `task` on `dataset` with MTP's shared
+  recipe (MTP_SPEC §5.1, §5.2): ViT-B + RVSA, drop path 0.3, AdamW (0.9, 0.999), weight decay
+  0.05, layer decay 0.9 with the official layer ids, linear warmup then cosine to 0. The
+  pretraining tasks are off and `task` is on; a dataset's config sets its size, batch,
+  schedule and `model.encoder_init` (the MTP checkpoint to start from)."""
+  c = pretrain_defaults()
+  for name in c.tasks:
+    c.tasks[name].enabled = name == task
+  c.data.dataset = dataset
+  c.data.subsets = (dataset,)
+  c.model.encoder = "vit_b_rvsa"
+  c.model.drop_path_rate = 0.3
+  c.optimizer.lr = 6e-5
+  c.optimizer.b1, c.optimizer.b2 = 0.9, 0.999
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.layer_decay = 0.9
+  return c
+
+
+FINETUNE_OPTIONS = ("smoke", "frozen")
+
+
+def finetune_options(arg) -> set:
+  """The ':arg' options of a finetune config (configs/finetune/*.py):
+
+  smoke   a tiny ViT+RVSA (3 blocks of width 64, patch 8, block 2 global) at 64 px, batch 8,
+          30 steps, lr 1e-3, UperNet of 32 channels, slide windows of 64 px every 48 on the
+          dataset's own canvas: checks a dataset's whole pipeline in minutes on a CPU
+  frozen  the encoder frozen (model.freeze_encoder): linear probing / frozen-backbone finetuning
+  """
+  options = set(filter(None, (arg or "").split("+")))
+  unknown = options - set(FINETUNE_OPTIONS)
+  if unknown:
+    raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {', '.join(FINETUNE_OPTIONS)}")
+  return options
+
+
+def apply_finetune_options(c, options: set):
+  """`c` with the finetune options applied (see finetune_options)."""
+  if "smoke" in options:
+    c.data.image_size = 64
+    c.data.batch_per_subset = 8
+    c.data.shuffle_window = 64
+    c.model.encoder = "vit_t_rvsa"
+    c.model.encoder_overrides.update(dict(embed_dim=64, depth=3, num_heads=2, patch_size=8,
+                                          out_indices=(0, 1, 2, 2)))
+    c.model.drop_path_rate = 0.1
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 3
+    c.train.num_steps = 30
+    c.train.log_every = 5
+    c.train.checkpoint_every = 1_000
+    c.eval.batch_per_subset = 8
+    c.eval.every_steps = 0
+    c.eval.report_images = 3
+    c.tasks.ss.channels = 32
+    if c.eval.slide_window:   # slide windows of the smoke's input size, on the dataset's canvas
+      c.eval.slide_window, c.eval.slide_stride = 64, 48
+  if "frozen" in options:
+    c.model.freeze_encoder = True
   return c
 
 
@@ -155,9 +237,33 @@ def validate(config, defaults=None):
     raise ConfigError(f"optimizer.grad_accum_steps = {config.optimizer.grad_accum_steps} must be >= 1")
   if not 0 < config.optimizer.layer_decay <= 1:
     raise ConfigError(f"optimizer.layer_decay = {config.optimizer.layer_decay} must be in (0, 1]")
-  bad = [s for s in config.data.subsets if s not in SUBSET_NAMES]
-  if bad or not config.data.subsets:
-    raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be a non-empty subset of {SUBSET_NAMES}")
+  from data_pipelines import sources  # noqa: PLC0415 (pulls in grain)
+  if config.data.dataset not in sources.SOURCES:
+    raise ConfigError(f"data.dataset {config.data.dataset!r} is not one of {sorted(sources.SOURCES)}")
+  if config.data.dataset == "samrs":
+    bad = [s for s in config.data.subsets if s not in SUBSET_NAMES]
+    if bad or not config.data.subsets:
+      raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be a non-empty subset of {SUBSET_NAMES}")
+  elif tuple(config.data.subsets) != (config.data.dataset,):
+    raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be ({config.data.dataset!r},) "
+                      f"for data.dataset {config.data.dataset!r}")
+  supported = sources.SOURCES[config.data.dataset].tasks
+  off = [t for t in tasks_lib.enabled(config) if t not in supported]
+  if off:
+    raise ConfigError(f"tasks {off} are enabled, but data.dataset {config.data.dataset!r} serves "
+                      f"only {list(supported)}")
+  if config.eval.slide_window and not 0 < config.eval.slide_stride <= config.eval.slide_window:
+    raise ConfigError(f"eval.slide_stride {config.eval.slide_stride} must be in (0, eval.slide_window "
+                      f"= {config.eval.slide_window}]")
+  if config.eval.slide_window and config.eval.slide_window != config.data.image_size:
+    raise ConfigError(f"eval.slide_window {config.eval.slide_window} must equal data.image_size "
+                      f"{config.data.image_size}: the encoder's position table fixes its input size")
+  if (config.eval.image_size and config.eval.image_size != config.data.image_size
+      and not config.eval.slide_window):
+    raise ConfigError(f"eval.image_size {config.eval.image_size} differs from data.image_size "
+                      f"{config.data.image_size}: set eval.slide_window (the encoder's input size is fixed)")
+  if len(config.data.mean) != len(config.data.std):
+    raise ConfigError(f"data.mean has {len(config.data.mean)} bands, data.std {len(config.data.std)}")
   if config.data.image_size % 32:
     raise ConfigError(f"data.image_size {config.data.image_size} must be a multiple of 32")
   if config.model.compute_dtype not in ("float32", "bfloat16", "float16"):

@@ -27,6 +27,8 @@ TINY_CLASSES = {"sota": 3, "sior": 2, "fast": 4}   # distinct, so a wrong k cann
 
 
 class _Task:
+  multi_scale = True   # the heads read the fpn outputs (Task.multi_scale)
+
   def __init__(self, build):
     self.build_head = build
 

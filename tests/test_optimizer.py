@@ -61,10 +61,48 @@ def test_paper_configs_hold_the_paper_settings():
     assert (c.model.encoder, c.data.image_size, c.train.num_steps, c.optimizer.lr, c.optimizer.weight_decay,
             c.optimizer.grad_clip_norm, c.model.drop_path_rate, c.data.batch_per_subset, c.optimizer.warmup_steps,
             c.optimizer.layer_decay) == (encoder, 448, 80_000, 6e-5, 0.05, 5.0, 0.1, 32, 0, 1.0)
-    assert config_lib.enabled_tasks(c) == ("ss", "is", "rd") and set(c.tasks) == {"ss", "is", "rd"}
+    assert config_lib.enabled_tasks(c) == ("ss", "is", "rd") and not c.tasks.cls.enabled
   fsdp = config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_l_rvsa.py:fsdp+bf16")
   assert tuple(fsdp.mesh.shape) == (1, -1, 1) and fsdp.model.compute_dtype == "bfloat16"
   with pytest.raises(ConfigError, match="tasks.is.init"):
     config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_b_rvsa.py"), ["tasks.is.init='torch'"])
   with pytest.raises(ConfigError, match="layer_decay"):
     config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_b_rvsa.py"), ["optimizer.layer_decay=1.5"])
+
+
+def mmcv_layer_id_for_vit(name: str, num_layers: int) -> int:
+  """mmcv/MTP's get_num_layer_for_vit on an official finetune parameter name (MTP_SPEC §5.1)."""
+  if name.startswith(("backbone.cls_token", "backbone.mask_token", "backbone.pos_embed",
+                      "backbone.patch_embed")):
+    return 0
+  if name.startswith("backbone.blocks"):
+    return int(name.split(".")[2]) + 1
+  return num_layers + 1
+
+
+def test_every_vit_b_parameter_of_a_finetune_gets_the_official_layer_decay():
+  """ViT-B + RVSA with the classification head, layer decay 0.9: each parameter's multiplier is
+  0.9^(13 - id) with mmcv's ids on its official name (0.9^13 = 0.254 for patch_embed, 0.9 for
+  block 11, 1 for the fpn and the head), §5.1."""
+  from flax import nnx
+  from mtp_jax.checkpoints import torch_convert
+  from mtp_jax.train import loop
+  c = config_lib.load_config(f"{ROOT}/configs/finetune/eurosat.py")
+  assert (c.model.encoder, c.optimizer.layer_decay, c.model.drop_path_rate, c.optimizer.lr,
+          c.data.image_size, c.data.batch_per_subset) == ("vit_b_rvsa", 0.9, 0.3, 6e-5, 224, 64)
+  tasks = loop.build_tasks(c, {"eurosat": [f"c{i}" for i in range(10)]})
+  params = nnx.state(nnx.eval_shape(lambda: loop.build_model(c, tasks, nnx.Rngs(0))), nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  scales = optimizer.layer_decay_scales(pure, c.optimizer.layer_decay)
+  seen = set()
+  for path, scale in jax.tree_util.tree_leaves_with_path(scales):
+    keys = tuple(str(getattr(k, "key", k)) for k in path)
+    if keys[0] == "encoder":
+      name = "backbone." + torch_convert.torch_key(keys[1:])
+    else:
+      name = "head." + ".".join(keys[1:])
+    layer = mmcv_layer_id_for_vit(name, 12)
+    assert scale == pytest.approx(0.9 ** (13 - layer)), name
+    seen.add(layer)
+  assert seen == set(range(14))
+  assert scales["encoder"]["patch_embed"]["proj"]["kernel"] == pytest.approx(0.2541865828)

@@ -154,3 +154,12 @@ def curves_chart(series: dict, title: str, xlabel: str = "step") -> np.ndarray:
 
 def save_png(array, path: str):
   Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+def caption(panel, text: str, colour=(255, 255, 255)) -> np.ndarray:
+  """The panel with `text` written on a dark strip across its top (class names of a scene)."""
+  image = Image.fromarray(np.ascontiguousarray(np.asarray(panel, np.uint8)))
+  draw = ImageDraw.Draw(image)
+  draw.rectangle((0, 0, image.width, 12), fill=(0, 0, 0))
+  draw.text((2, 1), text, fill=tuple(colour))
+  return np.asarray(image)

@@ -16,29 +16,47 @@ IMAGE_MEAN = (123.675, 116.28, 103.53)
 IMAGE_STD = (58.395, 57.12, 57.375)
 
 
-def normalize_images(images_uint8, dtype=jnp.float32):
-  """(..., 3) uint8 RGB -> float (x - mean) / std."""
-  x = images_uint8.astype(jnp.float32)
-  return ((x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)).astype(dtype)
+def normalize_images(images, dtype=jnp.float32, mean=IMAGE_MEAN, std=IMAGE_STD):
+  """(..., C) pixel values -> float (x - mean) / std, mean/std per channel (C of them)."""
+  x = images.astype(jnp.float32)
+  return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
 
 
 class MultiTaskModel(nnx.Module):
   """encoder + `heads[task]`, each built by `tasks[task].build_head` on the encoder's 4 maps.
 
   Heads are built in task order after the encoder, so a model's initial parameters depend only
-  on the seed and the enabled tasks.
+  on the seed and the enabled tasks. The encoder gives the tasks its fpn outputs (strides 4-32),
+  or its raw stride-16 maps when the tasks ask for them (`Task.multi_scale` False: scene
+  classification). mean / std: per-band pixel statistics of the dataset (the RGB ones of §3.4
+  by default). freeze_encoder: the encoder runs in inference mode (no stochastic depth) and no
+  gradient flows into it (linear probing / frozen-backbone finetuning; the optimizer also
+  leaves its parameters untouched, mtp_jax/train/optimizer.py).
   """
 
-  def __init__(self, encoder, tasks: dict, *, rngs: nnx.Rngs, dtype=None):
+  def __init__(self, encoder, tasks: dict, *, rngs: nnx.Rngs, dtype=None, mean=IMAGE_MEAN,
+               std=IMAGE_STD, freeze_encoder: bool = False):
     self.encoder = encoder
+    scales = {bool(task.multi_scale) for task in tasks.values()}
+    if len(scales) > 1:
+      raise ValueError(f"tasks {sorted(tasks)} need different encoder outputs (fpn maps and raw "
+                       "stride-16 maps); run them in separate experiments")
+    self.multi_scale = scales.pop() if scales else True
+    self.mean, self.std = tuple(float(m) for m in mean), tuple(float(v) for v in std)
+    self.freeze_encoder = freeze_encoder
     dims = [encoder.embed_dim] * 4
     self.heads = nnx.Dict({name: task.build_head(dims, rngs=rngs, dtype=dtype)
                            for name, task in tasks.items()})
 
   def features(self, images, *, train: bool, key=None) -> list:
-    """images (b*G, S, S, 3) uint8, interleaved by subset -> the encoder's 4 NHWC maps."""
-    x = normalize_images(images, self.encoder.dtype or jnp.float32)
-    return self.encoder(x, train=train, key=key if key is not None else jax.random.key(0))
+    """images (b*G, S, S, C) pixels, interleaved by subset -> the encoder's 4 NHWC maps."""
+    x = normalize_images(images, self.encoder.dtype or jnp.float32, self.mean, self.std)
+    key = key if key is not None else jax.random.key(0)
+    features = self.encoder(x, train=train and not self.freeze_encoder, key=key,
+                            multi_scale=self.multi_scale)
+    if self.freeze_encoder:
+      features = [jax.lax.stop_gradient(f) for f in features]
+    return features
 
 
 def task_keys(key, names) -> tuple:

@@ -1,4 +1,4 @@
-"""The pretraining tasks, by name (MTP_SPEC §3.1), each in its own module (DESIGN.md §3.1).
+"""The tasks, by name: pretraining (MTP_SPEC §3.1) and finetuning (§5), each in its own module (DESIGN.md §3.1).
 
     tasks = build_tasks(config, class_names)   # {name: Task} of the enabled tasks
 
@@ -8,14 +8,16 @@ their module lands. Adding a task is adding its module and one line here.
 
 from mtp_jax.models.classes import with_background
 from mtp_jax.tasks.base import Task
+from mtp_jax.tasks.classification import Classification
 from mtp_jax.tasks.instance_segmentation import InstanceSegmentation
 from mtp_jax.tasks.rotated_detection import RotatedDetection
 from mtp_jax.tasks.semantic_segmentation import SemanticSegmentation
 
-# In the order of MTP's loss sum (ss, is, rd; MTP_SPEC §3.2).
-TASKS = {"ss": SemanticSegmentation, "is": InstanceSegmentation, "rd": RotatedDetection}
+# In the order of MTP's loss sum (ss, is, rd; MTP_SPEC §3.2), then the finetuning tasks (§5).
+TASKS = {"ss": SemanticSegmentation, "is": InstanceSegmentation, "rd": RotatedDetection,
+         "cls": Classification}
 PENDING = {}
-ORDER = ("ss", "is", "rd")
+ORDER = ("ss", "is", "rd", "cls")
 
 
 def enabled(config) -> tuple:
@@ -33,5 +35,5 @@ def needs_masks(tasks: dict) -> bool:
   return any(t.needs_masks for t in tasks.values())
 
 
-__all__ = ["ORDER", "PENDING", "TASKS", "InstanceSegmentation", "RotatedDetection", "SemanticSegmentation", "Task",
+__all__ = ["ORDER", "PENDING", "TASKS", "Classification", "InstanceSegmentation", "RotatedDetection", "SemanticSegmentation", "Task",
            "build_tasks", "enabled", "needs_masks", "with_background"]

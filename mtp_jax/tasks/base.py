@@ -35,6 +35,7 @@ class Task:
   title = ""
   headline_name = ""
   needs_masks = False   # the reader decodes instance masks (mask_crops, mask_rles) for this task
+  multi_scale = True    # reads the encoder's fpn outputs (strides 4-32); False: the raw stride-16 maps
 
   def __init__(self, config, class_names: dict):
     """config: the whole run config; class_names: {subset: object class names} (no background);
@@ -84,6 +85,19 @@ class Task:
   def eval_outputs(self, head, features, gt: dict, image_size):
     """(sums, per_image): sums are reduced over the global batch (replicated on every device),
     per_image leaves have the batch as their first axis ({subset: (b, ...)}, sharded)."""
+    raise NotImplementedError
+
+  # Tasks with per-pixel outputs can be evaluated by slide inference (mtp_jax/models/slide.py):
+  # they set `slides` and implement dense_logits / eval_from_logits, with
+  # eval_outputs = eval_from_logits(dense_logits(...)).
+  slides = False
+
+  def dense_logits(self, head, features, image_size) -> dict:
+    """{subset: (b, H, W, K) logits at image_size} (slides only)."""
+    raise NotImplementedError
+
+  def eval_from_logits(self, logits: dict, gt: dict):
+    """(sums, per_image) of eval_outputs from dense logits {subset: (b, H, W, K)} (slides only)."""
     raise NotImplementedError
 
   def evaluator(self):

@@ -64,17 +64,26 @@ class SemanticSegmentation(Task):
             for s in self.subsets}
 
   # ---- evaluation ------------------------------------------------------------------------------
-  def eval_outputs(self, head, features, gt, image_size):
+  slides = True   # evaluates by slide inference when eval.slide_window is set (dense_logits)
+
+  def dense_logits(self, head, features, image_size):
+    """{subset: (b, H, W, C) logits bilinearly upsampled to image_size (mmseg's resize)}."""
     logits = head(features, subsets=self.subsets, train=False)
+    return {s: jax.image.resize(v, (v.shape[0], *image_size, v.shape[-1]), "bilinear", antialias=False)
+            for s, v in logits.items()}
+
+  def eval_from_logits(self, logits, gt):
+    """(confusion sums, argmax maps) of {subset: (b, H, W, C) logits} against gt's labels."""
     sums, maps = {}, {}
     for s in self.subsets:
-      up = jax.image.resize(logits[s], (logits[s].shape[0], *image_size, logits[s].shape[-1]),
-                            "bilinear", antialias=False)
-      maps[s] = jnp.argmax(up, axis=-1).astype(jnp.int32)
+      maps[s] = jnp.argmax(logits[s], axis=-1).astype(jnp.int32)
       sums[s] = ConfusionMatrix.from_model_output(
           labels=gt[s]["semantic"], predictions=maps[s], num_classes=with_background(self.num_classes[s]),
           ignore_index=IGNORE_INDEX, mask=gt[s]["is_real"])
     return sums, maps
+
+  def eval_outputs(self, head, features, gt, image_size):
+    return self.eval_from_logits(self.dense_logits(head, features, image_size), gt)
 
   def evaluator(self):
     return _ConfusionTotals(self)

@@ -16,8 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data_pipelines.samrs import reader
-from mtp_jax import tasks as tasks_lib
+from data_pipelines import sources
 from mtp_jax.metrics import drawing
 from mtp_jax.metrics.multitask import mtp_average
 from mtp_jax.parallel import distributed, sharding
@@ -26,7 +25,7 @@ from mtp_jax.train.step import make_eval_step
 
 
 class PretrainEvaluation:
-  """The valid-split evaluation of one configuration; compiled once, run at any TrainState.
+  """The evaluation (of `eval.split`, valid by default) of one configuration; compiled once, run at any TrainState.
 
   run(state, pictures) -> (results, rows, evaluators): results = {"eval": {subset: {task:
   numbers}}, "mtp_average": float | None}; rows = {subset: [drawing.comparison_row images]}
@@ -37,22 +36,20 @@ class PretrainEvaluation:
     self.config, self.mesh, self.tasks = config, mesh, tasks
     self.subsets = tuple(config.data.subsets)
     self.local_batch = check_batch_size("eval.batch_per_subset", config.eval.batch_per_subset, mesh)
-    self.fields = task_fields(tasks, train=False) + ("is_real",)
-    self.max_instances = {s: reader.eval_max_instances(config.data.dir, s) for s in self.subsets}
-    self.with_masks = tasks_lib.needs_masks(tasks)
+    window, stride = config.eval.slide_window, config.eval.slide_stride
+    self.slide = (window, stride) if window else None
+    self.fields = task_fields(tasks, train=False) + ("is_real",) + (("image_hw",) if self.slide else ())
+    self.source = sources.source(config)
     replicated, batch = NamedSharding(mesh, PartitionSpec()), sharding.batch_sharding(mesh)
-    self._jitted = jax.jit(sharding.traced_in_mesh(make_eval_step(graphdef, tasks), mesh),
+    step = make_eval_step(graphdef, tasks, self.slide, self.subsets)
+    self._jitted = jax.jit(sharding.traced_in_mesh(step, mesh),
                            out_shardings={n: (replicated, batch) for n in tasks})
     self._compiled = None
 
   def _datasets(self) -> dict:
-    c = self.config
-    return {s: iter(reader.make_dataset(
-        c.data.dir, s, "valid", image_size=c.data.image_size,
-        max_instances=self.max_instances[s], batch_size=self.local_batch,
-        train=False, process_index=jax.process_index(), process_count=jax.process_count(),
-        with_masks=self.with_masks, max_corrupt_fraction=c.data.max_corrupt_fraction))
-        for s in self.subsets}
+    return {s: iter(self.source.eval_dataset(self.config, s, self.tasks, self.local_batch,
+                                             self.config.eval.split))
+            for s in self.subsets}
 
   def run(self, state, pictures: bool = False):
     iters = self._datasets()
@@ -62,7 +59,8 @@ class PretrainEvaluation:
       raw = {s: next(it, None) for s, it in iters.items()}
       if not distributed.any_process(any(b is not None for b in raw.values())):
         break
-      raw = {s: b if b is not None else self._padding(s) for s, b in raw.items()}
+      raw = {s: b if b is not None else self.source.padding_batch(self.config, s, self.tasks, self.local_batch)
+             for s, b in raw.items()}
       batch = device_batch(raw, self.subsets, self.mesh, self.fields)
       if self._compiled is None:
         self._compiled = compile_everywhere(self._jitted, "eval step", state.params, state.batch_stats, batch)
@@ -81,20 +79,6 @@ class PretrainEvaluation:
     per_subset = {s: r for s, r in per_subset.items() if r}
     headlines = {s: {n: self.tasks[n].headline(r) for n, r in r_s.items()} for s, r_s in per_subset.items()}
     return {"eval": per_subset, "mtp_average": mtp_average(headlines)}, rows, evaluators
-
-  def _padding(self, subset: str) -> dict:
-    """A batch of padding examples (is_real False) for a subset whose data ran out here: the
-    shapes of an evaluation example (reader.pack), all zero."""
-    b = self.local_batch
-    shapes = reader.example_shapes(self.config.data.image_size, self.max_instances[subset])
-    out = {k: np.zeros((b, *shape), dtype) for k, (shape, dtype) in shapes.items()}
-    out["semantic"][:] = 255   # padding label, ignored
-    out["image_id"] = np.full((b,), "", dtype=np.str_)
-    if self.with_masks:
-      out["mask_rles"] = np.full((b, self.max_instances[subset]), "", dtype=object)
-    else:
-      out.pop("mask_crops", None)
-    return out
 
   def _rows(self, subset: str, raw: dict, outputs: dict) -> list:
     """The first `eval.report_images` real images of this process's batch: image | ground truth

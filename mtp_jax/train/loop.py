@@ -16,13 +16,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from flax import nnx
 
-from data_pipelines.samrs import augment, reader
-from data_pipelines.samrs.classes import subset as subset_layout
+from data_pipelines import sources
+from data_pipelines.samrs import reader
 from mtp_jax import models, tasks as tasks_lib
 from mtp_jax.checkpoints import full_model
 from mtp_jax.checkpoints.encoder_init import initialize_encoder
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
-from mtp_jax.errors import CheckpointError, ConfigError, DataError, Preempted
+from mtp_jax.errors import CheckpointError, Preempted
 from mtp_jax.metrics import report, writers
 from mtp_jax.models.multitask import MultiTaskModel
 from mtp_jax.parallel import distributed, sharding
@@ -46,7 +46,8 @@ def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
       config.model.encoder, config.data.image_size, rngs=rngs, dtype=dtype,
       drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
       **dict(config.model.encoder_overrides))
-  return MultiTaskModel(encoder, tasks, dtype=dtype, rngs=rngs)
+  return MultiTaskModel(encoder, tasks, dtype=dtype, rngs=rngs, mean=tuple(config.data.mean),
+                        std=tuple(config.data.std), freeze_encoder=config.model.freeze_encoder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,15 +55,7 @@ def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
 # ----------------------------------------------------------------------------------------------
 def subset_classes(config) -> dict:
   """{subset: object class names}, checking that the converted data carries the expected lists."""
-  out = {}
-  for s in config.data.subsets:
-    info = reader.load_info(config.data.dir, s, "train")
-    expected = list(subset_layout(s).classes)
-    if info.get("class_names") != expected:
-      raise DataError(f"{config.data.dir}/{s}/train holds classes {info.get('class_names')}, "
-                      f"not the {len(expected)} {s} classes")
-    out[s] = expected
-  return out
+  return sources.source(config).class_names(config)
 
 
 def build_tasks(config, class_names: dict | None = None) -> dict:
@@ -75,11 +68,7 @@ def build_tasks(config, class_names: dict | None = None) -> dict:
 
 def reader_streams(config) -> tuple[tuple[int, ...], int]:
   """(this process's stream indices, total streams): data.num_streams, or one per process."""
-  n, p = config.data.num_streams or jax.process_count(), jax.process_count()
-  if n % p:
-    raise ConfigError(f"data.num_streams = {n} must be a multiple of the {p} processes")
-  per = n // p
-  return tuple(range(jax.process_index() * per, (jax.process_index() + 1) * per)), n
+  return sources.source(config).reader_streams(config)
 
 
 def merged_data_state(batches) -> dict:
@@ -132,14 +121,7 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 def train_batches(config, tasks: dict, local_batch: int) -> reader.PretrainBatches:
   """This process's training batch stream of `config` (`local_batch` images per subset)."""
-  streams, num_streams = reader_streams(config)
-  return reader.PretrainBatches(
-      config.data.dir, tuple(config.data.subsets), image_size=config.data.image_size,
-      max_instances=dict(config.data.max_instances), batch_size=local_batch, seed=config.seed,
-      streams=streams, num_streams=num_streams, shuffle_window=config.data.shuffle_window,
-      augment_config=augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                                              for k, v in config.data.augment.items()}),
-      with_masks=tasks_lib.needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction)
+  return sources.source(config).train_batches(config, tasks, local_batch)
 
 
 def fresh_state(config, trainer: "Trainer"):
@@ -152,6 +134,9 @@ def fresh_state(config, trainer: "Trainer"):
     params, _ = initialize_encoder(state.params, config.model.encoder_init, config.data.image_size,
                                    patch_size)
     state = state.replace(params=params)
+  if not (config.model.encoder_init or config.model.full_init) and not sources.source(config).pretraining:
+    print("note: model.encoder_init is empty, so the encoder starts from random weights; set it "
+          "to a pretraining workdir, an import_torch folder or a .pth to finetune", flush=True)
   if config.model.full_init:
     params, stats, _ = full_model.initialize_model(
         state.params, state.batch_stats, config.model.full_init, tuple(config.data.subsets),
@@ -200,7 +185,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                  config.optimizer.grad_accum_steps)
   streams, num_streams = reader_streams(config)
   reader.check_shard_counts(config.data.dir, subsets, "train", num_streams)
-  reader.check_shard_counts(config.data.dir, subsets, "valid", jax.process_count())
+  reader.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
 
   trainer = Trainer(config, tasks, mesh)
   evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, tasks)
@@ -233,8 +218,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for step in range(start + 1, total + 1):
     raw = next(batches)
     for s in subsets:
-      counts = raw[s]["num_instances"].astype(np.int64)
-      instances[s] += [counts.sum(), np.maximum(counts - config.data.max_instances[s], 0).sum()]
+      if "num_instances" in raw[s]:   # datasets with instances (SAMRS): what the cap dropped
+        counts = raw[s]["num_instances"].astype(np.int64)
+        instances[s] += [counts.sum(), np.maximum(counts - config.data.max_instances[s], 0).sum()]
     batch = device_batch(raw, subsets, mesh, trainer.fields)
     if step == start + 1:
       step_fn = compile_everywhere(trainer.step, "train step", state, batch)
@@ -250,7 +236,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         scalars[k] = float(jax.device_get(pending[-1][k]))
       corrupt = batches.corrupt_records()
       for s, (seen, dropped) in instances.items():   # data health, this process's share
-        scalars[f"data/{s}/dropped_by_cap"] = float(dropped / max(seen, 1))
+        if s in config.data.max_instances:
+          scalars[f"data/{s}/dropped_by_cap"] = float(dropped / max(seen, 1))
         scalars[f"data/{s}/corrupt_records"] = float(corrupt[s])
         instances[s][:] = 0
       scalars["steps_per_sec"] = progress.update(step, {"loss": scalars["loss"]})
@@ -294,7 +281,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   subsets = tuple(config.data.subsets)
   tasks = build_tasks(config)
   mesh = sharding.config_mesh(config.mesh)
-  reader.check_shard_counts(config.data.dir, subsets, "valid", jax.process_count())
+  reader.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise CheckpointError(f"{os.path.abspath(workdir)} has no checkpoints/ folder: nothing to evaluate "
                           "(pass the --workdir of a training run)")

@@ -66,11 +66,31 @@ def scale_by_layer_decay(rate: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def encoder_mask(params):
+  """True on the encoder's parameters."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _names(path)[:1] == ["encoder"], params)
+
+
+def zero_encoder_updates() -> optax.GradientTransformation:
+  """The encoder's updates set to exactly 0 (weight decay included): a frozen encoder."""
+  def update(updates, state, params=None):
+    del params
+    frozen = encoder_mask(updates)
+    return jax.tree.map(lambda u, f: jax.numpy.zeros_like(u) if f else u, updates, frozen), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW (+ clipping, layer decay). model.freeze_encoder: the encoder's updates are exactly
+  zero (no weight decay either). Its gradients are zero too (the model stops them), so clipping
+  sees the heads' alone; its AdamW moments stay allocated, at zero (a masked optimizer would
+  save them, but optax's MaskedNode leaves break the state's sharding tree)."""
   opt = config.optimizer
   parts = [optax.clip_by_global_norm(opt.grad_clip_norm),
            optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2,
                        weight_decay=opt.weight_decay, mask=weight_decay_mask)]
   if opt.layer_decay < 1.0:
     parts.append(scale_by_layer_decay(opt.layer_decay))
+  if config.model.freeze_encoder:
+    parts.append(zero_encoder_updates())
   return optax.chain(*parts)

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from mtp_jax.models.multitask import task_keys
+from mtp_jax.models.slide import slide_logits
 from mtp_jax.train.state import TrainState
 
 
@@ -122,15 +123,30 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tasks: dict, bas
   return step
 
 
-def make_eval_step(graphdef, tasks: dict):
+def make_eval_step(graphdef, tasks: dict, slide=None, subsets=()):
   """Returns eval_step(params, batch_stats, batch) -> {task: (sums, per_image)} (Task.eval_outputs).
 
   batch: "image" (b*G, S, S, 3) interleaved, "gt": {subset: {field: (b, ...)}} with each task's
   evaluation fields and "is_real" (b,) (False for the padding images of a last batch).
+  slide = (window, stride): mmseg's slide inference (mtp_jax/models/slide.py) over each image's
+  true size (gt "image_hw"), for tasks with per-pixel outputs (Task.slides); subsets: the
+  interleaved subsets in order.
   """
+  if slide:
+    flat = [n for n, t in tasks.items() if not t.slides]
+    if flat:
+      raise ValueError(f"tasks {flat} have no per-pixel outputs: slide inference does not apply")
 
   def eval_step(params, batch_stats, batch):
     model = nnx.merge(graphdef, params, batch_stats)
+    if slide:
+      window, stride = slide
+      def predict(windows):
+        features = model.features(windows, train=False)
+        return {n: t.dense_logits(model.heads[n], features, (window, window)) for n, t in tasks.items()}
+      hw = jnp.stack([batch["gt"][s]["image_hw"] for s in subsets], axis=1).reshape(-1, 2)
+      logits = slide_logits(predict, batch["image"], hw, window, stride, tuple(subsets))
+      return {n: t.eval_from_logits(logits[n], batch["gt"]) for n, t in tasks.items()}
     features = model.features(batch["image"], train=False)
     size = batch["image"].shape[1:3]
     return {name: task.eval_outputs(model.heads[name], features, batch["gt"], size)
