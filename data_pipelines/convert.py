@@ -4,6 +4,7 @@
     python -m data_pipelines.convert resisc45 --root RAW --out DIR
     python -m data_pipelines.convert spacenet1 --root RAW/AOI_1_Rio --out DIR
     python -m data_pipelines.convert loveda   --root RAW/LoveDA --out DIR
+    python -m data_pipelines.convert levir_cd --root RAW/LEVIR-CD --out DIR   (also whu_cd, cdd)
     python -m data_pipelines.convert samrs    --root SAMRS --out DIR [SAMRS converter options]
 
 Each writes `<DIR>/<dataset>/<split>/` (data_pipelines/downstream/writer.py); a config's
@@ -16,11 +17,12 @@ import argparse
 import os
 import sys
 
-from data_pipelines.downstream import scene_folders, segmentation_releases
+from data_pipelines.downstream import change_releases, scene_folders, segmentation_releases
 from mtp_jax.errors import DataError
 
 RELEASES = {"eurosat": scene_folders.EUROSAT, "resisc45": scene_folders.RESISC45,
-            "spacenet1": segmentation_releases.SPACENET1, "loveda": segmentation_releases.LOVEDA}
+            "spacenet1": segmentation_releases.SPACENET1, "loveda": segmentation_releases.LOVEDA,
+            "levir_cd": change_releases.LEVIR_CD, "whu_cd": change_releases.WHU_CD, "cdd": change_releases.CDD}
 DATASETS = ("samrs", *RELEASES)
 
 

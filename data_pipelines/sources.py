@@ -9,6 +9,7 @@ reader (samrs/reader.py `make_dataset`, `PretrainBatches`), and differs in the r
   eurosat, resisc45     scene classification: one subset named as the dataset
                         (downstream/classification.py)
   spacenet1, loveda     semantic segmentation (the `ss` task; downstream/segmentation.py)
+  levir_cd, whu_cd, cdd change detection (the `cd` task; downstream/change.py)
 """
 
 import functools
@@ -16,7 +17,8 @@ import functools
 import jax
 import numpy as np
 
-from data_pipelines.downstream import classification, scene_folders, segmentation, segmentation_releases
+from data_pipelines.downstream import (change, change_releases, classification, scene_folders, segmentation,
+                                       segmentation_releases)
 from data_pipelines.samrs import augment, reader
 from data_pipelines.samrs.classes import subset as samrs_subset
 from mtp_jax.errors import DataError
@@ -193,10 +195,28 @@ class SegmentationSource(Source):
     return out
 
 
+class ChangeSource(SegmentationSource):
+  """A change-detection release (`python -m data_pipelines.convert <name>`): image pairs."""
+
+  tasks = ("cd",)
+
+  def _parse(self, config):
+    return functools.partial(change.to_example, image_size=config.data.image_size)
+
+  def padding_batch(self, config, subset, tasks, batch_size):
+    shapes = change.example_shapes(config.data.image_size)
+    out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
+    out["semantic"][:] = 255
+    out["image_id"] = np.full((batch_size,), "", dtype=np.str_)
+    return out
+
+
 SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT),
            "resisc45": SceneSource(scene_folders.RESISC45),
            "spacenet1": SegmentationSource(segmentation_releases.SPACENET1),
-           "loveda": SegmentationSource(segmentation_releases.LOVEDA)}
+           "loveda": SegmentationSource(segmentation_releases.LOVEDA),
+           "levir_cd": ChangeSource(change_releases.LEVIR_CD), "whu_cd": ChangeSource(change_releases.WHU_CD),
+           "cdd": ChangeSource(change_releases.CDD)}
 
 
 def source(config) -> Source:

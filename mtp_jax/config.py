@@ -159,8 +159,9 @@ FINETUNE_OPTIONS = ("smoke", "frozen")
 def finetune_options(arg) -> set:
   """The ':arg' options of a finetune config (configs/finetune/*.py):
 
-  smoke   a tiny ViT+RVSA (3 blocks of width 64, patch 8, block 2 global) at 64 px, batch 8,
-          30 steps, lr 1e-3, UperNet of 32 channels, slide windows of 64 px every 48 on the
+  smoke   a tiny ViT+RVSA (3 blocks of width 64, patch 8, block 2 global) at 64 px (change
+          detection: at the release's tile size), batch 8,
+          30 steps, lr 1e-3, UperNet of 32 channels, UNet decoder 64/32/32/16, slide windows of 64 px every 48 on the
           dataset's own canvas: checks a dataset's whole pipeline in minutes on a CPU
   frozen  the encoder frozen (model.freeze_encoder): linear probing / frozen-backbone finetuning
   """
@@ -174,7 +175,8 @@ def finetune_options(arg) -> set:
 def apply_finetune_options(c, options: set):
   """`c` with the finetune options applied (see finetune_options)."""
   if "smoke" in options:
-    c.data.image_size = 64
+    # Change-detection pairs are evaluated whole: the smoke keeps the release's tile size.
+    c.data.image_size = c.data.image_size if c.tasks.cd.enabled else 64
     c.data.batch_per_subset = 8
     c.data.shuffle_window = 64
     c.model.encoder = "vit_t_rvsa"
@@ -190,6 +192,7 @@ def apply_finetune_options(c, options: set):
     c.eval.every_steps = 0
     c.eval.report_images = 3
     c.tasks.ss.channels = 32
+    c.tasks.cd.decoder_channels = (64, 32, 32, 16)
     if c.eval.slide_window:   # slide windows of the smoke's input size, on the dataset's canvas
       c.eval.slide_window, c.eval.slide_stride = 64, 48
   if "frozen" in options:

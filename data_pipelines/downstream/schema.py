@@ -7,7 +7,8 @@ Keys:
   image/filename   the sample's path relative to the dataset root (its id is the file stem)
   dataset          the dataset's name (eurosat, resisc45, ...)
   label            classification: the class index (0-based, in the dataset's class list)
-  semantic/encoded segmentation: PNG, uint8, the training label (0 = background, k + 1 = object
+  image2/encoded   change detection: the second date (PNG / JPEG, same size and format as image)
+  semantic/encoded segmentation, change detection (0 unchanged, 1 changed): PNG, uint8, the training label (0 = background, k + 1 = object
                    class k, 255 = ignored: the `ss` task's convention), already mapped from the
                    release's own values by its reader (e.g. LoveDA's reduce_zero_label)
 Encoding and parsing need no TensorFlow (`tensorflow_datasets.proto`).
@@ -31,6 +32,7 @@ class DownstreamRecord:
   dtype: str = "uint8"
   label: int = -1                 # classification; -1 when the dataset has none
   semantic_bytes: bytes = b""     # segmentation: PNG of the label map; b"" when none
+  image2_bytes: bytes = b""       # change detection: the second date; b"" when none
 
 
 def encode(record: DownstreamRecord) -> bytes:
@@ -46,6 +48,8 @@ def encode(record: DownstreamRecord) -> bytes:
   f["dataset"].bytes_list.value.append(record.dataset.encode())
   if record.semantic_bytes:
     f["semantic/encoded"].bytes_list.value.append(record.semantic_bytes)
+  if record.image2_bytes:
+    f["image2/encoded"].bytes_list.value.append(record.image2_bytes)
   return example.SerializeToString(deterministic=True)
 
 
@@ -64,16 +68,21 @@ def decode(raw: bytes) -> DownstreamRecord:
       width=number("image/width"), channels=number("image/channels"),
       filename=text("image/filename"), dataset=text("dataset"), image_format=text("image/format"),
       dtype=text("image/dtype"), label=number("label"),
-      semantic_bytes=f["semantic/encoded"].bytes_list.value[0] if "semantic/encoded" in f else b"")
+      semantic_bytes=f["semantic/encoded"].bytes_list.value[0] if "semantic/encoded" in f else b"",
+      image2_bytes=f["image2/encoded"].bytes_list.value[0] if "image2/encoded" in f else b"")
 
 
-def decode_image(record: DownstreamRecord) -> np.ndarray:
-  """(H, W, C) pixels of a record: source bytes decoded (RGB), raw pixels reshaped."""
+def decode_image(record: DownstreamRecord, date: int = 1) -> np.ndarray:
+  """(H, W, C) pixels of a record (date 2: its second image): source bytes decoded (RGB), raw
+  pixels reshaped."""
+  data = record.image_bytes if date == 1 else record.image2_bytes
+  if not data:
+    raise ValueError(f"{record.filename}: the record has no image of date {date}")
   if record.image_format == "raw":
-    pixels = np.frombuffer(record.image_bytes, np.dtype(record.dtype))
+    pixels = np.frombuffer(data, np.dtype(record.dtype))
     return pixels.reshape(record.height, record.width, record.channels)
   from data_pipelines.samrs.reader import decode_png_or_jpeg  # noqa: PLC0415 (one decoder)
-  image = decode_png_or_jpeg(record.image_bytes, "RGB")
+  image = decode_png_or_jpeg(data, "RGB")
   if image.shape[:2] != (record.height, record.width):
     raise ValueError(f"{record.filename}: decoded {image.shape[:2]}, record says "
                      f"{(record.height, record.width)}")

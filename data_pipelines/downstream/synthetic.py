@@ -127,6 +127,29 @@ def write_loveda(out: str, per_domain: int = 3, seed: int = 0, size: int = 96) -
   return out
 
 
+def write_change_pairs(out: str, label_folder: str = "label", per_split: int = 4, size: int = 64,
+                       seed: int = 0, suffix: str = ".png") -> str:
+  """{train,val,test}/{A,B,<label_folder>}/<n><suffix> pairs: date B is date A with 2-4 new
+  bright buildings (the changed pixels, 255 in the label) and a global brightness shift."""
+  rng = np.random.default_rng(seed)
+  for split in ("train", "val", "test"):
+    for folder in ("A", "B", label_folder):
+      os.makedirs(os.path.join(out, split, folder), exist_ok=True)
+    for n in range(per_split):
+      a = np.clip(np.array([90, 120, 70]) + rng.normal(0, 14, (size, size, 3)), 0, 255)
+      label = np.zeros((size, size), np.uint8)
+      for _ in range(int(rng.integers(2, 5))):
+        h, w = rng.integers(size // 6, size // 3, 2)
+        y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+        label[y:y + h, x:x + w] = 255
+      b = np.where(label[..., None] > 0, np.array([215, 205, 200]) + rng.normal(0, 8, (size, size, 3)), a + 12)
+      name = f"{split}_{n}{suffix}"
+      Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(os.path.join(out, split, "A", name))
+      Image.fromarray(np.clip(b, 0, 255).astype(np.uint8)).save(os.path.join(out, split, "B", name))
+      Image.fromarray(label).save(os.path.join(out, split, label_folder, name))
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda"]))

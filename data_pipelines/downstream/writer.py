@@ -22,8 +22,9 @@ from mtp_jax.errors import DataError
 
 def write_split(out: str, dataset: str, split: str, items: list, read, class_names, *,
                 settings: dict, num_shards: int = 1, strict: bool = False, log=print) -> dict:
-  """Converts `items` ([(relative path, label)]) with read(path, label) -> DownstreamRecord
-  (raising an exception whose message says why a sample is unusable); returns the info."""
+  """Converts `items` ([(relative path, label)]) with read(path, label) -> DownstreamRecord, or
+  a list of them (a sample cut into tiles), raising an exception whose message says why a
+  sample is unusable; returns the info."""
   split_dir = os.path.join(out, dataset, split)
   signature = {"dataset": dataset, "split": split, "num_shards": num_shards, "strict": strict,
                **settings, "samples": [p for p, _ in items]}
@@ -57,8 +58,9 @@ def write_split(out: str, dataset: str, split: str, items: list, read, class_nam
         skipped.append({"sample": path, "reason": str(e)})
         log(f"skipping {dataset}/{split} {path}: {e}")
         continue
-      records.append(schema.encode(record))
-      labels.append(record.label)
+      for one in record if isinstance(record, list) else [record]:   # a tiled sample: its tiles
+        records.append(schema.encode(one))
+        labels.append(one.label)
     name = shard_name(dataset, split, i, num_shards)
     _write_shard(os.path.join(split_dir, name), records)
     shards.append({"file": name, "num_examples": len(records),

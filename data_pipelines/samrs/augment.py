@@ -152,19 +152,20 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
   return out
 
 
-def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """mmcv `PhotoMetricDistortion` (its default ranges), RGB uint8 in and out (rounded, clipped).
-
-  Float32 throughout, HSV by cv2 as mmcv (H in degrees [0, 360), S in [0, 1], V as the input).
+def photometric(image: np.ndarray, rng: np.random.Generator, brightness: float = 32,
+                contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue_delta: float = 18) -> np.ndarray:
+  """mmcv `PhotoMetricDistortion` (its default ranges unless given), RGB uint8 in and out
+  (rounded, clipped). Float32 throughout, HSV by cv2 as mmcv (H in degrees [0, 360), S in
+  [0, 1], V as the input).
   """
   img = image.astype(np.float32)
   if rng.integers(2):
-    img += rng.uniform(-32, 32)
+    img += rng.uniform(-brightness, brightness)
   contrast_first = bool(rng.integers(2))
   if contrast_first and rng.integers(2):
-    img *= rng.uniform(0.5, 1.5)
+    img *= rng.uniform(*contrast)
   saturate, shift_hue = bool(rng.integers(2)), bool(rng.integers(2))
-  saturation, hue = rng.uniform(0.5, 1.5), rng.uniform(-18, 18)
+  saturation, hue = rng.uniform(*saturation), rng.uniform(-hue_delta, hue_delta)
   if saturate or shift_hue:
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
     if saturate:
@@ -173,7 +174,7 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
       hsv[..., 0] = np.mod(hsv[..., 0] + hue, 360.0)
     img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if not contrast_first and rng.integers(2):
-    img *= rng.uniform(0.5, 1.5)
+    img *= rng.uniform(*contrast)
   return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 

@@ -49,7 +49,12 @@ class MultiTaskModel(nnx.Module):
                            for name, task in tasks.items()})
 
   def features(self, images, *, train: bool, key=None) -> list:
-    """images (b*G, S, S, C) pixels, interleaved by subset -> the encoder's 4 NHWC maps."""
+    """images (b*G, S, S, C) pixels, interleaved by subset -> the encoder's 4 NHWC maps.
+
+    Multi-date examples (change detection) are (b*G, T, S, S, C): the encoder runs once over all
+    b*G*T images, and the maps' rows are image r's date t at r*T + t."""
+    if images.ndim == 5:
+      images = images.reshape(-1, *images.shape[2:])
     x = normalize_images(images, self.encoder.dtype or jnp.float32, self.mean, self.std)
     key = key if key is not None else jax.random.key(0)
     features = self.encoder(x, train=train and not self.freeze_encoder, key=key,

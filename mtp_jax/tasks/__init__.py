@@ -8,6 +8,7 @@ their module lands. Adding a task is adding its module and one line here.
 
 from mtp_jax.models.classes import with_background
 from mtp_jax.tasks.base import Task
+from mtp_jax.tasks.change_detection import ChangeDetection
 from mtp_jax.tasks.classification import Classification
 from mtp_jax.tasks.instance_segmentation import InstanceSegmentation
 from mtp_jax.tasks.rotated_detection import RotatedDetection
@@ -15,9 +16,9 @@ from mtp_jax.tasks.semantic_segmentation import SemanticSegmentation
 
 # In the order of MTP's loss sum (ss, is, rd; MTP_SPEC §3.2), then the finetuning tasks (§5).
 TASKS = {"ss": SemanticSegmentation, "is": InstanceSegmentation, "rd": RotatedDetection,
-         "cls": Classification}
+         "cls": Classification, "cd": ChangeDetection}
 PENDING = {}
-ORDER = ("ss", "is", "rd", "cls")
+ORDER = ("ss", "is", "rd", "cls", "cd")
 
 
 def enabled(config) -> tuple:
@@ -35,5 +36,5 @@ def needs_masks(tasks: dict) -> bool:
   return any(t.needs_masks for t in tasks.values())
 
 
-__all__ = ["ORDER", "PENDING", "TASKS", "Classification", "InstanceSegmentation", "RotatedDetection", "SemanticSegmentation", "Task",
+__all__ = ["ORDER", "PENDING", "TASKS", "ChangeDetection", "Classification", "InstanceSegmentation", "RotatedDetection", "SemanticSegmentation", "Task",
            "build_tasks", "enabled", "needs_masks", "with_background"]

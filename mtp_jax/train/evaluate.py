@@ -93,7 +93,11 @@ class PretrainEvaluation:
         if n in predictions:
           gt_panel, pred_panel = task.paint(gt_panel, pred_panel, example,
                                             jax.tree.map(lambda x: x[i], predictions[n]))
-      out.append(drawing.comparison_row(f"{subset} valid {len(out)}", example["image"], gt_panel, pred_panel))
+      image = example["image"]
+      if image.ndim == 4:   # the dates of a change-detection pair, side by side
+        image = np.concatenate(list(image), axis=1)
+      out.append(drawing.comparison_row(f"{subset} {self.config.eval.split} {len(out)}", image, gt_panel,
+                                        pred_panel))
     return out
 
 

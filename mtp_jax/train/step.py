@@ -148,7 +148,7 @@ def make_eval_step(graphdef, tasks: dict, slide=None, subsets=()):
       logits = slide_logits(predict, batch["image"], hw, window, stride, tuple(subsets))
       return {n: t.eval_from_logits(logits[n], batch["gt"]) for n, t in tasks.items()}
     features = model.features(batch["image"], train=False)
-    size = batch["image"].shape[1:3]
+    size = batch["image"].shape[-3:-1]   # (b*G, [T,] S, S, C)
     return {name: task.eval_outputs(model.heads[name], features, batch["gt"], size)
             for name, task in tasks.items()}
 

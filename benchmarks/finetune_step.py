@@ -1,0 +1,88 @@
+"""Finetune train-step time per task family on this machine (printed and written to JSON; never a
+test).
+
+    python benchmarks/finetune_step.py [--encoder vit_s_rvsa] [--steps 5] [--batch 8]
+        [--out benchmarks/results/finetune_step.json]
+
+For each family it builds the real finetune config (configs/finetune/eurosat.py,
+spacenet1.py, levir_cd.py: the paper's input size 224 / 384 / 256, MTP's heads: linear,
+UperNet 512, UNet 512-64), swaps in the given encoder (the small model by default: ViT-S+RVSA,
+12 blocks of width 384), builds the Trainer on all devices and times its compiled step on one
+synthetic batch of `--batch` images (random pixels and labels; data loading excluded). Figures:
+compile time, seconds per step, images per second.
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mtp_jax.config import apply_overrides, load_config  # noqa: E402
+from mtp_jax.parallel import sharding  # noqa: E402
+from mtp_jax.train import batching, loop  # noqa: E402
+from _report import write_result  # noqa: E402
+
+FAMILIES = {"classification": ("configs/finetune/eurosat.py", 10),
+            "segmentation": ("configs/finetune/spacenet1.py", 1),
+            "change_detection": ("configs/finetune/levir_cd.py", 1)}
+
+
+def synthetic_batch(config, classes: int, batch: int, rng) -> dict:
+  s = config.data.image_size
+  dataset = config.data.dataset
+  if config.tasks.cls.enabled:
+    example = {"image": rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8),
+               "label": rng.integers(0, classes, (batch,), dtype=np.int32)}
+  else:
+    dates = (2,) if config.tasks.cd.enabled else ()
+    example = {"image": rng.integers(0, 256, (batch, *dates, s, s, 3), dtype=np.uint8),
+               "semantic": rng.integers(0, classes + 1, (batch, s, s), dtype=np.uint8)}
+  return {dataset: example}
+
+
+def time_family(path: str, classes: int, encoder: str, batch: int, steps: int) -> dict:
+  config = apply_overrides(load_config(path), [f"model.encoder={encoder!r}",
+                                               f"data.batch_per_subset={batch}"])
+  dataset = config.data.dataset
+  tasks = loop.build_tasks(config, {dataset: [f"class{i}" for i in range(classes)]})
+  mesh = sharding.config_mesh(config.mesh)
+  trainer = loop.Trainer(config, tasks, mesh)
+  state = trainer.init()
+  raw = synthetic_batch(config, classes, batch, np.random.default_rng(0))
+  device = batching.device_batch(raw, (dataset,), mesh, trainer.fields)
+  t = time.perf_counter()
+  compiled = trainer.step.lower(state, device).compile()
+  compile_s = time.perf_counter() - t
+  state, m = compiled(state, device)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = compiled(state, device)
+  jax.block_until_ready(m)
+  step_s = (time.perf_counter() - t) / steps
+  return {"config": path, "image_size": config.data.image_size, "batch": batch,
+          "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
+          "images_per_s": round(batch / step_s, 2)}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--encoder", default="vit_s_rvsa")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--families", default=",".join(FAMILIES))
+  p.add_argument("--out", default="benchmarks/results/finetune_step.json")
+  args = p.parse_args()
+  runs = {f: time_family(*FAMILIES[f], args.encoder, args.batch, args.steps)
+          for f in args.families.split(",")}
+  write_result({"backend": jax.default_backend(), "devices": jax.device_count(),
+                "device_kind": jax.devices()[0].device_kind, "encoder": args.encoder, "runs": runs},
+               args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,36 @@
+"""Change detection on CDD (SVCD, seasonal changes), MTP's finetuning recipe (MTP_SPEC §5.2).
+
+    python -m data_pipelines.convert cdd --root RAW/ChangeDetectionDataset/Real/subset --out data/finetune
+    python main.py --config configs/finetune/cdd.py --workdir workdirs/cdd \
+        --set model.encoder_init=workdirs/mtp_vit_b_rvsa   # or an import_torch folder / .pth
+    python main.py --config configs/finetune/cdd.py:smoke --workdir /tmp/cdd_smoke \
+        --set data.dir=data/finetune
+
+Siamese ViT-B + RVSA (shared weights, both dates in one pass), |f1 - f2| of the four stride-16
+maps, UNet head (decoder 512/256/128/64, BatchNorm, x2 bilinear, dropout 0.1), CE over 2
+classes. The release's 256-px JPEG pairs (10,000 train, 3,000 val, 3,000 test; labels in OUT/);
+augmentation: rotate +-20 degrees (p 0.5), flip (p 0.5), crop 256 (cat_max_ratio 0.75), date
+exchange (p 0.5), mild photometric distortion; batch 32 (4 per GPU x 8); 200 epochs = 62,500
+steps, 5 epochs (1,563 steps) of linear warmup, then cosine to 0; AdamW lr 6e-5, weight decay
+0.05, layer decay 0.9, drop path 0.3. Metric: F1 of the changed class on the test tiles. The
+paper (MTP ViT-B+RVSA): F1 97.87 (ViT-L 97.98; MAE ViT-B 97.80), §5.3.
+Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+"""
+
+from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options
+
+
+def get_config(arg=None):
+  options = finetune_options(arg)
+  c = finetune_defaults("cdd", "cd")
+  c.data.dir = "data/finetune"
+  c.data.image_size = 256
+  c.data.batch_per_subset = 32
+  c.train.num_steps = 62_500           # 200 epochs x 312.5 steps
+  c.optimizer.warmup_steps = 1_563     # 5 epochs
+  c.train.checkpoint_every = 6_250     # every 20 epochs
+  c.train.log_every = 100
+  c.eval.split = "test"
+  c.eval.batch_per_subset = 32
+  c.eval.every_steps = 0
+  return apply_finetune_options(c, options)
