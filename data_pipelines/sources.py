@@ -43,11 +43,12 @@ class Source:
     """{subset: object class names}, checked against the converted data."""
     raise NotImplementedError
 
-  def train_parsers(self, config, tasks) -> dict | None:
-    """{subset: parse(raw, rng)} for `reader.PretrainBatches`, or None for the SAMRS default."""
+  def eval_dataset(self, config, subset: str, tasks, batch_size: int, split: str):
+    """This process's evaluation batches of `split`."""
     raise NotImplementedError
 
-  def eval_dataset(self, config, subset: str, tasks, batch_size: int, split: str):
+  def train_parsers(self, config, tasks) -> dict | None:
+    """{subset: parse(raw, rng)} for `reader.PretrainBatches`, or None for the SAMRS default."""
     raise NotImplementedError
 
   def padding_batch(self, config, subset: str, tasks, batch_size: int) -> dict:
@@ -114,49 +115,9 @@ class SamrsSource(Source):
     return out
 
 
-class SceneSource(Source):
-  """A scene-classification dataset converted by `python -m data_pipelines.convert <name>`."""
-
-  tasks = ("cls",)
-
-  def __init__(self, release: scene_folders.SceneRelease):
-    self.release = release
-
-  def class_names(self, config):
-    (subset,) = config.data.subsets
-    info = reader.load_info(config.data.dir, subset, "train")
-    if info.get("class_names") != list(self.release.classes):
-      raise DataError(f"{config.data.dir}/{subset}/train holds classes {info.get('class_names')}, "
-                      f"not the {len(self.release.classes)} {self.release.name} classes")
-    return {subset: list(self.release.classes)}
-
-  def _parse(self, config):
-    bands = tuple(config.data.bands) if config.data.bands else None
-    return functools.partial(classification.to_example, image_size=config.data.image_size,
-                             mean=tuple(config.data.mean), std=tuple(config.data.std), bands=bands)
-
-  def train_parsers(self, config, tasks):
-    return {s: self._parse(config) for s in config.data.subsets}
-
-  def eval_dataset(self, config, subset, tasks, batch_size, split):
-    return reader.make_dataset(
-        config.data.dir, subset, split, image_size=config.data.image_size, max_instances=0,
-        batch_size=batch_size, train=False, process_index=jax.process_index(),
-        process_count=jax.process_count(), max_corrupt_fraction=config.data.max_corrupt_fraction,
-        parse=self._parse(config))
-
-  def padding_batch(self, config, subset, tasks, batch_size):
-    shapes = classification.example_shapes(config.data.image_size, len(config.data.mean))
-    out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
-    out["image_id"] = np.full((batch_size,), "", dtype=np.str_)
-    return out
-
-
-class SegmentationSource(Source):
-  """A segmentation release converted by `python -m data_pipelines.convert <name>`; the `ss`
-  task, with the release's object classes (background is output 0, as in pretraining)."""
-
-  tasks = ("ss",)
+class ReleaseSource(Source):
+  """A finetuning release converted by `python -m data_pipelines.convert <name>`: one subset
+  named as the dataset, the release's class list; subclasses give the parser and the shapes."""
 
   def __init__(self, release):
     self.release = release
@@ -169,13 +130,12 @@ class SegmentationSource(Source):
                       f"not the {self.release.name} classes {list(self.release.classes)}")
     return {subset: list(self.release.classes)}
 
-  @staticmethod
-  def eval_size(config) -> int:
-    return config.eval.image_size or config.data.image_size
-
   def _parse(self, config):
-    return functools.partial(segmentation.to_example, image_size=config.data.image_size,
-                             eval_size=self.eval_size(config))
+    """parse(raw, rng) -> static example of this release's task."""
+    raise NotImplementedError
+
+  def example_shapes(self, config) -> dict:
+    raise NotImplementedError
 
   def train_parsers(self, config, tasks):
     return {s: self._parse(config) for s in config.data.subsets}
@@ -188,27 +148,55 @@ class SegmentationSource(Source):
         parse=self._parse(config))
 
   def padding_batch(self, config, subset, tasks, batch_size):
-    shapes = segmentation.example_shapes(self.eval_size(config))
-    out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
-    out["semantic"][:] = 255
+    out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in self.example_shapes(config).items()}
+    if "semantic" in out:
+      out["semantic"][:] = 255   # ignored
     out["image_id"] = np.full((batch_size,), "", dtype=np.str_)
     return out
 
 
-class ChangeSource(SegmentationSource):
-  """A change-detection release (`python -m data_pipelines.convert <name>`): image pairs."""
+class SceneSource(ReleaseSource):
+  """Scene classification (the `cls` task)."""
+
+  tasks = ("cls",)
+
+  def _parse(self, config):
+    bands = tuple(config.data.bands) if config.data.bands else None
+    return functools.partial(classification.to_example, image_size=config.data.image_size,
+                             mean=tuple(config.data.mean), std=tuple(config.data.std), bands=bands)
+
+  def example_shapes(self, config):
+    return classification.example_shapes(config.data.image_size, len(config.data.mean))
+
+
+class SegmentationSource(ReleaseSource):
+  """Semantic segmentation: the `ss` task with the release's object classes (background is
+  output 0, as in pretraining), evaluated on a canvas of eval.image_size px."""
+
+  tasks = ("ss",)
+
+  @staticmethod
+  def eval_size(config) -> int:
+    return config.eval.image_size or config.data.image_size
+
+  def _parse(self, config):
+    return functools.partial(segmentation.to_example, image_size=config.data.image_size,
+                             eval_size=self.eval_size(config))
+
+  def example_shapes(self, config):
+    return segmentation.example_shapes(self.eval_size(config))
+
+
+class ChangeSource(ReleaseSource):
+  """Change detection (the `cd` task): image pairs."""
 
   tasks = ("cd",)
 
   def _parse(self, config):
     return functools.partial(change.to_example, image_size=config.data.image_size)
 
-  def padding_batch(self, config, subset, tasks, batch_size):
-    shapes = change.example_shapes(config.data.image_size)
-    out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
-    out["semantic"][:] = 255
-    out["image_id"] = np.full((batch_size,), "", dtype=np.str_)
-    return out
+  def example_shapes(self, config):
+    return change.example_shapes(config.data.image_size)
 
 
 SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT),

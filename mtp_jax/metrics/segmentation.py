@@ -130,3 +130,21 @@ def change_detection_scores(conf, changed_class: int = 1) -> dict:
   return {"precision": float(s["precision"][changed_class]), "recall": float(s["recall"][changed_class]),
           "f1": float(s["fscore"][changed_class]), "iou": float(s["iou"][changed_class]),
           "overall_accuracy": s["overall_accuracy"]}
+
+
+class ConfusionTotals:
+  """A task's host evaluator over `ConfusionMatrix` sums: add() merges each batch's matrices
+  (identical on every process, so no gathering) in int64; results() -> {subset:
+  numbers(subset, (C, C) int64 matrix)}, the task's own numbers."""
+
+  def __init__(self, numbers):
+    self.numbers, self.totals = numbers, {}
+
+  def add(self, sums: dict, per_image: dict, raw: dict):
+    del per_image, raw
+    for s, matrix in sums.items():
+      host = matrix.to_host()
+      self.totals[s] = host if s not in self.totals else self.totals[s].merge(host)
+
+  def results(self) -> dict:
+    return {s: self.numbers(s, np.asarray(total.compute(), np.int64)) for s, total in self.totals.items()}

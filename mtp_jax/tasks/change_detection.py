@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mtp_jax.metrics import drawing
-from mtp_jax.metrics.segmentation import ConfusionMatrix, change_detection_scores
+from mtp_jax.metrics.segmentation import ConfusionMatrix, ConfusionTotals, change_detection_scores
 from mtp_jax.models.heads.unet import UNetHead
 from mtp_jax.models.heads.upernet import resize_bilinear, segmentation_loss
 from mtp_jax.tasks.base import Task
@@ -77,7 +77,8 @@ class ChangeDetection(Task):
     return sums, maps
 
   def evaluator(self):
-    return _ChangeTotals()
+    return ConfusionTotals(lambda subset, conf: {**change_detection_scores(conf), "pixels": int(conf.sum()),
+                                                 "confusion": conf.tolist()})
 
   def headline(self, result):
     return float(result["f1"])
@@ -96,21 +97,3 @@ class ChangeDetection(Task):
 
   def paint(self, gt_panel, pred_panel, example, prediction):
     return drawing.colourize(example["semantic"]), drawing.colourize(prediction)
-
-
-class _ChangeTotals:
-  def __init__(self):
-    self.totals = {}
-
-  def add(self, sums, per_image, raw):
-    del per_image, raw
-    for s, matrix in sums.items():
-      host = matrix.to_host()
-      self.totals[s] = host if s not in self.totals else self.totals[s].merge(host)
-
-  def results(self):
-    out = {}
-    for s, total in self.totals.items():
-      conf = total.compute()
-      out[s] = {**change_detection_scores(conf), "pixels": int(conf.sum()), "confusion": conf.tolist()}
-    return out

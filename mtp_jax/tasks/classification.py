@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from mtp_jax.metrics import drawing
-from mtp_jax.metrics.segmentation import ConfusionMatrix, classification_scores
+from mtp_jax.metrics.segmentation import ConfusionMatrix, ConfusionTotals, classification_scores
 from mtp_jax.models import layers
 from mtp_jax.tasks.base import Task
 
@@ -78,7 +78,14 @@ class Classification(Task):
     return sums, predictions
 
   def evaluator(self):
-    return _ClassTotals(self)
+    return ConfusionTotals(self._numbers)
+
+  def _numbers(self, subset, conf):
+    r = classification_scores(conf)
+    return {"overall_accuracy": r["overall_accuracy"], "mean_accuracy": r["mean_accuracy"],
+            "images": int(conf.sum()),
+            "accuracy_per_class": dict(zip(self.class_names[subset], r["per_class_accuracy"].tolist())),
+            "confusion": conf.tolist()}
 
   def headline(self, result):
     return float(result["overall_accuracy"])
@@ -102,27 +109,3 @@ class Classification(Task):
     right = int(prediction) == int(example["label"])
     return (drawing.caption(gt_panel, names[int(example["label"])]),
             drawing.caption(pred_panel, names[int(prediction)], (0, 255, 0) if right else (255, 64, 64)))
-
-
-class _ClassTotals:
-  """Sums the per-batch confusion matrices (identical on every process) in int64."""
-
-  def __init__(self, task: Classification):
-    self.task, self.totals = task, {}
-
-  def add(self, sums, per_image, raw):
-    del per_image, raw
-    for s, matrix in sums.items():
-      host = matrix.to_host()
-      self.totals[s] = host if s not in self.totals else self.totals[s].merge(host)
-
-  def results(self):
-    out = {}
-    for s, total in self.totals.items():
-      r = classification_scores(total.compute())
-      names = self.task.class_names[s]
-      out[s] = {"overall_accuracy": r["overall_accuracy"], "mean_accuracy": r["mean_accuracy"],
-                "images": int(r["confusion"].sum()),
-                "accuracy_per_class": dict(zip(names, r["per_class_accuracy"].tolist())),
-                "confusion": r["confusion"].tolist()}
-    return out

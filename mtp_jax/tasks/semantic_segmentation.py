@@ -10,10 +10,9 @@ mIoU / overall accuracy per subset with background counted (mmseg IoUMetric).
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mtp_jax.metrics import drawing
-from mtp_jax.metrics.segmentation import ConfusionMatrix, segmentation_scores
+from mtp_jax.metrics.segmentation import ConfusionMatrix, ConfusionTotals, segmentation_scores
 from mtp_jax.models.heads.upernet import UperNetHead, segmentation_loss
 from mtp_jax.models.classes import with_background
 from mtp_jax.tasks.base import Task
@@ -86,7 +85,14 @@ class SemanticSegmentation(Task):
     return self.eval_from_logits(self.dense_logits(head, features, image_size), gt)
 
   def evaluator(self):
-    return _ConfusionTotals(self)
+    return ConfusionTotals(self._numbers)
+
+  def _numbers(self, subset, conf):
+    r = segmentation_scores(conf)
+    names = self.output_names(subset)
+    return {"miou": r["miou"], "overall_accuracy": r["overall_accuracy"], "macc": r["macc"],
+            "pixels": int(conf.sum()), "iou_per_class": dict(zip(names, r["iou"].tolist())),
+            "accuracy_per_class": dict(zip(names, r["accuracy"].tolist())), "confusion": conf.tolist()}
 
   # ---- numbers and report ----------------------------------------------------------------------
   def headline(self, result):
@@ -112,29 +118,3 @@ class SemanticSegmentation(Task):
 
   def paint(self, gt_panel, pred_panel, example, prediction):
     return drawing.colourize(example["semantic"]), drawing.colourize(prediction)
-
-
-class _ConfusionTotals:
-  """Sums the per-batch confusion matrices (identical on every process) in int64."""
-
-  def __init__(self, task: SemanticSegmentation):
-    self.task = task
-    self.totals = {}
-
-  def add(self, sums: dict, per_image: dict, raw: dict):
-    del per_image, raw
-    for s, matrix in sums.items():
-      host = matrix.to_host()
-      self.totals[s] = host if s not in self.totals else self.totals[s].merge(host)
-
-  def results(self) -> dict:
-    out = {}
-    for s, total in self.totals.items():
-      conf = total.compute()
-      r = segmentation_scores(conf)
-      names = self.task.output_names(s)
-      out[s] = {"miou": r["miou"], "overall_accuracy": r["overall_accuracy"], "macc": r["macc"],
-                "pixels": int(conf.sum()), "iou_per_class": dict(zip(names, r["iou"].tolist())),
-                "accuracy_per_class": dict(zip(names, r["accuracy"].tolist())),
-                "confusion": np.asarray(conf).tolist()}
-    return out
