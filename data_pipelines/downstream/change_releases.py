@@ -14,21 +14,13 @@ and an unreadable file are named and skipped (or refused with --strict).
 import io
 import os
 
-import cv2
 import numpy as np
 from PIL import Image
 
-from data_pipelines.downstream.schema import DownstreamRecord
+from data_pipelines.downstream.schema import DownstreamRecord, encode_png
 from data_pipelines.downstream.scene_folders import BadSample
 
 SPLITS = {"train": "train", "valid": "val", "test": "test"}
-
-
-def _png(array: np.ndarray) -> bytes:
-  ok, data = cv2.imencode(".png", array[..., ::-1] if array.ndim == 3 else array)
-  if not ok:
-    raise BadSample("could not encode a tile as PNG")
-  return data.tobytes()
 
 
 def _read(path: str, what: str, mode: str):
@@ -95,13 +87,13 @@ class PairRelease:
     h, w = label.shape
     if not self.tile:
       return DownstreamRecord(image_bytes=a_bytes, image2_bytes=b_bytes, height=h, width=w, channels=3,
-                              filename=relative, dataset=self.name, semantic_bytes=_png(change))
+                              filename=relative, dataset=self.name, semantic_bytes=encode_png(change))
     t = self.tile
     if h % t or w % t:
       raise BadSample(f"a {w}x{h} image does not cut into {t} x {t} tiles")
-    return [DownstreamRecord(image_bytes=_png(a[y:y + t, x:x + t]), image2_bytes=_png(b[y:y + t, x:x + t]),
+    return [DownstreamRecord(image_bytes=encode_png(a[y:y + t, x:x + t]), image2_bytes=encode_png(b[y:y + t, x:x + t]),
                              height=t, width=t, channels=3, filename=f"{folder}/A/{stem}_{y // t}_{x // t}.png",
-                             dataset=self.name, semantic_bytes=_png(change[y:y + t, x:x + t]))
+                             dataset=self.name, semantic_bytes=encode_png(change[y:y + t, x:x + t]))
             for y in range(0, h, t) for x in range(0, w, t)]
 
 

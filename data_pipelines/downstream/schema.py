@@ -99,3 +99,12 @@ def decode_semantic(record: DownstreamRecord) -> np.ndarray:
     raise ValueError(f"{record.filename}: label map {label.shape} differs from the image "
                      f"{(record.height, record.width)}")
   return label
+
+
+def encode_png(array: np.ndarray) -> bytes:
+  """(H, W) or (H, W, 3) RGB uint8 -> PNG bytes (the converters' re-encoded tiles and labels)."""
+  import cv2  # noqa: PLC0415
+  ok, data = cv2.imencode(".png", array[..., ::-1] if array.ndim == 3 else array)
+  if not ok:
+    raise ValueError(f"an array of shape {array.shape} could not be encoded as PNG")
+  return data.tobytes()

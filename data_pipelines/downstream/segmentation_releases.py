@@ -26,15 +26,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from data_pipelines.downstream.schema import DownstreamRecord
+from data_pipelines.downstream.schema import DownstreamRecord, encode_png
 from data_pipelines.downstream.scene_folders import BadSample, split_samples
-
-
-def _png(label: np.ndarray) -> bytes:
-  ok, data = cv2.imencode(".png", label)
-  if not ok:
-    raise BadSample("label map could not be encoded as PNG")
-  return data.tobytes()
 
 
 def _open_rgb(path: str, relative: str):
@@ -135,7 +128,7 @@ class SpaceNetV1:
   def read(self, root, relative, _label=-1) -> DownstreamRecord:
     top = self._root(root)
     number = self._image.match(os.path.basename(relative)).group(1)
-    data, image = _open_rgb(os.path.join(top, relative), relative)
+    _, image = _open_rgb(os.path.join(top, relative), relative)
     geo = self._geojson(top, number)
     if geo is None:
       raise BadSample(f"no geojson/Geo_AOI_1_RIO_img{number}.geojson for it")
@@ -146,9 +139,9 @@ class SpaceNetV1:
       raise BadSample(f"unreadable {os.path.basename(geo)} ({e})") from None
     label = rasterise(collection, geotransform(image, relative), (image.height, image.width))
     # TIFF is re-encoded as PNG (lossless, the same pixels): decoders need no GeoTIFF support.
-    return DownstreamRecord(image_bytes=_png(np.asarray(image)[..., ::-1]), height=image.height,
+    return DownstreamRecord(image_bytes=encode_png(np.asarray(image)), height=image.height,
                             width=image.width, channels=3,
-                            filename=relative, dataset=self.name, semantic_bytes=_png(label))
+                            filename=relative, dataset=self.name, semantic_bytes=encode_png(label))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +193,7 @@ class LoveDA:
       raise BadSample(f"its mask holds value {int(raw.max())}, outside LoveDA's 0..7")
     label = np.where(raw == 0, 255, raw.astype(np.int32) - 1).astype(np.uint8)   # reduce_zero_label
     return DownstreamRecord(image_bytes=data, height=image.height, width=image.width, channels=3,
-                            filename=relative, dataset=self.name, semantic_bytes=_png(label))
+                            filename=relative, dataset=self.name, semantic_bytes=encode_png(label))
 
 
 SPACENET1 = SpaceNetV1()
