@@ -20,7 +20,7 @@ from mtp_jax.parallel import sharding
 from mtp_jax.train import batching, loop
 from mtp_jax.train.step import make_eval_step
 
-from conftest import SAMPLE_SIZE, TINY_IS, tiny_config
+from conftest import SAMPLE_SIZE, TINY_IS, run_optimised, tiny_config
 
 SUBSETS = ("sota", "sior", "fast")
 COMPONENTS = {"ss": ("ce",), "is": ("rpn_cls", "rpn_bbox", "cls", "bbox", "mask"),
@@ -89,14 +89,15 @@ def test_a_tiny_model_overfits_a_handful_of_images_to_mask_ap_above_0_8(tfrecord
                                           max_instances=16, batch_size=2, train=False,
                                           with_masks=True))) for s in SUBSETS}
   batch = batching.device_batch(raw, SUBSETS, mesh, trainer.fields)
-  state = trainer.init()
+  state = run_optimised(jax.jit(trainer._init_fn, out_shardings=trainer.state_shardings))()
+  step = run_optimised(trainer.step, state, batch)
   losses = []
   for _ in range(OVERFIT_STEPS):
-    state, metrics = trainer.step(state, batch)
+    state, metrics = step(state, batch)
     losses.append(float(jax.device_get(metrics["loss"])))
   assert np.mean(losses[-5:]) < 0.2 * losses[0], (losses[0], losses[-5:])
-  outputs = jax.jit(make_eval_step(trainer.graphdef, tasks))(
-      state.params, state.batch_stats, batching.device_batch(raw, SUBSETS, mesh, ("is_real",)))
+  eval_args = (state.params, state.batch_stats, batching.device_batch(raw, SUBSETS, mesh, ("is_real",)))
+  outputs = run_optimised(jax.jit(make_eval_step(trainer.graphdef, tasks)), *eval_args)(*eval_args)
   for s in SUBSETS:
     d = jax.device_get(outputs["is"][1][s])
     dets, anns = [], []

@@ -19,7 +19,7 @@ from mtp_jax.errors import ConfigError
 from mtp_jax.parallel import distributed
 from mtp_jax.train import loop
 
-from conftest import MTP_RUN, PATIENT_COLLECTIVES, QUICKSTART, ROOT, tiny_config, tiny_overrides
+from conftest import MTP_RUN, TEST_XLA_FLAGS, QUICKSTART, ROOT, tiny_config, tiny_overrides
 
 RUN = {"train.num_steps": 5, "train.checkpoint_every": 5, "eval.max_batches": 1}
 
@@ -124,7 +124,7 @@ def run_two_processes(tfrecord_dir, workdir, *args, run=RUN) -> list[str]:
   """main.py as 2 processes of 4 CPU devices each (coordinator on 127.0.0.1); their outputs."""
   port = free_port()
   sets = [arg for s in tiny_overrides(tfrecord_dir, **run) for arg in ("--set", s)]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4 " + PATIENT_COLLECTIVES,
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4 " + TEST_XLA_FLAGS,
          "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), "--config", QUICKSTART, "--workdir", workdir, *sets,
@@ -185,7 +185,7 @@ def test_host_side_evaluator_gathered_over_two_processes_equals_one():
     one.add(i, detections[i], annotations[i])
   expected = one.result()
   port = free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1 " + PATIENT_COLLECTIVES}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1 " + TEST_XLA_FLAGS}
   procs = [subprocess.Popen([sys.executable, "-c", GATHER_SCRIPT, f"127.0.0.1:{port}", str(i),
                              os.path.dirname(__file__)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)

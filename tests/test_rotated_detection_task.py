@@ -19,7 +19,7 @@ from mtp_jax.tasks.rotated_detection import detections_per_class
 from mtp_jax.train import batching, loop
 from mtp_jax.train.step import make_eval_step
 
-from conftest import SAMPLE_SIZE, TINY_RD, tiny_config
+from conftest import SAMPLE_SIZE, TINY_RD, run_optimised, tiny_config
 
 SUBSETS = ("sota", "sior", "fast")
 
@@ -105,15 +105,16 @@ def test_a_tiny_model_overfits_a_handful_of_images(rd_only, tfrecord_dir):
   tasks, mesh, trainer = rd_only
   raw = _first_images(tfrecord_dir, "train", 2, 16)
   batch = batching.device_batch(raw, SUBSETS, mesh, trainer.fields)
-  state = trainer.init()
+  state = run_optimised(jax.jit(trainer._init_fn, out_shardings=trainer.state_shardings))()
+  step = run_optimised(trainer.step, state, batch)
   history = []
   for _ in range(OVERFIT_STEPS):
-    state, metrics = trainer.step(state, batch)
+    state, metrics = step(state, batch)
     history.append(jax.device_get(metrics))
   first, last = history[0], np.mean([[h["loss"] for h in history[-5:]]])
   assert last < 0.1 * first["loss"], (first["loss"], last)
-  outputs = jax.jit(make_eval_step(trainer.graphdef, tasks))(
-      state.params, state.batch_stats, batching.device_batch(raw, SUBSETS, mesh, ("is_real",)))
+  eval_args = (state.params, state.batch_stats, batching.device_batch(raw, SUBSETS, mesh, ("is_real",)))
+  outputs = run_optimised(jax.jit(make_eval_step(trainer.graphdef, tasks)), *eval_args)(*eval_args)
   for s in SUBSETS:
     d = jax.device_get(outputs["rd"][1][s])
     classes = tasks["rd"].num_classes[s]

@@ -40,12 +40,15 @@ def test_ss_only_run_is_unchanged_by_the_task_protocol(trained):
   moved into mtp_jax/tasks/ (tests/data: made at commit ac968dc with this fixture's config)."""
   _, results = trained
   golden = json.load(open(GOLDEN))
+  # rtol 1e-4 on losses: compiler settings alone (the tests' LLVM level 0) move step 6's loss by
+  # 1e-5, and a handful of flipped pixels move an mIoU of 0.055 by 4e-4 (atol 1e-3 there); a
+  # change of the computation (keys, order of ops, a head's init) moves both by far more.
   for got, want in zip(results["train"]["history"], golden["history"], strict=True):
     assert got["step"] == want["step"]
     for key in want:
-      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"step {got['step']} {key}")
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=f"step {got['step']} {key}")
   for s, miou in golden["miou"].items():
-    np.testing.assert_allclose(results["eval"][s]["ss"]["miou"], miou, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(results["eval"][s]["ss"]["miou"], miou, rtol=0, atol=1e-3)
 
 
 def _params(workdir, step):
