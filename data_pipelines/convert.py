@@ -1,6 +1,7 @@
 """Convert a dataset from its native release layout into TFRecords, one command per dataset.
 
     python -m data_pipelines.convert eurosat  --root RAW --out DIR [--num-shards K] [--seed 0] [--strict]
+    python -m data_pipelines.convert eurosat_ms --root RAW --out DIR   (the 13-band release)
     python -m data_pipelines.convert resisc45 --root RAW --out DIR
     python -m data_pipelines.convert spacenet1 --root RAW/AOI_1_Rio --out DIR
     python -m data_pipelines.convert loveda   --root RAW/LoveDA --out DIR
@@ -20,7 +21,7 @@ import sys
 from data_pipelines.downstream import change_releases, scene_folders, segmentation_releases
 from mtp_jax.errors import DataError
 
-RELEASES = {"eurosat": scene_folders.EUROSAT, "resisc45": scene_folders.RESISC45,
+RELEASES = {"eurosat": scene_folders.EUROSAT, "eurosat_ms": scene_folders.EUROSAT_MS, "resisc45": scene_folders.RESISC45,
             "spacenet1": segmentation_releases.SPACENET1, "loveda": segmentation_releases.LOVEDA,
             "levir_cd": change_releases.LEVIR_CD, "whu_cd": change_releases.WHU_CD, "cdd": change_releases.CDD}
 DATASETS = ("samrs", *RELEASES)

@@ -6,7 +6,7 @@ folder layout (`<data.dir>/<subset>/<split>/` shards + dataset_info.json) with t
 reader (samrs/reader.py `make_dataset`, `PretrainBatches`), and differs in the record parser:
 
   samrs                 pretraining: subsets sota/sior/fast, the SAMRS example (samrs/reader.py)
-  eurosat, resisc45     scene classification: one subset named as the dataset
+  eurosat[_ms], resisc45 scene classification: one subset named as the dataset
                         (downstream/classification.py)
   spacenet1, loveda     semantic segmentation (the `ss` task; downstream/segmentation.py)
   levir_cd, whu_cd, cdd change detection (the `cd` task; downstream/change.py)
@@ -54,6 +54,20 @@ class Source:
   def padding_batch(self, config, subset: str, tasks, batch_size: int) -> dict:
     """A batch of `is_real=False` examples shaped like the evaluation batches, all zero."""
     raise NotImplementedError
+
+  bands = 3   # input bands of the converted images
+
+  def check_bands(self, config):
+    """ConfigError unless data.bands picks existing bands and data.mean has one entry per band."""
+    from mtp_jax.errors import ConfigError  # noqa: PLC0415
+    picked = tuple(config.data.bands) or tuple(range(self.bands))
+    if max(picked) >= self.bands or min(picked) < 0:
+      raise ConfigError(f"data.bands {tuple(config.data.bands)}: {config.data.dataset} images have "
+                        f"{self.bands} bands (0-{self.bands - 1})")
+    if len(config.data.mean) != len(picked):
+      raise ConfigError(f"data.mean has {len(config.data.mean)} entries for the {len(picked)} bands "
+                        f"the model sees ({config.data.dataset}: {self.bands} bands"
+                        + (f", data.bands {tuple(config.data.bands)})" if config.data.bands else ")"))
 
   def reader_streams(self, config):
     """(this process's stream indices, total streams): data.num_streams, or one per process."""
@@ -121,6 +135,7 @@ class ReleaseSource(Source):
 
   def __init__(self, release):
     self.release = release
+    self.bands = getattr(release, "bands", 3)
 
   def class_names(self, config):
     (subset,) = config.data.subsets
@@ -163,10 +178,12 @@ class SceneSource(ReleaseSource):
   def _parse(self, config):
     bands = tuple(config.data.bands) if config.data.bands else None
     return functools.partial(classification.to_example, image_size=config.data.image_size,
-                             mean=tuple(config.data.mean), std=tuple(config.data.std), bands=bands)
+                             mean=tuple(config.data.mean), std=tuple(config.data.std), bands=bands,
+                             dtype=self.release.pixel_dtype)
 
   def example_shapes(self, config):
-    return classification.example_shapes(config.data.image_size, len(config.data.mean))
+    return classification.example_shapes(config.data.image_size, len(config.data.mean),
+                                         self.release.pixel_dtype)
 
 
 class SegmentationSource(ReleaseSource):
@@ -200,6 +217,7 @@ class ChangeSource(ReleaseSource):
 
 
 SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT),
+           "eurosat_ms": SceneSource(scene_folders.EUROSAT_MS),
            "resisc45": SceneSource(scene_folders.RESISC45),
            "spacenet1": SegmentationSource(segmentation_releases.SPACENET1),
            "loveda": SegmentationSource(segmentation_releases.LOVEDA),

@@ -68,6 +68,10 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   # RVSA parameters MAE lacks keep their init, as the original's strict=False load, §3.5), or a
   # folder written by `python -m mtp_jax.import_torch`.
   c.model.encoder_init = ""
+  # A model of more bands than RGB started from an RGB checkpoint: the input bands (of the model,
+  # after data.bands) that are red, green and blue get the checkpoint's kernels and the others
+  # 0; () repeats the RGB kernels over the bands, scaled (timm). torch_convert.adapt_input_bands.
+  c.model.rgb_bands = ()
   # Whole-model initialisation for a fresh run: an official MTP full-model checkpoint
   # (`Iter_*_pretrn_model.pth`, or ours from `python -m mtp_jax.export --full`) loaded strictly
   # into the encoder and the heads of the enabled tasks (MTP_SPEC §3.6); the checkpoint's other
@@ -250,6 +254,7 @@ def validate(config, defaults=None):
   elif tuple(config.data.subsets) != (config.data.dataset,):
     raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be ({config.data.dataset!r},) "
                       f"for data.dataset {config.data.dataset!r}")
+  sources.SOURCES[config.data.dataset].check_bands(config)
   supported = sources.SOURCES[config.data.dataset].tasks
   off = [t for t in tasks_lib.enabled(config) if t not in supported]
   if off:
@@ -267,6 +272,9 @@ def validate(config, defaults=None):
                       f"{config.data.image_size}: set eval.slide_window (the encoder's input size is fixed)")
   if len(config.data.mean) != len(config.data.std):
     raise ConfigError(f"data.mean has {len(config.data.mean)} bands, data.std {len(config.data.std)}")
+  if "in_chans" in config.model.encoder_overrides:
+    raise ConfigError("model.encoder_overrides.in_chans: the encoder's input bands are "
+                      "len(data.mean); set data.mean / data.std (and data.bands) instead")
   if config.data.image_size % 32:
     raise ConfigError(f"data.image_size {config.data.image_size} must be a multiple of 32")
   if config.model.compute_dtype not in ("float32", "bfloat16", "float16"):

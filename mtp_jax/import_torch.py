@@ -32,7 +32,10 @@ def import_checkpoint(ckpt: str, encoder: str, img_size: int, out: str, strict: 
   sd = tc.read_checkpoint(ckpt, trust_pickle=trust_pickle)
   source_size = tc.infer_image_size(sd)
   sd = tc.adapt_to_image_size(sd, img_size)
-  model = build_encoder(encoder, img_size, rngs=nnx.Rngs(0), **(overrides or {}))
+  overrides = dict(overrides or {})
+  if "patch_embed.proj.weight" in sd:   # an RGB or a multispectral encoder, as the file is
+    overrides.setdefault("in_chans", int(np.shape(sd["patch_embed.proj.weight"])[1]))
+  model = build_encoder(encoder, img_size, rngs=nnx.Rngs(0), **overrides)
   template = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   params, report = tc.state_dict_to_encoder(sd, template, strict=strict)
   target = os.path.join(os.path.abspath(out), "encoder")

@@ -14,7 +14,7 @@ from data_pipelines.downstream import scene_folders, schema, synthetic
 from mtp_jax import config as config_lib
 from mtp_jax.checkpoints.manager import read_checkpoint
 from mtp_jax.checkpoints import torch_convert
-from mtp_jax.errors import DataError
+from mtp_jax.errors import CheckpointError, DataError
 
 from conftest import ROOT, SAMPLE_SIZE
 
@@ -177,6 +177,113 @@ def test_finetune_configs_refuse_wrong_datasets_and_tasks(scene_data):
     smoke_config("eurosat", out, "data.dataset='nope'")
   with pytest.raises(ConfigError, match="unknown option"):
     config_lib.load_config(f"{ROOT}/configs/finetune/eurosat.py:tiny")
+
+
+# ----------------------------------------------------------------------------------------------
+# Multispectral: EuroSAT's 13-band release, N-band models started from an RGB checkpoint
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ms_data(tmp_path_factory):
+  """A tiny 13-band EuroSAT release (uint16 TIFFs, bands last) with one band-first file, one of
+  12 bands and one of float pixels; converted."""
+  import tifffile
+  raw = str(tmp_path_factory.mktemp("ms_raw"))
+  out = str(tmp_path_factory.mktemp("ms_tfrecords"))
+  top = synthetic.write_scene_release("eurosat_ms", raw, per_class=5, seed=6)
+  planar = tifffile.imread(os.path.join(top, "Forest", "Forest_1.tif"))
+  one_page = dict(photometric="minisblack", planarconfig="contig")
+  tifffile.imwrite(os.path.join(top, "Forest", "Forest_1.tif"), np.moveaxis(planar, -1, 0),
+                   photometric="minisblack", planarconfig="separate")
+  tifffile.imwrite(os.path.join(top, "River", "River_2.tif"), planar[..., :12], **one_page)
+  tifffile.imwrite(os.path.join(top, "SeaLake", "SeaLake_3.tif"), planar.astype(np.float32), **one_page)
+  log = []
+  convert_cli.convert_release(convert_cli.RELEASES["eurosat_ms"], raw, out, seed=0, log=log.append)
+  return top, out, planar, log
+
+
+def test_multiband_release_is_stored_raw_with_every_band(ms_data, tmp_path):
+  import tifffile
+  top, out, planar, _ = ms_data
+  infos = {s: json.load(open(os.path.join(out, "eurosat_ms", s, "dataset_info.json"))) for s in ("train", "valid")}
+  skipped = {k["sample"]: k["reason"] for s in infos.values() for k in s["skipped"]}
+  assert skipped.keys() == {"River/River_2.tif", "SeaLake/SeaLake_3.tif"}
+  assert "(64, 64, 12) pixels, not 13 bands" in skipped["River/River_2.tif"]
+  assert "float32, not uint16" in skipped["SeaLake/SeaLake_3.tif"]
+  records = [r for s in infos.values() for shard in s["shards"]
+             for r in read_records(os.path.join(out, "eurosat_ms", s["split"], shard["file"]))]
+  assert len(records) == 50 - 2
+  for r in records:
+    assert (r.image_format, r.dtype, r.channels, r.height, r.width) == ("raw", "uint16", 13, 64, 64)
+    want = planar if r.filename == "Forest/Forest_1.tif" else tifffile.imread(os.path.join(top, r.filename))
+    np.testing.assert_array_equal(schema.decode_image(r), want, err_msg=r.filename)   # band-first read band-last
+  # The RGB release of the same scenes, split with the same seed: the same scenes train.
+  synthetic.write_scene_release("eurosat", str(tmp_path), per_class=5, seed=6)
+  rgb_train = scene_folders.EUROSAT.splits(str(tmp_path), seed=0)[0]["train"]
+  assert [p.replace(".tif", ".jpg") for p in infos["train"]["signature"]["samples"]] == [p for p, _ in rgb_train]
+
+
+def test_rgb_kernels_go_to_the_named_bands_or_are_repeated_over_all():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(4, 3, 2, 2)).astype(np.float32)
+  sd, rule = torch_convert.adapt_input_bands({"patch_embed.proj.weight": w, "pos_embed": 1}, 5, (3, 2, 1))
+  got = sd["patch_embed.proj.weight"]
+  assert got.shape == (4, 5, 2, 2) and "bands (3, 2, 1)" in rule and sd["pos_embed"] == 1
+  np.testing.assert_array_equal(got[:, [3, 2, 1]], w)
+  assert not got[:, [0, 4]].any()
+  # A 5-band image whose bands 3, 2, 1 are an RGB image: the same patch response as the RGB model.
+  image = rng.normal(size=(5, 2, 2))
+  np.testing.assert_allclose(np.einsum("ochw,chw->o", got, image),
+                             np.einsum("ochw,chw->o", w, image[[3, 2, 1]]), rtol=1e-5)
+  sd, rule = torch_convert.adapt_input_bands({"patch_embed.proj.weight": w}, 4)
+  np.testing.assert_allclose(sd["patch_embed.proj.weight"], w[:, [0, 1, 2, 0]] * 0.75)
+  assert "timm" in rule
+  assert torch_convert.adapt_input_bands({"patch_embed.proj.weight": w}, 3) == ({"patch_embed.proj.weight": w}, "")
+  with pytest.raises(CheckpointError, match="3 different band indices in \\[0, 5\\)"):
+    torch_convert.adapt_input_bands({"patch_embed.proj.weight": w}, 5, (3, 3, 1))
+  with pytest.raises(CheckpointError, match="has 4 input bands and the model 5"):
+    torch_convert.adapt_input_bands({"patch_embed.proj.weight": w[:, [0, 1, 2, 0]]}, 5)
+
+
+def test_multiband_configs_check_the_bands(ms_data):
+  from mtp_jax.errors import ConfigError
+  _, out, _, _ = ms_data
+  c = smoke_config("eurosat_ms", out)
+  assert len(c.data.mean) == 13 and tuple(c.model.rgb_bands) == (3, 2, 1)
+  with pytest.raises(ConfigError, match="data.mean has 3 entries for the 13 bands the model sees"):
+    smoke_config("eurosat_ms", out, "data.mean=(1., 2., 3.)", "data.std=(1., 2., 3.)")
+  with pytest.raises(ConfigError, match="data.bands \\(3, 13\\): eurosat_ms images have 13 bands"):
+    smoke_config("eurosat_ms", out, "data.bands=(3, 13)")
+  with pytest.raises(ConfigError, match="data.mean has 13 entries for the 2 bands"):
+    smoke_config("eurosat_ms", out, "data.bands=(3, 2)")
+  with pytest.raises(ConfigError, match="in_chans: the encoder's input bands are len\\(data.mean\\)"):
+    smoke_config("eurosat_ms", out, "model.encoder_overrides.in_chans=13")
+
+
+def test_multiband_finetune_from_an_rgb_pretraining(ms_data, mtp_run, tmp_path):
+  """eurosat_ms:smoke+frozen from the shared (RGB) pretraining run: the 13-band uint16 pipeline
+  trains and evaluates, and the frozen encoder shows the adapted patch embedding exactly (the RGB
+  kernels on bands 3, 2, 1, zeros elsewhere) and every other tensor of the pretraining."""
+  from mtp_jax.train import loop
+  _, out, _, _ = ms_data
+  pretrain_dir, _ = mtp_run
+  before, _, _, _ = read_checkpoint(pretrain_dir)
+  c = smoke_config("eurosat_ms", out, *TINY_ENCODER, f"model.encoder_init={pretrain_dir!r}",
+                   "train.num_steps=6", "train.log_every=2", arg="smoke+frozen")
+  results = loop.train_and_evaluate(c, str(tmp_path))
+  r = results["eval"]["eurosat_ms"]["cls"]
+  assert r["images"] == json.load(open(os.path.join(out, "eurosat_ms", "valid", "dataset_info.json")))["num_examples"]
+  assert 0 <= r["overall_accuracy"] <= 1
+  assert os.path.isfile(tmp_path / "report" / "eurosat_ms_predictions.png")   # drawn from bands 3, 2, 1
+  after, _, _, _ = read_checkpoint(str(tmp_path))
+  flat = lambda tree: {tuple(map(str, k)): np.asarray(v) for k, v in torch_convert.flatten_params(tree)}
+  pre, post = flat(before["encoder"]), flat(after["encoder"])
+  kernel = ("patch_embed", "proj", "kernel")   # (p, p, bands, D)
+  assert pre[kernel].shape[2] == 3 and post[kernel].shape[2] == 13
+  np.testing.assert_array_equal(post[kernel][:, :, [3, 2, 1]], pre[kernel])
+  assert not post[kernel][:, :, [0, *range(4, 13)]].any()
+  for k in pre:
+    if k != kernel:
+      np.testing.assert_array_equal(post[k], pre[k], err_msg=str(k))
 
 
 # ----------------------------------------------------------------------------------------------

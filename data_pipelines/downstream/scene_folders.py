@@ -1,13 +1,17 @@
 """Scene-classification releases laid out as one folder per class (MTP_SPEC §5.2).
 
     EuroSAT (RGB):  <root>/2750/<Class>/<Class>_<n>.jpg            10 classes, 64 x 64
+    EuroSAT (MS):   <root>/[ds/images/remote_sensing/otherDatasets/sentinel_2/]tif/<Class>/<Class>_<n>.tif
+                    the same 27,000 scenes, 13 Sentinel-2 bands (B01-B08, B8A, B09-B12) uint16
     RESISC-45:      <root>/NWPU-RESISC45/<class>/<class>_<nnn>.jpg  45 classes, 256 x 256
 
 `--root` may name the release folder itself (2750/, NWPU-RESISC45/) or the folder holding it.
 Splits are drawn per class with a seeded permutation (`split_samples`): RESISC-45 keeps MTP's
 20 % for training ("nwpu28": 140 of each class's 700) and the other 80 % for evaluation; EuroSAT
-80 % / 20 % (MTP's EuroSAT list files are not part of its release). The split lists are written
-into dataset_info.json, so a conversion says exactly which images trained.
+80 % / 20 % (MTP's EuroSAT list files are not part of its release); both EuroSAT releases name
+their scenes alike, so one seed gives them the same split. The split lists are written into
+dataset_info.json, so a conversion says exactly which images trained. Multispectral scenes are
+stored as raw pixels (schema "raw", their own dtype), every band kept; a config picks bands.
 """
 
 import dataclasses
@@ -15,6 +19,7 @@ import io
 import os
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 from data_pipelines.downstream.schema import DownstreamRecord
@@ -44,10 +49,13 @@ class SceneRelease:
   classes: tuple
   suffix: str
   train_fraction: float
+  bands = 3               # RGB (L images are converted)
+  pixel_dtype = "uint8"
 
   def release_root(self, root: str) -> str:
-    """The folder holding the class folders, from --root (the release folder or its parent)."""
-    for candidate in (os.path.join(root, self.folder), root):
+    """The folder holding the class folders, from --root (the release folder, its parent or the
+    archive's top folder)."""
+    for candidate in (os.path.join(root, self.folder), os.path.join(root, os.path.basename(self.folder)), root):
       if os.path.isdir(candidate) and any(os.path.isdir(os.path.join(candidate, c)) for c in self.classes):
         return candidate
     raise BadSample(f"{root!r} holds no {self.name} release: expected {self.folder}/<class>/ folders "
@@ -118,5 +126,33 @@ def split_samples(samples: list, num_classes: int, train_fraction: float, seed: 
   return {split: sorted(items) for split, items in out.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class MultibandSceneRelease(SceneRelease):
+  """A class-folder release of multi-band TIFFs (read with tifffile, band-last or band-first),
+  each `bands` bands of an unsigned integer type; `folder` may be a path below --root."""
+  bands: int = 13
+  pixel_dtype = "uint16"   # Sentinel-2 L1C digital numbers
+
+  def read(self, root: str, relative: str, label: int) -> DownstreamRecord:
+    path = os.path.join(self.release_root(root), relative)
+    try:
+      pixels = tifffile.imread(path)
+    except Exception as e:  # noqa: BLE001 (any unreadable file: truncated, not a TIFF)
+      raise BadSample(f"unreadable TIFF ({type(e).__name__}: {e})") from None
+    if pixels.ndim == 3 and pixels.shape[0] == self.bands and pixels.shape[-1] != self.bands:
+      pixels = np.moveaxis(pixels, 0, -1)   # band-first (planar) files
+    if pixels.ndim != 3 or pixels.shape[-1] != self.bands:
+      raise BadSample(f"{pixels.shape} pixels, not {self.bands} bands of an H x W image")
+    if pixels.dtype != np.dtype(self.pixel_dtype):
+      raise BadSample(f"pixels of type {pixels.dtype}, not {self.pixel_dtype}")
+    pixels = np.ascontiguousarray(pixels)
+    height, width = pixels.shape[:2]
+    return DownstreamRecord(image_bytes=pixels.tobytes(), height=height, width=width,
+                            channels=self.bands, filename=relative, dataset=self.name, label=label,
+                            image_format="raw", dtype=pixels.dtype.name)
+
+
 EUROSAT = SceneRelease("eurosat", "2750", EUROSAT_CLASSES, ".jpg", 0.8)
+EUROSAT_MS = MultibandSceneRelease("eurosat_ms", "ds/images/remote_sensing/otherDatasets/sentinel_2/tif",
+                                   EUROSAT_CLASSES, ".tif", 0.8, bands=13)
 RESISC45 = SceneRelease("resisc45", "NWPU-RESISC45", RESISC45_CLASSES, ".jpg", 0.2)

@@ -5,7 +5,10 @@
 
 Scene releases (EuroSAT `2750/<Class>/<Class>_<n>.jpg`, RESISC-45 `NWPU-RESISC45/<class>/
 <class>_<nnn>.jpg`): each class a distinct texture (a colour and a stripe orientation) with
-noise, so a small model separates them in a few dozen steps.
+noise, so a small model separates them in a few dozen steps. EuroSAT's 13-band release
+(`ds/images/remote_sensing/otherDatasets/sentinel_2/tif/<Class>/<Class>_<n>.tif`, uint16, bands
+last): the same textures in B04/B03/B02 at Sentinel-2 reflectance scale (x 8 + 500), the other
+bands their mean plus noise.
 Segmentation releases: SpaceNet v1 (`3band/3band_AOI_1_RIO_img<N>.tif` GeoTIFFs with their
 geotransform tags, `geojson/Geo_AOI_1_RIO_img<N>.geojson` building polygons in lon/lat, bright
 roofs on green-brown ground) and LoveDA (`{Train,Val}/{Urban,Rural}/{images_png,masks_png}/
@@ -16,12 +19,15 @@ import argparse
 import os
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 from data_pipelines.downstream import scene_folders
 
 RELEASES = {"eurosat": (scene_folders.EUROSAT, 64, "{c}_{n}.jpg"),
+            "eurosat_ms": (scene_folders.EUROSAT_MS, 64, "{c}_{n}.tif"),
             "resisc45": (scene_folders.RESISC45, 256, "{c}_{n:03d}.jpg")}
+SENTINEL2_RGB = (3, 2, 1)   # B04, B03, B02 among B01-B08, B8A, B09-B12
 
 # SpaceNet v1 Rio's geotransform scale (about 50 cm per pixel at 22.9 S): degrees per pixel.
 RIO_ORIGIN, RIO_DEGREES = (-43.68, -22.88), 4.5e-6
@@ -49,8 +55,21 @@ def write_scene_release(name: str, out: str, per_class: int = 12, seed: int = 0,
     os.makedirs(os.path.join(top, c), exist_ok=True)
     for n in range(1, per_class + 1):
       image = scene_image(label, len(release.classes), size, rng)
-      Image.fromarray(image).save(os.path.join(top, c, pattern.format(c=c, n=n)), quality=95)
+      path = os.path.join(top, c, pattern.format(c=c, n=n))
+      if release.suffix == ".tif":
+        tifffile.imwrite(path, multiband_scene(image, release.bands, rng), photometric="minisblack",
+                         planarconfig="contig")   # one page, the bands interleaved per pixel
+      else:
+        Image.fromarray(image).save(path, quality=95)
   return top
+
+
+def multiband_scene(rgb: np.ndarray, bands: int, rng) -> np.ndarray:
+  """(H, W, bands) uint16: `rgb` in the Sentinel-2 RGB bands (x 8 + 500), noise elsewhere."""
+  h, w, _ = rgb.shape
+  out = np.clip(rng.normal(1500, 200, (h, w, bands)), 0, 65535)
+  out[..., list(SENTINEL2_RGB)] = rgb.astype(np.float64) * 8 + 500
+  return out.astype(np.uint16)
 
 
 def write_geotiff(path: str, image: np.ndarray, origin: tuple, degrees: float):

@@ -28,9 +28,12 @@ def is_training_checkpoint(path: str) -> bool:
   return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "state"))
 
 
-def read_encoder_source(path: str, template: dict, image_size: int, patch_size: int) -> tuple[dict, dict]:
+def read_encoder_source(path: str, template: dict, image_size: int, patch_size: int,
+                        rgb_bands=()) -> tuple[dict, dict]:
   """(nested encoder params converted from `path`, shaped like `template`, report); parameters
-  the source lacks are listed in report['missing'] (their entries in the result are meaningless)."""
+  the source lacks are listed in report['missing'] (their entries in the result are meaningless).
+  An RGB source for a model of more bands has its patch embedding adapted
+  (`torch_convert.adapt_input_bands`, with rgb_bands); report['bands'] names the rule."""
   if is_training_checkpoint(path):
     params, _, meta, step = read_checkpoint(path)
     if "encoder" not in params:
@@ -47,14 +50,20 @@ def read_encoder_source(path: str, template: dict, image_size: int, patch_size: 
   else:
     raise CheckpointError(f"model.encoder_init {path!r} is neither a training workdir, a "
                           "checkpoint file nor an import_torch folder")
+  sd, bands_rule = torch_convert.adapt_input_bands(sd, _in_chans(template), rgb_bands)
   loaded, report = torch_convert.state_dict_to_encoder(sd, template, strict=False)
+  report["bands"] = bands_rule
   if report["loaded"] == 0:
     raise CheckpointError(f"model.encoder_init {path!r}: none of its {len(sd)} tensors fits the "
                           f"encoder (e.g. {sorted(sd)[:3]})")
   return loaded, report
 
 
-def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16):
+def _in_chans(template: dict) -> int:
+  return int(np.shape(template["patch_embed"]["proj"]["kernel"])[2])   # (p, p, C, D)
+
+
+def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16, rgb_bands=()):
   """`params` (nnx.State with params['encoder']) with the encoder's tensors replaced from `path`.
 
   Every process reads the file; each new array is assembled in the sharding of the one it
@@ -63,7 +72,7 @@ def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16)
   pure = nnx.to_pure_dict(params)
   encoder = pure["encoder"]
   template = jax.tree.map(lambda a: np.broadcast_to(np.float32(0), a.shape), encoder)
-  loaded, report = read_encoder_source(path, template, image_size, patch_size)
+  loaded, report = read_encoder_source(path, template, image_size, patch_size, rgb_bands)
   loaded, missing = dict(torch_convert.flatten_params(loaded)), set(report["missing"])
 
   def replace(path_keys, current):
@@ -79,5 +88,6 @@ def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16)
         f"{len(report['missing'])} encoder parameters kept their initialisation"
         + (f" ({', '.join(report['missing'][:6])}{' ...' if len(report['missing']) > 6 else ''})"
            if report["missing"] else "")
-        + f"; {len(report['unexpected'])} checkpoint keys unused", flush=True)
+        + f"; {len(report['unexpected'])} checkpoint keys unused"
+        + (f"; patch embedding: {report['bands']}" if report["bands"] else ""), flush=True)
   return params, report

@@ -201,6 +201,37 @@ def adapt_to_image_size(sd: dict, img_size: int, patch_size: int = 16) -> dict:
   return sd
 
 
+def adapt_input_bands(sd: dict, in_chans: int, rgb_bands=()) -> tuple[dict, str]:
+  """(sd with `patch_embed.proj.weight` (D, 3, p, p) turned into (D, in_chans, p, p), the rule
+  used) for a multispectral model started from an RGB checkpoint:
+
+    rgb_bands (r, g, b) given: the RGB kernels go to those input bands, every other band's kernel
+        is 0, so the first layer answers the image's RGB bands exactly as the checkpoint did;
+    rgb_bands empty: timm's `adapt_input_conv`, the RGB kernels repeated over the bands
+        (band i gets kernel i mod 3) and scaled by 3 / in_chans.
+
+  A checkpoint already of `in_chans` bands is returned unchanged (rule ''); one of another count
+  than 3 is refused."""
+  w = sd.get("patch_embed.proj.weight")
+  if w is None or np.shape(w)[1] == in_chans:
+    return sd, ""
+  w = np.asarray(w, np.float32)
+  if w.shape[1] != 3:
+    raise CheckpointError(f"patch_embed.proj.weight has {w.shape[1]} input bands and the model "
+                          f"{in_chans}: only an RGB checkpoint (3) can be adapted")
+  sd = dict(sd)
+  if rgb_bands:
+    rgb_bands = tuple(int(b) for b in rgb_bands)
+    if len(rgb_bands) != 3 or len(set(rgb_bands)) != 3 or not all(0 <= b < in_chans for b in rgb_bands):
+      raise CheckpointError(f"model.rgb_bands {rgb_bands} must be 3 different band indices in [0, {in_chans})")
+    out = np.zeros((w.shape[0], in_chans, *w.shape[2:]), np.float32)
+    out[:, list(rgb_bands)] = w
+    sd["patch_embed.proj.weight"] = out
+    return sd, f"RGB kernels on input bands {rgb_bands}, zero elsewhere"
+  sd["patch_embed.proj.weight"] = w[:, [i % 3 for i in range(in_chans)]] * (3.0 / in_chans)
+  return sd, f"RGB kernels repeated over {in_chans} bands, scaled by 3/{in_chans} (timm)"
+
+
 def infer_image_size(sd: dict, patch_size: int = 16) -> int | None:
   """Pretraining image size from pos_embed (sqrt N) or full_attn_rel_pos_h (2 Hp - 1)."""
   if "pos_embed" in sd:

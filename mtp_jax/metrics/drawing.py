@@ -27,6 +27,20 @@ def palette() -> np.ndarray:
   return pal
 
 
+def display_rgb(image, rgb_bands=()) -> np.ndarray:
+  """(H, W, 3) uint8 to draw on from an (H, W, C) image of any type: uint8 RGB as it is;
+  otherwise bands `rgb_bands` (default the first three; one band: grey), each stretched from
+  its 2nd to its 98th percentile onto 0-255 (multispectral digital numbers)."""
+  image = np.asarray(image)
+  if image.dtype == np.uint8 and image.shape[-1] == 3:
+    return image
+  bands = list(rgb_bands) if len(rgb_bands) == 3 else ([0, 1, 2] if image.shape[-1] >= 3 else [0, 0, 0])
+  x = image[..., bands].astype(np.float32)
+  low = np.percentile(x, 2, axis=(0, 1))
+  high = np.maximum(np.percentile(x, 98, axis=(0, 1)), low + 1e-6)
+  return np.clip(np.round((x - low) / (high - low) * 255), 0, 255).astype(np.uint8)
+
+
 def colourize(label_map) -> np.ndarray:
   """(H, W) class map -> (H, W, 3) palette colours."""
   return palette()[np.asarray(label_map).astype(np.uint8)]

@@ -6,7 +6,8 @@ The module and parameter names are those of the official `ViT_Win_RVSA_V3_WSZ7` 
 `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `fpn1.{0,1.ln,3}`,
 `fpn2.0`) so checkpoints convert by a path join plus transposes.
 
-Input: NHWC float images of exactly img_size x img_size (pos_embed fixes the grid).
+Input: NHWC float images of exactly img_size x img_size (pos_embed fixes the grid) with
+`in_chans` bands (3: RGB, as every official checkpoint; multispectral finetunes use more).
 Output: four NHWC maps of `embed_dim` channels at strides 4, 8, 16, 32 (fpn1..fpn4 on the outputs of
 blocks `out_indices`), or with `multi_scale=False` the four raw stride-16 maps.
 """
@@ -95,7 +96,7 @@ class ViTEncoder(nnx.Module):
                num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
                out_indices=(3, 5, 7, 11), rvsa: bool = False, interval: int = 3,
                window_size: int = 7, grid_sample_method: str = "gather", remat: bool = False,
-               dtype=None, rngs: nnx.Rngs):
+               in_chans: int = 3, dtype=None, rngs: nnx.Rngs):
     if img_size % patch_size:
       raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     if rvsa and img_size // patch_size < window_size:
@@ -109,8 +110,9 @@ class ViTEncoder(nnx.Module):
     self.remat = remat
     self.dtype = dtype
     self.grid = img_size // patch_size
+    self.in_chans = in_chans
     self.patch_embed = nnx.Dict(proj=layers.conv(
-        3, embed_dim, patch_size, stride=patch_size, padding="VALID", in_axis=None,
+        in_chans, embed_dim, patch_size, stride=patch_size, padding="VALID", in_axis=None,
         out_axis="embed", dtype=dtype, rngs=rngs))
     self.pos_embed = nnx.Param(layers.trunc_normal_002(rngs.params(), (1, self.grid ** 2, embed_dim)),
                                **layers.axes(None, None, "embed"))

@@ -88,6 +88,9 @@ class PretrainEvaluation:
     out = []
     for i in np.flatnonzero(raw["is_real"])[:self.config.eval.report_images]:
       example = {k: v[i] for k, v in raw.items()}
+      rgb = tuple(self.config.model.rgb_bands)   # multispectral images: drawn from these bands
+      example["image"] = (np.stack([drawing.display_rgb(d, rgb) for d in example["image"]])
+                          if example["image"].ndim == 4 else drawing.display_rgb(example["image"], rgb))
       gt_panel = pred_panel = example["image"]
       for n, task in self.tasks.items():
         if n in predictions:

@@ -40,11 +40,12 @@ DTYPES = {"float32": None, "bfloat16": jax.numpy.bfloat16, "float16": jax.numpy.
 # Model
 # ----------------------------------------------------------------------------------------------
 def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
-  """The encoder of config.model and the head of every task in `tasks` ({name: Task})."""
+  """The encoder of config.model (as many input bands as data.mean has) and the head of every
+  task in `tasks` ({name: Task})."""
   dtype = DTYPES[config.model.compute_dtype]
   encoder = models.build_encoder(
       config.model.encoder, config.data.image_size, rngs=rngs, dtype=dtype,
-      drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
+      drop_path_rate=config.model.drop_path_rate, remat=config.model.remat, in_chans=len(config.data.mean),
       **dict(config.model.encoder_overrides))
   return MultiTaskModel(encoder, tasks, dtype=dtype, rngs=rngs, mean=tuple(config.data.mean),
                         std=tuple(config.data.std), freeze_encoder=config.model.freeze_encoder)
@@ -132,7 +133,7 @@ def fresh_state(config, trainer: "Trainer"):
   patch_size = config.model.encoder_overrides.get("patch_size", 16)
   if config.model.encoder_init:
     params, _ = initialize_encoder(state.params, config.model.encoder_init, config.data.image_size,
-                                   patch_size)
+                                   patch_size, tuple(config.model.rgb_bands))
     state = state.replace(params=params)
   if not (config.model.encoder_init or config.model.full_init) and not sources.source(config).pretraining:
     print("note: model.encoder_init is empty, so the encoder starts from random weights; set it "
