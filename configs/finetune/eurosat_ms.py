@@ -18,7 +18,8 @@ MTP finetunes the RGB release only (§5.3: OA 98.76 for ViT-B+RVSA); this config
 Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options
+import importlib.util
+import os
 
 # Per-band mean and std of EuroSAT's 13-band release (digital numbers), in the files' band order.
 BAND_MEAN = (1354.40546513, 1118.24399958, 1042.92983953, 947.62620298, 1199.47283961,
@@ -29,18 +30,18 @@ BAND_STD = (245.71762908, 333.00778264, 395.09249139, 593.75055589, 566.4170017,
             1231.58581042)
 
 
+def _rgb_recipe(arg):
+  """configs/finetune/eurosat.py's config for `arg`: one recipe for both releases."""
+  spec = importlib.util.spec_from_file_location("_eurosat_rgb", os.path.join(os.path.dirname(__file__), "eurosat.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = finetune_defaults("eurosat_ms", "cls")
-  c.data.dir = "data/finetune"
+  c = _rgb_recipe(arg)
+  c.data.dataset = "eurosat_ms"
+  c.data.subsets = ("eurosat_ms",)
   c.data.mean, c.data.std = BAND_MEAN, BAND_STD
   c.model.rgb_bands = (3, 2, 1)
-  c.data.image_size = 224
-  c.data.batch_per_subset = 64
-  c.train.num_steps = 33_750           # 100 epochs x 337.5 steps
-  c.optimizer.warmup_steps = 1_690     # 5 epochs
-  c.train.checkpoint_every = 3_375     # every 10 epochs
-  c.train.log_every = 100
-  c.eval.batch_per_subset = 64
-  c.eval.every_steps = 6_750           # every 20 epochs
-  return apply_finetune_options(c, options)
+  return c
