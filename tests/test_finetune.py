@@ -25,6 +25,11 @@ TINY_ENCODER = ["model.encoder_overrides.embed_dim=48", "model.encoder_overrides
                 "model.encoder_overrides.patch_size=8"]
 
 
+def flat(tree) -> dict:
+  """{parameter path as a tuple of str: numpy array} of a nested parameter tree."""
+  return {tuple(map(str, k)): np.asarray(v) for k, v in torch_convert.flatten_params(tree)}
+
+
 def read_records(path):
   import grain
   return [schema.decode(r) for r in grain.experimental.TFRecordIterDataset(path)]
@@ -131,7 +136,6 @@ def test_frozen_finetune_from_a_pretraining_workdir_keeps_every_encoder_tensor(s
                    arg="smoke+frozen")
   results = loop.train_and_evaluate(c, str(tmp_path))
   after, _, _, _ = read_checkpoint(str(tmp_path))
-  flat = lambda tree: {tuple(map(str, k)): np.asarray(v) for k, v in torch_convert.flatten_params(tree)}
   pre, post = flat(before["encoder"]), flat(after["encoder"])
   assert set(pre) == set(post)
   for k in pre:
@@ -154,7 +158,6 @@ def test_encoder_init_from_a_workdir_resizes_pos_embed_bicubically(scene_data, m
   trainer = loop.Trainer(c, tasks, sharding.config_mesh(c.mesh))
   state = loop.fresh_state(c, trainer)
   from flax import nnx
-  flat = lambda tree: {tuple(map(str, k)): np.asarray(v) for k, v in torch_convert.flatten_params(tree)}
   got, want = flat(nnx.to_pure_dict(state.params)["encoder"]), flat(params["encoder"])
   assert set(got) == set(want)
   pe = torch.from_numpy(np.asarray(want[("pos_embed",)])).reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
@@ -275,7 +278,6 @@ def test_multiband_finetune_from_an_rgb_pretraining(ms_data, mtp_run, tmp_path):
   assert 0 <= r["overall_accuracy"] <= 1
   assert os.path.isfile(tmp_path / "report" / "eurosat_ms_predictions.png")   # drawn from bands 3, 2, 1
   after, _, _, _ = read_checkpoint(str(tmp_path))
-  flat = lambda tree: {tuple(map(str, k)): np.asarray(v) for k, v in torch_convert.flatten_params(tree)}
   pre, post = flat(before["encoder"]), flat(after["encoder"])
   kernel = ("patch_embed", "proj", "kernel")   # (p, p, bands, D)
   assert pre[kernel].shape[2] == 3 and post[kernel].shape[2] == 13
