@@ -2,7 +2,7 @@
 
     EuroSAT (RGB):  <root>/2750/<Class>/<Class>_<n>.jpg            10 classes, 64 x 64
     EuroSAT (MS):   <root>/[ds/images/remote_sensing/otherDatasets/sentinel_2/]tif/<Class>/<Class>_<n>.tif
-                    the same 27,000 scenes, 13 Sentinel-2 bands (B01-B08, B8A, B09-B12) uint16
+                    the same 27,000 scenes, 13 Sentinel-2 bands uint16 (bands 1-3: B02-B04)
     RESISC-45:      <root>/NWPU-RESISC45/<class>/<class>_<nnn>.jpg  45 classes, 256 x 256
 
 `--root` may name the release folder itself (2750/, NWPU-RESISC45/) or the folder holding it.
@@ -129,7 +129,7 @@ def split_samples(samples: list, num_classes: int, train_fraction: float, seed: 
 @dataclasses.dataclass(frozen=True)
 class MultibandSceneRelease(SceneRelease):
   """A class-folder release of multi-band TIFFs (read with tifffile, band-last or band-first),
-  each `bands` bands of an unsigned integer type; `folder` may be a path below --root."""
+  each `bands` bands of `pixel_dtype`; `folder` may be a path below --root."""
   bands: int = 13
   pixel_dtype = "uint16"   # Sentinel-2 L1C digital numbers
 
