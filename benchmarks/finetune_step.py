@@ -77,8 +77,10 @@ def main():
   p.add_argument("--families", default=",".join(FAMILIES))
   p.add_argument("--out", default="benchmarks/results/finetune_step.json")
   args = p.parse_args()
-  runs = {f: time_family(*FAMILIES[f], args.encoder, args.batch, args.steps)
-          for f in args.families.split(",")}
+  runs = {}
+  for f in args.families.split(","):
+    runs[f] = time_family(*FAMILIES[f], args.encoder, args.batch, args.steps)
+    print(f"{f}: {runs[f]}", flush=True)
   write_result({"backend": jax.default_backend(), "devices": jax.device_count(),
                 "device_kind": jax.devices()[0].device_kind, "encoder": args.encoder, "runs": runs},
                args.out)

@@ -6,6 +6,7 @@
     python -m data_pipelines.convert spacenet1 --root RAW/AOI_1_Rio --out DIR
     python -m data_pipelines.convert loveda   --root RAW/LoveDA --out DIR
     python -m data_pipelines.convert levir_cd --root RAW/LEVIR-CD --out DIR   (also whu_cd, cdd)
+    python -m data_pipelines.convert oscd     --root RAW/OSCD --out DIR   (the Onera folders' parent)
     python -m data_pipelines.convert samrs    --root SAMRS --out DIR [SAMRS converter options]
 
 Each writes `<DIR>/<dataset>/<split>/` (data_pipelines/downstream/writer.py); a config's
@@ -23,7 +24,8 @@ from mtp_jax.errors import DataError
 
 RELEASES = {"eurosat": scene_folders.EUROSAT, "eurosat_ms": scene_folders.EUROSAT_MS, "resisc45": scene_folders.RESISC45,
             "spacenet1": segmentation_releases.SPACENET1, "loveda": segmentation_releases.LOVEDA,
-            "levir_cd": change_releases.LEVIR_CD, "whu_cd": change_releases.WHU_CD, "cdd": change_releases.CDD}
+            "levir_cd": change_releases.LEVIR_CD, "whu_cd": change_releases.WHU_CD, "cdd": change_releases.CDD,
+            "oscd": change_releases.OSCD}
 DATASETS = ("samrs", *RELEASES)
 
 

@@ -9,7 +9,7 @@ reader (samrs/reader.py `make_dataset`, `PretrainBatches`), and differs in the r
   eurosat[_ms], resisc45 scene classification: one subset named as the dataset
                         (downstream/classification.py)
   spacenet1, loveda     semantic segmentation (the `ss` task; downstream/segmentation.py)
-  levir_cd, whu_cd, cdd change detection (the `cd` task; downstream/change.py)
+  levir_cd, whu_cd, cdd, oscd  change detection (the `cd` task; downstream/change.py)
 """
 
 import functools
@@ -58,12 +58,19 @@ class Source:
   bands = 3   # input bands of the converted images
 
   def check_bands(self, config):
-    """ConfigError unless data.bands picks existing bands and data.mean has one entry per band."""
+    """ConfigError unless data.bands picks existing bands and data.mean has one entry per band
+    (and data.resize is 0 where the dataset has no change pairs)."""
     from mtp_jax.errors import ConfigError  # noqa: PLC0415
     picked = tuple(config.data.bands) or tuple(range(self.bands))
     if max(picked) >= self.bands or min(picked) < 0:
       raise ConfigError(f"data.bands {tuple(config.data.bands)}: {config.data.dataset} images have "
                         f"{self.bands} bands (0-{self.bands - 1})")
+    if config.data.rand_augment and "cls" not in self.tasks:
+      raise ConfigError(f"data.rand_augment = {config.data.rand_augment} augments scene-classification "
+                        f"images; {config.data.dataset} has none (leave it 0)")
+    if config.data.resize and "cd" not in self.tasks:
+      raise ConfigError(f"data.resize = {config.data.resize} resizes change-detection pairs; "
+                        f"{config.data.dataset} has none (leave it 0)")
     if len(config.data.mean) != len(picked):
       raise ConfigError(f"data.mean has {len(config.data.mean)} entries for the {len(picked)} bands "
                         f"the model sees ({config.data.dataset}: {self.bands} bands"
@@ -179,7 +186,15 @@ class SceneSource(ReleaseSource):
     bands = tuple(config.data.bands) if config.data.bands else None
     return functools.partial(classification.to_example, image_size=config.data.image_size,
                              mean=tuple(config.data.mean), std=tuple(config.data.std), bands=bands,
-                             dtype=self.release.pixel_dtype)
+                             dtype=self.release.pixel_dtype, rand_augment=config.data.rand_augment)
+
+  def check_bands(self, config):
+    super().check_bands(config)
+    if config.data.rand_augment and (self.release.pixel_dtype != "uint8" or len(config.data.mean) != 3):
+      from mtp_jax.errors import ConfigError  # noqa: PLC0415
+      raise ConfigError(f"data.rand_augment = {config.data.rand_augment}: RandAugment's ops are defined on "
+                        f"8-bit RGB, and {config.data.dataset} gives {len(config.data.mean)} "
+                        f"{self.release.pixel_dtype} bands (set data.rand_augment=0)")
 
   def example_shapes(self, config):
     return classification.example_shapes(config.data.image_size, len(config.data.mean),
@@ -210,10 +225,12 @@ class ChangeSource(ReleaseSource):
   tasks = ("cd",)
 
   def _parse(self, config):
-    return functools.partial(change.to_example, image_size=config.data.image_size)
+    bands = tuple(config.data.bands) if config.data.bands else None
+    return functools.partial(change.to_example, image_size=config.data.image_size, bands=bands,
+                             dtype=self.release.pixel_dtype, resize_to=config.data.resize)
 
   def example_shapes(self, config):
-    return change.example_shapes(config.data.image_size)
+    return change.example_shapes(config.data.image_size, len(config.data.mean), self.release.pixel_dtype)
 
 
 SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT),
@@ -222,7 +239,7 @@ SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT)
            "spacenet1": SegmentationSource(segmentation_releases.SPACENET1),
            "loveda": SegmentationSource(segmentation_releases.LOVEDA),
            "levir_cd": ChangeSource(change_releases.LEVIR_CD), "whu_cd": ChangeSource(change_releases.WHU_CD),
-           "cdd": ChangeSource(change_releases.CDD)}
+           "cdd": ChangeSource(change_releases.CDD), "oscd": ChangeSource(change_releases.OSCD)}
 
 
 def source(config) -> Source:

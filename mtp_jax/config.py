@@ -43,6 +43,8 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.data.std = (58.395, 57.12, 57.375)
   c.data.bands = ()                   # band indices to keep from multi-band images (): all
   c.data.image_size = 448             # S (§3.4)
+  c.data.resize = 0                   # change detection: pairs resized to this first (0: as converted)
+  c.data.rand_augment = 0             # scene classification: RandAugment ops per image (MTP: 2); 0 off
   c.data.batch_per_subset = 32        # GLOBAL images per subset per step: 96 in all (§3.2)
   # Independent reader streams (0: one per process). The global batch is the concatenation of
   # the streams' batches, so fixing it (to the process count of a multi-host run) reproduces
@@ -164,8 +166,8 @@ def finetune_options(arg) -> set:
   """The ':arg' options of a finetune config (configs/finetune/*.py):
 
   smoke   a tiny ViT+RVSA (3 blocks of width 64, patch 8, block 2 global) at 64 px (change
-          detection: at the release's tile size), batch 8,
-          30 steps, lr 1e-3, UperNet of 32 channels, UNet decoder 64/32/32/16, slide windows of 64 px every 48 on the
+          detection: at the release's tile size unless data.resize), batch 8,
+          30 steps, lr 1e-3, no RandAugment, UperNet of 32 channels, UNet decoder 64/32/32/16, slide windows of 64 px every 48 on the
           dataset's own canvas: checks a dataset's whole pipeline in minutes on a CPU
   frozen  the encoder frozen (model.freeze_encoder): linear probing / frozen-backbone finetuning
   """
@@ -179,10 +181,14 @@ def finetune_options(arg) -> set:
 def apply_finetune_options(c, options: set):
   """`c` with the finetune options applied (see finetune_options)."""
   if "smoke" in options:
-    # Change-detection pairs are evaluated whole: the smoke keeps the release's tile size.
-    c.data.image_size = c.data.image_size if c.tasks.cd.enabled else 64
+    # Change-detection pairs are evaluated whole: the smoke keeps the release's tile size, or
+    # resizes them (data.resize) to 64.
+    c.data.image_size = c.data.image_size if c.tasks.cd.enabled and not c.data.get("resize") else 64
+    if c.data.get("resize"):
+      c.data.resize = 64
     c.data.batch_per_subset = 8
     c.data.shuffle_window = 64
+    c.data.rand_augment = 0   # 30 steps learn too little through it; its ops have their own tests
     c.model.encoder = "vit_t_rvsa"
     c.model.encoder_overrides.update(dict(embed_dim=64, depth=3, num_heads=2, patch_size=8,
                                           out_indices=(0, 1, 2, 2)))
@@ -280,6 +286,16 @@ def validate(config, defaults=None):
   if config.model.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.compute_dtype {config.model.compute_dtype!r} is not float32, bfloat16 or float16")
   return config
+
+
+def sibling_config(config_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
+  """get_config(arg) of the config file `name` beside `config_file`, not yet validated: one
+  recipe for two configs (a release's RGB and multispectral variants)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  module_spec = importlib.util.spec_from_file_location(f"_mtp_config_{os.path.splitext(name)[0]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -99,16 +99,18 @@ def test_scene_converter_is_idempotent_strict_and_refuses_other_folders(scene_da
   assert exit_info.value.code == 2
 
 
-def smoke_config(dataset, data_dir, *sets, arg="smoke"):
+def smoke_config(dataset, data_dir, *sets, arg="smoke", all_devices=False):
+  """The config's `:arg` on `data_dir`, on one device (a third faster to compile and run here)
+  unless all_devices: one smoke per task family runs on the 8 simulated devices."""
   c = config_lib.load_config(f"{ROOT}/configs/finetune/{dataset}.py:{arg}")
-  return config_lib.apply_overrides(c, [f"data.dir={data_dir!r}", *sets])
+  return config_lib.apply_overrides(c, [f"data.dir={data_dir!r}", *([] if all_devices else ["mesh.num_devices=1"]), *sets])
 
 
 @pytest.mark.parametrize("dataset", ["eurosat", "resisc45"])
 def test_smoke_config_trains_and_reports_overall_accuracy(scene_data, dataset, tmp_path):
   from mtp_jax.train import loop
   _, out, _ = scene_data
-  results = loop.train_and_evaluate(smoke_config(dataset, out), str(tmp_path))
+  results = loop.train_and_evaluate(smoke_config(dataset, out, all_devices=dataset == "eurosat"), str(tmp_path))
   losses = [h["loss"] for h in results["train"]["history"]]
   assert losses[-1] < losses[0] - 0.2, losses   # from chance level (ln 10, ln 45), 30 steps
   r = results["eval"][dataset]["cls"]
@@ -121,6 +123,36 @@ def test_smoke_config_trains_and_reports_overall_accuracy(scene_data, dataset, t
   assert "top-1 OA" in report and os.path.isfile(tmp_path / "report" / f"{dataset}_cls_confusion.png")
   metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert any(f"eval/{dataset}/cls/overall_accuracy" in m for m in metrics)
+
+
+def test_training_examples_go_through_randaugment_in_mmpretrains_order(scene_data):
+  """The paper's configs (data.rand_augment = 2) run crop, flip, RandAugment (filled with the
+  rounded mean), erasing, in that order on one generator; the smoke leaves RandAugment out."""
+  import grain
+  from data_pipelines import sources
+  from data_pipelines.downstream import classification, rand_augment
+  _, out, _ = scene_data
+  for name in ("eurosat", "resisc45"):
+    assert config_lib.load_config(f"{ROOT}/configs/finetune/{name}.py").data.rand_augment == 2
+  c = smoke_config("eurosat", out, "data.rand_augment=2")
+  assert smoke_config("eurosat", out).data.rand_augment == 0
+  parse = sources.source(c)._parse(c)
+  path = os.path.join(out, "eurosat", "train")
+  shard = json.load(open(os.path.join(path, "dataset_info.json")))["shards"][0]["file"]
+  raws = list(grain.experimental.TFRecordIterDataset(os.path.join(path, shard)))[:6]
+  changed = 0
+  for seed, raw in enumerate(raws):
+    got = parse(raw, rng=np.random.default_rng(seed))["image"]
+    rng = np.random.default_rng(seed)
+    image = classification.random_resized_crop(schema.decode_image(schema.decode(raw)), rng, 64)
+    if rng.uniform() < 0.5:
+      image = image[:, ::-1]
+    image = rand_augment.rand_augment(np.ascontiguousarray(image), rng, num_policies=2, pad_val=(124, 116, 104))
+    want = classification.random_erasing(image, rng, c.data.mean, c.data.std)
+    np.testing.assert_array_equal(got, want)
+    plain = sources.source(c)._parse(smoke_config("eurosat", out))(raw, rng=np.random.default_rng(seed))["image"]
+    changed += not np.array_equal(plain, got)
+  assert changed >= 3   # RandAugment skips each op with p 0.5: most images differ
 
 
 def test_frozen_finetune_from_a_pretraining_workdir_keeps_every_encoder_tensor(scene_data, mtp_run, tmp_path):
@@ -260,6 +292,9 @@ def test_multiband_configs_check_the_bands(ms_data):
     smoke_config("eurosat_ms", out, "data.bands=(3, 2)")
   with pytest.raises(ConfigError, match="in_chans: the encoder's input bands are len\\(data.mean\\)"):
     smoke_config("eurosat_ms", out, "model.encoder_overrides.in_chans=13")
+  assert config_lib.load_config(f"{ROOT}/configs/finetune/eurosat_ms.py").data.rand_augment == 0
+  with pytest.raises(ConfigError, match="rand_augment = 2: RandAugment's ops are defined on 8-bit RGB"):
+    smoke_config("eurosat_ms", out, "data.rand_augment=2")
 
 
 def test_multiband_finetune_from_an_rgb_pretraining(ms_data, mtp_run, tmp_path):
@@ -424,7 +459,7 @@ def test_slide_inference_equals_whole_image_inference_where_one_window_covers(se
 def test_segmentation_smoke_config_trains_and_reports_miou(seg_data, dataset, tmp_path):
   from mtp_jax.train import loop
   _, _, out, _ = seg_data
-  c = smoke_config(dataset, out, "eval.image_size=96")
+  c = smoke_config(dataset, out, "eval.image_size=96", all_devices=dataset == "spacenet1")
   assert (c.eval.slide_window, c.eval.slide_stride, c.tasks.ss.enabled) == (64, 48, True)
   results = loop.train_and_evaluate(c, str(tmp_path))
   losses = [h["loss"] for h in results["train"]["history"]]
@@ -484,7 +519,7 @@ def test_change_detection_smoke_trains_and_reports_f1(cd_data, tmp_path):
   _, out, _ = cd_data
   full = config_lib.load_config(f"{ROOT}/configs/finetune/levir_cd.py")
   assert (full.data.image_size, tuple(full.tasks.cd.decoder_channels), full.eval.split) == (256, (512, 256, 128, 64), "test")
-  c = smoke_config("levir_cd", out, "data.image_size=64", "train.num_steps=40", "optimizer.lr=2e-3")
+  c = smoke_config("levir_cd", out, "data.image_size=64", "train.num_steps=40", "optimizer.lr=2e-3", all_devices=True)
   assert c.tasks.cd.enabled and c.data.image_size == 64
   results = loop.train_and_evaluate(c, str(tmp_path))
   losses = [h["loss"] for h in results["train"]["history"]]
@@ -492,3 +527,93 @@ def test_change_detection_smoke_trains_and_reports_f1(cd_data, tmp_path):
   r = results["eval"]["levir_cd"]["cd"]
   assert r["pixels"] == 8 * 64 * 64 and r["f1"] > 0.3, r   # a fifth of the pixels changed
   assert "F1 (changed)" in open(tmp_path / "report.md").read()
+
+
+# ----------------------------------------------------------------------------------------------
+# OSCD: the Onera folders, 13 Sentinel-2 bands per date, 96-px tiles resized to the input size
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def oscd_data(tmp_path_factory):
+  """Five cities of 100 x 112 px (2 x 2 tiles of 96 each): lasvegas lacks a date-2 band, and
+  montpellier is in neither list; converted."""
+  import shutil
+  raw, out = tmp_path_factory.mktemp("oscd_raw"), str(tmp_path_factory.mktemp("oscd_tfrecords"))
+  synthetic.write_oscd(str(raw), train=("abudhabi", "beihai", "bercy"), test=("brasilia", "lasvegas"), seed=8)
+  images = raw / synthetic.OSCD_FOLDERS[0]
+  os.remove(images / "lasvegas" / "imgs_2_rect" / "B08.tif")
+  shutil.copytree(images / "bercy", images / "montpellier")
+  log = []
+  convert_cli.convert_release(convert_cli.RELEASES["oscd"], str(raw), out, log=log.append)
+  return raw, out, log
+
+
+def test_oscd_cities_are_read_band_by_band_and_tiled(oscd_data):
+  import cv2
+  import tifffile
+  from PIL import Image
+  raw, out, log = oscd_data
+  from data_pipelines.downstream import sentinel2
+  info = {s: json.load(open(os.path.join(out, "oscd", s, "dataset_info.json"))) for s in ("train", "test")}
+  assert [info[s]["num_examples"] for s in ("train", "test")] == [12, 4]   # 4 tiles per city
+  assert info["test"]["skipped"] == [{"sample": "test/lasvegas",
+                                      "reason": "its date 2 band B08 is missing (lasvegas/imgs_2_rect/B08.tif)"}]
+  assert any("montpellier" in line and "neither train.txt nor test.txt" in line for line in log)
+  records = read_records(os.path.join(out, "oscd", "train", info["train"]["shards"][0]["file"]))
+  tile = records[1]   # abudhabi, tile row 0 column 1: 16 columns of the city, 80 of padding
+  assert tile.filename == "abudhabi/abudhabi_0_1" and (tile.dtype, tile.channels, tile.height) == ("uint16", 13, 96)
+  city = raw / synthetic.OSCD_FOLDERS[0] / "abudhabi"
+  a, b = schema.decode_image(tile, 1), schema.decode_image(tile, 2)
+  b04 = tifffile.imread(city / "imgs_1_rect" / "B04.tif")
+  np.testing.assert_array_equal(a[:, :16, 3], b04[:96, 96:])
+  np.testing.assert_array_equal(b[:, :16, 7], tifffile.imread(city / "imgs_2_rect" / "B08.tif")[:96, 96:])
+  b05 = cv2.resize(tifffile.imread(city / "imgs_1_rect" / "B05.tif").astype(np.float32), (112, 100),
+                   interpolation=cv2.INTER_LINEAR)   # 20 m band on the 10 m grid
+  np.testing.assert_array_equal(a[:, :16, sentinel2.BANDS.index("B05")], np.round(b05[:96, 96:]).astype(np.uint16))
+  assert not a[:, 16:].any() and not b[:, 16:].any()
+  label = np.asarray(Image.open(raw / synthetic.OSCD_FOLDERS[1] / "abudhabi" / "cm" / "cm.png"))
+  got = schema.decode_semantic(tile)
+  np.testing.assert_array_equal(got[:, :16], (label[:96, 96:] > 0).astype(np.uint8))
+  assert (got[:, 16:] == 255).all() and (schema.decode_semantic(records[2])[4:] == 255).all()
+  with pytest.raises(DataError, match="montpellier.*neither train.txt nor test.txt"):
+    convert_cli.convert_release(convert_cli.RELEASES["oscd"], str(raw), str(raw / "strict"), strict=True,
+                               log=lambda *_: None)
+
+
+def test_oscd_examples_take_the_configs_bands_and_size(oscd_data):
+  """oscd.py: the RGB bands (B04, B03, B02) of each 96-px tile resized to 224; oscd_ms.py: all
+  13; the smoke resizes to 64; training examples keep the pixel type and the ignored padding."""
+  import cv2
+  from data_pipelines import sources
+  import grain
+  _, out, _ = oscd_data
+  path = os.path.join(out, "oscd", "test")
+  raw_record = next(iter(grain.experimental.TFRecordIterDataset(
+      os.path.join(path, json.load(open(os.path.join(path, "dataset_info.json")))["shards"][0]["file"]))))
+  record = schema.decode(raw_record)
+  for name, bands in (("oscd", (3, 2, 1)), ("oscd_ms", tuple(range(13)))):
+    c = config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/finetune/{name}.py"), [f"data.dir={out!r}"])
+    assert (c.data.resize, c.data.image_size, len(c.data.mean)) == (224, 224, len(bands))
+    parse = sources.source(c)._parse(c)
+    example = parse(raw_record)
+    assert example["image"].shape == (2, 224, 224, len(bands)) and example["image"].dtype == np.uint16
+    want = cv2.resize(schema.decode_image(record, 2)[..., bands[0]], (224, 224), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(example["image"][1, ..., 0], want)
+    np.testing.assert_array_equal(example["semantic"], cv2.resize(schema.decode_semantic(record), (224, 224),
+                                                                  interpolation=cv2.INTER_NEAREST))
+    shapes = sources.source(c).example_shapes(c)
+    assert shapes["image"] == ((2, 224, 224, len(bands)), np.dtype("uint16"))
+  smoke = smoke_config("oscd_ms", out)
+  train = sources.source(smoke)._parse(smoke)(raw_record, rng=np.random.default_rng(0))
+  assert train["image"].shape == (2, 64, 64, 13) and train["image"].dtype == np.uint16
+  assert set(np.unique(train["semantic"])) <= {0, 1, 255}
+
+
+def test_oscd_multiband_smoke_trains_and_reports_f1(oscd_data, tmp_path):
+  from mtp_jax.train import loop
+  _, out, _ = oscd_data
+  c = smoke_config("oscd_ms", out, "optimizer.lr=2e-3")
+  results = loop.train_and_evaluate(c, str(tmp_path))
+  losses = [h["loss"] for h in results["train"]["history"]]
+  assert losses[-1] < 0.7 * losses[0], losses
+  r = results["eval"]["oscd"]["cd"]
+  assert r["pixels"] > 0 and r["f1"] > 0.3, r

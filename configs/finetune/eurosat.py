@@ -11,10 +11,12 @@
 224 px; batch 64 (8 per GPU x 8 in the original); 100 epochs of the 21,600 training images
 (80 % of 27,000, seeded per class: data_pipelines/downstream/scene_folders.py) = 33,750 steps,
 the first 5 epochs (1,690 steps) a linear warmup, then cosine to 0; AdamW lr 6e-5, weight decay
-0.05, layer decay 0.9, drop path 0.3; GAP + linear head on the last stride-16 map; CE. Metric:
+0.05, layer decay 0.9, drop path 0.3; GAP + linear head on the last stride-16 map; CE.
+Augmentation (mmpretrain's): RandomResizedCrop 224, flip 0.5, RandAugment (timm increasing, 2
+ops, magnitude 9 +- 0.5), RandomErasing 0.25 (data_pipelines/downstream/classification.py). Metric:
 top-1 overall accuracy on the held-out 20 %. The paper (MTP ViT-B+RVSA): OA 98.76 (ViT-L 98.78;
 MAE ViT-B baseline 98.54), §5.3.
-Args: 'smoke' (a 3-block ViT+RVSA of width 64 at 64 px, 30 steps), 'frozen' (linear probing:
+Args: 'smoke' (a 3-block ViT+RVSA of width 64 at 64 px, 30 steps, no RandAugment), 'frozen' (linear probing:
 the encoder frozen); combine with '+', e.g. `eurosat.py:smoke+frozen`.
 """
 
@@ -27,6 +29,7 @@ def get_config(arg=None):
   c.data.dir = "data/finetune"
   c.data.image_size = 224
   c.data.batch_per_subset = 64
+  c.data.rand_augment = 2              # RandAugment, 2 ops of magnitude 9 +- 0.5
   c.train.num_steps = 33_750           # 100 epochs x 337.5 steps
   c.optimizer.warmup_steps = 1_690     # 5 epochs
   c.train.checkpoint_every = 3_375     # every 10 epochs

@@ -9,7 +9,7 @@
         "data.std=(593.8, 395.1, 333.0)" "model.rgb_bands=(0, 1, 2)"       # the RGB bands only
 
 The recipe of configs/finetune/eurosat.py (224 px, batch 64, 100 epochs, AdamW 6e-5, layer decay
-0.9, drop path 0.3) on the same scenes and the same seeded split, with all 13 bands as the input:
+0.9, drop path 0.3; RandAugment off: its ops are 8-bit RGB ones) on the same scenes and the same seeded split, with all 13 bands as the input:
 uint16 digital numbers normalised per band with the release's statistics (torchgeo's EuroSAT
 values; the band order of the release's files: indices 1, 2, 3 are B02, B03, B04). The
 patch embedding of an RGB checkpoint gets its red, green and blue kernels on bands 3, 2, 1 and
@@ -18,30 +18,15 @@ MTP finetunes the RGB release only (§5.3: OA 98.76 for ViT-B+RVSA); this config
 Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
 """
 
-import importlib.util
-import os
-
-# Per-band mean and std of EuroSAT's 13-band release (digital numbers), in the files' band order.
-BAND_MEAN = (1354.40546513, 1118.24399958, 1042.92983953, 947.62620298, 1199.47283961,
-             1999.79090914, 2369.22292565, 2296.82608323, 732.08340178, 12.11327804,
-             1819.01027855, 1118.92391149, 2594.14080798)
-BAND_STD = (245.71762908, 333.00778264, 395.09249139, 593.75055589, 566.4170017, 861.18399006,
-            1086.63139075, 1117.98170791, 404.91978886, 4.77584468, 1002.58768311, 761.30323499,
-            1231.58581042)
-
-
-def _rgb_recipe(arg):
-  """configs/finetune/eurosat.py's config for `arg`: one recipe for both releases."""
-  spec = importlib.util.spec_from_file_location("_eurosat_rgb", os.path.join(os.path.dirname(__file__), "eurosat.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from data_pipelines.downstream import sentinel2
+from mtp_jax.config import sibling_config
 
 
 def get_config(arg=None):
-  c = _rgb_recipe(arg)
+  c = sibling_config(__file__, "eurosat.py", arg)   # one recipe for both releases
   c.data.dataset = "eurosat_ms"
   c.data.subsets = ("eurosat_ms",)
-  c.data.mean, c.data.std = BAND_MEAN, BAND_STD
-  c.model.rgb_bands = (3, 2, 1)
+  c.data.mean, c.data.std = sentinel2.L1C_MEAN, sentinel2.L1C_STD
+  c.model.rgb_bands = sentinel2.RGB
+  c.data.rand_augment = 0   # its ops are 8-bit RGB ones (the crop, flip and erasing stay)
   return c

@@ -23,6 +23,7 @@ def get_config(arg=None):
   c.data.dir = "data/finetune"
   c.data.image_size = 224
   c.data.batch_per_subset = 64
+  c.data.rand_augment = 2              # RandAugment, 2 ops of magnitude 9 +- 0.5
   c.train.num_steps = 19_700           # 200 epochs x 98.5 steps
   c.optimizer.warmup_steps = 492       # 5 epochs
   c.train.checkpoint_every = 1_970     # every 20 epochs

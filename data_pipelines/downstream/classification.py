@@ -4,12 +4,10 @@ Static example, S = data.image_size, C = bands (after data.bands):
   image (S, S, C) of the release's pixel type (uint8 RGB; uint16 for EuroSAT's 13 bands);
   label () int32 (class index); is_real () bool; image_id () str (stem).
 Training: RandomResizedCrop to S (area 0.08-1, aspect 3/4-4/3, bicubic), horizontal flip 0.5,
+with data.rand_augment = n > 0 mmpretrain's RandAugment (timm "increasing", n ops, magnitude
+9 +- 0.5, fill = the rounded data.mean; downstream/rand_augment.py; uint8 RGB only), then
 RandomErasing 0.25 (area 0.02-1/3, aspect 0.3-3.3, per-pixel fill drawn from the dataset's
 mean/std). Evaluation: shorter side resized to S * 256 / 224 (bicubic), centre crop S.
-Not applied yet: mmpretrain's RandAugment (timm "increasing", 2 ops, magnitude 9 +- 0.5), which
-the original applies between flip and erasing. Its ops exist (downstream/rand_augment.py,
-checked op by op); with it the 30-step :smoke runs no longer reach their accuracy bounds, so
-wiring it in waits for smoke settings that still test learning.
 """
 
 import math
@@ -17,6 +15,7 @@ import math
 import cv2
 import numpy as np
 
+from data_pipelines.downstream import rand_augment as rand_augment_lib
 from data_pipelines.downstream import schema
 from data_pipelines.samrs.reader import image_stem
 
@@ -82,10 +81,12 @@ def eval_geometry(image, size: int):
   return image[y:y + size, x:x + size]
 
 
-def to_example(raw: bytes, *, image_size: int, mean, std, rng=None, bands=None, dtype="uint8") -> dict:
+def to_example(raw: bytes, *, image_size: int, mean, std, rng=None, bands=None, dtype="uint8",
+               rand_augment: int = 0) -> dict:
   """One record -> the static example of the module docstring (augmented when rng is given).
   bands: channel indices to keep (None: all); mean / std: one per kept band; dtype: the pixel
-  type the examples carry (a record of another type, or of other bands, is an error)."""
+  type the examples carry (a record of another type, or of other bands, is an error);
+  rand_augment: RandAugment ops per training image (0: none)."""
   record = schema.decode(raw)
   if record.label < 0:
     raise ValueError(f"{record.filename}: the record has no class label")
@@ -106,6 +107,9 @@ def to_example(raw: bytes, *, image_size: int, mean, std, rng=None, bands=None, 
     image = random_resized_crop(image, rng, image_size)
     if rng.uniform() < 0.5:
       image = image[:, ::-1]
+    if rand_augment:
+      image = rand_augment_lib.rand_augment(np.ascontiguousarray(image), rng, num_policies=rand_augment,
+                                            pad_val=tuple(int(round(m)) for m in mean))
     image = random_erasing(image, rng, mean, std)
   return {"image": np.ascontiguousarray(image), "label": np.int32(record.label),
           "is_real": np.bool_(True), "image_id": np.str_(image_stem(record.filename))}

@@ -13,6 +13,8 @@ Segmentation releases: SpaceNet v1 (`3band/3band_AOI_1_RIO_img<N>.tif` GeoTIFFs 
 geotransform tags, `geojson/Geo_AOI_1_RIO_img<N>.geojson` building polygons in lon/lat, bright
 roofs on green-brown ground) and LoveDA (`{Train,Val}/{Urban,Rural}/{images_png,masks_png}/
 <n>.png`, blobs of the 7 classes in distinct colours, mask 0 = no-data at the borders).
+Change releases: LEVIR-CD / WHU-CD / CDD pairs (write_change_pairs) and OSCD's Onera folders
+(write_oscd: 13 Sentinel-2 bands per date at their own resolutions).
 """
 
 import argparse
@@ -22,12 +24,11 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from data_pipelines.downstream import scene_folders
+from data_pipelines.downstream import scene_folders, sentinel2
 
 RELEASES = {"eurosat": (scene_folders.EUROSAT, 64, "{c}_{n}.jpg"),
             "eurosat_ms": (scene_folders.EUROSAT_MS, 64, "{c}_{n}.tif"),
             "resisc45": (scene_folders.RESISC45, 256, "{c}_{n:03d}.jpg")}
-SENTINEL2_RGB = (3, 2, 1)   # B04, B03, B02 among B01-B08, B8A, B09-B12
 
 # SpaceNet v1 Rio's geotransform scale (about 50 cm per pixel at 22.9 S): degrees per pixel.
 RIO_ORIGIN, RIO_DEGREES = (-43.68, -22.88), 4.5e-6
@@ -68,7 +69,7 @@ def multiband_scene(rgb: np.ndarray, bands: int, rng) -> np.ndarray:
   """(H, W, bands) uint16: `rgb` in the Sentinel-2 RGB bands (x 8 + 500), noise elsewhere."""
   h, w, _ = rgb.shape
   out = np.clip(rng.normal(1500, 200, (h, w, bands)), 0, 65535)
-  out[..., list(SENTINEL2_RGB)] = rgb.astype(np.float64) * 8 + 500
+  out[..., list(sentinel2.RGB)] = rgb.astype(np.float64) * 8 + 500
   return out.astype(np.uint16)
 
 
@@ -169,9 +170,53 @@ def write_change_pairs(out: str, label_folder: str = "label", per_split: int = 4
   return out
 
 
+OSCD_FOLDERS = tuple(f"Onera Satellite Change Detection dataset - {k}" for k in ("Images", "Train Labels", "Test Labels"))
+
+
+def write_oscd(out: str, train=("abudhabi", "beihai", "bercy"), test=("brasilia", "dubai"),
+               size=(100, 112), seed: int = 0) -> str:
+  """The Onera release's folders (OSCD_FOLDERS) for the given cities, each `size` (H, W) px at
+  10 m: train.txt / test.txt, per city imgs_{1,2}_rect/<band>.tif for the 13 bands (uint16; the
+  20 m and 60 m bands at 1/2 and 1/6 of the size, cv2 INTER_AREA), dates.txt, and the labels
+  cm/cm.png (0 / 255) and cm/<city>-cm.tif (1 / 2). Date 2 is date 1 with 2-3 bright new
+  buildings (the changed pixels, +1,500 in every band) and a small global shift."""
+  import cv2  # noqa: PLC0415
+  rng = np.random.default_rng(seed)
+  images, *labels = (os.path.join(out, f) for f in OSCD_FOLDERS)
+  h, w = size
+  for split, cities, label_root in (("train", train, labels[0]), ("test", test, labels[1])):
+    os.makedirs(images, exist_ok=True)
+    with open(os.path.join(images, f"{split}.txt"), "w") as f:
+      f.write(",".join(cities) + "\n")
+    for city in cities:
+      change = np.zeros((h, w), np.uint8)
+      for _ in range(int(rng.integers(2, 4))):
+        bh, bw = rng.integers(h // 6, h // 3), rng.integers(w // 6, w // 3)
+        y, x = rng.integers(0, h - bh), rng.integers(0, w - bw)
+        change[y:y + bh, x:x + bw] = 1
+      one = np.clip(np.array(sentinel2.L1C_MEAN) + rng.normal(0, 120, (h, w, 13)), 0, 65535)
+      two = one + 40 + change[..., None] * 1500.0
+      for date, pixels in ((1, one), (2, two)):
+        folder = os.path.join(images, city, f"imgs_{date}_rect")
+        os.makedirs(folder, exist_ok=True)
+        for i, band in enumerate(sentinel2.BANDS):
+          factor = sentinel2.METRES[band] // 10
+          plane = pixels[..., i].astype(np.float32)
+          if factor > 1:
+            plane = cv2.resize(plane, (-(-w // factor), -(-h // factor)), interpolation=cv2.INTER_AREA)
+          tifffile.imwrite(os.path.join(folder, f"{band}.tif"), np.round(plane).clip(0, 65535).astype(np.uint16))
+      with open(os.path.join(images, city, "dates.txt"), "w") as f:
+        f.write("date_1: 20151126\ndate_2: 20170925\n")
+      cm = os.path.join(label_root, city, "cm")
+      os.makedirs(cm, exist_ok=True)
+      Image.fromarray(change * 255).save(os.path.join(cm, "cm.png"))
+      tifffile.imwrite(os.path.join(cm, f"{city}-cm.tif"), change + 1)
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda"]))
+  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda", "oscd"]))
   parser.add_argument("--out", required=True)
   parser.add_argument("--per-class", type=int, default=12, help="scene releases: images per class")
   parser.add_argument("--images", type=int, default=12, help="spacenet1: tiles; loveda: per domain and split")
@@ -181,6 +226,8 @@ def main(argv=None):
     print(f"wrote {write_spacenet1(args.out, args.images, args.seed)}")
   elif args.dataset == "loveda":
     print(f"wrote {write_loveda(args.out, args.images, args.seed)}")
+  elif args.dataset == "oscd":
+    print(f"wrote {write_oscd(args.out, seed=args.seed)}")
   else:
     print(f"wrote {write_scene_release(args.dataset, args.out, args.per_class, args.seed)}")
 
