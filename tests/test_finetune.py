@@ -574,6 +574,9 @@ def test_oscd_cities_are_read_band_by_band_and_tiled(oscd_data):
   got = schema.decode_semantic(tile)
   np.testing.assert_array_equal(got[:, :16], (label[:96, 96:] > 0).astype(np.uint8))
   assert (got[:, 16:] == 255).all() and (schema.decode_semantic(records[2])[4:] == 255).all()
+  for where in (raw / "nowhere", raw / synthetic.OSCD_FOLDERS[1]):
+    with pytest.raises(DataError, match="holds no OSCD release"):
+      convert_cli.convert_release(convert_cli.RELEASES["oscd"], str(where), str(raw / "x"), log=lambda *_: None)
   with pytest.raises(DataError, match="montpellier.*neither train.txt nor test.txt"):
     convert_cli.convert_release(convert_cli.RELEASES["oscd"], str(raw), str(raw / "strict"), strict=True,
                                log=lambda *_: None)

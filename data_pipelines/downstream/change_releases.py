@@ -142,6 +142,8 @@ class OscdRelease:
   @staticmethod
   def _folders(root):
     """(images folder, {"train": labels folder, "test": labels folder})."""
+    if not os.path.isdir(root):
+      raise BadSample(f"{root!r} holds no OSCD release: no such folder")
     found = {}
     for top in (root, *[os.path.join(root, d) for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]):
       for entry in sorted(os.listdir(top)) if os.path.isdir(top) else ():
