@@ -7,6 +7,8 @@
     python -m data_pipelines.convert loveda   --root RAW/LoveDA --out DIR
     python -m data_pipelines.convert levir_cd --root RAW/LEVIR-CD --out DIR   (also whu_cd, cdd)
     python -m data_pipelines.convert oscd     --root RAW/OSCD --out DIR   (the Onera folders' parent)
+    python -m data_pipelines.convert dota_v1  --root RAW/DOTA --out DIR [--dota-split ss|ms]   (also dota_v2)
+    python -m data_pipelines.convert dior_r   --root RAW/DIOR --out DIR
     python -m data_pipelines.convert samrs    --root SAMRS --out DIR [SAMRS converter options]
 
 Each writes `<DIR>/<dataset>/<split>/` (data_pipelines/downstream/writer.py); a config's
@@ -16,16 +18,18 @@ dataset_info.json with the reason; `--strict` stops at the first instead.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from data_pipelines.downstream import change_releases, scene_folders, segmentation_releases
+from data_pipelines.downstream import change_releases, detection_releases, scene_folders, segmentation_releases
 from mtp_jax.errors import DataError
 
 RELEASES = {"eurosat": scene_folders.EUROSAT, "eurosat_ms": scene_folders.EUROSAT_MS, "resisc45": scene_folders.RESISC45,
             "spacenet1": segmentation_releases.SPACENET1, "loveda": segmentation_releases.LOVEDA,
             "levir_cd": change_releases.LEVIR_CD, "whu_cd": change_releases.WHU_CD, "cdd": change_releases.CDD,
-            "oscd": change_releases.OSCD}
+            "oscd": change_releases.OSCD, "dota_v1": detection_releases.DOTA_V1,
+            "dota_v2": detection_releases.DOTA_V2, "dior_r": detection_releases.DIOR_R}
 DATASETS = ("samrs", *RELEASES)
 
 
@@ -43,6 +47,8 @@ def convert_release(release, root: str, out: str, *, num_shards: int = 1, seed: 
     log(f"skipping {release.name} {path}: {reason}")
   settings = {"source_root": os.path.abspath(root), "seed": seed,
               "train_fraction": getattr(release, "train_fraction", None), "not_in_release": foreign}
+  if getattr(release, "split", None) is not None:
+    settings["patch_split"] = dataclasses.asdict(release.split)
   return {split: write_split(out, release.name, split, items,
                              lambda p, label: release.read(root, p, label), release.classes,
                              settings=settings, num_shards=num_shards, strict=strict, log=log)
@@ -62,10 +68,20 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0,
                       help="seed of the train/valid split of releases without one (EuroSAT, RESISC-45, SpaceNet)")
   parser.add_argument("--strict", action="store_true", help="stop at the first unusable sample")
+  parser.add_argument("--dota-split", choices=("ss", "ms"), default=None,
+                      help="DOTA: mmrotate's single-scale (gap 200) or multi-scale (rates 0.5/1/1.5, gap 500) "
+                           "1024-px patches (default: v1.0 ms, v2.0 ss, as MTP)")
+  parser.add_argument("--patch-size", type=int, default=0, help="DOTA: patch side in px (default 1024)")
+  parser.add_argument("--patch-gap", type=int, default=0, help="DOTA: patch overlap in px at rate 1 (default 200 ss, 500 ms)")
   args = parser.parse_args(argv)
+  release = RELEASES[args.dataset]
+  if args.dota_split or args.patch_size or args.patch_gap:
+    if not hasattr(release, "with_split"):
+      parser.error(f"--dota-split, --patch-size and --patch-gap apply to dota_v1 and dota_v2, not {args.dataset}")
+    release = release.with_split(args.dota_split, size=args.patch_size, gap=args.patch_gap)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
-    infos = convert_release(RELEASES[args.dataset], args.root, args.out,
+    infos = convert_release(release, args.root, args.out,
                            num_shards=args.num_shards, seed=args.seed, strict=args.strict)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -10,6 +10,8 @@ reader (samrs/reader.py `make_dataset`, `PretrainBatches`), and differs in the r
                         (downstream/classification.py)
   spacenet1, loveda     semantic segmentation (the `ss` task; downstream/segmentation.py)
   levir_cd, whu_cd, cdd, oscd  change detection (the `cd` task; downstream/change.py)
+  dota_v1, dota_v2, dior_r rotated detection (the `rd` task; downstream/detection.py), DOTA as
+                        1024-px patches of its large images
 """
 
 import functools
@@ -17,8 +19,8 @@ import functools
 import jax
 import numpy as np
 
-from data_pipelines.downstream import (change, change_releases, classification, scene_folders, segmentation,
-                                       segmentation_releases)
+from data_pipelines.downstream import (change, change_releases, classification, detection, detection_releases,
+                                       scene_folders, segmentation, segmentation_releases)
 from data_pipelines.samrs import augment, reader
 from data_pipelines.samrs.classes import subset as samrs_subset
 from mtp_jax.errors import DataError
@@ -68,6 +70,9 @@ class Source:
     if config.data.rand_augment and "cls" not in self.tasks:
       raise ConfigError(f"data.rand_augment = {config.data.rand_augment} augments scene-classification "
                         f"images; {config.data.dataset} has none (leave it 0)")
+    if config.data.rotate_prob and "rd" not in self.tasks:
+      raise ConfigError(f"data.rotate_prob = {config.data.rotate_prob} rotates detection images; "
+                        f"{config.data.dataset} has none (leave it 0)")
     if config.data.resize and "cd" not in self.tasks:
       raise ConfigError(f"data.resize = {config.data.resize} resizes change-detection pairs; "
                         f"{config.data.dataset} has none (leave it 0)")
@@ -233,13 +238,55 @@ class ChangeSource(ReleaseSource):
     return change.example_shapes(config.data.image_size, len(config.data.mean), self.release.pixel_dtype)
 
 
+class DetectionSource(ReleaseSource):
+  """Rotated detection (the `rd` task) on whole images or on the patches of large ones. Training
+  packs data.max_instances[dataset] objects per image; evaluation every object of the split."""
+
+  tasks = ("rd",)
+
+  def __init__(self, release, rect_classes=()):
+    super().__init__(release)
+    self.rect_classes = tuple(rect_classes)   # RandomRotate turns these images by multiples of 90
+
+  def eval_max_instances(self, config, subset):
+    return reader.eval_max_instances(config.data.dir, subset, config.eval.split)
+
+  def _parse(self, config, max_instances=None):
+    (subset,) = config.data.subsets
+    return functools.partial(
+        detection.to_example, image_size=config.data.image_size,
+        max_instances=max_instances or config.data.max_instances[subset],
+        flip_prob=config.data.augment.flip_prob, rotate_prob=config.data.rotate_prob,
+        rect_classes=self.rect_classes)
+
+  def eval_dataset(self, config, subset, tasks, batch_size, split):
+    return reader.make_dataset(
+        config.data.dir, subset, split, image_size=config.data.image_size, max_instances=0,
+        batch_size=batch_size, train=False, process_index=jax.process_index(),
+        process_count=jax.process_count(), max_corrupt_fraction=config.data.max_corrupt_fraction,
+        parse=self._parse(config, reader.eval_max_instances(config.data.dir, subset, split)))
+
+  def example_shapes(self, config):
+    (subset,) = config.data.subsets
+    return detection.example_shapes(config.data.image_size, self.eval_max_instances(config, subset))
+
+  def padding_batch(self, config, subset, tasks, batch_size):
+    out = super().padding_batch(config, subset, tasks, batch_size)
+    out["source_id"] = np.full((batch_size,), "", dtype=np.str_)
+    return out
+
+
 SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT),
            "eurosat_ms": SceneSource(scene_folders.EUROSAT_MS),
            "resisc45": SceneSource(scene_folders.RESISC45),
            "spacenet1": SegmentationSource(segmentation_releases.SPACENET1),
            "loveda": SegmentationSource(segmentation_releases.LOVEDA),
            "levir_cd": ChangeSource(change_releases.LEVIR_CD), "whu_cd": ChangeSource(change_releases.WHU_CD),
-           "cdd": ChangeSource(change_releases.CDD), "oscd": ChangeSource(change_releases.OSCD)}
+           "cdd": ChangeSource(change_releases.CDD), "oscd": ChangeSource(change_releases.OSCD),
+           # mmrotate's DOTA RandomRotate keeps storage tanks and roundabouts (classes 9, 11) upright
+           "dota_v1": DetectionSource(detection_releases.DOTA_V1, rect_classes=(9, 11)),
+           "dota_v2": DetectionSource(detection_releases.DOTA_V2, rect_classes=(9, 11)),
+           "dior_r": DetectionSource(detection_releases.DIOR_R)}
 
 
 def source(config) -> Source:

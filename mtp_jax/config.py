@@ -45,6 +45,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.data.image_size = 448             # S (§3.4)
   c.data.resize = 0                   # change detection: pairs resized to this first (0: as converted)
   c.data.rand_augment = 0             # scene classification: RandAugment ops per image (MTP: 2); 0 off
+  c.data.rotate_prob = 0.0            # rotated-detection finetuning: mmrotate's RandomRotate probability
   c.data.batch_per_subset = 32        # GLOBAL images per subset per step: 96 in all (§3.2)
   # Independent reader streams (0: one per process). The global batch is the concatenation of
   # the streams' batches, so fixing it (to the process count of a multi-host run) reproduces
@@ -90,6 +91,11 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.weight_decay = 0.05     # not on 1-D parameters, biases or pos_embed
   c.optimizer.warmup_steps = 0        # the original has no warmup
+  # 'cosine' to 0 over train.num_steps, or 'step': lr x decay_factor at each of decay_steps
+  # (mmdet's MultiStepLR, MTP's detection finetuning; mtp_jax/train/optimizer.py)
+  c.optimizer.schedule = "cosine"
+  c.optimizer.decay_steps = ()
+  c.optimizer.decay_factor = 0.1
   c.optimizer.grad_clip_norm = 5.0
   # Layer-wise lr decay (§3.5): lr x rate^(L + 1 - layer id) with patch_embed/pos_embed id 0,
   # block i id i + 1, everything else L + 1. The original's config asks for 0.9 in pretraining,
@@ -156,6 +162,27 @@ def finetune_defaults(dataset: str, task: str) -> ml_collections.ConfigDict:
   c.optimizer.b1, c.optimizer.b2 = 0.9, 0.999
   c.optimizer.weight_decay = 0.05
   c.optimizer.layer_decay = 0.9
+  if task == "rd":   # objects packed per training image (loop logs data/<dataset>/dropped_by_cap)
+    c.data.max_instances = ml_collections.ConfigDict({dataset: 1000})
+  return c
+
+
+def detection_finetune_defaults(dataset: str, *, image_size: int, batch: int, steps_per_epoch: int,
+                                epochs: int, decay_epochs: tuple) -> ml_collections.ConfigDict:
+  """MTP's rotated-detection finetuning (MTP_SPEC §5.2): Oriented R-CNN (§3.3) on ViT-B + RVSA,
+  AdamW lr 1e-4, 500 warmup steps, mmdet's step schedule (x 0.1 at `decay_epochs`), flips of
+  p 0.75; schedule lengths in steps of `batch` images."""
+  c = finetune_defaults(dataset, "rd")
+  c.data.image_size = image_size
+  c.data.batch_per_subset = batch
+  c.optimizer.lr = 1e-4
+  c.optimizer.warmup_steps = 500
+  c.optimizer.schedule = "step"
+  c.optimizer.decay_steps = tuple(e * steps_per_epoch for e in decay_epochs)
+  c.train.num_steps = epochs * steps_per_epoch
+  c.train.checkpoint_every = steps_per_epoch
+  c.train.log_every = 50
+  c.eval.batch_per_subset = 8
   return c
 
 
@@ -167,8 +194,10 @@ def finetune_options(arg) -> set:
 
   smoke   a tiny ViT+RVSA (3 blocks of width 64, patch 8, block 2 global) at 64 px (change
           detection: at the release's tile size unless data.resize), batch 8,
-          30 steps, lr 1e-3, no RandAugment, UperNet of 32 channels, UNet decoder 64/32/32/16, slide windows of 64 px every 48 on the
-          dataset's own canvas: checks a dataset's whole pipeline in minutes on a CPU
+          30 steps, lr 1e-3, no RandAugment, UperNet of 32 channels, UNet decoder 64/32/32/16,
+          an Oriented R-CNN of 32/64 channels with 2 x stride anchors and 32 objects per image,
+          slide windows of 64 px every 48 on the dataset's own canvas: checks a dataset's whole
+          pipeline in minutes on a CPU
   frozen  the encoder frozen (model.freeze_encoder): linear probing / frozen-backbone finetuning
   """
   options = set(filter(None, (arg or "").split("+")))
@@ -203,6 +232,13 @@ def apply_finetune_options(c, options: set):
     c.eval.report_images = 3
     c.tasks.ss.channels = 32
     c.tasks.cd.decoder_channels = (64, 32, 32, 16)
+    if c.tasks.rd.enabled:   # a small Oriented R-CNN, anchors of 2 x stride for the 64-px images
+      c.tasks.rd.update(dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64,
+                             train_proposals=256, test_proposals=256, rcnn_samples=64,
+                             max_detections=100, max_candidates=1000))
+      (subset,) = c.data.subsets
+      c.data.max_instances[subset] = 32
+      c.optimizer.decay_steps = (20, 27) if c.optimizer.schedule == "step" else ()
     if c.eval.slide_window:   # slide windows of the smoke's input size, on the dataset's canvas
       c.eval.slide_window, c.eval.slide_stride = 64, 48
   if "frozen" in options:
@@ -223,6 +259,8 @@ def validate(config, defaults=None):
   """Raises ConfigError if `config` holds keys that `defaults` lacks, or invalid values."""
   defaults = defaults or pretrain_defaults()
   known = set(_key_paths(defaults))
+  # data.max_instances holds one entry per subset: a finetuning dataset's own name is known too
+  known |= {f"data.max_instances.{s}" for s in config.data.subsets}
   unknown = [k for k in _key_paths(config) if k not in known]
   if unknown:
     hints = []
@@ -248,6 +286,11 @@ def validate(config, defaults=None):
     raise ConfigError(f"mesh.shape {tuple(config.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
   if config.optimizer.grad_accum_steps < 1:
     raise ConfigError(f"optimizer.grad_accum_steps = {config.optimizer.grad_accum_steps} must be >= 1")
+  if config.optimizer.schedule not in ("cosine", "step"):
+    raise ConfigError(f"optimizer.schedule {config.optimizer.schedule!r} is not 'cosine' or 'step'")
+  if config.optimizer.decay_steps and config.optimizer.schedule != "step":
+    raise ConfigError(f"optimizer.decay_steps {tuple(config.optimizer.decay_steps)} apply to "
+                      "optimizer.schedule='step' only")
   if not 0 < config.optimizer.layer_decay <= 1:
     raise ConfigError(f"optimizer.layer_decay = {config.optimizer.layer_decay} must be in (0, 1]")
   from data_pipelines import sources  # noqa: PLC0415 (pulls in grain)

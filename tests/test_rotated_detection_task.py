@@ -55,7 +55,7 @@ def test_dota_task1_files_hold_every_detection_of_every_class(trained, tfrecord_
   for s in SUBSETS:
     folder = os.path.join(workdir, "report", "dota_task1", s)
     names = list(subset(s).classes)
-    assert sorted(os.listdir(folder)) == sorted(f"Task1_{n}.txt" for n in names)
+    assert sorted(os.listdir(folder)) == sorted([f"Task1_{n}.txt" for n in names] + ["Task1.zip"])
     lines = [l.split() for n in names for l in open(os.path.join(folder, f"Task1_{n}.txt"))]
     assert all(len(l) == 10 for l in lines)
     assert len(lines) == sum(results["eval"][s]["rd"]["num_detections"].values()) > 0   # every one

@@ -11,6 +11,15 @@ Keys:
   semantic/encoded segmentation, change detection (0 unchanged, 1 changed): PNG, uint8, the training label (0 = background, k + 1 = object
                    class k, 255 = ignored: the `ss` task's convention), already mapped from the
                    release's own values by its reader (e.g. LoveDA's reduce_zero_label)
+  objects/polygon  detection: 8 floats per object, its 4 corners (x1 y1 ... x4 y4) in pixels of
+                   this image in the release's order (DOTA's, DIOR-R's clockwise from the top
+                   left); horizontal boxes are written as their 4 corners too
+  objects/label    detection: the object's class index; objects/difficult: 0, 1 (the
+                   release's difficult flag) or 2 (cut by the split of a large image: mmrotate's
+                   img_split marks an object that a patch holds only in part so)
+  image/meta       detection: JSON of the release's per-image header (DOTA's imagesource, gsd)
+  patch/source     a patch of a large image (downstream/dota_split.py): the source image's id;
+  patch/x, patch/y the window's top-left corner in source pixels; patch/size its side
 Encoding and parsing need no TensorFlow (`tensorflow_datasets.proto`).
 """
 
@@ -33,6 +42,19 @@ class DownstreamRecord:
   label: int = -1                 # classification; -1 when the dataset has none
   semantic_bytes: bytes = b""     # segmentation: PNG of the label map; b"" when none
   image2_bytes: bytes = b""       # change detection: the second date; b"" when none
+  polygons: np.ndarray | None = None     # detection: (N, 4, 2) float32 corners; None: no objects field
+  object_labels: np.ndarray | None = None  # (N,) int classes
+  difficult: np.ndarray | None = None    # (N,) int 0 / 1 / 2 (see the module docstring)
+  meta: str = ""                  # detection: JSON of the release's image header
+  patch_source: str = ""          # a patch: the source image's id ("" for whole images)
+  patch_x: int = 0
+  patch_y: int = 0
+  patch_size: int = 0
+  # Not encoded (the writer's): the source image's whole annotation, on the first patch of a
+  # split image ({"id", "width", "height", "polygons", "labels", "difficult", "meta"}), and the
+  # objects the reader dropped, [(where, reason)].
+  source_annotation: dict | None = None
+  dropped: list = dataclasses.field(default_factory=list)
 
 
 def encode(record: DownstreamRecord) -> bytes:
@@ -50,6 +72,16 @@ def encode(record: DownstreamRecord) -> bytes:
     f["semantic/encoded"].bytes_list.value.append(record.semantic_bytes)
   if record.image2_bytes:
     f["image2/encoded"].bytes_list.value.append(record.image2_bytes)
+  if record.polygons is not None:
+    n = len(record.polygons)
+    f["objects/polygon"].float_list.value.extend(np.asarray(record.polygons, np.float32).reshape(-1).tolist())
+    f["objects/label"].int64_list.value.extend(np.asarray(record.object_labels, np.int64).reshape(n).tolist())
+    f["objects/difficult"].int64_list.value.extend(np.asarray(record.difficult, np.int64).reshape(n).tolist())
+    f["image/meta"].bytes_list.value.append(record.meta.encode())
+  if record.patch_source:
+    f["patch/source"].bytes_list.value.append(record.patch_source.encode())
+    for key, value in (("patch/x", record.patch_x), ("patch/y", record.patch_y), ("patch/size", record.patch_size)):
+      f[key].int64_list.value.append(int(value))
   return example.SerializeToString(deterministic=True)
 
 
@@ -63,13 +95,26 @@ def decode(raw: bytes) -> DownstreamRecord:
     raise ValueError(f"record lacks the finetuning keys {missing}")
   text = lambda key: f[key].bytes_list.value[0].decode()
   number = lambda key: int(f[key].int64_list.value[0])
+  objects = {}
+  if "objects/polygon" in f or "objects/label" in f:
+    polygons = np.asarray(f["objects/polygon"].float_list.value, np.float32)
+    labels = np.asarray(f["objects/label"].int64_list.value, np.int64)
+    difficult = np.asarray(f["objects/difficult"].int64_list.value, np.int64)
+    if polygons.size != 8 * len(labels) or len(difficult) != len(labels):
+      raise ValueError(f"record {text('image/filename')!r}: {polygons.size} polygon values, "
+                       f"{len(labels)} labels and {len(difficult)} difficult flags do not match")
+    objects = {"polygons": polygons.reshape(-1, 4, 2), "object_labels": labels.astype(np.int32),
+               "difficult": difficult.astype(np.int32), "meta": text("image/meta") if "image/meta" in f else ""}
+  if "patch/source" in f:
+    objects.update(patch_source=text("patch/source"), patch_x=number("patch/x"), patch_y=number("patch/y"),
+                   patch_size=number("patch/size"))
   return DownstreamRecord(
       image_bytes=f["image/encoded"].bytes_list.value[0], height=number("image/height"),
       width=number("image/width"), channels=number("image/channels"),
       filename=text("image/filename"), dataset=text("dataset"), image_format=text("image/format"),
       dtype=text("image/dtype"), label=number("label"),
       semantic_bytes=f["semantic/encoded"].bytes_list.value[0] if "semantic/encoded" in f else b"",
-      image2_bytes=f["image2/encoded"].bytes_list.value[0] if "image2/encoded" in f else b"")
+      image2_bytes=f["image2/encoded"].bytes_list.value[0] if "image2/encoded" in f else b"", **objects)
 
 
 def decode_image(record: DownstreamRecord, date: int = 1) -> np.ndarray:

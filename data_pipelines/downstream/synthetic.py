@@ -15,6 +15,10 @@ roofs on green-brown ground) and LoveDA (`{Train,Val}/{Urban,Rural}/{images_png,
 <n>.png`, blobs of the 7 classes in distinct colours, mask 0 = no-data at the borders).
 Change releases: LEVIR-CD / WHU-CD / CDD pairs (write_change_pairs) and OSCD's Onera folders
 (write_oscd: 13 Sentinel-2 bands per date at their own resolutions).
+Rotated-detection releases: DOTA (write_dota: `{train,val}/images/P<n>.png` + `labelTxt/P<n>.txt`
+with the imagesource / gsd header lines and difficult flags, `test/images/`) and DIOR-R
+(write_dior_r: JPEGs, `Annotations/Oriented Bounding Boxes/<n>.xml`, `ImageSets/Main/*.txt`);
+objects are rotated rectangles in their class's colour and aspect on a textured ground.
 """
 
 import argparse
@@ -214,9 +218,105 @@ def write_oscd(out: str, train=("abudhabi", "beihai", "bercy"), test=("brasilia"
   return out
 
 
+def detection_scene(rng, width: int, height: int, num_classes: int, count: int, sides=(16, 40)):
+  """(image (H, W, 3) uint8, polygons (N, 4, 2) clockwise from the box's top left, labels (N,)):
+  `count` rotated rectangles wholly inside the image, class k in its own colour and aspect."""
+  from mtp_jax.ops import boxes  # noqa: PLC0415
+  y, x = np.mgrid[:height, :width]
+  image = 90 + 20 * np.sin(x / 7.0)[..., None] * np.cos(y / 11.0)[..., None] + rng.normal(0, 6, (height, width, 3))
+  polygons, labels = [], []
+  for _ in range(count * 20):
+    if len(labels) == count:
+      break
+    label = int(rng.integers(num_classes))
+    long = rng.uniform(*sides)
+    w, h = long, long / (1.0 + 0.8 * (label % 3))
+    rbox = np.array([rng.uniform(0, width), rng.uniform(0, height), w, h, rng.uniform(-np.pi / 2, np.pi / 2)])
+    poly = boxes.rbox_to_poly(rbox)
+    if poly[:, 0].min() < 1 or poly[:, 1].min() < 1 or poly[:, 0].max() > width - 1 or poly[:, 1].max() > height - 1:
+      continue
+    # pixels whose centres lie in the box
+    dx, dy = x + 0.5 - rbox[0], y + 0.5 - rbox[1]
+    u = dx * np.cos(rbox[4]) + dy * np.sin(rbox[4])
+    v = -dx * np.sin(rbox[4]) + dy * np.cos(rbox[4])
+    inside = (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
+    hue = 2 * np.pi * label / num_classes
+    image[inside] = 127 + 110 * np.array([np.cos(hue), np.cos(hue + 2.1), np.cos(hue + 4.2)])
+    polygons.append(np.round(poly, 1))
+    labels.append(label)
+  return (np.clip(image, 0, 255).astype(np.uint8), np.asarray(polygons, np.float64).reshape(-1, 4, 2),
+          np.asarray(labels, np.int64))
+
+
+def write_dota(out: str, classes=None, per_split=(("train", 6), ("val", 3), ("test", 2)), size=(200, 280),
+               seed: int = 0, objects: int = 8) -> str:
+  """A DOTA release under `<out>/DOTA` (module docstring), images of size (height, width); class
+  names from `classes` (default DOTA-v1.0's, all used); every third image's gsd is 'null' and one
+  object in five is difficult. Returns the release folder."""
+  from data_pipelines.downstream.detection_releases import DOTA_V1_CLASSES  # noqa: PLC0415
+  classes = tuple(classes or DOTA_V1_CLASSES)
+  rng = np.random.default_rng(seed)
+  top, n = os.path.join(out, "DOTA"), 0
+  for split, count in per_split:
+    os.makedirs(os.path.join(top, split, "images"), exist_ok=True)
+    if split != "test":
+      os.makedirs(os.path.join(top, split, "labelTxt"), exist_ok=True)
+    for _ in range(count):
+      image, polys, labels = detection_scene(rng, size[1], size[0], len(classes), objects)
+      stem = f"P{n:04d}"
+      Image.fromarray(image).save(os.path.join(top, split, "images", stem + ".png"))
+      if split != "test":
+        lines = ["imagesource:GoogleEarth", "gsd:null" if n % 3 == 0 else f"gsd:{0.1 + 0.01 * n:.6f}"]
+        for i, (p, c) in enumerate(zip(polys, labels)):
+          lines.append(" ".join(f"{v:.1f}" for v in p.reshape(-1)) + f" {classes[c]} {int(i % 5 == 4)}")
+        with open(os.path.join(top, split, "labelTxt", stem + ".txt"), "w") as f:
+          f.write("\n".join(lines) + "\n")
+      n += 1
+  return top
+
+
+def write_dior_r(out: str, classes: int = 0, per_split=(("train", 6), ("val", 2), ("test", 4)), size: int = 128,
+                 seed: int = 0, objects: int = 6) -> str:
+  """A DIOR-R release under `<out>/DIOR` (module docstring): JPEGs of size x size, the first
+  `classes` DIOR classes (0: all 20). Returns the release folder."""
+  from data_pipelines.downstream.detection_releases import DIOR_CLASSES, DIOR_CORNERS  # noqa: PLC0415
+  names = DIOR_CLASSES[:classes] if classes else DIOR_CLASSES
+  rng = np.random.default_rng(seed)
+  top = os.path.join(out, "DIOR")
+  notes = os.path.join(top, "Annotations", "Oriented Bounding Boxes")
+  for folder in (notes, os.path.join(top, "ImageSets", "Main"), os.path.join(top, "JPEGImages-trainval"),
+                 os.path.join(top, "JPEGImages-test")):
+    os.makedirs(folder, exist_ok=True)
+  n = 1
+  for split, count in per_split:
+    stems = []
+    for _ in range(count):
+      image, polys, labels = detection_scene(rng, size, size, len(names), objects, sides=(14, 36))
+      stem = f"{n:05d}"
+      folder = "JPEGImages-test" if split == "test" else "JPEGImages-trainval"
+      Image.fromarray(image).save(os.path.join(top, folder, stem + ".jpg"), quality=95)
+      objs = []
+      for p, c in zip(polys, labels):
+        corners = "".join(f"<x_{k}>{p[i, 0]:.1f}</x_{k}><y_{k}>{p[i, 1]:.1f}</y_{k}>" for i, k in enumerate(DIOR_CORNERS))
+        # the release spells some classes in mixed case (Expressway-Service-area)
+        name = names[c].title() if names[c].startswith("expressway") else names[c]
+        objs.append(f"  <object>\n    <name>{name}</name>\n    <pose>Unspecified</pose>\n"
+                    f"    <truncated>0</truncated>\n    <difficult>0</difficult>\n"
+                    f"    <robndbox>{corners}</robndbox>\n    <angle>0</angle>\n  </object>\n")
+      with open(os.path.join(notes, stem + ".xml"), "w") as f:
+        f.write(f"<annotation>\n  <filename>{stem}.jpg</filename>\n  <source><database>DIOR</database></source>\n"
+                f"  <size><width>{size}</width><height>{size}</height><depth>3</depth></size>\n"
+                f"{''.join(objs)}</annotation>\n")
+      stems.append(stem)
+      n += 1
+    with open(os.path.join(top, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+      f.write("\n".join(stems) + "\n")
+  return top
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda", "oscd"]))
+  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda", "oscd", "dota", "dior_r"]))
   parser.add_argument("--out", required=True)
   parser.add_argument("--per-class", type=int, default=12, help="scene releases: images per class")
   parser.add_argument("--images", type=int, default=12, help="spacenet1: tiles; loveda: per domain and split")
@@ -228,6 +328,10 @@ def main(argv=None):
     print(f"wrote {write_loveda(args.out, args.images, args.seed)}")
   elif args.dataset == "oscd":
     print(f"wrote {write_oscd(args.out, seed=args.seed)}")
+  elif args.dataset == "dota":
+    print(f"wrote {write_dota(args.out, seed=args.seed)}")
+  elif args.dataset == "dior_r":
+    print(f"wrote {write_dior_r(args.out, seed=args.seed)}")
   else:
     print(f"wrote {write_scene_release(args.dataset, args.out, args.per_class, args.seed)}")
 

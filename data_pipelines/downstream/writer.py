@@ -19,6 +19,8 @@ from data_pipelines.samrs.convert import INFO_FILE, _write_json, _write_shard, s
 from data_pipelines.downstream import schema
 from mtp_jax.errors import DataError
 
+SOURCES_FILE = "sources.json"
+
 
 def write_split(out: str, dataset: str, split: str, items: list, read, class_names, *,
                 settings: dict, num_shards: int = 1, strict: bool = False, log=print) -> dict:
@@ -46,6 +48,7 @@ def write_split(out: str, dataset: str, split: str, items: list, read, class_nam
   os.makedirs(split_dir, exist_ok=True)
   num_shards = max(1, min(num_shards, len(items)))
   shards, skipped, labels = [], [], []
+  object_labels, dropped, sources, most, has_objects = [], [], {}, 0, False
   for i, chunk in enumerate(np.array_split(np.arange(len(items)), num_shards)):
     records = []
     for j in chunk:
@@ -58,9 +61,22 @@ def write_split(out: str, dataset: str, split: str, items: list, read, class_nam
         skipped.append({"sample": path, "reason": str(e)})
         log(f"skipping {dataset}/{split} {path}: {e}")
         continue
-      for one in record if isinstance(record, list) else [record]:   # a tiled sample: its tiles
+      record = record if isinstance(record, list) else [record]   # a tiled sample: its tiles
+      lost = [d for one in record for d in one.dropped]
+      if lost and strict:
+        raise DataError(f"{dataset}/{split} sample {path!r}: {lost[0][0]}: {lost[0][1]}")
+      for where, reason in lost:
+        dropped.append({"object": where, "reason": reason})
+        log(f"dropping {dataset}/{split} {where}: {reason}")
+      for one in record:
         records.append(schema.encode(one))
         labels.append(one.label)
+        if one.object_labels is not None:
+          has_objects = True
+          object_labels.extend(np.asarray(one.object_labels).tolist())
+          most = max(most, len(one.object_labels))
+        if one.source_annotation is not None:
+          sources[one.source_annotation["id"]] = one.source_annotation
     name = shard_name(dataset, split, i, num_shards)
     _write_shard(os.path.join(split_dir, name), records)
     shards.append({"file": name, "num_examples": len(records),
@@ -68,9 +84,17 @@ def write_split(out: str, dataset: str, split: str, items: list, read, class_nam
   if not labels:
     raise DataError(f"no usable sample in {dataset}/{split} ({len(skipped)} skipped)")
   counts = np.bincount([l for l in labels if l >= 0], minlength=len(class_names))
+  detection = {}
+  if has_objects:
+    detection = {"objects_per_class": {c: int(n) for c, n in zip(
+                     class_names, np.bincount(object_labels, minlength=len(class_names)))},
+                 "max_instances_per_image": most, "dropped_objects": dropped}
+  if sources:
+    detection["sources_file"] = SOURCES_FILE
+    _write_json(os.path.join(split_dir, SOURCES_FILE), sources)
   info = {"dataset": dataset, "split": split, "class_names": list(class_names),
           "num_examples": len(labels),
           "examples_per_class": {c: int(n) for c, n in zip(class_names, counts)},
-          "shards": shards, "skipped": skipped, "signature": signature}
+          "shards": shards, "skipped": skipped, **detection, "signature": signature}
   _write_json(info_path, info)
   return info

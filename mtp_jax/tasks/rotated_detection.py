@@ -7,21 +7,30 @@ oriented_rcnn.py) returns the four loss components of each subset, logged as
 `rd/<subset>/{rpn_cls, rpn_bbox, cls, bbox}`.
 
 Evaluation: DOTA task-1 mAP (VOC07 11-point, IoU > 0.5; `mtp_jax.metrics.dota_map`) per subset
-over the valid split, against the FULL ground truth of each image (the evaluation reader packs
-every instance, never the training cap). Detections and ground truth are in pixels of the
-evaluated image (longer side resized to the training size, MTP_SPEC §3.4 validation). The DOTA
-Task1 submission files are written per subset:
+over the evaluated split, against the FULL ground truth of each image (the evaluation reader
+packs every instance, never the training cap); objects flagged difficult (finetuning releases)
+are ignored, as the DOTA devkit does. Detections and ground truth are in pixels of the evaluated
+image (longer side resized to the training size, MTP_SPEC §3.4 validation).
+With `merge_patches` (DOTA, cut into patches by the converter), each patch's detections are
+mapped back onto its source image and merged by rotated NMS (IoU 0.1), and each source image is
+scored against its whole annotation in source pixels (`mtp_jax.metrics.patch_merge`), the
+protocol of mmrotate's merged DOTA evaluation and of the online server.
+The DOTA Task1 submission files are written per subset:
 `<workdir>/report/dota_task1/<subset>/Task1_<class name>.txt`, one line per detection,
-`<image stem> <score> x1 y1 x2 y2 x3 y3 x4 y4` (corners in pixels of the evaluated image).
+`<image id> <score> x1 y1 x2 y2 x3 y3 x4 y4` (the source image's id and pixels when merged, else
+the evaluated image's), and zipped beside them as `Task1.zip`, the file the server takes. Ours:
+scores keep 6 decimals where mmrotate rounds to 2 (ties reorder the server's ranking).
 """
 
 import dataclasses
 import os
+import zipfile
 
 import ml_collections
 import numpy as np
 
-from mtp_jax.metrics import drawing
+from mtp_jax.metrics import drawing, patch_merge
+from mtp_jax.metrics.per_image import PerImageEvaluator
 from mtp_jax.metrics.rotated_detection import DotaEvaluator
 from mtp_jax.models.detection.roi_head import RoIConfig
 from mtp_jax.models.detection.rpn import RPNConfig
@@ -54,6 +63,7 @@ class RotatedDetection(TwoStageDetectionTask):
         "max_candidates": 10000,       # (proposal, class) pairs entering that NMS (static shapes)
         "init": "mtp",                 # 'mtp': the inits MTP really starts from; 'mmdet': init_cfg
         "report_score": 0.3,           # detections drawn in the report pictures
+        "merge_patches": False,        # score merged source images (datasets cut into patches)
     })
 
   def _head_configs(self):
@@ -124,11 +134,14 @@ def detections_per_class(rboxes, scores, labels, valid, num_classes: int) -> lis
 
 
 class _DotaEvaluation:
-  """Per subset, a DotaEvaluator of the images this process evaluated, gathered at the end."""
+  """Per subset, a DotaEvaluator of the images this process evaluated, gathered at the end; with
+  merge_patches, of the source images their patches merge into (module docstring)."""
 
   def __init__(self, task: RotatedDetection):
     self.task = task
+    self.merge = bool(task.task_config.merge_patches)
     self.evaluators = {s: DotaEvaluator(task.num_classes[s], task.class_names[s]) for s in task.subsets}
+    self.patches = {s: PerImageEvaluator() for s in task.subsets}
     self._gathered = False
 
   def add(self, sums: dict, per_image: dict, raw: dict):
@@ -137,26 +150,55 @@ class _DotaEvaluation:
       dets = {k: local_rows(v) for k, v in outputs.items()}
       ex = raw[s]
       for i in np.flatnonzero(ex["is_real"]):
-        keep = ex["rbox_valid"][i].astype(bool)
-        annotation = {"rboxes": ex["rboxes"][i][keep].astype(np.float64), "labels": ex["labels"][i][keep]}
         per_class = detections_per_class(dets["rboxes"][i], dets["scores"][i], dets["labels"][i],
                                          dets["valid"][i], self.task.num_classes[s])
+        if self.merge:
+          if "patch_origin" not in ex:
+            raise ValueError(f"tasks.rd.merge_patches: the {s} examples carry no patch_origin "
+                             "(not a dataset cut into patches)")
+          moved = [patch_merge.to_source(d, ex["patch_origin"][i], ex["patch_scale"][i]) for d in per_class]
+          self.patches[s].add(str(ex["image_id"][i]), str(ex["source_id"][i]), moved)
+          continue
+        keep = ex["rbox_valid"][i].astype(bool)
+        annotation = {"rboxes": ex["rboxes"][i][keep].astype(np.float64), "labels": ex["labels"][i][keep]}
+        if "difficult" in ex:
+          annotation["difficult"] = ex["difficult"][i][keep]
         self.evaluators[s].add(str(ex["image_id"][i]), per_class, annotation)
+
+  def _merge(self, s):
+    """The gathered patches of subset s merged into its DotaEvaluator of source images."""
+    config = self.task.config
+    sources = patch_merge.load_sources(os.path.join(config.data.dir, s, config.eval.split))
+    patches = self.patches[s]
+    ordered = [patches.images[p] for p in sorted(patches.images)]
+    merged = patch_merge.merge_patches(ordered, self.task.num_classes[s])
+    for source in sorted(merged):
+      if source not in sources:
+        raise ValueError(f"patches of {source!r} were evaluated, but {s}/{config.eval.split}/"
+                         "sources.json does not hold that image")
+      a = sources[source]
+      self.evaluators[s].add(source, merged[source], {k: a[k] for k in ("rboxes", "labels", "difficult")})
 
   def results(self) -> dict:
     if not self._gathered:   # a collective: every process calls results() once
-      for e in self.evaluators.values():
-        e.gather()
+      for s in self.task.subsets:
+        if self.merge:
+          self.patches[s].gather()
+          self._merge(s)
+        else:
+          self.evaluators[s].gather()
       self._gathered = True
     return {s: e.result() for s, e in self.evaluators.items()}
 
   def write_dota_task1(self, folder: str) -> dict:
-    """DOTA Task1 files per subset and class (module docstring); {"<subset>": folder}."""
+    """DOTA Task1 files per subset and class, and their Task1.zip (module docstring);
+    {"<subset>": folder}."""
     out = {}
     for s, e in self.evaluators.items():
       sub = os.path.join(folder, s)
       os.makedirs(sub, exist_ok=True)
       ids = sorted(e.images)
+      files = []
       for c, name in enumerate(self.task.class_names[s]):
         lines = []
         for image_id in ids:
@@ -164,7 +206,32 @@ class _DotaEvaluation:
           for d in dets[np.argsort(-dets[:, 5], kind="stable")]:
             corners = rbox_to_poly(d[:5]).reshape(-1)
             lines.append(f"{image_id} {d[5]:.6f} " + " ".join(f"{v:.2f}" for v in corners))
-        with open(os.path.join(sub, f"Task1_{name}.txt"), "w") as f:
+        files.append(os.path.join(sub, f"Task1_{name}.txt"))
+        with open(files[-1], "w") as f:
           f.write("".join(line + "\n" for line in lines))
+      with zipfile.ZipFile(os.path.join(sub, "Task1.zip"), "w", zipfile.ZIP_DEFLATED) as z:
+        for path in files:
+          z.write(path, os.path.basename(path))
       out[s] = sub
     return out
+
+
+def read_dota_task1(folder: str, class_names) -> dict:
+  """Task1 files (or their Task1.zip) -> {image id: [(N_c, 9) [score, x1, y1, ..., x4, y4] per class]}."""
+  out = {}
+  zipped = os.path.join(folder, "Task1.zip")
+  archive = zipfile.ZipFile(zipped) if os.path.isfile(zipped) else None
+  try:
+    for c, name in enumerate(class_names):
+      file = f"Task1_{name}.txt"
+      text = (archive.read(file).decode() if archive else open(os.path.join(folder, file)).read())
+      for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if len(parts) != 10:
+          raise ValueError(f"{file} line {n}: expected an image id, a score and 8 coordinates")
+        per_class = out.setdefault(parts[0], [np.zeros((0, 9)) for _ in class_names])
+        per_class[c] = np.concatenate([per_class[c], np.asarray([parts[1:]], np.float64)])
+  finally:
+    if archive:
+      archive.close()
+  return out

@@ -1,0 +1,324 @@
+"""Rotated-detection releases of MTP's finetuning (MTP_SPEC §5.2), read in their native layouts.
+
+    DOTA-v1.0 / v2.0:  <root>/{train,val}/images/P<n>.png + <root>/{train,val}/labelTxt/P<n>.txt,
+                       <root>/test/images/ (no labels); the label archives unpack into labelTxt/.
+                       A label file: optional header lines `imagesource:<source>` and
+                       `gsd:<metres per pixel or null>`, then one object per line
+                       `x1 y1 x2 y2 x3 y3 x4 y4 <class> <difficult 0/1>`. 15 / 18 classes.
+                       Every image is cut into 1024-px patches (downstream/dota_split.py): v1.0
+                       multi-scale (rates 0.5, 1.0, 1.5, gap 500: MTP's split_ms_dotav1), v2.0
+                       single-scale (gap 200: split_ss_dotav2); `--dota-split ss|ms` chooses.
+    DIOR-R:            <root>/JPEGImages-trainval/<n>.jpg, <root>/JPEGImages-test/<n>.jpg,
+                       <root>/Annotations/Oriented Bounding Boxes/<n>.xml (`<object><name>`,
+                       `<difficult>`, `<robndbox><x_left_top>...<y_left_bottom>`), and
+                       <root>/ImageSets/Main/{train,val,test}.txt. 800 x 800, 20 classes.
+Splits: DOTA train -> train, val -> valid, test -> test (MTP trains on train + val and scores
+test online; here val is held out to measure). DIOR-R train + val -> train (MTP's trainval),
+test -> test, the split MTP reports.
+Objects: a polygon that is not finite, has fewer than 3 distinct corners or no area, an unknown
+class, or lies wholly outside the image is named and dropped (the image is kept); `--strict`
+refuses the image instead. Patches of the training split without objects are not written
+(mmrotate's filter_empty_gt); every patch of the other splits is. The first patch of each image
+carries the image's whole annotation, which the writer keeps in the split's sources.json for
+scoring merged detections (mtp_jax/metrics/patch_merge.py).
+"""
+
+import dataclasses
+import json
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines.downstream import dota_split
+from data_pipelines.downstream.scene_folders import BadSample
+from data_pipelines.downstream.schema import DownstreamRecord, encode_png
+from data_pipelines.samrs.classes import SIOR_CLASSES
+
+DOTA_V1_CLASSES = ("plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle",
+                   "large-vehicle", "ship", "tennis-court", "basketball-court", "storage-tank",
+                   "soccer-ball-field", "roundabout", "harbor", "swimming-pool", "helicopter")
+DOTA_V2_CLASSES = DOTA_V1_CLASSES + ("container-crane", "airport", "helipad")
+DIOR_CLASSES = SIOR_CLASSES   # mmrotate's DIORDataset order (the SAMRS SIOR subset's)
+DIOR_CORNERS = ("left_top", "right_top", "right_bottom", "left_bottom")
+
+Image.MAX_IMAGE_PIXELS = None   # DOTA-v2.0 holds 20,000 x 20,000 px scenes
+
+
+def _open_rgb(path: str, relative: str):
+  if not os.path.isfile(path):
+    raise BadSample(f"{relative}: the image is missing")
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+    import io  # noqa: PLC0415
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+  except Exception as e:  # noqa: BLE001 (any unreadable image)
+    raise BadSample(f"{relative}: the image is unreadable ({type(e).__name__}: {e})") from None
+  return data, image
+
+
+def check_objects(polygons, names, classes, width: int, height: int, where: str):
+  """(kept indices, labels of the kept, [(where, reason)] of the dropped) (module docstring)."""
+  keep, labels, dropped = [], [], []
+  index = {c: i for i, c in enumerate(classes)}
+  for i, (poly, name) in enumerate(zip(polygons, names)):
+    what = f"{where} object {i + 1} ({name})"
+    reason = None
+    if name not in index:
+      reason = f"class {name!r} is not one of the {len(classes)} classes"
+    elif not np.isfinite(poly).all():
+      reason = "its polygon holds NaN or inf"
+    elif len({tuple(p) for p in np.round(poly, 6).tolist()}) < 3:
+      reason = "its polygon has fewer than 3 distinct corners"
+    else:
+      x, y = poly[:, 0], poly[:, 1]
+      if abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2 <= 0:
+        reason = "its polygon has no area"
+      elif x.max() <= 0 or y.max() <= 0 or x.min() >= width or y.min() >= height:
+        reason = f"it lies outside the {width}x{height} image"
+    if reason:
+      dropped.append((what, reason))
+    else:
+      keep.append(i)
+      labels.append(index[name])
+  return np.asarray(keep, np.int64), np.asarray(labels, np.int32), dropped
+
+
+class _DetectionRelease:
+  """What the detection releases share: records of whole images or of their patches."""
+
+  name = ""
+  classes = ()
+  bands, pixel_dtype = 3, "uint8"
+  split = None   # a dota_split.SplitConfig: images cut into patches; None: whole images
+
+  def _records(self, relative, data, image, polygons, labels, difficult, meta: dict, dropped, train: bool):
+    h, w = image.shape[:2]
+    source_id = os.path.splitext(os.path.basename(relative))[0]
+    meta_text = json.dumps(meta, sort_keys=True)
+    if self.split is None:
+      if train and not len(labels):
+        raise BadSample(f"{relative}: no object to learn from (mmrotate's filter_empty_gt)")
+      return DownstreamRecord(image_bytes=data, height=h, width=w, channels=3, filename=relative,
+                              dataset=self.name, polygons=polygons.astype(np.float32), object_labels=labels,
+                              difficult=difficult, meta=meta_text, dropped=dropped)
+    windows = dota_split.sliding_windows(w, h, self.split)
+    per_window = dota_split.split_objects(polygons, labels, difficult, windows, self.split.iof_thr)
+    records = []
+    for window, (keep, shifted, flags) in zip(windows, per_window):
+      if train and not len(keep):
+        continue
+      patch = dota_split.crop_window(image, window)
+      pid = dota_split.patch_id(source_id, window)
+      records.append(DownstreamRecord(
+          image_bytes=encode_png(patch), height=patch.shape[0], width=patch.shape[1], channels=3,
+          filename=f"{os.path.dirname(relative)}/{pid}.png", dataset=self.name,
+          polygons=shifted.astype(np.float32), object_labels=labels[keep], difficult=flags.astype(np.int32),
+          meta=meta_text, patch_source=source_id, patch_x=int(window[0]), patch_y=int(window[1]),
+          patch_size=int(window[2] - window[0])))
+    if not records:   # a training image whose objects no window holds: nothing to learn from
+      raise BadSample(f"{relative}: no patch holds an object ({len(labels)} objects, IoF < "
+                      f"{self.split.iof_thr} in every window)")
+    records[0].dropped = dropped
+    records[0].source_annotation = {
+        "id": source_id, "width": int(w), "height": int(h), "polygons": polygons.reshape(-1, 8).tolist(),
+        "labels": labels.tolist(), "difficult": np.asarray(difficult).tolist(), "meta": meta}
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# DOTA
+# ----------------------------------------------------------------------------------------------
+def parse_dota_labels(path: str):
+  """A DOTA labelTxt file -> (polygons (N, 4, 2) float64, class names, difficult (N,) int,
+  header {"imagesource": str, "gsd": float or None}); BadSample naming the line of a malformed one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise BadSample(f"cannot read {path} ({e})") from None
+  header, polygons, names, difficult = {}, [], [], []
+  for n, line in enumerate(lines, 1):
+    text = line.strip()
+    if not text:
+      continue
+    key, sep, value = text.partition(":")
+    if sep and key in ("imagesource", "gsd") and " " not in key:
+      if key == "gsd":
+        try:
+          header["gsd"] = float(value)
+        except ValueError:
+          header["gsd"] = None   # 'null' / 'None' in the release
+      else:
+        header["imagesource"] = value.strip()
+      continue
+    parts = text.split()
+    if len(parts) not in (9, 10):
+      raise BadSample(f"{path} line {n}: expected 8 coordinates, a class and a difficult flag, "
+                      f"got {len(parts)} fields")
+    try:
+      coords = [float(v) for v in parts[:8]]
+      flag = int(parts[9]) if len(parts) == 10 else 0
+    except ValueError:
+      raise BadSample(f"{path} line {n}: a coordinate or the difficult flag is not a number") from None
+    polygons.append(np.asarray(coords, np.float64).reshape(4, 2))
+    names.append(parts[8])
+    difficult.append(flag)
+  return (np.asarray(polygons, np.float64).reshape(-1, 4, 2), names,
+          np.asarray(difficult, np.int32), header)
+
+
+class DotaRelease(_DetectionRelease):
+  """DOTA-v1.0 or v2.0 (module docstring)."""
+
+  release_splits = {"train": "train", "valid": "val", "test": "test"}
+
+  def __init__(self, name: str, classes: tuple, split: dota_split.SplitConfig):
+    self.name, self.classes, self.split = name, classes, split
+
+  def with_split(self, kind: str | None = None, size: int = 0, gap: int = 0):
+    """This release cut with mmrotate's 'ss' or 'ms' split (None: its own), patches of `size`
+    px overlapping by `gap` px at rate 1 (0: the split's)."""
+    split = {"ss": dota_split.SPLIT_SS, "ms": dota_split.SPLIT_MS, None: self.split}[kind]
+    if size or gap:
+      size, gap = size or split.sizes[0], gap or split.gaps[0]
+      if gap >= size:
+        raise ValueError(f"--patch-gap {gap} must be smaller than --patch-size {size}")
+      split = dataclasses.replace(split, sizes=(size,), gaps=(gap,))
+    return DotaRelease(self.name, self.classes, split)
+
+  def _root(self, root):
+    for candidate in (root, os.path.join(root, "DOTA")):
+      if os.path.isdir(os.path.join(candidate, "train", "images")):
+        return candidate
+    raise BadSample(f"{root!r} holds no {self.name} release: expected train/images/ and "
+                    "train/labelTxt/ (and val/, test/)")
+
+  def splits(self, root, seed: int = 0):
+    del seed   # the release's own splits
+    top = self._root(root)
+    out, foreign = {}, []
+    for split, folder in self.release_splits.items():
+      images = os.path.join(top, folder, "images")
+      if not os.path.isdir(images):
+        continue
+      labelled = split != "test"
+      if labelled and not os.path.isdir(os.path.join(top, folder, "labelTxt")):
+        raise BadSample(f"{top}/{folder} has images/ but no labelTxt/ (unpack the label archive there)")
+      out[split] = []
+      for file in sorted(os.listdir(images)):
+        if not file.lower().endswith((".png", ".jpg", ".tif")):
+          foreign.append((f"{folder}/images/{file}", "not a .png image"))
+          continue
+        out[split].append((f"{folder}/images/{file}", -1))
+    return out, foreign
+
+  def read(self, root, relative, _label=-1):
+    top = self._root(root)
+    folder = relative.split("/")[0]
+    data, image = _open_rgb(os.path.join(top, relative), relative)
+    h, w = image.shape[:2]
+    stem = os.path.splitext(os.path.basename(relative))[0]
+    if folder == self.release_splits["test"]:
+      polygons, names, difficult, header = np.zeros((0, 4, 2)), [], np.zeros((0,), np.int32), {}
+    else:
+      path = os.path.join(top, folder, "labelTxt", stem + ".txt")
+      if not os.path.isfile(path):
+        raise BadSample(f"{relative}: its label file {folder}/labelTxt/{stem}.txt is missing")
+      polygons, names, difficult, header = parse_dota_labels(path)
+    keep, labels, dropped = check_objects(polygons, names, self.classes, w, h, f"{folder}/labelTxt/{stem}.txt")
+    return self._records(relative, data, image, polygons[keep], labels, difficult[keep], header,
+                         dropped, train=folder == self.release_splits["train"])
+
+
+DOTA_V1 = DotaRelease("dota_v1", DOTA_V1_CLASSES, dota_split.SPLIT_MS)
+DOTA_V2 = DotaRelease("dota_v2", DOTA_V2_CLASSES, dota_split.SPLIT_SS)
+
+
+# ----------------------------------------------------------------------------------------------
+# DIOR-R
+# ----------------------------------------------------------------------------------------------
+def parse_dior_xml(path: str):
+  """A DIOR-R (or DIOR) VOC XML -> (polygons (N, 4, 2) float64, lower-case class names,
+  difficult (N,) int, (width, height) from <size>); BadSample naming the object of a malformed one.
+  rotated: read <robndbox> corners (DIOR-R); the horizontal <bndbox> is read as its 4 corners."""
+  try:
+    tree = ET.parse(path)
+  except (OSError, ET.ParseError) as e:
+    raise BadSample(f"cannot parse {path} ({e})") from None
+  root = tree.getroot()
+  polygons, names, difficult = [], [], []
+  for n, obj in enumerate(root.iter("object"), 1):
+    name = (obj.findtext("name") or "").strip().lower()
+    rb, hb = obj.find("robndbox"), obj.find("bndbox")
+    try:
+      if rb is not None:
+        corners = [[float(rb.findtext(f"x_{c}")), float(rb.findtext(f"y_{c}"))] for c in DIOR_CORNERS]
+      elif hb is not None:
+        x1, y1, x2, y2 = (float(hb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        corners = [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]
+      else:
+        raise BadSample(f"{path} object {n} ({name}): no <robndbox> or <bndbox>")
+      flag = int((obj.findtext("difficult") or "0").strip())
+    except (TypeError, ValueError):
+      raise BadSample(f"{path} object {n} ({name}): a missing or non-numeric corner or difficult flag") from None
+    polygons.append(corners)
+    names.append(name)
+    difficult.append(flag)
+  size = root.find("size")
+  try:
+    wh = (int(size.findtext("width")), int(size.findtext("height"))) if size is not None else None
+  except (TypeError, ValueError):
+    wh = None
+  return (np.asarray(polygons, np.float64).reshape(-1, 4, 2), names, np.asarray(difficult, np.int32), wh)
+
+
+class DiorRRelease(_DetectionRelease):
+  """DIOR-R (module docstring): whole 800 x 800 images."""
+
+  name, classes = "dior_r", DIOR_CLASSES
+  annotations = os.path.join("Annotations", "Oriented Bounding Boxes")
+  release_splits = {"train": ("train", "val"), "test": ("test",)}
+
+  def _root(self, root):
+    for candidate in (root, os.path.join(root, "DIOR"), os.path.join(root, "DIOR-R")):
+      if os.path.isdir(os.path.join(candidate, self.annotations)):
+        return candidate
+    raise BadSample(f"{root!r} holds no DIOR-R release: expected '{self.annotations}/', "
+                    "JPEGImages-trainval/, JPEGImages-test/ and ImageSets/Main/")
+
+  def splits(self, root, seed: int = 0):
+    del seed
+    top = self._root(root)
+    out, foreign = {}, []
+    for split, lists in self.release_splits.items():
+      out[split] = []
+      for name in lists:
+        path = os.path.join(top, "ImageSets", "Main", name + ".txt")
+        if not os.path.isfile(path):
+          raise BadSample(f"{top}: ImageSets/Main/{name}.txt is missing")
+        with open(path) as f:
+          stems = [s.strip() for s in f if s.strip()]
+        folder = "JPEGImages-test" if name == "test" else "JPEGImages-trainval"
+        out[split] += [(f"{folder}/{s}.jpg", -1) for s in stems]
+    return out, foreign
+
+  def read(self, root, relative, _label=-1):
+    top = self._root(root)
+    data, image = _open_rgb(os.path.join(top, relative), relative)
+    h, w = image.shape[:2]
+    stem = os.path.splitext(os.path.basename(relative))[0]
+    path = os.path.join(top, self.annotations, stem + ".xml")
+    if not os.path.isfile(path):
+      raise BadSample(f"{relative}: its annotation {self.annotations}/{stem}.xml is missing")
+    polygons, names, difficult, size = parse_dior_xml(path)
+    if size is not None and size != (w, h):
+      raise BadSample(f"{relative}: the XML says {size[0]}x{size[1]}, the image is {w}x{h}")
+    keep, labels, dropped = check_objects(polygons, names, self.classes, w, h, f"{stem}.xml")
+    return self._records(relative, data, image, polygons[keep], labels, difficult[keep], {}, dropped,
+                         train=relative.startswith("JPEGImages-trainval"))
+
+
+DIOR_R = DiorRRelease()
