@@ -5,8 +5,9 @@ test).
         [--out benchmarks/results/finetune_step.json]
 
 For each family it builds the real finetune config (configs/finetune/eurosat.py,
-spacenet1.py, levir_cd.py: the paper's input size 224 / 384 / 256, MTP's heads: linear,
-UperNet 512, UNet 512-64), swaps in the given encoder (the small model by default: ViT-S+RVSA,
+spacenet1.py, levir_cd.py, dota_v1.py: the paper's input size 224 / 384 / 256 / 1024, MTP's heads:
+linear, UperNet 512, UNet 512-64, Oriented R-CNN with 1000 objects per image of which 100 are
+real, random rotated boxes of 10-80 px), swaps in the given encoder (the small model by default: ViT-S+RVSA,
 12 blocks of width 384), builds the Trainer on all devices and times its compiled step on one
 synthetic batch of `--batch` images (random pixels and labels; data loading excluded). Figures:
 compile time, seconds per step, images per second.
@@ -28,13 +29,25 @@ from _report import write_result  # noqa: E402
 
 FAMILIES = {"classification": ("configs/finetune/eurosat.py", 10),
             "segmentation": ("configs/finetune/spacenet1.py", 1),
-            "change_detection": ("configs/finetune/levir_cd.py", 1)}
+            "change_detection": ("configs/finetune/levir_cd.py", 1),
+            "rotated_detection": ("configs/finetune/dota_v1.py", 15)}
+OBJECTS = 100   # real objects per image of the rotated-detection batch
 
 
 def synthetic_batch(config, classes: int, batch: int, rng) -> dict:
   s = config.data.image_size
   dataset = config.data.dataset
-  if config.tasks.cls.enabled:
+  if config.tasks.rd.enabled:
+    m = config.data.max_instances[dataset]
+    rboxes = np.zeros((batch, m, 5), np.float32)
+    rboxes[:, :OBJECTS] = np.concatenate(
+        [rng.uniform(40, s - 40, (batch, OBJECTS, 2)), rng.uniform(10, 80, (batch, OBJECTS, 2)),
+         rng.uniform(-np.pi / 2, np.pi / 2, (batch, OBJECTS, 1))], -1)
+    rboxes[..., 2:4] = np.sort(rboxes[..., 2:4], -1)[..., ::-1]   # le90: w >= h
+    example = {"image": rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8), "rboxes": rboxes,
+               "labels": rng.integers(0, classes, (batch, m), dtype=np.int32),
+               "rbox_valid": np.arange(m)[None].repeat(batch, 0) < OBJECTS}
+  elif config.tasks.cls.enabled:
     example = {"image": rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8),
                "label": rng.integers(0, classes, (batch,), dtype=np.int32)}
   else:

@@ -9,6 +9,7 @@
     python -m data_pipelines.convert oscd     --root RAW/OSCD --out DIR   (the Onera folders' parent)
     python -m data_pipelines.convert dota_v1  --root RAW/DOTA --out DIR [--dota-split ss|ms]   (also dota_v2)
     python -m data_pipelines.convert dior_r   --root RAW/DIOR --out DIR
+    python -m data_pipelines.convert fair1m   --root RAW/FAIR1M2.0 --out DIR   (800-px patches)
     python -m data_pipelines.convert samrs    --root SAMRS --out DIR [SAMRS converter options]
 
 Each writes `<DIR>/<dataset>/<split>/` (data_pipelines/downstream/writer.py); a config's
@@ -29,7 +30,8 @@ RELEASES = {"eurosat": scene_folders.EUROSAT, "eurosat_ms": scene_folders.EUROSA
             "spacenet1": segmentation_releases.SPACENET1, "loveda": segmentation_releases.LOVEDA,
             "levir_cd": change_releases.LEVIR_CD, "whu_cd": change_releases.WHU_CD, "cdd": change_releases.CDD,
             "oscd": change_releases.OSCD, "dota_v1": detection_releases.DOTA_V1,
-            "dota_v2": detection_releases.DOTA_V2, "dior_r": detection_releases.DIOR_R}
+            "dota_v2": detection_releases.DOTA_V2, "dior_r": detection_releases.DIOR_R,
+            "fair1m": detection_releases.FAIR1M}
 DATASETS = ("samrs", *RELEASES)
 
 
@@ -71,13 +73,15 @@ def main(argv=None):
   parser.add_argument("--dota-split", choices=("ss", "ms"), default=None,
                       help="DOTA: mmrotate's single-scale (gap 200) or multi-scale (rates 0.5/1/1.5, gap 500) "
                            "1024-px patches (default: v1.0 ms, v2.0 ss, as MTP)")
-  parser.add_argument("--patch-size", type=int, default=0, help="DOTA: patch side in px (default 1024)")
-  parser.add_argument("--patch-gap", type=int, default=0, help="DOTA: patch overlap in px at rate 1 (default 200 ss, 500 ms)")
+  parser.add_argument("--patch-size", type=int, default=0, help="DOTA, FAIR1M: patch side in px (default 1024, 800)")
+  parser.add_argument("--patch-gap", type=int, default=0,
+                      help="DOTA, FAIR1M: patch overlap in px at rate 1 (default 200; DOTA ms 500)")
   args = parser.parse_args(argv)
   release = RELEASES[args.dataset]
   if args.dota_split or args.patch_size or args.patch_gap:
-    if not hasattr(release, "with_split"):
-      parser.error(f"--dota-split, --patch-size and --patch-gap apply to dota_v1 and dota_v2, not {args.dataset}")
+    if getattr(release, "split", None) is None:
+      parser.error(f"--dota-split, --patch-size and --patch-gap apply to releases cut into patches "
+                   f"(dota_v1, dota_v2, fair1m), not {args.dataset}")
     release = release.with_split(args.dota_split, size=args.patch_size, gap=args.patch_gap)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:

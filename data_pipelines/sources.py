@@ -10,8 +10,8 @@ reader (samrs/reader.py `make_dataset`, `PretrainBatches`), and differs in the r
                         (downstream/classification.py)
   spacenet1, loveda     semantic segmentation (the `ss` task; downstream/segmentation.py)
   levir_cd, whu_cd, cdd, oscd  change detection (the `cd` task; downstream/change.py)
-  dota_v1, dota_v2, dior_r rotated detection (the `rd` task; downstream/detection.py), DOTA as
-                        1024-px patches of its large images
+  dota_v1, dota_v2, dior_r, fair1m  rotated detection (the `rd` task; downstream/detection.py),
+                        DOTA and FAIR1M as patches of their large images
 """
 
 import functools
@@ -286,7 +286,8 @@ SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT)
            # mmrotate's DOTA RandomRotate keeps storage tanks and roundabouts (classes 9, 11) upright
            "dota_v1": DetectionSource(detection_releases.DOTA_V1, rect_classes=(9, 11)),
            "dota_v2": DetectionSource(detection_releases.DOTA_V2, rect_classes=(9, 11)),
-           "dior_r": DetectionSource(detection_releases.DIOR_R)}
+           "dior_r": DetectionSource(detection_releases.DIOR_R),
+           "fair1m": DetectionSource(detection_releases.FAIR1M)}
 
 
 def source(config) -> Source:

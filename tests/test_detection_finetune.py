@@ -16,7 +16,7 @@ from data_pipelines.downstream import detection, detection_releases, dota_split,
 from data_pipelines.downstream.scene_folders import BadSample
 from mtp_jax import config as config_lib
 from mtp_jax.errors import DataError
-from mtp_jax.metrics import patch_merge
+from mtp_jax.metrics import patch_merge, submissions
 from mtp_jax.ops import boxes as box_ops
 
 from conftest import ROOT
@@ -160,6 +160,32 @@ def test_dior_r_xml_and_release_are_read_natively(tmp_path):
   assert r.object_labels.tolist() == [detection_releases.DIOR_CLASSES.index(n) for n in names]
   with open(os.path.join(top, "JPEGImages-trainval", lists[0][0] + ".jpg"), "rb") as f:
     assert f.read() == r.image_bytes and not r.patch_source   # whole images, the source bytes
+
+
+def test_fair1m_xml_and_release_are_read_natively(tmp_path):
+  top = synthetic.write_fair1m(str(tmp_path / "raw"), seed=2)
+  polys, names, difficult, header = detection_releases.parse_fair1m_xml(
+      os.path.join(top, "train", "part1", "labelXml", "0.xml"))
+  assert header == {"filename": "0.tif", "origin": "GF2/GF3"} and len(names) == len(polys) == 10
+  assert all(n in detection_releases.FAIR1M_CLASSES for n in names) and not difficult.any()
+  assert len(detection_releases.FAIR1M_CLASSES) == 37 and "Small Car" in detection_releases.FAIR1M_CLASSES
+  assert "other-airplane" in detection_releases.FAIR1M_CLASSES and "Small-Car" not in detection_releases.FAIR1M_CLASSES
+  text = open(os.path.join(top, "train", "part1", "labelXml", "0.xml")).read()
+  first = text.split("<point>")[1].split("</point>")[0]
+  np.testing.assert_allclose(polys[0, 0], [float(v) for v in first.split(",")])   # the closing 5th point dropped
+  bad = tmp_path / "bad.xml"
+  bad.write_text("<annotation><objects><object><possibleresult><name>Bus</name></possibleresult>"
+                 "<points><point>1,2</point><point>3,4</point></points></object></objects></annotation>")
+  with pytest.raises(BadSample, match=r"object 1 \(Bus\): 2 points, expected 4"):
+    detection_releases.parse_fair1m_xml(str(bad))
+  release = detection_releases.FAIR1M.with_split(size=256, gap=64)
+  out = str(tmp_path / "converted")
+  infos = convert_cli.convert_release(release, top, out, log=lambda _: None)
+  assert sorted(infos) == ["test", "train", "valid"]
+  train = read_records(os.path.join(out, "fair1m", "train"))
+  assert {r.filename.split("/")[1] for r in train} == {"part1", "part2"}   # both parts of train/
+  assert {r.patch_size for r in train} == {256} and len({r.patch_source for r in train}) == 4
+  assert infos["train"]["signature"]["patch_split"]["sizes"] == [256]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,18 +335,24 @@ def test_dota_task1_submission_parses_back_to_the_merged_detections(dota_data, t
       per_class[c_] = d
     sent[image] = per_class
     evaluation.evaluators["dota_v1"].add(image, per_class, {"rboxes": np.zeros((0, 5)), "labels": np.zeros(0, int)})
-  folder = evaluation.write_dota_task1(str(tmp_path))["dota_v1"]
+  folder = evaluation.write_submissions(str(tmp_path), fair1m=True)["dota_v1"]
+  assert folder == str(tmp_path / "dota_task1" / "dota_v1")
   with zipfile.ZipFile(os.path.join(folder, "Task1.zip")) as z:
     assert sorted(z.namelist()) == sorted(f"Task1_{n}.txt" for n in detection_releases.DOTA_V1_CLASSES)
   os.remove(os.path.join(folder, "Task1_plane.txt"))   # read from the zip, the file the server takes
-  back = rotated_detection.read_dota_task1(folder, detection_releases.DOTA_V1_CLASSES)
+  back = submissions.read_dota_task1(folder, detection_releases.DOTA_V1_CLASSES)
   assert sorted(back) == ["P0006", "P0007"]
+  xml_folder = tmp_path / "fair1m_xml" / "dota_v1"
+  with zipfile.ZipFile(xml_folder / "test.zip") as z:
+    assert sorted(z.namelist()) == ["P0006.xml", "P0007.xml"]
   for image, per_class in sent.items():
+    xml = submissions.read_fair1m_xml(str(xml_folder / f"{image}.xml"), detection_releases.DOTA_V1_CLASSES)
     for c_, d in enumerate(per_class):
-      got = back[image][c_]
       order = np.argsort(-d[:, 5], kind="stable")
-      np.testing.assert_allclose(got[:, 0], d[order, 5], atol=5e-7)
-      np.testing.assert_allclose(got[:, 1:].reshape(-1, 4, 2), box_ops.rbox_to_poly(d[order, :5]), atol=5e-3)
+      for got, corner_tol in ((back[image][c_], 5e-3), (xml[c_], 5e-6)):
+        np.testing.assert_allclose(got[:, 0], d[order, 5], atol=5e-7)
+        np.testing.assert_allclose(got[:, 1:].reshape(-1, 4, 2), box_ops.rbox_to_poly(d[order, :5]), atol=corner_tol)
+  assert open(xml_folder / "P0006.xml").read().count("<point>") == 5 * 6   # 4 corners + the first again
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,6 +362,12 @@ def test_detection_configs_hold_the_papers_settings():
   dior = config_lib.load_config(f"{ROOT}/configs/finetune/dior_r.py")
   v1 = config_lib.load_config(f"{ROOT}/configs/finetune/dota_v1.py")
   v2 = config_lib.load_config(f"{ROOT}/configs/finetune/dota_v2.py")
+  fair1m = config_lib.load_config(f"{ROOT}/configs/finetune/fair1m.py")
+  assert (fair1m.data.image_size, fair1m.tasks.rd.submission, fair1m.data.rotate_prob) == (800, "fair1m", 0.5)
+  assert v1.tasks.rd.submission == "dota"
+  for name in ("dior_r", "dota_v2", "fair1m"):   # their smokes load and validate (dota_v1's trains below)
+    smoke = config_lib.load_config(f"{ROOT}/configs/finetune/{name}.py:smoke")
+    assert smoke.data.image_size == 64 and smoke.tasks.rd.neck_channels == 32
   assert (dior.data.image_size, v1.data.image_size, v2.data.image_size) == (800, 1024, 1024)
   assert (dior.optimizer.lr, dior.optimizer.warmup_steps, dior.optimizer.schedule) == (1e-4, 500, "step")
   assert tuple(dior.optimizer.decay_steps) == (8 * 2931, 11 * 2931) and dior.train.num_steps == 12 * 2931
@@ -359,8 +397,7 @@ def test_dota_smoke_trains_and_reports_the_merged_map(dota_data, tmp_path):
   assert r["images"] == 3 and np.isfinite(r["map"])   # the three merged source images, not 18 patches
   sources = json.load(open(os.path.join(out, "dota_v1", "valid", "sources.json")))
   assert sum(r["num_objects"].values()) == sum(d == 0 for s in sources.values() for d in s["difficult"])
-  from mtp_jax.tasks.rotated_detection import read_dota_task1
-  back = read_dota_task1(
+  back = submissions.read_dota_task1(
       os.path.join(tmp_path, "report", "dota_task1", "dota_v1"), detection_releases.DOTA_V1_CLASSES)
   assert set(back) <= set(sources) and sum(len(d) for v in back.values() for d in v) == sum(r["num_detections"].values())
   metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

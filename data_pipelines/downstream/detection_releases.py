@@ -8,12 +8,20 @@
                        Every image is cut into 1024-px patches (downstream/dota_split.py): v1.0
                        multi-scale (rates 0.5, 1.0, 1.5, gap 500: MTP's split_ms_dotav1), v2.0
                        single-scale (gap 200: split_ss_dotav2); `--dota-split ss|ms` chooses.
+    FAIR1M-2.0:        <root>/train/[part<k>/]images/<n>.tif + labelXml/<n>.xml, <root>/validation/
+                       {images,labelXml}/, <root>/test/images/. A label file: `<objects><object>
+                       <possibleresult><name>Small Car</name></possibleresult><points><point>x,y
+                       </point> x 5 (the first repeated)</points>`. 37 classes, their names with
+                       spaces (the submission's spelling). Images are cut into 800-px patches every
+                       600 px (MTP's fair1m20_clip at 800; the clip step is not in MTP's code, so
+                       the 200-px overlap is ours, mmrotate's single-scale gap).
     DIOR-R:            <root>/JPEGImages-trainval/<n>.jpg, <root>/JPEGImages-test/<n>.jpg,
                        <root>/Annotations/Oriented Bounding Boxes/<n>.xml (`<object><name>`,
                        `<difficult>`, `<robndbox><x_left_top>...<y_left_bottom>`), and
                        <root>/ImageSets/Main/{train,val,test}.txt. 800 x 800, 20 classes.
-Splits: DOTA train -> train, val -> valid, test -> test (MTP trains on train + val and scores
-test online; here val is held out to measure). DIOR-R train + val -> train (MTP's trainval),
+Splits: DOTA train -> train, val -> valid, test -> test; FAIR1M train (all parts) -> train,
+validation -> valid, test -> test (MTP trains on train + val and scores test online; here val is
+held out to measure). DIOR-R train + val -> train (MTP's trainval),
 test -> test, the split MTP reports.
 Objects: a polygon that is not finite, has fewer than 3 distinct corners or no area, an unknown
 class, or lies wholly outside the image is named and dropped (the image is kept); `--strict`
@@ -23,6 +31,7 @@ carries the image's whole annotation, which the writer keeps in the split's sour
 scoring merged detections (mtp_jax/metrics/patch_merge.py).
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -34,12 +43,14 @@ from PIL import Image
 from data_pipelines.downstream import dota_split
 from data_pipelines.downstream.scene_folders import BadSample
 from data_pipelines.downstream.schema import DownstreamRecord, encode_png
-from data_pipelines.samrs.classes import SIOR_CLASSES
+from data_pipelines.samrs.classes import FAST_CLASSES, SIOR_CLASSES
 
 DOTA_V1_CLASSES = ("plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle",
                    "large-vehicle", "ship", "tennis-court", "basketball-court", "storage-tank",
                    "soccer-ball-field", "roundabout", "harbor", "swimming-pool", "helicopter")
 DOTA_V2_CLASSES = DOTA_V1_CLASSES + ("container-crane", "airport", "helipad")
+# FAIR1M-2.0's 37 classes as its XML spells them ('Small Car'), in the SAMRS FAST subset's order.
+FAIR1M_CLASSES = tuple(c if c.startswith("other-") else c.replace("-", " ") for c in FAST_CLASSES)
 DIOR_CLASSES = SIOR_CLASSES   # mmrotate's DIORDataset order (the SAMRS SIOR subset's)
 DIOR_CORNERS = ("left_top", "right_top", "right_bottom", "left_bottom")
 
@@ -93,6 +104,21 @@ class _DetectionRelease:
   classes = ()
   bands, pixel_dtype = 3, "uint8"
   split = None   # a dota_split.SplitConfig: images cut into patches; None: whole images
+
+  def with_split(self, kind: str | None = None, size: int = 0, gap: int = 0):
+    """This release cut with mmrotate's 'ss' or 'ms' split (None: its own), patches of `size`
+    px overlapping by `gap` px at rate 1 (0: the split's)."""
+    if self.split is None:
+      raise ValueError(f"{self.name} images are not cut into patches")
+    split = {"ss": dota_split.SPLIT_SS, "ms": dota_split.SPLIT_MS, None: self.split}[kind]
+    if size or gap:
+      size, gap = size or split.sizes[0], gap or split.gaps[0]
+      if gap >= size:
+        raise ValueError(f"--patch-gap {gap} must be smaller than --patch-size {size}")
+      split = dataclasses.replace(split, sizes=(size,), gaps=(gap,))
+    out = copy.copy(self)
+    out.split = split
+    return out
 
   def _records(self, relative, data, image, polygons, labels, difficult, meta: dict, dropped, train: bool):
     h, w = image.shape[:2]
@@ -178,17 +204,6 @@ class DotaRelease(_DetectionRelease):
   def __init__(self, name: str, classes: tuple, split: dota_split.SplitConfig):
     self.name, self.classes, self.split = name, classes, split
 
-  def with_split(self, kind: str | None = None, size: int = 0, gap: int = 0):
-    """This release cut with mmrotate's 'ss' or 'ms' split (None: its own), patches of `size`
-    px overlapping by `gap` px at rate 1 (0: the split's)."""
-    split = {"ss": dota_split.SPLIT_SS, "ms": dota_split.SPLIT_MS, None: self.split}[kind]
-    if size or gap:
-      size, gap = size or split.sizes[0], gap or split.gaps[0]
-      if gap >= size:
-        raise ValueError(f"--patch-gap {gap} must be smaller than --patch-size {size}")
-      split = dataclasses.replace(split, sizes=(size,), gaps=(gap,))
-    return DotaRelease(self.name, self.classes, split)
-
   def _root(self, root):
     for candidate in (root, os.path.join(root, "DOTA")):
       if os.path.isdir(os.path.join(candidate, "train", "images")):
@@ -235,6 +250,93 @@ class DotaRelease(_DetectionRelease):
 
 DOTA_V1 = DotaRelease("dota_v1", DOTA_V1_CLASSES, dota_split.SPLIT_MS)
 DOTA_V2 = DotaRelease("dota_v2", DOTA_V2_CLASSES, dota_split.SPLIT_SS)
+
+
+# ----------------------------------------------------------------------------------------------
+# FAIR1M-2.0
+# ----------------------------------------------------------------------------------------------
+def parse_fair1m_xml(path: str):
+  """A FAIR1M label XML -> (polygons (N, 4, 2) float64, class names, difficult (N,) zeros,
+  header {"filename", "origin"}); the closing fifth point is dropped. BadSample naming the
+  object of a malformed one."""
+  try:
+    root = ET.parse(path).getroot()
+  except (OSError, ET.ParseError) as e:
+    raise BadSample(f"cannot parse {path} ({e})") from None
+  polygons, names = [], []
+  for n, obj in enumerate(root.iter("object"), 1):
+    name = (obj.findtext("possibleresult/name") or "").strip()
+    try:
+      points = [[float(v) for v in p.text.split(",")] for p in obj.iter("point")]
+    except (AttributeError, ValueError):
+      raise BadSample(f"{path} object {n} ({name}): a <point> that is not 'x,y'") from None
+    if len(points) == 5 and points[4] == points[0]:
+      points = points[:4]
+    if len(points) != 4 or any(len(p) != 2 for p in points):
+      raise BadSample(f"{path} object {n} ({name}): {len(points)} points, expected 4 (and the closing 5th)")
+    polygons.append(points)
+    names.append(name)
+  header = {"filename": (root.findtext("source/filename") or "").strip(),
+            "origin": (root.findtext("source/origin") or "").strip()}
+  return np.asarray(polygons, np.float64).reshape(-1, 4, 2), names, np.zeros(len(names), np.int32), header
+
+
+class Fair1mRelease(_DetectionRelease):
+  """FAIR1M-2.0 (module docstring), cut into 800-px patches."""
+
+  name, classes = "fair1m", FAIR1M_CLASSES
+  split = dota_split.SplitConfig(sizes=(800,), gaps=(200,))
+  release_splits = {"train": "train", "valid": "validation", "test": "test"}
+
+  def _root(self, root):
+    for candidate in (root, os.path.join(root, "FAIR1M2.0"), os.path.join(root, "FAIR1M")):
+      if os.path.isdir(os.path.join(candidate, "train")) or os.path.isdir(os.path.join(candidate, "validation")):
+        return candidate
+    raise BadSample(f"{root!r} holds no FAIR1M-2.0 release: expected train/[part<k>/]images/ with "
+                    "labelXml/ beside it (and validation/, test/)")
+
+  def splits(self, root, seed: int = 0):
+    del seed
+    top = self._root(root)
+    out, foreign = {}, []
+    for split, folder in self.release_splits.items():
+      base = os.path.join(top, folder)
+      if not os.path.isdir(base):
+        continue
+      parts = [""] if os.path.isdir(os.path.join(base, "images")) else sorted(
+          p for p in os.listdir(base) if os.path.isdir(os.path.join(base, p, "images")))
+      out[split] = []
+      for part in parts:
+        rel = "/".join(x for x in (folder, part, "images") if x)
+        if split != "test" and not os.path.isdir(os.path.join(top, rel[:-len("images")], "labelXml")):
+          raise BadSample(f"{top}/{rel} has no labelXml/ beside it")
+        for file in sorted(os.listdir(os.path.join(top, rel))):
+          if not file.lower().endswith((".tif", ".tiff", ".png", ".jpg")):
+            foreign.append((f"{rel}/{file}", "not a .tif image"))
+            continue
+          out[split].append((f"{rel}/{file}", -1))
+    return out, foreign
+
+  def read(self, root, relative, _label=-1):
+    top = self._root(root)
+    data, image = _open_rgb(os.path.join(top, relative), relative)
+    h, w = image.shape[:2]
+    stem = os.path.splitext(os.path.basename(relative))[0]
+    labels_dir = os.path.join(os.path.dirname(os.path.dirname(relative)), "labelXml")
+    test = relative.split("/")[0] == self.release_splits["test"]
+    if test:
+      polygons, names, difficult, header = np.zeros((0, 4, 2)), [], np.zeros((0,), np.int32), {}
+    else:
+      path = os.path.join(top, labels_dir, stem + ".xml")
+      if not os.path.isfile(path):
+        raise BadSample(f"{relative}: its label file {labels_dir}/{stem}.xml is missing")
+      polygons, names, difficult, header = parse_fair1m_xml(path)
+    keep, labels, dropped = check_objects(polygons, names, self.classes, w, h, f"{labels_dir}/{stem}.xml")
+    return self._records(relative, data, image, polygons[keep], labels, difficult[keep], header, dropped,
+                         train=relative.split("/")[0] == self.release_splits["train"])
+
+
+FAIR1M = Fair1mRelease()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ roofs on green-brown ground) and LoveDA (`{Train,Val}/{Urban,Rural}/{images_png,
 Change releases: LEVIR-CD / WHU-CD / CDD pairs (write_change_pairs) and OSCD's Onera folders
 (write_oscd: 13 Sentinel-2 bands per date at their own resolutions).
 Rotated-detection releases: DOTA (write_dota: `{train,val}/images/P<n>.png` + `labelTxt/P<n>.txt`
-with the imagesource / gsd header lines and difficult flags, `test/images/`) and DIOR-R
+with the imagesource / gsd header lines and difficult flags, `test/images/`), FAIR1M-2.0
+(write_fair1m: `train/part<k>/{images,labelXml}`, `validation/`, `test/`, class names with
+spaces) and DIOR-R
 (write_dior_r: JPEGs, `Annotations/Oriented Bounding Boxes/<n>.xml`, `ImageSets/Main/*.txt`);
 objects are rotated rectangles in their class's colour and aspect on a textured ground.
 """
@@ -275,6 +277,40 @@ def write_dota(out: str, classes=None, per_split=(("train", 6), ("val", 3), ("te
   return top
 
 
+def write_fair1m(out: str, per_split=(("train", 4), ("validation", 2), ("test", 1)), size=(300, 420),
+                 seed: int = 0, objects: int = 10, classes: int = 0) -> str:
+  """A FAIR1M-2.0 release under `<out>/FAIR1M2.0` (module docstring): train in part1/ and part2/,
+  .tif images of size (height, width), the first `classes` classes (0: all 37, names with
+  spaces). Returns the release folder."""
+  from data_pipelines.downstream.detection_releases import FAIR1M_CLASSES  # noqa: PLC0415
+  names = FAIR1M_CLASSES[:classes] if classes else FAIR1M_CLASSES
+  rng = np.random.default_rng(seed)
+  top, n = os.path.join(out, "FAIR1M2.0"), 0
+  for split, count in per_split:
+    for i in range(count):
+      part = f"part{1 + i % 2}" if split == "train" else ""
+      base = os.path.join(top, split, part)
+      os.makedirs(os.path.join(base, "images"), exist_ok=True)
+      image, polys, labels = detection_scene(rng, size[1], size[0], len(names), objects)
+      tifffile.imwrite(os.path.join(base, "images", f"{n}.tif"), image)
+      if split != "test":
+        os.makedirs(os.path.join(base, "labelXml"), exist_ok=True)
+        objs = "".join(
+            "    <object>\n      <coordinate>pixel</coordinate>\n      <type>rectangle</type>\n"
+            "      <description>None</description>\n"
+            f"      <possibleresult>\n        <name>{names[c]}</name>\n      </possibleresult>\n"
+            "      <points>\n" + "".join(f"        <point>{x:.6f},{y:.6f}</point>\n" for x, y in [*p, p[0]])
+            + "      </points>\n    </object>\n" for p, c in zip(polys, labels))
+        with open(os.path.join(base, "labelXml", f"{n}.xml"), "w") as f:
+          f.write(f"<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<annotation>\n  <source>\n"
+                  f"    <filename>{n}.tif</filename>\n    <origin>GF2/GF3</origin>\n  </source>\n"
+                  f"  <research>\n    <version>1.0</version>\n    <provider>FAIR1M</provider>\n  </research>\n"
+                  f"  <size>\n    <width>{size[1]}</width>\n    <height>{size[0]}</height>\n    <depth>3</depth>\n"
+                  f"  </size>\n  <objects>\n{objs}  </objects>\n</annotation>\n")
+      n += 1
+  return top
+
+
 def write_dior_r(out: str, classes: int = 0, per_split=(("train", 6), ("val", 2), ("test", 4)), size: int = 128,
                  seed: int = 0, objects: int = 6) -> str:
   """A DIOR-R release under `<out>/DIOR` (module docstring): JPEGs of size x size, the first
@@ -316,7 +352,7 @@ def write_dior_r(out: str, classes: int = 0, per_split=(("train", 6), ("val", 2)
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda", "oscd", "dota", "dior_r"]))
+  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda", "oscd", "dota", "dior_r", "fair1m"]))
   parser.add_argument("--out", required=True)
   parser.add_argument("--per-class", type=int, default=12, help="scene releases: images per class")
   parser.add_argument("--images", type=int, default=12, help="spacenet1: tiles; loveda: per domain and split")
@@ -330,6 +366,8 @@ def main(argv=None):
     print(f"wrote {write_oscd(args.out, seed=args.seed)}")
   elif args.dataset == "dota":
     print(f"wrote {write_dota(args.out, seed=args.seed)}")
+  elif args.dataset == "fair1m":
+    print(f"wrote {write_fair1m(args.out, seed=args.seed)}")
   elif args.dataset == "dior_r":
     print(f"wrote {write_dior_r(args.out, seed=args.seed)}")
   else:

@@ -15,31 +15,26 @@ With `merge_patches` (DOTA, cut into patches by the converter), each patch's det
 mapped back onto its source image and merged by rotated NMS (IoU 0.1), and each source image is
 scored against its whole annotation in source pixels (`mtp_jax.metrics.patch_merge`), the
 protocol of mmrotate's merged DOTA evaluation and of the online server.
-The DOTA Task1 submission files are written per subset:
-`<workdir>/report/dota_task1/<subset>/Task1_<class name>.txt`, one line per detection,
-`<image id> <score> x1 y1 x2 y2 x3 y3 x4 y4` (the source image's id and pixels when merged, else
-the evaluated image's), and zipped beside them as `Task1.zip`, the file the server takes. Ours:
-scores keep 6 decimals where mmrotate rounds to 2 (ties reorder the server's ranking).
+The DOTA Task1 submission is written per subset to `<workdir>/report/dota_task1/<subset>/`
+(Task1_<class name>.txt and Task1.zip), and with `submission = 'fair1m'` also FAIR1M's XMLs to
+`<workdir>/report/fair1m_xml/<subset>/` (mtp_jax/metrics/submissions.py): ids and pixels of the
+source images when merged, else of the evaluated images.
 """
 
 import dataclasses
 import os
-import zipfile
 
 import ml_collections
 import numpy as np
 
-from mtp_jax.metrics import drawing, patch_merge
+from mtp_jax.metrics import drawing, patch_merge, submissions
 from mtp_jax.metrics.per_image import PerImageEvaluator
 from mtp_jax.metrics.rotated_detection import DotaEvaluator
 from mtp_jax.models.detection.roi_head import RoIConfig
 from mtp_jax.models.detection.rpn import RPNConfig
 from mtp_jax.models.heads.oriented_rcnn import OrientedRCNN
-from mtp_jax.ops.boxes import rbox_to_poly
 from mtp_jax.parallel.sharding import local_rows
 from mtp_jax.tasks.base import TwoStageDetectionTask
-
-DOTA_TASK1_DIR = os.path.join("report", "dota_task1")
 
 
 class RotatedDetection(TwoStageDetectionTask):
@@ -64,7 +59,14 @@ class RotatedDetection(TwoStageDetectionTask):
         "init": "mtp",                 # 'mtp': the inits MTP really starts from; 'mmdet': init_cfg
         "report_score": 0.3,           # detections drawn in the report pictures
         "merge_patches": False,        # score merged source images (datasets cut into patches)
+        "submission": "dota",          # also write FAIR1M's XML submission: 'fair1m'
     })
+
+  @classmethod
+  def check_config(cls, task_config):
+    if task_config.submission not in ("dota", "fair1m"):
+      return f"submission {task_config.submission!r} is not 'dota' or 'fair1m'"
+    return super().check_config(task_config)
 
   def _head_configs(self):
     """(RPNConfig, RoIConfig): MTP's Oriented R-CNN with this block's sizes."""
@@ -122,7 +124,8 @@ class RotatedDetection(TwoStageDetectionTask):
     return gt_panel, pred_panel
 
   def write_outputs(self, workdir, evaluator):
-    return evaluator.write_dota_task1(os.path.join(workdir, DOTA_TASK1_DIR))
+    return evaluator.write_submissions(os.path.join(workdir, "report"),
+                                       fair1m=self.task_config.submission == "fair1m")
 
 
 def detections_per_class(rboxes, scores, labels, valid, num_classes: int) -> list:
@@ -190,48 +193,15 @@ class _DotaEvaluation:
       self._gathered = True
     return {s: e.result() for s, e in self.evaluators.items()}
 
-  def write_dota_task1(self, folder: str) -> dict:
-    """DOTA Task1 files per subset and class, and their Task1.zip (module docstring);
-    {"<subset>": folder}."""
+  def write_submissions(self, folder: str, fair1m: bool = False) -> dict:
+    """Per subset, the DOTA Task1 files and Task1.zip under `<folder>/dota_task1/<subset>` (and
+    with fair1m the FAIR1M XMLs and test.zip under `<folder>/fair1m_xml/<subset>`) of the
+    evaluated (merged) images (mtp_jax/metrics/submissions.py); {"<subset>": Task1 folder}."""
     out = {}
     for s, e in self.evaluators.items():
-      sub = os.path.join(folder, s)
-      os.makedirs(sub, exist_ok=True)
-      ids = sorted(e.images)
-      files = []
-      for c, name in enumerate(self.task.class_names[s]):
-        lines = []
-        for image_id in ids:
-          dets = e.images[image_id][0][c]
-          for d in dets[np.argsort(-dets[:, 5], kind="stable")]:
-            corners = rbox_to_poly(d[:5]).reshape(-1)
-            lines.append(f"{image_id} {d[5]:.6f} " + " ".join(f"{v:.2f}" for v in corners))
-        files.append(os.path.join(sub, f"Task1_{name}.txt"))
-        with open(files[-1], "w") as f:
-          f.write("".join(line + "\n" for line in lines))
-      with zipfile.ZipFile(os.path.join(sub, "Task1.zip"), "w", zipfile.ZIP_DEFLATED) as z:
-        for path in files:
-          z.write(path, os.path.basename(path))
-      out[s] = sub
+      images = {image_id: values[0] for image_id, values in e.images.items()}
+      out[s] = os.path.dirname(submissions.write_dota_task1(os.path.join(folder, "dota_task1", s), images,
+                                                            self.task.class_names[s]))
+      if fair1m:
+        submissions.write_fair1m_xml(os.path.join(folder, "fair1m_xml", s), images, self.task.class_names[s])
     return out
-
-
-def read_dota_task1(folder: str, class_names) -> dict:
-  """Task1 files (or their Task1.zip) -> {image id: [(N_c, 9) [score, x1, y1, ..., x4, y4] per class]}."""
-  out = {}
-  zipped = os.path.join(folder, "Task1.zip")
-  archive = zipfile.ZipFile(zipped) if os.path.isfile(zipped) else None
-  try:
-    for c, name in enumerate(class_names):
-      file = f"Task1_{name}.txt"
-      text = (archive.read(file).decode() if archive else open(os.path.join(folder, file)).read())
-      for n, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if len(parts) != 10:
-          raise ValueError(f"{file} line {n}: expected an image id, a score and 8 coordinates")
-        per_class = out.setdefault(parts[0], [np.zeros((0, 9)) for _ in class_names])
-        per_class[c] = np.concatenate([per_class[c], np.asarray([parts[1:]], np.float64)])
-  finally:
-    if archive:
-      archive.close()
-  return out
