@@ -8,7 +8,7 @@
     python -m data_pipelines.convert levir_cd --root RAW/LEVIR-CD --out DIR   (also whu_cd, cdd)
     python -m data_pipelines.convert oscd     --root RAW/OSCD --out DIR   (the Onera folders' parent)
     python -m data_pipelines.convert dota_v1  --root RAW/DOTA --out DIR [--dota-split ss|ms]   (also dota_v2)
-    python -m data_pipelines.convert dior_r   --root RAW/DIOR --out DIR
+    python -m data_pipelines.convert dior_r   --root RAW/DIOR --out DIR   (rotated boxes; dior: horizontal)
     python -m data_pipelines.convert fair1m   --root RAW/FAIR1M2.0 --out DIR   (800-px patches)
     python -m data_pipelines.convert samrs    --root SAMRS --out DIR [SAMRS converter options]
 
@@ -31,7 +31,7 @@ RELEASES = {"eurosat": scene_folders.EUROSAT, "eurosat_ms": scene_folders.EUROSA
             "levir_cd": change_releases.LEVIR_CD, "whu_cd": change_releases.WHU_CD, "cdd": change_releases.CDD,
             "oscd": change_releases.OSCD, "dota_v1": detection_releases.DOTA_V1,
             "dota_v2": detection_releases.DOTA_V2, "dior_r": detection_releases.DIOR_R,
-            "fair1m": detection_releases.FAIR1M}
+            "fair1m": detection_releases.FAIR1M, "dior": detection_releases.DIOR}
 DATASETS = ("samrs", *RELEASES)
 
 

@@ -12,6 +12,7 @@ reader (samrs/reader.py `make_dataset`, `PretrainBatches`), and differs in the r
   levir_cd, whu_cd, cdd, oscd  change detection (the `cd` task; downstream/change.py)
   dota_v1, dota_v2, dior_r, fair1m  rotated detection (the `rd` task; downstream/detection.py),
                         DOTA and FAIR1M as patches of their large images
+  dior                  horizontal detection (the `hd` task; downstream/detection.py)
 """
 
 import functools
@@ -70,7 +71,7 @@ class Source:
     if config.data.rand_augment and "cls" not in self.tasks:
       raise ConfigError(f"data.rand_augment = {config.data.rand_augment} augments scene-classification "
                         f"images; {config.data.dataset} has none (leave it 0)")
-    if config.data.rotate_prob and "rd" not in self.tasks:
+    if config.data.rotate_prob and not {"rd", "hd"} & set(self.tasks):
       raise ConfigError(f"data.rotate_prob = {config.data.rotate_prob} rotates detection images; "
                         f"{config.data.dataset} has none (leave it 0)")
     if config.data.resize and "cd" not in self.tasks:
@@ -239,14 +240,15 @@ class ChangeSource(ReleaseSource):
 
 
 class DetectionSource(ReleaseSource):
-  """Rotated detection (the `rd` task) on whole images or on the patches of large ones. Training
-  packs data.max_instances[dataset] objects per image; evaluation every object of the split."""
+  """Rotated (`rd`) or horizontal (`hd`) detection on whole images or on the patches of large
+  ones. Training packs data.max_instances[dataset] objects per image; evaluation every object of
+  the split."""
 
-  tasks = ("rd",)
-
-  def __init__(self, release, rect_classes=()):
+  def __init__(self, release, tasks=("rd",), rect_classes=(), flips=augment.FLIPS):
     super().__init__(release)
+    self.tasks = tuple(tasks)
     self.rect_classes = tuple(rect_classes)   # RandomRotate turns these images by multiples of 90
+    self.flips = tuple(flips)
 
   def eval_max_instances(self, config, subset):
     return reader.eval_max_instances(config.data.dir, subset, config.eval.split)
@@ -257,7 +259,7 @@ class DetectionSource(ReleaseSource):
         detection.to_example, image_size=config.data.image_size,
         max_instances=max_instances or config.data.max_instances[subset],
         flip_prob=config.data.augment.flip_prob, rotate_prob=config.data.rotate_prob,
-        rect_classes=self.rect_classes)
+        rect_classes=self.rect_classes, flips=self.flips)
 
   def eval_dataset(self, config, subset, tasks, batch_size, split):
     return reader.make_dataset(
@@ -287,6 +289,7 @@ SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT)
            "dota_v1": DetectionSource(detection_releases.DOTA_V1, rect_classes=(9, 11)),
            "dota_v2": DetectionSource(detection_releases.DOTA_V2, rect_classes=(9, 11)),
            "dior_r": DetectionSource(detection_releases.DIOR_R),
+           "dior": DetectionSource(detection_releases.DIOR, tasks=("hd",), flips=("horizontal",)),
            "fair1m": DetectionSource(detection_releases.FAIR1M)}
 
 

@@ -162,17 +162,17 @@ def finetune_defaults(dataset: str, task: str) -> ml_collections.ConfigDict:
   c.optimizer.b1, c.optimizer.b2 = 0.9, 0.999
   c.optimizer.weight_decay = 0.05
   c.optimizer.layer_decay = 0.9
-  if task == "rd":   # objects packed per training image (loop logs data/<dataset>/dropped_by_cap)
+  if task in ("rd", "hd"):   # objects packed per training image (loop logs data/<dataset>/dropped_by_cap)
     c.data.max_instances = ml_collections.ConfigDict({dataset: 1000})
   return c
 
 
 def detection_finetune_defaults(dataset: str, *, image_size: int, batch: int, steps_per_epoch: int,
-                                epochs: int, decay_epochs: tuple) -> ml_collections.ConfigDict:
-  """MTP's rotated-detection finetuning (MTP_SPEC §5.2): Oriented R-CNN (§3.3) on ViT-B + RVSA,
-  AdamW lr 1e-4, 500 warmup steps, mmdet's step schedule (x 0.1 at `decay_epochs`), flips of
-  p 0.75; schedule lengths in steps of `batch` images."""
-  c = finetune_defaults(dataset, "rd")
+                                epochs: int, decay_epochs: tuple, task: str = "rd") -> ml_collections.ConfigDict:
+  """MTP's detection finetuning (MTP_SPEC §5.2): Oriented R-CNN (§3.3; task 'rd') or Faster
+  R-CNN ('hd') on ViT-B + RVSA, AdamW lr 1e-4, 500 warmup steps, mmdet's step schedule (x 0.1 at
+  `decay_epochs`); schedule lengths in steps of `batch` images."""
+  c = finetune_defaults(dataset, task)
   c.data.image_size = image_size
   c.data.batch_per_subset = batch
   c.optimizer.lr = 1e-4
@@ -236,6 +236,13 @@ def apply_finetune_options(c, options: set):
       c.tasks.rd.update(dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64,
                              train_proposals=256, test_proposals=256, rcnn_samples=64,
                              max_detections=100, max_candidates=1000))
+      (subset,) = c.data.subsets
+      c.data.max_instances[subset] = 32
+      c.optimizer.decay_steps = (20, 27) if c.optimizer.schedule == "step" else ()
+    if c.tasks.hd.enabled:   # a small Faster R-CNN, anchors of 2 x stride for the 64-px images
+      c.tasks.hd.update(dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64,
+                             train_pre_nms=256, train_proposals=128, test_pre_nms=256, test_proposals=128,
+                             rcnn_samples=64, max_candidates=1000))
       (subset,) = c.data.subsets
       c.data.max_instances[subset] = 32
       c.optimizer.decay_steps = (20, 27) if c.optimizer.schedule == "step" else ()

@@ -1,6 +1,6 @@
-"""Rotated-detection examples for finetuning (MTP_SPEC §5.2, mmrotate 1.x's pipeline).
+"""Detection examples for finetuning (MTP_SPEC §5.2, mmrotate 1.x's and mmdet 3's pipelines).
 
-Static example (the `rd` task's fields, as the SAMRS reader packs them): image (S, S, 3) uint8;
+Static example (the `rd` and `hd` tasks' fields, as the SAMRS reader packs them): image (S, S, 3) uint8;
 rboxes (M, 5) le90 float32 and hboxes (M, 4) of the usable objects first, labels (M,) int32,
 rbox_valid / valid (M,) bool, num_instances () int32 (usable objects before the cap M);
 difficult (M,) bool (the release's flag or a patch's cut object: ignored by the DOTA metric, as
@@ -12,7 +12,7 @@ back onto the source image (mtp_jax/metrics/patch_merge.py).
 M = data.max_instances[dataset] for training, the split's most objects per example
 (dataset_info.json) for evaluation, so evaluation sees every object.
 Training (mmrotate, in order): Resize to S with the aspect kept (longer side S; bilinear), RandomFlip
-with p 0.75 (horizontal, vertical, diagonal alike), optional RandomRotate (`rotate_prob`: an angle
+with p 0.75 (horizontal, vertical, diagonal alike; mmdet's horizontal detection: p 0.5, horizontal), optional RandomRotate (`rotate_prob`: an angle
 U(-180, 180) degrees clockwise about the centre, canvas kept, border 0; a multiple of 90 degrees
 when the image holds a `rect_classes` object; objects whose centre leaves the image dropped),
 padding to S x S. Every object trains (mmrotate's diff_thr 100 ignores none). Evaluation: Resize
@@ -69,13 +69,14 @@ def rotate(sample: dict, degrees: float) -> dict:
 
 
 def train_sample(sample: dict, rng, size: int, flip_prob: float = 0.75, rotate_prob: float = 0.0,
-                 rect_classes=()) -> dict:
-  """The training sequence of the module docstring, padded to size x size."""
+                 rect_classes=(), flips=augment.FLIPS) -> dict:
+  """The training sequence of the module docstring, padded to size x size; `flips`: the flip
+  directions drawn alike (mmdet's horizontal only for horizontal detection)."""
   h, w = sample["image"].shape[:2]
   if (h, w) != (size, size):
     sample = augment.resize(sample, size / max(h, w))
   if rng.uniform() < flip_prob:
-    sample = augment.flip(sample, augment.FLIPS[rng.integers(3)])
+    sample = augment.flip(sample, flips[rng.integers(len(flips))])
   if rotate_prob and rng.uniform() < rotate_prob:
     degrees = 180.0 * (2 * rng.uniform() - 1)
     if np.isin(sample["labels"], rect_classes).any():
@@ -85,14 +86,14 @@ def train_sample(sample: dict, rng, size: int, flip_prob: float = 0.75, rotate_p
 
 
 def to_example(raw: bytes, *, image_size: int, max_instances: int, flip_prob: float = 0.75,
-               rotate_prob: float = 0.0, rect_classes=(), rng=None) -> dict:
+               rotate_prob: float = 0.0, rect_classes=(), flips=augment.FLIPS, rng=None) -> dict:
   """One record -> the static example of the module docstring (augmented when rng is given)."""
   record = schema.decode(raw)
   sample = record_sample(record)
   h, w = sample["image"].shape[:2]
   scale = image_size / max(h, w)
   if rng is not None:
-    sample = train_sample(sample, rng, image_size, flip_prob, rotate_prob, tuple(rect_classes))
+    sample = train_sample(sample, rng, image_size, flip_prob, rotate_prob, tuple(rect_classes), tuple(flips))
   else:
     if (h, w) != (image_size, image_size):
       sample = augment.resize(sample, scale)

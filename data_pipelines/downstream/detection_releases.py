@@ -19,10 +19,13 @@
                        <root>/Annotations/Oriented Bounding Boxes/<n>.xml (`<object><name>`,
                        `<difficult>`, `<robndbox><x_left_top>...<y_left_bottom>`), and
                        <root>/ImageSets/Main/{train,val,test}.txt. 800 x 800, 20 classes.
+    DIOR:              the same images and lists, <root>/Annotations/Horizontal Bounding Boxes/
+                       <n>.xml (`<bndbox><xmin><ymin><xmax><ymax>`), for horizontal detection
+                       (the `hd` task; its boxes are written as their 4 corners).
 Splits: DOTA train -> train, val -> valid, test -> test; FAIR1M train (all parts) -> train,
 validation -> valid, test -> test (MTP trains on train + val and scores test online; here val is
-held out to measure). DIOR-R train + val -> train (MTP's trainval),
-test -> test, the split MTP reports.
+held out to measure). DIOR and DIOR-R train + val -> train (MTP's trainval), test -> test, the
+split MTP reports.
 Objects: a polygon that is not finite, has fewer than 3 distinct corners or no area, an unknown
 class, or lies wholly outside the image is named and dropped (the image is kept); `--strict`
 refuses the image instead. Patches of the training split without objects are not written
@@ -377,18 +380,20 @@ def parse_dior_xml(path: str):
   return (np.asarray(polygons, np.float64).reshape(-1, 4, 2), names, np.asarray(difficult, np.int32), wh)
 
 
-class DiorRRelease(_DetectionRelease):
-  """DIOR-R (module docstring): whole 800 x 800 images."""
+class DiorRelease(_DetectionRelease):
+  """DIOR (horizontal boxes) or DIOR-R (rotated; module docstring): whole 800 x 800 images."""
 
-  name, classes = "dior_r", DIOR_CLASSES
-  annotations = os.path.join("Annotations", "Oriented Bounding Boxes")
+  classes = DIOR_CLASSES
   release_splits = {"train": ("train", "val"), "test": ("test",)}
+
+  def __init__(self, name: str, annotations: str):
+    self.name, self.annotations = name, os.path.join("Annotations", annotations)
 
   def _root(self, root):
     for candidate in (root, os.path.join(root, "DIOR"), os.path.join(root, "DIOR-R")):
       if os.path.isdir(os.path.join(candidate, self.annotations)):
         return candidate
-    raise BadSample(f"{root!r} holds no DIOR-R release: expected '{self.annotations}/', "
+    raise BadSample(f"{root!r} holds no {self.name} release: expected '{self.annotations}/', "
                     "JPEGImages-trainval/, JPEGImages-test/ and ImageSets/Main/")
 
   def splits(self, root, seed: int = 0):
@@ -423,4 +428,5 @@ class DiorRRelease(_DetectionRelease):
                          train=relative.startswith("JPEGImages-trainval"))
 
 
-DIOR_R = DiorRRelease()
+DIOR = DiorRelease("dior", "Horizontal Bounding Boxes")
+DIOR_R = DiorRelease("dior_r", "Oriented Bounding Boxes")

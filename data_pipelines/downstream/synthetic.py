@@ -313,14 +313,16 @@ def write_fair1m(out: str, per_split=(("train", 4), ("validation", 2), ("test", 
 
 def write_dior_r(out: str, classes: int = 0, per_split=(("train", 6), ("val", 2), ("test", 4)), size: int = 128,
                  seed: int = 0, objects: int = 6) -> str:
-  """A DIOR-R release under `<out>/DIOR` (module docstring): JPEGs of size x size, the first
-  `classes` DIOR classes (0: all 20). Returns the release folder."""
+  """A DIOR / DIOR-R release under `<out>/DIOR` (module docstring): JPEGs of size x size, the
+  first `classes` DIOR classes (0: all 20), each object's rotated box and its enclosing
+  horizontal box in the two annotation folders. Returns the release folder."""
   from data_pipelines.downstream.detection_releases import DIOR_CLASSES, DIOR_CORNERS  # noqa: PLC0415
   names = DIOR_CLASSES[:classes] if classes else DIOR_CLASSES
   rng = np.random.default_rng(seed)
   top = os.path.join(out, "DIOR")
   notes = os.path.join(top, "Annotations", "Oriented Bounding Boxes")
-  for folder in (notes, os.path.join(top, "ImageSets", "Main"), os.path.join(top, "JPEGImages-trainval"),
+  hnotes = os.path.join(top, "Annotations", "Horizontal Bounding Boxes")
+  for folder in (notes, hnotes, os.path.join(top, "ImageSets", "Main"), os.path.join(top, "JPEGImages-trainval"),
                  os.path.join(top, "JPEGImages-test")):
     os.makedirs(folder, exist_ok=True)
   n = 1
@@ -331,7 +333,7 @@ def write_dior_r(out: str, classes: int = 0, per_split=(("train", 6), ("val", 2)
       stem = f"{n:05d}"
       folder = "JPEGImages-test" if split == "test" else "JPEGImages-trainval"
       Image.fromarray(image).save(os.path.join(top, folder, stem + ".jpg"), quality=95)
-      objs = []
+      objs, hobjs = [], []
       for p, c in zip(polys, labels):
         corners = "".join(f"<x_{k}>{p[i, 0]:.1f}</x_{k}><y_{k}>{p[i, 1]:.1f}</y_{k}>" for i, k in enumerate(DIOR_CORNERS))
         # the release spells some classes in mixed case (Expressway-Service-area)
@@ -339,10 +341,16 @@ def write_dior_r(out: str, classes: int = 0, per_split=(("train", 6), ("val", 2)
         objs.append(f"  <object>\n    <name>{name}</name>\n    <pose>Unspecified</pose>\n"
                     f"    <truncated>0</truncated>\n    <difficult>0</difficult>\n"
                     f"    <robndbox>{corners}</robndbox>\n    <angle>0</angle>\n  </object>\n")
-      with open(os.path.join(notes, stem + ".xml"), "w") as f:
-        f.write(f"<annotation>\n  <filename>{stem}.jpg</filename>\n  <source><database>DIOR</database></source>\n"
-                f"  <size><width>{size}</width><height>{size}</height><depth>3</depth></size>\n"
-                f"{''.join(objs)}</annotation>\n")
+        (x1, y1), (x2, y2) = np.floor(p.min(0)), np.ceil(p.max(0))
+        hobjs.append(f"  <object>\n    <name>{name}</name>\n    <pose>Unspecified</pose>\n"
+                     f"    <truncated>0</truncated>\n    <difficult>0</difficult>\n    <bndbox>\n"
+                     f"      <xmin>{int(x1)}</xmin>\n      <ymin>{int(y1)}</ymin>\n      <xmax>{int(x2)}</xmax>\n"
+                     f"      <ymax>{int(y2)}</ymax>\n    </bndbox>\n  </object>\n")
+      for folder, these in ((notes, objs), (hnotes, hobjs)):
+        with open(os.path.join(folder, stem + ".xml"), "w") as f:
+          f.write(f"<annotation>\n  <filename>{stem}.jpg</filename>\n  <source><database>DIOR</database></source>\n"
+                  f"  <size><width>{size}</width><height>{size}</height><depth>3</depth></size>\n"
+                  f"{''.join(these)}</annotation>\n")
       stems.append(stem)
       n += 1
     with open(os.path.join(top, "ImageSets", "Main", f"{split}.txt"), "w") as f:

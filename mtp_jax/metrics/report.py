@@ -64,7 +64,7 @@ def markdown(results: dict, pictures, tasks: dict) -> str:
   evaluation = results["eval"]
   names = [t for t in tasks if any(t in r for r in evaluation.values())]
   out = [f"# mtp_jax report: step {results['step']}", "",
-         f"Checkpoint `{results.get('checkpoint', 'n/a')}`, evaluated on the valid split "
+         f"Checkpoint `{results.get('checkpoint', 'n/a')}`, evaluated on the {results.get('split', 'valid')} split "
          f"({results.get('mode', 'train')} run). Numbers are percentages.", "",
          "## Summary", ""]
   rows = [[s] + [percent(tasks[t].headline(r[t])) if t in r else "-" for t in names]

@@ -10,15 +10,16 @@ from mtp_jax.models.classes import with_background
 from mtp_jax.tasks.base import Task
 from mtp_jax.tasks.change_detection import ChangeDetection
 from mtp_jax.tasks.classification import Classification
+from mtp_jax.tasks.horizontal_detection import HorizontalDetection
 from mtp_jax.tasks.instance_segmentation import InstanceSegmentation
 from mtp_jax.tasks.rotated_detection import RotatedDetection
 from mtp_jax.tasks.semantic_segmentation import SemanticSegmentation
 
 # In the order of MTP's loss sum (ss, is, rd; MTP_SPEC §3.2), then the finetuning tasks (§5).
 TASKS = {"ss": SemanticSegmentation, "is": InstanceSegmentation, "rd": RotatedDetection,
-         "cls": Classification, "cd": ChangeDetection}
+         "cls": Classification, "cd": ChangeDetection, "hd": HorizontalDetection}
 PENDING = {}
-ORDER = ("ss", "is", "rd", "cls", "cd")
+ORDER = ("ss", "is", "rd", "cls", "cd", "hd")
 
 
 def enabled(config) -> tuple:
@@ -36,5 +37,5 @@ def needs_masks(tasks: dict) -> bool:
   return any(t.needs_masks for t in tasks.values())
 
 
-__all__ = ["ORDER", "PENDING", "TASKS", "ChangeDetection", "Classification", "InstanceSegmentation", "RotatedDetection", "SemanticSegmentation", "Task",
+__all__ = ["ORDER", "PENDING", "TASKS", "ChangeDetection", "Classification", "HorizontalDetection", "InstanceSegmentation", "RotatedDetection", "SemanticSegmentation", "Task",
            "build_tasks", "enabled", "needs_masks", "with_background"]

@@ -65,17 +65,7 @@ class InstanceSegmentation(TwoStageDetectionTask):
     })
 
   def _head_configs(self):
-    """(RPNConfig, RoIConfig): MTP's Mask R-CNN with this block's sizes."""
-    t = self.task_config
-    rpn = RPNConfig.mask_rcnn()
-    rpn = dataclasses.replace(
-        rpn, num_samples=t.rpn_samples,
-        anchors=dataclasses.replace(rpn.anchors, scales=(t.anchor_scale,)),
-        train_proposals=ProposalConfig(t.train_pre_nms, t.train_proposals, 0.7, 0.0),
-        test_proposals=ProposalConfig(t.test_pre_nms, t.test_proposals, 0.7, 0.0))
-    roi = RoIConfig.mask_rcnn(num_samples=t.rcnn_samples, max_per_img=t.max_detections,
-                              max_candidates=t.max_candidates)
-    return rpn, roi
+    return mask_rcnn_box_configs(self.task_config)
 
   def build_head(self, in_channels, *, rngs, dtype=None):
     rpn, roi = self._head_configs()
@@ -130,6 +120,20 @@ class InstanceSegmentation(TwoStageDetectionTask):
 
   def write_outputs(self, workdir, evaluator):
     return evaluator.write_coco(os.path.join(workdir, COCO_DIR))
+
+
+def mask_rcnn_box_configs(t, **roi_overrides):
+  """(RPNConfig, RoIConfig): MTP's Mask R-CNN box stages (§3.3) with the sizes of task block `t`
+  (this task's, or Faster R-CNN's, which shares its fields); roi_overrides change the R-CNN."""
+  rpn = RPNConfig.mask_rcnn()
+  rpn = dataclasses.replace(
+      rpn, num_samples=t.rpn_samples,
+      anchors=dataclasses.replace(rpn.anchors, scales=(t.anchor_scale,)),
+      train_proposals=ProposalConfig(t.train_pre_nms, t.train_proposals, 0.7, 0.0),
+      test_proposals=ProposalConfig(t.test_pre_nms, t.test_proposals, 0.7, 0.0))
+  roi = RoIConfig.mask_rcnn(num_samples=t.rcnn_samples, max_per_img=t.max_detections,
+                            max_candidates=t.max_candidates, **roi_overrides)
+  return rpn, roi
 
 
 def _decode_rles(counts, size) -> np.ndarray:

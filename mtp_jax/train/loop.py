@@ -266,7 +266,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results, rows, evaluators = evaluation.run(state, pictures=True)
   results["train"] = {"start_step": start, "end_step": total, "history": history}
   results = publish(workdir, writer, results, rows, evaluators, tasks, total, checkpointer.directory,
-                    "train")
+                    "train", config.eval.split)
   writer.close()
   checkpointer.close()
   batches.close()
@@ -297,20 +297,22 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, tasks)
   results, rows, evaluators = evaluation.run(state, pictures=True)
   writer = writers.create_writer(workdir, resume_step=None)
-  results = publish(workdir, writer, results, rows, evaluators, tasks, step, checkpointer.directory, "eval")
+  results = publish(workdir, writer, results, rows, evaluators, tasks, step, checkpointer.directory, "eval",
+                    config.eval.split)
   writer.close()
   checkpointer.close()
   return results
 
 
 def publish(workdir: str, writer, results: dict, rows: dict, evaluators: dict, tasks: dict, step: int,
-            checkpoints: str, mode: str) -> dict:
+            checkpoints: str, mode: str, split: str = "valid") -> dict:
   """Eval scalars to the writers, the summary to the console, the report and each task's result
   files (e.g. DOTA submissions) to the workdir (process 0). Returns `results` with step,
-  checkpoint, mode and the written task files added."""
+  checkpoint, mode, the evaluated split and the written task files added."""
   writer.write_scalars(step, eval_scalars(results, tasks))
   writer.flush()   # the report's curves read metrics.jsonl
-  results = {"step": step, "checkpoint": os.path.join(checkpoints, str(step)), "mode": mode, **results}
+  results = {"step": step, "checkpoint": os.path.join(checkpoints, str(step)), "mode": mode,
+             "split": split, **results}
   if jax.process_index() == 0:
     print("\n".join(summary_lines(results, step, tasks)), flush=True)
     results["outputs"] = {n: tasks[n].write_outputs(workdir, e) for n, e in evaluators.items()}
