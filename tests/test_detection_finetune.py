@@ -310,7 +310,7 @@ def test_detection_examples_keep_boxes_on_their_objects(dota_data):
   assert n >= 3
   assert ex["patch_scale"] == 0.5 and ex["patch_origin"].tolist() == [record.patch_x, record.patch_y]
   assert str(ex["source_id"]) == record.patch_source and str(ex["image_id"]).startswith(record.patch_source + "__128__")
-  np.testing.assert_allclose(ex["rboxes"][:n], box_ops.poly_to_rbox(record.polygons.astype(np.float64)) * [.5, .5, .5, .5, 1],
+  np.testing.assert_allclose(ex["rboxes"][:n], box_ops.quad_to_rbox_min_area(record.polygons) * [.5, .5, .5, .5, 1],
                              atol=1e-4)
   assert ex["labels"][:n].tolist() == record.object_labels.tolist() and ex["rbox_valid"].sum() == n
   assert ex["difficult"][:n].tolist() == (record.difficult != 0).tolist() and not ex["difficult"][n:].any()
@@ -331,6 +331,21 @@ def test_detection_examples_keep_boxes_on_their_objects(dota_data):
   rng = np.random.default_rng(0)
   ex = detection.to_example(raw, image_size=64, max_instances=40, rotate_prob=1.0, rect_classes=(9, 11), rng=rng)
   assert ex["image"].shape == (64, 64, 3) and ex["rbox_valid"].sum() <= n
+
+
+def test_quadrilaterals_become_mmrotates_minimum_area_rectangles():
+  import cv2
+  from mtp_jax.ops.iou import box_iou_rotated
+  rects = box_ops.rbox_to_poly(np.array([[50.0, 40, 30, 10, 0.3], [20, 20, 8, 8, 0.0], [5, 9, 4, 12, -1.2]]))
+  got = box_ops.quad_to_rbox_min_area(rects)
+  np.testing.assert_allclose(box_iou_rotated(got, box_ops.poly_to_rbox(rects), aligned=True), 1, atol=1e-5)
+  assert (got[:, 2] >= got[:, 3]).all() and (np.abs(got[:, 4] + np.pi / 4) <= 3 * np.pi / 4).all()
+  quad = np.array([[0.0, 0], [10, 1], [11, 6], [-1, 5]])   # DOTA quadrilaterals need not be rectangles
+  r = box_ops.quad_to_rbox_min_area(quad[None])[0]
+  (_, _), (w, h), _ = cv2.minAreaRect(quad.astype(np.float32))
+  assert r[2] * r[3] == pytest.approx(w * h, rel=1e-5) and r[2] >= r[3] and -np.pi / 2 <= r[4] < np.pi / 2
+  hull = shapely.geometry.Polygon(box_ops.rbox_to_poly(r)).buffer(1e-3)
+  assert all(hull.contains(shapely.geometry.Point(p)) for p in quad)   # it encloses the quadrilateral
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Detection examples for finetuning (MTP_SPEC §5.2, mmrotate 1.x's and mmdet 3's pipelines).
 
-Static example (the `rd` and `hd` tasks' fields, as the SAMRS reader packs them): image (S, S, 3) uint8;
-rboxes (M, 5) le90 float32 and hboxes (M, 4) of the usable objects first, labels (M,) int32,
-rbox_valid / valid (M,) bool, num_instances () int32 (usable objects before the cap M);
-difficult (M,) bool (the release's flag or a patch's cut object: ignored by the DOTA metric, as
-the devkit ignores every non-zero flag); is_real () bool; host only: image_id () str (the
+Static example (the `rd` and `hd` tasks' fields, as the SAMRS reader packs them): image (S, S, 3)
+uint8; rboxes (M, 5) le90 float32 (each object's quadrilateral converted as mmrotate 1.x does,
+`ops.boxes.quad_to_rbox_min_area`) and hboxes (M, 4) (the quadrilateral's hull) of the usable
+objects first, labels (M,) int32, rbox_valid / valid (M,) bool, num_instances () int32 (usable
+objects before the cap M); difficult (M,) bool (the release's flag or a patch's cut object:
+ignored by the DOTA metric, as the devkit ignores every non-zero flag); is_real () bool; host only: image_id () str (the
 record's file stem: a patch id for split releases), source_id () str (the source image: the
 image itself when unsplit), patch_origin (2,) float32 (the window's top-left in source pixels)
 and patch_scale () float32 (pixels of this example per source pixel), which map detections
@@ -38,7 +39,7 @@ def record_sample(record: schema.DownstreamRecord) -> dict:
   n = len(polys)
   return {"image": image, "semantic": np.zeros(image.shape[:2], np.uint8),
           "hboxes": box_ops.poly_to_hbox(polys).astype(np.float32),
-          "rboxes": box_ops.poly_to_rbox(polys).astype(np.float32),
+          "rboxes": box_ops.quad_to_rbox_min_area(polys).astype(np.float32),
           "labels": np.asarray(record.object_labels, np.int32), "box_valid": np.ones(n, bool),
           "rbox_valid": np.ones(n, bool), "difficult": np.asarray(record.difficult, np.int32) != 0}
 

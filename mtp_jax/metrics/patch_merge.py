@@ -9,6 +9,9 @@ a source image are then pooled per class and reduced by greedy rotated NMS: by d
 `iou_thr` (0.1, mmrotate's merge threshold), exact IoU in float64 on the host
 (`mtp_jax.ops.iou.box_iou_rotated`). The merged image is scored against the source image's whole
 annotation (sources.json of the converted split), so objects that no patch held whole still count.
+Ours: each ground-truth quadrilateral is scored as its minimum-area rectangle (the box training
+sees, `quad_to_rbox_min_area`); the DOTA devkit intersects the quadrilateral itself. For the
+rectangles of DIOR-R, FAIR1M and most of DOTA the two agree.
 """
 
 import json
@@ -17,7 +20,7 @@ import os
 import numpy as np
 
 from mtp_jax.errors import DataError
-from mtp_jax.ops.boxes import poly_to_hbox, poly_to_rbox, rbox_to_poly
+from mtp_jax.ops.boxes import poly_to_hbox, quad_to_rbox_min_area, rbox_to_poly
 from mtp_jax.ops.iou import box_iou_rotated
 
 MERGE_IOU = 0.1
@@ -83,7 +86,7 @@ def load_sources(split_dir: str) -> dict:
   out = {}
   for source, a in sources.items():
     polys = np.asarray(a["polygons"], np.float64).reshape(-1, 4, 2)
-    out[source] = {"rboxes": poly_to_rbox(polys), "labels": np.asarray(a["labels"], np.int64),
+    out[source] = {"rboxes": quad_to_rbox_min_area(polys), "labels": np.asarray(a["labels"], np.int64),
                    "difficult": np.asarray(a["difficult"], np.int64) != 0,
                    "width": a["width"], "height": a["height"]}
   return out

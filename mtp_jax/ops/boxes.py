@@ -60,6 +60,21 @@ def poly_to_rbox(polys):
                    xp.minimum(len1, len2), norm_angle_le90(angle)], axis=-1)
 
 
+def quad_to_rbox_min_area(polys) -> np.ndarray:
+  """(N, 4, 2) quadrilaterals -> (N, 5) le90 rotated boxes as mmrotate 1.x converts annotations
+  (`qbox2rbox`: OpenCV's minimum-area rectangle of the 4 points, then the le90 regularisation).
+  Host only (numpy + cv2). For a rectangle it is the rectangle itself, as `poly_to_rbox`; for
+  DOTA's general quadrilaterals the two differ (SAMRS pretraining keeps `poly_to_rbox`, the rule
+  of MTP's pretraining code)."""
+  import cv2  # noqa: PLC0415 (host-side data code only)
+  polys = np.asarray(polys, np.float32).reshape(-1, 4, 2)
+  out = np.zeros((len(polys), 5), np.float64)
+  for i, p in enumerate(polys):
+    (cx, cy), (w, h), degrees = cv2.minAreaRect(p)
+    out[i] = (cx, cy, w, h, np.deg2rad(degrees))
+  return regularize_le90(out)
+
+
 def rbox_to_poly(rboxes):
   """(..., 5) rotated boxes -> (..., 4, 2) corners: (-w,-h), (+w,-h), (+w,+h), (-w,+h) in the box frame."""
   xp = _xp(rboxes)
