@@ -10,6 +10,7 @@
     python -m data_pipelines.convert dota_v1  --root RAW/DOTA --out DIR [--dota-split ss|ms]   (also dota_v2)
     python -m data_pipelines.convert dior_r   --root RAW/DIOR --out DIR   (rotated boxes; dior: horizontal)
     python -m data_pipelines.convert fair1m   --root RAW/FAIR1M2.0 --out DIR   (800-px patches)
+    python -m data_pipelines.convert xview    --root RAW/xView --out DIR   (MTP's 416-px patches)
     python -m data_pipelines.convert samrs    --root SAMRS --out DIR [SAMRS converter options]
 
 Each writes `<DIR>/<dataset>/<split>/` (data_pipelines/downstream/writer.py); a config's
@@ -31,7 +32,8 @@ RELEASES = {"eurosat": scene_folders.EUROSAT, "eurosat_ms": scene_folders.EUROSA
             "levir_cd": change_releases.LEVIR_CD, "whu_cd": change_releases.WHU_CD, "cdd": change_releases.CDD,
             "oscd": change_releases.OSCD, "dota_v1": detection_releases.DOTA_V1,
             "dota_v2": detection_releases.DOTA_V2, "dior_r": detection_releases.DIOR_R,
-            "fair1m": detection_releases.FAIR1M, "dior": detection_releases.DIOR}
+            "fair1m": detection_releases.FAIR1M, "dior": detection_releases.DIOR,
+            "xview": detection_releases.XVIEW}
 DATASETS = ("samrs", *RELEASES)
 
 
@@ -68,7 +70,7 @@ def main(argv=None):
   parser.add_argument("--out", required=True, help="output folder (a config's data.dir)")
   parser.add_argument("--num-shards", type=int, default=1, help="shards per split (>= the reader processes)")
   parser.add_argument("--seed", type=int, default=0,
-                      help="seed of the train/valid split of releases without one (EuroSAT, RESISC-45, SpaceNet)")
+                      help="seed of the train/valid split of releases without one (EuroSAT, RESISC-45, SpaceNet, xView)")
   parser.add_argument("--strict", action="store_true", help="stop at the first unusable sample")
   parser.add_argument("--dota-split", choices=("ss", "ms"), default=None,
                       help="DOTA: mmrotate's single-scale (gap 200) or multi-scale (rates 0.5/1/1.5, gap 500) "

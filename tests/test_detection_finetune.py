@@ -232,6 +232,73 @@ def test_fair1m_xml_and_release_are_read_natively(tmp_path):
   assert infos["train"]["signature"]["patch_split"]["sizes"] == [256]
 
 
+def mtp_xview_patches(img, boxes, size=416):
+  """A transcription of MTP's scripts/prepare_xview_dataset.py `clip_xview_yolo` in pixels (its
+  YOLO normalisation left out): [(x, y, [(box index, x1, y1, x2, y2) in patch pixels])]."""
+  h0, w0 = img.shape[:2]
+  img = np.pad(img, ((0, max(0, size - h0)), (0, max(0, size - w0)), (0, 0)), constant_values=128)
+  h, w = img.shape[:2]
+  y_end, x_end = h - size, w - size
+  xs = np.linspace(0, x_end, int(np.ceil(x_end / size)) + 1, endpoint=True).astype("int")
+  ys = np.linspace(0, y_end, int(np.ceil(y_end / size)) + 1, endpoint=True).astype("int")
+  out = []
+  for r in ys:
+    for c in xs:
+      kept = []
+      for i, (x1, y1, x2, y2) in enumerate(boxes):
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        if not (c <= cx < c + size and r <= cy < r + size):
+          continue
+        x1, y1 = max(x1, c), max(y1, r)
+        x2 = c + size - 1 if x2 >= c + size else x2
+        y2 = r + size - 1 if y2 >= r + size else y2
+        kept.append((i, x1 - c, y1 - r, x2 - c, y2 - r))
+      if kept:
+        out.append((int(c), int(r), kept))
+  return out
+
+
+def test_xview_patches_are_mtps_and_the_release_is_read_natively(tmp_path):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (500, 900, 3), dtype=np.uint8)
+  boxes = np.concatenate([rng.uniform(0, 880, (40, 1)), rng.uniform(0, 480, (40, 1))], 1)
+  boxes = np.concatenate([boxes, boxes + rng.uniform(4, 60, (40, 2))], 1).round()
+  boxes[:, 2:] = np.minimum(boxes[:, 2:], [900, 500])
+  ours = detection_releases.xview_patches(image, boxes)
+  theirs = mtp_xview_patches(image, boxes)
+  assert [(x, y) for x, y, *_ in ours] == [(x, y) for x, y, _ in theirs] and len(ours) == 6   # 3 x 2, spread
+  for (x, y, pixels, inside, b), (_, _, kept) in zip(ours, theirs):
+    assert inside.tolist() == [k[0] for k in kept]
+    np.testing.assert_array_equal(b, [k[1:] for k in kept])
+    np.testing.assert_array_equal(pixels, image[y:y + 416, x:x + 416])
+  small = detection_releases.xview_patches(image[:300, :200], boxes[:1] * 0 + [10, 10, 30, 30])
+  assert len(small) == 1 and small[0][2].shape == (416, 416, 3) and (small[0][2][300:] == 128).all()
+
+  top = synthetic.write_xview(str(tmp_path / "raw"), seed=4)
+  out = str(tmp_path / "converted")
+  log = []
+  infos = convert_cli.convert_release(detection_releases.XVIEW, top, out, seed=0, log=log.append)
+  assert len(detection_releases.XVIEW_CLASSES) == 60 and detection_releases.XVIEW_CLASSES[0] == "Fixed-wing Aircraft"
+  train, valid = infos["train"], infos["valid"]
+  sources = lambda split: sorted({r.patch_source for r in read_records(os.path.join(out, "xview", split))})
+  assert len(sources("train")) == 5 and len(sources("valid")) == 1   # 700 / 846 of the 6 labelled images
+  assert not set(sources("train")) & set(sources("valid"))
+  reasons = [d["reason"] for d in train["dropped_objects"] + valid["dropped_objects"]]
+  assert "type_id 75 is not one of xView's 60 classes" in reasons and any("do not hold 4 numbers" in r for r in reasons)
+  assert ["train_images/1395.tif", "listed in xView_train.geojson but missing"] in train["signature"]["not_in_release"]
+  geo = json.load(open(os.path.join(top, "xView_train.geojson")))["features"]
+  types = {t: i for i, (t, _) in enumerate(detection_releases.XVIEW_TYPES)}
+  for r in read_records(os.path.join(out, "xview", "train"))[:4]:
+    mine = [f["properties"] for f in geo if f["properties"]["image_id"] == r.patch_source + ".tif"
+            and f["properties"]["type_id"] in types]
+    want = {(tuple(int(v) for v in p["bounds_imcoords"].split(",")), types[p["type_id"]]) for p in mine}
+    for poly, label in zip(r.polygons, r.object_labels):
+      x1, y1, x2, y2 = box_ops.poly_to_hbox(poly.astype(np.float64)) + [r.patch_x, r.patch_y] * 2
+      assert any(label == l and x1 >= b[0] - 1e-6 and x2 <= b[2] + 1e-6 for b, l in want)   # clipped, never grown
+  # The split is seeded: the same seed lists the same training images (written in the info).
+  assert detection_releases.XVIEW.splits(top, seed=0)[0]["train"] == [(p, -1) for p in train["signature"]["samples"]]
+
+
 # ----------------------------------------------------------------------------------------------
 # The split (mmrotate img_split)
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,19 @@
                        <root>/Annotations/Oriented Bounding Boxes/<n>.xml (`<object><name>`,
                        `<difficult>`, `<robndbox><x_left_top>...<y_left_bottom>`), and
                        <root>/ImageSets/Main/{train,val,test}.txt. 800 x 800, 20 classes.
+    Xview:             <root>/train_images/<n>.tif + <root>/xView_train.geojson (features with
+                       `image_id`, `type_id` and `bounds_imcoords` "x1,y1,x2,y2"), the 60 classes
+                       of xView's list (type ids 11-94; other ids, e.g. 75 and 82, are dropped).
+                       MTP's prepare_xview_dataset.py, step by step (XviewRelease): boxes clipped
+                       to the image; a seeded split of the labelled images (700 of the 846 for
+                       training, MTP's count; MTP's shuffle is unseeded); images smaller than 416
+                       px padded with 128; 416-px patches at np.linspace positions (no overlap
+                       beyond what the spread needs); a patch holds the boxes whose centre lies in
+                       it, clipped to it (x2 to the patch's last pixel index, x2 = end - 1, as the
+                       script does: Deliberate); patches without boxes are not written, in every
+                       split (the script's); patch ids <n>_<k>, k counting the patches that hold
+                       a box centre; boxes under 1 px after the clip are dropped (mmdet's
+                       CocoDataset drops them when it loads the script's files).
     DIOR:              the same images and lists, <root>/Annotations/Horizontal Bounding Boxes/
                        <n>.xml (`<bndbox><xmin><ymin><xmax><ymax>`), for horizontal detection
                        (the `hd` task; its boxes are written as their 4 corners).
@@ -428,5 +441,169 @@ class DiorRelease(_DetectionRelease):
                          train=relative.startswith("JPEGImages-trainval"))
 
 
+# ----------------------------------------------------------------------------------------------
+# Xview
+# ----------------------------------------------------------------------------------------------
+# xView's 60 classes: type id -> name (xview_class_labels.txt); the class index is the position.
+XVIEW_TYPES = (
+    (11, "Fixed-wing Aircraft"), (12, "Small Aircraft"), (13, "Cargo Plane"), (15, "Helicopter"),
+    (17, "Passenger Vehicle"), (18, "Small Car"), (19, "Bus"), (20, "Pickup Truck"), (21, "Utility Truck"),
+    (23, "Truck"), (24, "Cargo Truck"), (25, "Truck w/Box"), (26, "Truck Tractor"), (27, "Trailer"),
+    (28, "Truck w/Flatbed"), (29, "Truck w/Liquid"), (32, "Crane Truck"), (33, "Railway Vehicle"),
+    (34, "Passenger Car"), (35, "Cargo Car"), (36, "Flat Car"), (37, "Tank car"), (38, "Locomotive"),
+    (40, "Maritime Vessel"), (41, "Motorboat"), (42, "Sailboat"), (44, "Tugboat"), (45, "Barge"),
+    (47, "Fishing Vessel"), (49, "Ferry"), (50, "Yacht"), (51, "Container Ship"), (52, "Oil Tanker"),
+    (53, "Engineering Vehicle"), (54, "Tower crane"), (55, "Container Crane"), (56, "Reach Stacker"),
+    (57, "Straddle Carrier"), (59, "Mobile Crane"), (60, "Dump Truck"), (61, "Haul Truck"),
+    (62, "Scraper/Tractor"), (63, "Front loader/Bulldozer"), (64, "Excavator"), (65, "Cement Mixer"),
+    (66, "Ground Grader"), (71, "Hut/Tent"), (72, "Shed"), (73, "Building"), (74, "Aircraft Hangar"),
+    (76, "Damaged Building"), (77, "Facility"), (79, "Construction Site"), (83, "Vehicle Lot"),
+    (84, "Helipad"), (86, "Storage Tank"), (89, "Shipping container lot"), (91, "Shipping Container"),
+    (93, "Pylon"), (94, "Tower"))
+XVIEW_CLASSES = tuple(name for _, name in XVIEW_TYPES)
+
+
+def parse_xview_geojson(path: str) -> dict:
+  """xView_train.geojson -> {image id ('<n>.tif'): [(feature index, bounds_imcoords text, type_id)]}
+  in file order; BadSample for a file that is not a FeatureCollection."""
+  try:
+    with open(path) as f:
+      collection = json.load(f)
+    features = collection["features"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise BadSample(f"cannot read {path} as a GeoJSON FeatureCollection ({type(e).__name__}: {e})") from None
+  out = {}
+  for n, feature in enumerate(features):
+    p = feature.get("properties") or {}
+    if p.get("bounds_imcoords") and p.get("image_id"):
+      out.setdefault(p["image_id"], []).append((n, str(p["bounds_imcoords"]), p.get("type_id")))
+  return out
+
+
+def xview_boxes(objects, width: int, height: int, where: str):
+  """[(feature index, bounds text, type_id)] -> (boxes (N, 4) float64 clipped to the image,
+  labels (N,), [(where, reason)] of the dropped: a type id outside the 60 classes, bounds that
+  are not 4 integers, or a box that clipping leaves empty)."""
+  index = {t: i for i, (t, _) in enumerate(XVIEW_TYPES)}
+  boxes, labels, dropped = [], [], []
+  for n, bounds, type_id in objects:
+    what = f"{where} feature {n} (type_id {type_id})"
+    try:
+      box = [int(v) for v in bounds.split(",")]
+    except ValueError:
+      dropped.append((what, f"bounds_imcoords {bounds!r} are not integers"))
+      continue
+    if len(box) != 4:
+      dropped.append((what, f"bounds_imcoords {bounds!r} do not hold 4 numbers"))
+    elif type_id not in index:
+      dropped.append((what, f"type_id {type_id} is not one of xView's 60 classes"))
+    else:
+      x1, x2 = np.clip([box[0], box[2]], 0, width)
+      y1, y2 = np.clip([box[1], box[3]], 0, height)
+      if x2 <= x1 or y2 <= y1:
+        dropped.append((what, f"the box {box} is empty inside the {width}x{height} image"))
+        continue
+      boxes.append([x1, y1, x2, y2])
+      labels.append(index[type_id])
+  return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels, np.int32), dropped
+
+
+def xview_patches(image: np.ndarray, boxes: np.ndarray, size: int = 416, fill: int = 128):
+  """MTP's 416-px patches of one image (module docstring): [(x, y, patch pixels, indices of its
+  boxes, the boxes in patch pixels)] for the patches that hold a box centre, in row order."""
+  h, w = image.shape[:2]
+  if h < size or w < size:
+    padded = np.full((max(h, size), max(w, size), image.shape[2]), fill, image.dtype)
+    padded[:h, :w] = image
+    image = padded
+  h, w = image.shape[:2]
+  y_end, x_end = h - size, w - size
+  xs = np.linspace(0, x_end, int(np.ceil(x_end / size)) + 1, endpoint=True).astype(int)
+  ys = np.linspace(0, y_end, int(np.ceil(y_end / size)) + 1, endpoint=True).astype(int)
+  cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+  out = []
+  for y in ys:
+    for x in xs:
+      inside = np.flatnonzero((cx >= x) & (cx < x + size) & (cy >= y) & (cy < y + size))
+      if not len(inside):
+        continue
+      b = boxes[inside].copy()
+      b[:, 0], b[:, 1] = np.maximum(b[:, 0], x), np.maximum(b[:, 1], y)
+      b[:, 2] = np.where(b[:, 2] >= x + size, x + size - 1, b[:, 2])   # the script's end - 1
+      b[:, 3] = np.where(b[:, 3] >= y + size, y + size - 1, b[:, 3])
+      out.append((int(x), int(y), image[y:y + size, x:x + size], inside, b - [x, y, x, y]))
+  return out
+
+
+class XviewRelease(_DetectionRelease):
+  """xView (module docstring): 416-px patches of the labelled training images."""
+
+  name, classes = "xview", XVIEW_CLASSES
+  patch = 416
+  train_images, labelled_images = 700, 846   # MTP's split of the 846 labelled images
+
+  def __init__(self):
+    self._index = {}   # geojson path -> parsed index (the file is ~500 MB: read once)
+
+  def _root(self, root):
+    for candidate in (root, os.path.join(root, "xView"), os.path.join(root, "Xview-dataset")):
+      if os.path.isfile(os.path.join(candidate, "xView_train.geojson")):
+        return candidate
+    raise BadSample(f"{root!r} holds no xView release: expected xView_train.geojson and train_images/")
+
+  def _objects(self, top):
+    path = os.path.join(top, "xView_train.geojson")
+    if path not in self._index:
+      self._index[path] = parse_xview_geojson(path)
+    return self._index[path]
+
+  def splits(self, root, seed: int = 0):
+    top = self._root(root)
+    objects = self._objects(top)
+    folder = os.path.join(top, "train_images")
+    files = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    foreign = [(f"train_images/{i}", "listed in xView_train.geojson but missing") for i in sorted(objects)
+               if i not in files]
+    foreign += [(f"train_images/{f}", "no box of it in xView_train.geojson") for f in sorted(files)
+                if f not in objects]
+    items = sorted(i for i in objects if i in files)
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_train = int(round(len(items) * self.train_images / self.labelled_images))
+    picked = [f"train_images/{items[i]}" for i in order]
+    return {"train": [(p, -1) for p in sorted(picked[:n_train])],
+            "valid": [(p, -1) for p in sorted(picked[n_train:])]}, foreign
+
+  def read(self, root, relative, _label=-1):
+    top = self._root(root)
+    data, image = _open_rgb(os.path.join(top, relative), relative)
+    h, w = image.shape[:2]
+    image_id = os.path.basename(relative)
+    stem = os.path.splitext(image_id)[0]
+    boxes, labels, dropped = xview_boxes(self._objects(top).get(image_id, []), w, h, f"xView_train.geojson {image_id}")
+    records = []
+    for k, (x, y, pixels, inside, patch_boxes) in enumerate(xview_patches(image, boxes, self.patch)):
+      # mmdet's CocoDataset drops boxes under 1 px when it loads MTP's files; a patch left empty
+      # is not written (ours: the script wrote it, mmdet filtered it from training)
+      wide = ((patch_boxes[:, 2] - patch_boxes[:, 0]) >= 1) & ((patch_boxes[:, 3] - patch_boxes[:, 1]) >= 1)
+      dropped += [(f"{relative} patch {k} box {i}", "under 1 px after the patch's clip (mmdet's CocoDataset "
+                   "drops it)") for i in np.flatnonzero(~wide)]
+      inside, patch_boxes = inside[wide], patch_boxes[wide]
+      if not len(inside):
+        continue
+      corners = np.stack([patch_boxes[:, [0, 1]], patch_boxes[:, [2, 1]], patch_boxes[:, [2, 3]],
+                          patch_boxes[:, [0, 3]]], axis=1)
+      records.append(DownstreamRecord(
+          image_bytes=encode_png(pixels), height=self.patch, width=self.patch, channels=3,
+          filename=f"train_images/{stem}_{k}.png", dataset=self.name,
+          polygons=corners.astype(np.float32), object_labels=labels[inside],
+          difficult=np.zeros(len(inside), np.int32), meta="{}", patch_source=stem, patch_x=x, patch_y=y,
+          patch_size=self.patch))
+    if not records:
+      raise BadSample(f"{relative}: no usable box ({len(dropped)} dropped)")
+    records[0].dropped = dropped
+    return records
+
+
+XVIEW = XviewRelease()
 DIOR = DiorRelease("dior", "Horizontal Bounding Boxes")
 DIOR_R = DiorRelease("dior_r", "Oriented Bounding Boxes")

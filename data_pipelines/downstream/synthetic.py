@@ -18,12 +18,13 @@ Change releases: LEVIR-CD / WHU-CD / CDD pairs (write_change_pairs) and OSCD's O
 Rotated-detection releases: DOTA (write_dota: `{train,val}/images/P<n>.png` + `labelTxt/P<n>.txt`
 with the imagesource / gsd header lines and difficult flags, `test/images/`), FAIR1M-2.0
 (write_fair1m: `train/part<k>/{images,labelXml}`, `validation/`, `test/`, class names with
-spaces) and DIOR-R
+spaces), xView (write_xview: `train_images/<n>.tif` + `xView_train.geojson`) and DIOR-R
 (write_dior_r: JPEGs, `Annotations/Oriented Bounding Boxes/<n>.xml`, `ImageSets/Main/*.txt`);
 objects are rotated rectangles in their class's colour and aspect on a textured ground.
 """
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -311,6 +312,37 @@ def write_fair1m(out: str, per_split=(("train", 4), ("validation", 2), ("test", 
   return top
 
 
+def write_xview(out: str, images: int = 6, size=(500, 700), seed: int = 0, objects: int = 12) -> str:
+  """An xView release under `<out>/xView` (module docstring): `train_images/<n>.tif` and
+  `xView_train.geojson` (each object's enclosing integer box, its type id, and bogus geographic
+  coordinates), plus one object of type 75 (not one of the 60 classes), one with malformed
+  bounds, and an image listed in the geojson but missing. Returns the release folder."""
+  from data_pipelines.downstream.detection_releases import XVIEW_TYPES  # noqa: PLC0415
+  rng = np.random.default_rng(seed)
+  top = os.path.join(out, "xView")
+  os.makedirs(os.path.join(top, "train_images"), exist_ok=True)
+  features = []
+  for n in range(images):
+    image, polys, labels = detection_scene(rng, size[1], size[0], len(XVIEW_TYPES), objects, sides=(12, 40))
+    image_id = f"{100 + n}.tif"
+    tifffile.imwrite(os.path.join(top, "train_images", image_id), image)
+    for p, c in zip(polys, labels):
+      x1, y1 = np.floor(p.min(0)).astype(int)
+      x2, y2 = np.ceil(p.max(0)).astype(int)
+      features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [0, 1], [1, 1], [0, 0]]]},
+                       "properties": {"bounds_imcoords": f"{x1},{y1},{x2},{y2}", "type_id": XVIEW_TYPES[c][0],
+                                      "image_id": image_id, "feature_id": len(features)}})
+  features.append({"type": "Feature", "geometry": None,
+                   "properties": {"bounds_imcoords": "10,10,40,40", "type_id": 75, "image_id": "100.tif"}})
+  features.append({"type": "Feature", "geometry": None,
+                   "properties": {"bounds_imcoords": "10,10,40", "type_id": 73, "image_id": "100.tif"}})
+  features.append({"type": "Feature", "geometry": None,
+                   "properties": {"bounds_imcoords": "1,1,9,9", "type_id": 73, "image_id": "1395.tif"}})
+  with open(os.path.join(top, "xView_train.geojson"), "w") as f:
+    json.dump({"type": "FeatureCollection", "features": features}, f)
+  return top
+
+
 def write_dior_r(out: str, classes: int = 0, per_split=(("train", 6), ("val", 2), ("test", 4)), size: int = 128,
                  seed: int = 0, objects: int = 6) -> str:
   """A DIOR / DIOR-R release under `<out>/DIOR` (module docstring): JPEGs of size x size, the
@@ -360,7 +392,7 @@ def write_dior_r(out: str, classes: int = 0, per_split=(("train", 6), ("val", 2)
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda", "oscd", "dota", "dior_r", "fair1m"]))
+  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda", "oscd", "dota", "dior_r", "fair1m", "xview"]))
   parser.add_argument("--out", required=True)
   parser.add_argument("--per-class", type=int, default=12, help="scene releases: images per class")
   parser.add_argument("--images", type=int, default=12, help="spacenet1: tiles; loveda: per domain and split")
@@ -374,6 +406,8 @@ def main(argv=None):
     print(f"wrote {write_oscd(args.out, seed=args.seed)}")
   elif args.dataset == "dota":
     print(f"wrote {write_dota(args.out, seed=args.seed)}")
+  elif args.dataset == "xview":
+    print(f"wrote {write_xview(args.out, seed=args.seed)}")
   elif args.dataset == "fair1m":
     print(f"wrote {write_fair1m(args.out, seed=args.seed)}")
   elif args.dataset == "dior_r":
