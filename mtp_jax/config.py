@@ -170,9 +170,12 @@ def finetune_defaults(dataset: str, task: str) -> ml_collections.ConfigDict:
 def detection_finetune_defaults(dataset: str, *, image_size: int, batch: int, steps_per_epoch: int,
                                 epochs: int, decay_epochs: tuple, task: str = "rd") -> ml_collections.ConfigDict:
   """MTP's detection finetuning (MTP_SPEC §5.2): Oriented R-CNN (§3.3; task 'rd') or Faster
-  R-CNN ('hd') on ViT-B + RVSA, AdamW lr 1e-4, 500 warmup steps, mmdet's step schedule (x 0.1 at
-  `decay_epochs`); schedule lengths in steps of `batch` images."""
+  R-CNN ('hd') on ViT-B + RVSA with mmdet's decoder init, AdamW lr 1e-4, 500 warmup steps, mmdet's
+  step schedule (x 0.1 at `decay_epochs`); schedule lengths in steps of `batch` images."""
   c = finetune_defaults(dataset, task)
+  # mmengine's Runner calls init_weights() before the backbone checkpoint loads, so finetuned
+  # decoders start from mmdet's init_cfg (MTP's pretraining code never calls it: 'mtp' there).
+  c.tasks[task].init = "mmdet"
   c.data.image_size = image_size
   c.data.batch_per_subset = batch
   c.optimizer.lr = 1e-4

@@ -501,6 +501,7 @@ def test_detection_configs_hold_the_papers_settings():
   assert (v1.data.rotate_prob, v2.data.rotate_prob, dior.data.rotate_prob) == (0.5, 0.0, 0.0)
   assert v1.tasks.rd.merge_patches and v2.tasks.rd.merge_patches and not dior.tasks.rd.merge_patches
   assert dior.eval.split == "test" and v1.data.batch_per_subset == 4 and v1.model.drop_path_rate == 0.3
+  assert v1.tasks.rd.init == "mmdet" and config_lib.load_config(f"{ROOT}/configs/finetune/dior.py").tasks.hd.init == "mmdet"
   from mtp_jax.train.optimizer import learning_rate_schedule
   lr = learning_rate_schedule(dior)
   got = [float(lr(s)) for s in (0, 250, 500, 8 * 2931 - 1, 8 * 2931, 11 * 2931, dior.train.num_steps)]
