@@ -12,7 +12,8 @@ reader (samrs/reader.py `make_dataset`, `PretrainBatches`), and differs in the r
   levir_cd, whu_cd, cdd, oscd  change detection (the `cd` task; downstream/change.py)
   dota_v1, dota_v2, dior_r, fair1m  rotated detection (the `rd` task; downstream/detection.py),
                         DOTA and FAIR1M as patches of their large images
-  dior                  horizontal detection (the `hd` task; downstream/detection.py)
+  dior, xview           horizontal detection (the `hd` task; downstream/detection.py), xView as
+                        MTP's 416-px patches
 """
 
 import functools
@@ -290,7 +291,8 @@ SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT)
            "dota_v2": DetectionSource(detection_releases.DOTA_V2, rect_classes=(9, 11)),
            "dior_r": DetectionSource(detection_releases.DIOR_R),
            "dior": DetectionSource(detection_releases.DIOR, tasks=("hd",), flips=("horizontal",)),
-           "fair1m": DetectionSource(detection_releases.FAIR1M)}
+           "fair1m": DetectionSource(detection_releases.FAIR1M),
+           "xview": DetectionSource(detection_releases.XVIEW, tasks=("hd",), flips=("horizontal",))}
 
 
 def source(config) -> Source:

@@ -198,7 +198,8 @@ def finetune_options(arg) -> set:
   smoke   a tiny ViT+RVSA (3 blocks of width 64, patch 8, block 2 global) at 64 px (change
           detection: at the release's tile size unless data.resize), batch 8,
           30 steps, lr 1e-3, no RandAugment, UperNet of 32 channels, UNet decoder 64/32/32/16,
-          an Oriented R-CNN of 32/64 channels with 2 x stride anchors and 32 objects per image,
+          an Oriented R-CNN or Faster R-CNN of 32/64 channels with 2 x stride anchors (RetinaNet:
+          2 stacked convs, octave base 1) and 32 objects per image,
           slide windows of 64 px every 48 on the dataset's own canvas: checks a dataset's whole
           pipeline in minutes on a CPU
   frozen  the encoder frozen (model.freeze_encoder): linear probing / frozen-backbone finetuning
@@ -245,7 +246,7 @@ def apply_finetune_options(c, options: set):
     if c.tasks.hd.enabled:   # a small Faster R-CNN, anchors of 2 x stride for the 64-px images
       c.tasks.hd.update(dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64,
                              train_pre_nms=256, train_proposals=128, test_pre_nms=256, test_proposals=128,
-                             rcnn_samples=64, max_candidates=1000))
+                             rcnn_samples=64, max_candidates=1000, octave_base_scale=1.0, stacked_convs=2))
       (subset,) = c.data.subsets
       c.data.max_instances[subset] = 32
       c.optimizer.decay_steps = (20, 27) if c.optimizer.schedule == "step" else ()

@@ -206,6 +206,22 @@ def test_dior_smoke_trains_faster_rcnn_and_reports_coco_ap50(dior_data, tmp_path
   assert "COCO box AP50" in report and "evaluated on the test split" in report
 
 
+def test_xview_smoke_trains_retinanet_and_reports_coco_ap50(xview_data, tmp_path):
+  from mtp_jax.train import loop
+  _, out, infos = xview_data
+  full = config_lib.load_config(f"{ROOT}/configs/finetune/xview.py")
+  assert (full.tasks.hd.detector, full.data.image_size, full.tasks.hd.octave_base_scale) == ("retinanet", 416, 4.0)
+  c = config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/finetune/xview.py:smoke"),
+                                 [f"data.dir={out!r}", "mesh.num_devices=1"])
+  results = loop.train_and_evaluate(c, str(tmp_path))
+  losses = [h["loss"] for h in results["train"]["history"]]
+  assert losses[-1] < 0.8 * losses[0], losses   # focal + L1 from the 0.01 prior
+  assert {k.split("/")[-1] for h in results["train"]["history"] for k in h if k.startswith("hd/")} >= {"cls", "bbox"}
+  r = results["eval"]["xview"]["hd"]
+  assert r["images"] == infos["valid"]["num_examples"] and np.isfinite(r["AP50"])
+  assert "COCO box AP50" in open(tmp_path / "report.md").read()
+
+
 def test_fair1m_xml_and_release_are_read_natively(tmp_path):
   top = synthetic.write_fair1m(str(tmp_path / "raw"), seed=2)
   polys, names, difficult, header = detection_releases.parse_fair1m_xml(
@@ -258,7 +274,17 @@ def mtp_xview_patches(img, boxes, size=416):
   return out
 
 
-def test_xview_patches_are_mtps_and_the_release_is_read_natively(tmp_path):
+@pytest.fixture(scope="module")
+def xview_data(tmp_path_factory):
+  """An xView release (6 images of 700 x 500, a type-75 object, malformed bounds, a listed but
+  missing image), converted; (release folder, converted dir, infos)."""
+  top = synthetic.write_xview(str(tmp_path_factory.mktemp("xview_raw")), seed=4)
+  out = str(tmp_path_factory.mktemp("xview_tfrecords"))
+  infos = convert_cli.convert_release(detection_releases.XVIEW, top, out, seed=0, log=lambda _: None)
+  return top, out, infos
+
+
+def test_xview_patches_are_mtps_and_the_release_is_read_natively(xview_data):
   rng = np.random.default_rng(0)
   image = rng.integers(0, 255, (500, 900, 3), dtype=np.uint8)
   boxes = np.concatenate([rng.uniform(0, 880, (40, 1)), rng.uniform(0, 480, (40, 1))], 1)
@@ -274,10 +300,7 @@ def test_xview_patches_are_mtps_and_the_release_is_read_natively(tmp_path):
   small = detection_releases.xview_patches(image[:300, :200], boxes[:1] * 0 + [10, 10, 30, 30])
   assert len(small) == 1 and small[0][2].shape == (416, 416, 3) and (small[0][2][300:] == 128).all()
 
-  top = synthetic.write_xview(str(tmp_path / "raw"), seed=4)
-  out = str(tmp_path / "converted")
-  log = []
-  infos = convert_cli.convert_release(detection_releases.XVIEW, top, out, seed=0, log=log.append)
+  top, out, infos = xview_data
   assert len(detection_releases.XVIEW_CLASSES) == 60 and detection_releases.XVIEW_CLASSES[0] == "Fixed-wing Aircraft"
   train, valid = infos["train"], infos["valid"]
   sources = lambda split: sorted({r.patch_source for r in read_records(os.path.join(out, "xview", split))})

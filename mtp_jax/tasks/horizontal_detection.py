@@ -1,13 +1,13 @@
-"""Task `hd`: Faster R-CNN horizontal object detection (MTP_SPEC §5.2, DIOR), its evaluation and
-report.
+"""Task `hd`: horizontal object detection (MTP_SPEC §5.2) with Faster R-CNN (DIOR) or RetinaNet
+(Xview, `detector='retinanet'`: mtp_jax/models/heads/retinanet.py), its evaluation and report.
 
-Head: MTP's Mask R-CNN box stages without the mask branch (mmdet faster_rcnn_r50_fpn: FPN 256,
+Faster R-CNN: MTP's Mask R-CNN box stages without the mask branch (mmdet faster_rcnn_r50_fpn: FPN 256,
 RPN with DeltaXYWH, RoIAlign 7x7, Shared2FC 1024, class-specific DeltaXYWH), the two-stage
 detector the pretraining tasks share (`mtp_jax/models/detection/two_stage.py`), with
 `instance_segmentation.mask_rcnn_box_configs` and the R-CNN's low-quality matching off (MTP's
 DIOR config). Ground truth per subset: `hboxes` (b, M_s, 4) x1, y1, x2, y2 pixels, `labels`
 (b, M_s) object classes 0..C-1, `valid` (b, M_s). Loss components per subset, logged as
-`hd/<subset>/{rpn_cls, rpn_bbox, cls, bbox}`.
+`hd/<subset>/{rpn_cls, rpn_bbox, cls, bbox}` (RetinaNet: `{cls, bbox}`, focal and L1).
 
 Evaluation: COCO box AP through pycocotools (`mtp_jax.metrics.coco`), headline AP50 (mmdet's
 `bbox_mAP_50`, the number MTP reports), at most 100 detections per image, against every object of
@@ -17,6 +17,7 @@ DIOR evaluation goes through COCO files, which hold no such flag). The COCO gt a
 are written to `<workdir>/report/coco/<subset>_{gt,bbox}.json`.
 """
 
+import dataclasses
 import os
 
 import ml_collections
@@ -25,6 +26,7 @@ import numpy as np
 from mtp_jax.metrics import drawing
 from mtp_jax.metrics.coco import CocoEvaluator
 from mtp_jax.models.detection.two_stage import TwoStageDetector
+from mtp_jax.models.heads.retinanet import RETINA_ANCHORS, RetinaConfig, RetinaNet
 from mtp_jax.parallel.sharding import local_rows
 from mtp_jax.tasks.base import TwoStageDetectionTask
 from mtp_jax.tasks.instance_segmentation import mask_rcnn_box_configs
@@ -34,7 +36,7 @@ COCO_DIR = os.path.join("report", "coco")
 
 class HorizontalDetection(TwoStageDetectionTask):
   name = "hd"
-  title = "Faster R-CNN horizontal detection"
+  title = "Horizontal detection (Faster R-CNN or RetinaNet)"
   headline_name = "box AP50"
 
   @classmethod
@@ -48,11 +50,24 @@ class HorizontalDetection(TwoStageDetectionTask):
         "max_detections": 100,         # per image after NMS (0.5), score > 0.05
         "max_candidates": 10000,       # (proposal, class) pairs entering that NMS (static shapes)
         "init": "mtp", "report_score": 0.3,
+        "detector": "faster_rcnn",     # or 'retinanet' (its own: octave_base_scale, stacked_convs)
+        "octave_base_scale": 4.0,      # RetinaNet anchors: side = this x 2^(i/3) x stride, i = 0, 1, 2
+        "stacked_convs": 4,
     })
 
+  @classmethod
+  def check_config(cls, task_config):
+    if task_config.detector not in ("faster_rcnn", "retinanet"):
+      return f"detector {task_config.detector!r} is not 'faster_rcnn' or 'retinanet'"
+    return super().check_config(task_config)
+
   def build_head(self, in_channels, *, rngs, dtype=None):
-    rpn, roi = mask_rcnn_box_configs(self.task_config, match_low_quality=False)
     t = self.task_config
+    if t.detector == "retinanet":
+      anchors = dataclasses.replace(RETINA_ANCHORS, scales=tuple(t.octave_base_scale * 2.0 ** (i / 3) for i in range(3)))
+      cfg = RetinaConfig(anchors=anchors, stacked_convs=t.stacked_convs, max_per_img=t.max_detections)
+      return RetinaNet(in_channels, self.num_classes, cfg=cfg, channels=t.neck_channels, rngs=rngs, dtype=dtype)
+    rpn, roi = mask_rcnn_box_configs(self.task_config, match_low_quality=False)
     return TwoStageDetector(in_channels, self.num_classes, rpn=rpn, roi=roi, channels=t.neck_channels,
                             fc_channels=t.fc_channels, init=t.init, rngs=rngs, dtype=dtype)
 

@@ -1,6 +1,11 @@
-"""mmdet `FPN` neck (MTP_SPEC.md §3.3: FPN(in_channels, 256, num_outs=5) for both R-CNNs).
+"""mmdet `FPN` neck (MTP_SPEC.md §3.3: FPN(in_channels, 256, num_outs=5) for both R-CNNs;
+§5.2: RetinaNet's FPN(start_level=1, add_extra_convs='on_input')).
 
 mmdet defaults: start_level 0, add_extra_convs False, no norm, no activation, nearest upsampling.
+With `start_level` k the maps before k are not used (lateral_convs.0 reads map k). With
+`extra_on_input` the maps past the inputs come from stride-2 3x3 convs (padding 1, as PyTorch)
+appended to `fpn_convs`: the first on the last INPUT map, the next on the previous output (no
+ReLU between: mmdet's relu_before_extra_convs False), instead of max pooling.
   laterals[i] = lateral_convs[i](x[i])                        1x1 conv with bias
   laterals[i-1] += nearest_resize(laterals[i], size of laterals[i-1])   top-down, i = L-1 .. 1
   outs[i] = fpn_convs[i](laterals[i])                         3x3 conv, padding 1, with bias
@@ -45,11 +50,12 @@ def resize_nearest(x, height: int, width: int):
 
 
 def conv_zero_bias(din: int, dout: int, kernel_size: int, *, kernel_init, rngs, dtype=None,
-                   in_axis="conv_in", out_axis="conv_out"):
-  """`layers.conv` (stride 1, 'SAME' = PyTorch padding k // 2 for odd k) with a zero bias, as
-  mmcv's Xavier and Normal initialisers leave it (bias=0)."""
+                   in_axis="conv_in", out_axis="conv_out", stride: int = 1):
+  """`layers.conv` with a zero bias, as mmcv's Xavier and Normal initialisers leave it (bias=0);
+  padding k // 2 on every side, PyTorch's (flax's 'SAME' differs from it at stride 2)."""
+  pad = kernel_size // 2
   conv = layers.conv(din, dout, kernel_size, dtype=dtype, kernel_init=kernel_init, rngs=rngs,
-                     in_axis=in_axis, out_axis=out_axis)
+                     in_axis=in_axis, out_axis=out_axis, stride=stride, padding=((pad, pad), (pad, pad)))
   conv.bias[...] = jnp.zeros_like(conv.bias[...])
   return conv
 
@@ -58,9 +64,9 @@ class FPNConv(nnx.Module):
   """A norm-free, activation-free mmcv ConvModule: its conv sits under `conv`."""
 
   def __init__(self, din: int, dout: int, kernel_size: int, *, rngs, dtype=None,
-               kernel_init=xavier_uniform):
+               kernel_init=xavier_uniform, stride: int = 1):
     self.conv = conv_zero_bias(din, dout, kernel_size, kernel_init=kernel_init, rngs=rngs,
-                               dtype=dtype)
+                               dtype=dtype, stride=stride)
 
   def __call__(self, x):
     return self.conv(x)
@@ -70,25 +76,37 @@ class FPN(nnx.Module):
   """mmdet FPN: len(in_channels) NHWC maps (finest first) -> num_outs maps of out_channels."""
 
   def __init__(self, in_channels, out_channels: int = 256, num_outs: int = 5, *, rngs, dtype=None,
-               init: str = "mmdet"):
+               init: str = "mmdet", start_level: int = 0, extra_on_input: bool = False):
     in_channels = tuple(in_channels)
-    if num_outs < len(in_channels):
-      raise ValueError(f"num_outs {num_outs} < {len(in_channels)} input levels")
+    used = in_channels[start_level:]
+    if num_outs < len(used):
+      raise ValueError(f"num_outs {num_outs} < {len(used)} input levels")
     if init not in _FPN_INITS:
       raise ValueError(f"init {init!r} is not one of {sorted(_FPN_INITS)}")
-    self.num_outs = num_outs
+    self.num_outs, self.start_level, self.num_inputs = num_outs, start_level, len(in_channels)
+    self.extra_on_input = extra_on_input
     conv = functools.partial(FPNConv, rngs=rngs, dtype=dtype, kernel_init=_FPN_INITS[init])
-    self.lateral_convs = nnx.List([conv(c, out_channels, 1) for c in in_channels])
-    self.fpn_convs = nnx.List([conv(out_channels, out_channels, 3) for _ in in_channels])
+    self.lateral_convs = nnx.List([conv(c, out_channels, 1) for c in used])
+    convs = [conv(out_channels, out_channels, 3) for _ in used]
+    if extra_on_input:
+      convs += [conv(in_channels[-1] if i == 0 else out_channels, out_channels, 3, stride=2)
+                for i in range(num_outs - len(used))]
+    self.fpn_convs = nnx.List(convs)
 
   def __call__(self, features):
-    if len(features) != len(self.lateral_convs):
-      raise ValueError(f"FPN got {len(features)} maps for {len(self.lateral_convs)} in_channels")
+    if len(features) != self.num_inputs:
+      raise ValueError(f"FPN got {len(features)} maps for {self.num_inputs} in_channels")
+    inputs = list(features)
+    features = inputs[self.start_level:]
     laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
     for i in range(len(laterals) - 1, 0, -1):
       height, width = laterals[i - 1].shape[1:3]
       laterals[i - 1] = laterals[i - 1] + resize_nearest(laterals[i], height, width)
     outs = [conv(l) for conv, l in zip(self.fpn_convs, laterals)]
+    if self.extra_on_input and len(outs) < self.num_outs:
+      outs.append(self.fpn_convs[len(outs)](inputs[-1]))
+      while len(outs) < self.num_outs:
+        outs.append(self.fpn_convs[len(outs)](outs[-1]))
     while len(outs) < self.num_outs:
       outs.append(outs[-1][:, ::2, ::2])   # max_pool2d(kernel 1, stride 2)
     return outs
