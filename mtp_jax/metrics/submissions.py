@@ -27,9 +27,14 @@ def _by_score(dets):
 
 
 def _zip(path: str, files):
+  """The files at the archive's top level, with a fixed timestamp: the same detections give the
+  same bytes, whichever run or process wrote them."""
   with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
     for f in files:
-      z.write(f, os.path.basename(f))
+      info = zipfile.ZipInfo(os.path.basename(f), date_time=(1980, 1, 1, 0, 0, 0))
+      info.compress_type = zipfile.ZIP_DEFLATED
+      with open(f, "rb") as src:
+        z.writestr(info, src.read())
   return path
 
 
