@@ -240,13 +240,11 @@ def apply_finetune_options(c, options: set):
       c.tasks.rd.update(dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64,
                              train_proposals=256, test_proposals=256, rcnn_samples=64,
                              max_detections=100, max_candidates=1000))
-      (subset,) = c.data.subsets
-      c.data.max_instances[subset] = 32
-      c.optimizer.decay_steps = (20, 27) if c.optimizer.schedule == "step" else ()
     if c.tasks.hd.enabled:   # a small Faster R-CNN, anchors of 2 x stride for the 64-px images
       c.tasks.hd.update(dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64,
                              train_pre_nms=256, train_proposals=128, test_pre_nms=256, test_proposals=128,
                              rcnn_samples=64, max_candidates=1000, octave_base_scale=1.0, stacked_convs=2))
+    if c.tasks.rd.enabled or c.tasks.hd.enabled:   # 32 objects per image, the step decays inside 30 steps
       (subset,) = c.data.subsets
       c.data.max_instances[subset] = 32
       c.optimizer.decay_steps = (20, 27) if c.optimizer.schedule == "step" else ()
