@@ -97,7 +97,7 @@ class Source:
         augment_config=augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                                 for k, v in config.data.augment.items()}),
         with_masks=tasks_lib.needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction,
-        parse=self.train_parsers(config, tasks))
+        parse=self.train_parsers(config, tasks), num_workers=config.data.num_workers)
 
 
 class SamrsSource(Source):

@@ -59,6 +59,12 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
       "max_crop_redraws": 10})
   # Corrupt TFRecords are skipped and counted; above this fraction the run stops with an error.
   c.data.max_corrupt_fraction = 0.01
+  # Input pipeline off the step's critical path (docs/benchmarks.md, input pipeline): grain worker
+  # processes per subset and reader stream that parse, decode and augment (0: in the training
+  # process; a run resumes only with the count it was checkpointed with), and device batches read
+  # ahead by a background thread while the step runs (0: none).
+  c.data.num_workers = 0
+  c.data.prefetch = 2
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = "vit_b"

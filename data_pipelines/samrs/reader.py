@@ -258,11 +258,56 @@ def _tfrecord_dataset(path: str):
   return grain.experimental.TFRecordIterDataset(path)
 
 
+# The grain worker process this code runs in (index, count), set by `_note_worker` when the worker
+# starts; (0, 0) in the training process itself.
+_WORKER = (0, 0)
+
+
+def _note_worker(index: int, count: int):
+  global _WORKER
+  _WORKER = (index, count)
+
+
+def _worker_rng(rng: np.random.Generator) -> np.random.Generator:
+  """With worker processes, grain numbers each worker's examples from 0, so the i-th example of
+  every worker would draw the same augmentation: mix the worker index into its generator."""
+  index, count = _WORKER
+  if not count:
+    return rng
+  return np.random.default_rng((int(rng.integers(2**62)), index, count))
+
+
+class _DropCorrupt(grain.IterDataset):
+  """Drops the records SkipCorrupt turned into None and writes into each example how many it
+  dropped just before it (`corrupt_skipped`, int32). The counts travel with the data, so they are
+  exact with worker processes too, whose SkipCorrupt counters live in the workers."""
+
+  def __iter__(self):
+    return _DropCorruptIterator(self._parent.__iter__())
+
+
+class _DropCorruptIterator(grain.DatasetIterator):
+
+  def __next__(self):
+    dropped = 0
+    while (example := next(self._parent)) is None:
+      dropped += 1
+    example["corrupt_skipped"] = np.int32(dropped)
+    return example
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
 def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max_instances: int,
                  batch_size: int, seed: int = 0, train: bool = True, process_index: int = 0,
                  process_count: int = 1, shuffle_window: int = 256, cycle_length: int = 4,
                  augment_config=None, with_masks: bool = False, max_corrupt_fraction: float = 0.01,
-                 corrupt_min_seen: int = 100, skip_counter: list | None = None, parse=None):
+                 corrupt_min_seen: int = 100, skip_counter: list | None = None, parse=None,
+                 num_workers: int = 0, worker_buffer: int = 2):
   """A grain IterDataset of batches for one subset.
 
   parse(raw, rng) -> static example (rng None when evaluating) reads one record; by default the
@@ -275,9 +320,19 @@ def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max
   stream, so it is part of the checkpointed iterator state), full batches only.
   train=False: one pass in file order, resize and pad only; the last batch is padded with
   `is_real=False` examples. Corrupt records are skipped and counted (`SkipCorrupt`, appended to
-  `skip_counter` when given) up to `max_corrupt_fraction`.
+  `skip_counter` when given) up to `max_corrupt_fraction`; training examples also carry
+  `corrupt_skipped`, the records dropped just before them (`_DropCorrupt`).
+
+  num_workers > 0 (training only): reading, parsing, augmentation and batching run in that many
+  grain worker processes, `worker_buffer` batches ready per worker, their batches taken in turn.
+  grain deals the shuffled, endlessly repeated shard sequence out among them (its n-th entry, one
+  shard of one epoch, goes to worker n mod num_workers), so every shard of every epoch is read
+  once, by one worker. The stream is then another one than with 0 workers, deterministic for a
+  given worker count, and its state restores it exactly.
   """
   files = shard_files(data_dir, subset, split, process_index, process_count)
+  if num_workers and not train:
+    raise DataError("worker processes are for training streams only (evaluation reads in process)")
   ds = grain.MapDataset.source(files)
   if train:
     ds = ds.shuffle(seed=seed).repeat(None)
@@ -289,7 +344,7 @@ def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max
     parse = functools.partial(to_static_example, image_size=image_size, max_instances=max_instances,
                               with_masks=with_masks, augment_config=augment_config or augment.AugmentConfig())
   if train:
-    safe = SkipCorrupt(lambda raw, rng: parse(raw, rng=rng), f"{subset}/{split}",
+    safe = SkipCorrupt(functools.partial(_parse_train, parse), f"{subset}/{split}",
                        max_corrupt_fraction, corrupt_min_seen)
     ds = ds.random_map(safe, seed=seed)
   else:
@@ -298,10 +353,19 @@ def make_dataset(data_dir: str, subset: str, split: str, *, image_size: int, max
     ds = ds.map(safe)
   if skip_counter is not None:
     skip_counter.append(safe)
-  ds = ds.filter(lambda example: example is not None)
   if train:
-    return ds.batch(batch_size, drop_remainder=True)
+    ds = _DropCorrupt(ds).batch(batch_size, drop_remainder=True)
+    if num_workers:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                       per_worker_buffer_size=worker_buffer),
+                          worker_init_fn=_note_worker)
+    return ds
+  ds = ds.filter(lambda example: example is not None)
   return ds.batch(batch_size, drop_remainder=False, batch_fn=functools.partial(_pad_batch, size=batch_size))
+
+
+def _parse_train(parse, raw, rng):
+  return parse(raw, rng=_worker_rng(rng))
 
 
 def _pad_batch(examples: list[dict], size: int) -> dict:
@@ -321,17 +385,21 @@ class PretrainBatches:
   batches, `batch_size` rows in all. With one stream per process this is ordinary multi-host
   reading; a fixed `num_streams` makes the global batch, and the iterator state, the same on any
   number of processes. The state holds every local stream's position under its index.
+
+  num_workers: grain worker processes per subset and stream (`make_dataset`); the state records
+  the count, since a stream read by k workers is another stream than one read by 0.
   """
 
   def __init__(self, data_dir: str, subsets, *, image_size: int, max_instances: dict,
                batch_size: int, seed: int, streams=(0,), num_streams: int = 1,
                shuffle_window: int = 256, augment_config=None, with_masks: bool = False,
-               max_corrupt_fraction: float = 0.01, parse=None):
+               max_corrupt_fraction: float = 0.01, parse=None, num_workers: int = 0):
     """parse: {subset: parse(raw, rng)} for non-SAMRS records (see make_dataset), else None."""
     self.subsets, self.streams, self.num_streams = tuple(subsets), tuple(streams), num_streams
+    self.num_workers = num_workers
+    self._corrupt = dict.fromkeys(self.subsets, 0)
     if batch_size % len(self.streams):
       raise DataError(f"{batch_size} images per subset do not split over {len(self.streams)} streams")
-    self._counters = {s: [] for s in self.subsets}
     self._iters = {
         (s, j): iter(make_dataset(data_dir, s, "train", image_size=image_size,
                                   max_instances=max_instances.get(s, 0),
@@ -340,13 +408,13 @@ class PretrainBatches:
                                   process_count=num_streams, shuffle_window=shuffle_window,
                                   augment_config=augment_config, with_masks=with_masks,
                                   max_corrupt_fraction=max_corrupt_fraction,
-                                  skip_counter=self._counters[s],
-                                  parse=parse[s] if parse else None))
+                                  parse=parse[s] if parse else None, num_workers=num_workers))
         for i, s in enumerate(self.subsets) for j in self.streams}
 
   def corrupt_records(self) -> dict:
-    """{subset: records skipped as corrupt so far by this process} (0 workers; see SkipCorrupt)."""
-    return {s: sum(c.skipped for c in counters) for s, counters in self._counters.items()}
+    """{subset: corrupt records skipped before the batches this object returned so far} (its
+    worker processes' too; see `_DropCorrupt`)."""
+    return dict(self._corrupt)
 
   def __iter__(self):
     return self
@@ -356,11 +424,12 @@ class PretrainBatches:
     for s in self.subsets:
       parts = [next(self._iters[s, j]) for j in self.streams]
       out[s] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+      self._corrupt[s] += int(out[s].pop("corrupt_skipped").sum())
     return out
 
   def get_state(self) -> dict:
     """{'num_streams': n, 'streams': {'<j>': {subset: grain state}}} for this process's streams."""
-    return {"num_streams": self.num_streams,
+    return {"num_streams": self.num_streams, "num_workers": self.num_workers,
             "streams": {str(j): {s: self._iters[s, j].get_state() for s in self.subsets}
                         for j in self.streams}}
 
@@ -374,6 +443,10 @@ class PretrainBatches:
       raise DataError(f"the checkpoint's data-iterator state has {state.get('num_streams')} "
                       f"stream(s), this run {self.num_streams}; set data.num_streams="
                       f"{state.get('num_streams')} to continue its data exactly")
+    if state.get("num_workers", 0) != self.num_workers:
+      raise DataError(f"the checkpoint's data-iterator state was read by {state.get('num_workers', 0)} "
+                      f"worker process(es) per stream, this run by {self.num_workers}; set "
+                      f"data.num_workers={state.get('num_workers', 0)} to continue its data exactly")
     for j in self.streams:
       saved = state["streams"].get(str(j))
       if saved is None or set(saved) != set(self.subsets):

@@ -27,6 +27,7 @@ from mtp_jax.metrics import report, writers
 from mtp_jax.models.multitask import MultiTaskModel
 from mtp_jax.parallel import distributed, sharding
 from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from mtp_jax.train.prefetch import DevicePrefetch
 from mtp_jax.train.state import create_state
 from mtp_jax.train import batching
 from mtp_jax.train.batching import check_batch_size, compile_everywhere, device_batch
@@ -72,10 +73,11 @@ def reader_streams(config) -> tuple[tuple[int, ...], int]:
   return sources.source(config).reader_streams(config)
 
 
-def merged_data_state(batches) -> dict:
-  """Every process's reader streams in one JSON state (saved once, read by all on restore)."""
-  states = distributed.allgather_json(batches.get_state())
-  return {"num_streams": states[0]["num_streams"],
+def merged_data_state(state: dict) -> dict:
+  """Every process's reader streams (`state`: this process's `get_state()`) in one JSON state
+  (saved once, read by all on restore)."""
+  states = distributed.allgather_json(state)
+  return {"num_streams": states[0]["num_streams"], "num_workers": states[0].get("num_workers", 0),
           "streams": {j: s for state in states for j, s in state["streams"].items()}}
 
 
@@ -206,6 +208,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("resumed from %s at step %d", checkpointer.directory, start)
     print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
 
+  data_state = batches.get_state()   # of the last batch consumed; saved with each checkpoint
+  feed = DevicePrefetch(batches, functools.partial(device_batch, subsets=subsets, mesh=mesh,
+                                                   fields=trainer.fields), config.data.prefetch)
   writer = writers.create_writer(workdir, resume_step=start)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, "items")})
@@ -217,12 +222,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   instances = {s: np.zeros(2, np.int64) for s in subsets}   # (before the cap, dropped by it)
   compile_start = time.perf_counter()
   for step in range(start + 1, total + 1):
-    raw = next(batches)
+    fed = next(feed)
+    raw, batch, data_state = fed.raw, fed.batch, fed.data_state
     for s in subsets:
       if "num_instances" in raw[s]:   # datasets with instances (SAMRS): what the cap dropped
         counts = raw[s]["num_instances"].astype(np.int64)
         instances[s] += [counts.sum(), np.maximum(counts - config.data.max_instances[s], 0).sum()]
-    batch = device_batch(raw, subsets, mesh, trainer.fields)
     if step == start + 1:
       step_fn = compile_everywhere(trainer.step, "train step", state, batch)
     state, metrics = step_fn(state, batch)
@@ -230,18 +235,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if step == start + 1:
       jax.block_until_ready(metrics)
       print(f"first step (with compilation) took {time.perf_counter() - compile_start:.1f}s", flush=True)
+      feed.wait_seconds()   # the data-wait share counts from here: compilation is not a wait
+      interval_start = time.perf_counter()
     stop = preemption.should_stop(step)
     if step % config.train.log_every == 0 or step == total or stop:
       scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
       for k in ("nonfinite_steps", "learning_rate"):   # the value at this step, not a mean
         scalars[k] = float(jax.device_get(pending[-1][k]))
-      corrupt = batches.corrupt_records()
+      corrupt = fed.corrupt
+      now = time.perf_counter()   # the share of wall time the loop waited for the next batch
+      scalars["data_wait_fraction"] = feed.wait_seconds() / max(now - interval_start, 1e-9)
+      interval_start = now
       for s, (seen, dropped) in instances.items():   # data health, this process's share
         if s in config.data.max_instances:
           scalars[f"data/{s}/dropped_by_cap"] = float(dropped / max(seen, 1))
         scalars[f"data/{s}/corrupt_records"] = float(corrupt[s])
         instances[s][:] = 0
-      scalars["steps_per_sec"] = progress.update(step, {"loss": scalars["loss"]})
+      scalars["steps_per_sec"] = progress.update(step, {"loss": scalars["loss"],
+                                                        "data wait": scalars["data_wait_fraction"]})
       writer.write_scalars(step, scalars)
       history.append({"step": step, **scalars})
       pending = []
@@ -252,10 +263,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print("\n".join(summary_lines(evaluated, step, tasks)), flush=True)
     if step % config.train.checkpoint_every == 0 or step == total or stop:
       writer.flush()   # the metrics of every step up to a checkpoint are on disk before it is
-      checkpointer.save(step, state, merged_data_state(batches), force=True)
+      checkpointer.save(step, state, merged_data_state(data_state), force=True)
     if stop:
       break
   preemption.close()
+  feed.close()
   if stop:   # the checkpoint of this step is saved: close everything and say so
     for closing in (writer, checkpointer, batches):
       closing.close()
