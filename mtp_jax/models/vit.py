@@ -83,10 +83,12 @@ class Block(nnx.Module):
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     self.drop_path = drop_path
 
-  def __call__(self, x, key, train: bool):
+  def __call__(self, x, key, train: bool, drop_path=None):
+    """`drop_path` (a float or a traced scalar) replaces the block's own rate (scanned blocks)."""
+    rate = self.drop_path if drop_path is None else drop_path
     k1, k2 = jax.random.split(key)
-    x = x + layers.drop_path(self.attn(self.norm1(x), self.grid), self.drop_path, k1, train)
-    return x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, k2, train)
+    x = x + layers.drop_path(self.attn(self.norm1(x), self.grid), rate, k1, train)
+    return x + layers.drop_path(self.mlp(self.norm2(x)), rate, k2, train)
 
 
 class ViTEncoder(nnx.Module):
@@ -96,7 +98,7 @@ class ViTEncoder(nnx.Module):
                num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
                out_indices=(3, 5, 7, 11), rvsa: bool = False, interval: int = 3,
                window_size: int = 7, grid_sample_method: str = "gather", remat: bool = False,
-               in_chans: int = 3, dtype=None, rngs: nnx.Rngs):
+               scan_blocks: bool = False, in_chans: int = 3, dtype=None, rngs: nnx.Rngs):
     if img_size % patch_size:
       raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     if rvsa and img_size // patch_size < window_size:
@@ -108,6 +110,13 @@ class ViTEncoder(nnx.Module):
     self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
     self.out_indices = tuple(out_indices)
     self.remat = remat
+    # Scanned blocks: one period of the block pattern (RVSA: `interval` blocks, the last global;
+    # plain ViT: one block) traced once and run depth / period times by lax.scan (see _scan_blocks).
+    self.scan_period = interval if rvsa else 1
+    if scan_blocks and depth % self.scan_period:
+      raise ValueError(f"scan_blocks needs depth {depth} to be a multiple of the block pattern's "
+                       f"period {self.scan_period} (interval)")
+    self.scan_blocks = scan_blocks
     self.dtype = dtype
     self.grid = img_size // patch_size
     self.in_chans = in_chans
@@ -149,15 +158,15 @@ class ViTEncoder(nnx.Module):
     x = x.reshape(b, self.grid * self.grid, self.embed_dim)
     x = x + self.pos_embed[...].astype(x.dtype)
     keys = jax.random.split(key, len(self.blocks))
-    kept = {}
-    for i, blk in enumerate(self.blocks):
-      if self.remat:
-        x = nnx.remat(lambda m, y, k: m(y, k, train))(blk, x, keys[i])
-      else:
-        x = blk(x, keys[i], train)
-      if i in self.out_indices:
-        kept[i] = x.reshape(b, self.grid, self.grid, self.embed_dim)
-    features = [kept[i] for i in self.out_indices]  # an index may repeat (tiny test models)
+    if self.scan_blocks:
+      outputs = self._scan_blocks(x, keys, train)
+    else:
+      outputs = []
+      for i, blk in enumerate(self.blocks):
+        x = self._block(blk, x, keys[i], train)
+        outputs.append(x)
+    # an index may repeat (tiny test models)
+    features = [outputs[i].reshape(b, self.grid, self.grid, self.embed_dim) for i in self.out_indices]
     if not multi_scale:
       return features
     f1 = features[0]
@@ -168,6 +177,50 @@ class ViTEncoder(nnx.Module):
     return [f1, f2, features[2], f4]
 
 
+  def _block(self, blk, x, key, train, drop_path=None):
+    if self.remat:  # activation checkpointing: only the block's input is kept for the backward
+      return nnx.remat(lambda m, y, k, r: m(y, k, train, r))(blk, x, key, drop_path)
+    return blk(x, key, train, drop_path)
+
+  def _scan_blocks(self, x, keys, train):
+    """The blocks as one lax.scan over depth / period groups of `scan_period` consecutive blocks.
+
+    XLA compiles one group instead of `depth` blocks, so compile time stays flat with depth.
+    The parameters stay one set per block (`blocks.{i}`: checkpoints, export, layer decay and
+    sharding rules see the same tree); the step stacks group g's copies at trace time (a copy
+    of the encoder's parameters per step) and the gradients flow back to each block. Block i's
+    stochastic depth rate and PRNG key are scanned inputs, so the maths and the random draws are
+    those of the Python loop. Returns every block's output (an array of (depth, B, N, D)).
+    """
+    period, depth = self.scan_period, len(self.blocks)
+    groups = depth // period
+    graphdefs = [nnx.split(self.blocks[p])[0] for p in range(period)]
+    stacked = tuple(
+        jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(self.blocks[g * period + p]) for g in range(groups)])
+        for p in range(period))
+    rates = jnp.asarray([blk.drop_path for blk in self.blocks], jnp.float32).reshape(groups, period)
+
+    def group(x, scanned):
+      states, group_keys, group_rates = scanned
+      outs = []
+      for p in range(period):
+        x = self._block(nnx.merge(graphdefs[p], states[p]), x, group_keys[p], train, group_rates[p])
+        outs.append(x)
+      return x, jnp.stack(outs)
+
+    _, outs = jax.lax.scan(group, x, (stacked, keys.reshape(groups, period), rates))
+    return outs.reshape(depth, *x.shape)
+
+
 def _max_pool2(x):
+  """MaxPool2d(2, 2) on NHWC (odd last row / column dropped); the gradient goes to one maximum
+  of each window (the first on ties), as PyTorch's.
+
+  Deliberately lax.reduce_window, not a reshape + max: JAX differentiates a max reduction by
+  comparing the input with the maximum, and XLA may recompute the input in the backward with
+  different rounding, so no element matched. On jax 0.10.2 CPU with stochastic depth in the last
+  block that gave the last block's attn.proj / mlp.fc2 kernels wrong gradients (-O2) or NaN
+  gradients everywhere (-O0) under jit (tests/test_layers.py)."""
   b, h, w, c = x.shape
-  return x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return jax.lax.reduce_window(x[:, : h // 2 * 2, : w // 2 * 2], -jnp.inf, jax.lax.max,
+                               (1, 2, 2, 1), (1, 2, 2, 1), "VALID")

@@ -190,6 +190,6 @@ def build_twin(name: str, img_size: int, **overrides) -> ViT_Win_RVSA_V3_WSZ7:
   kw = {**ENCODER_PRESETS[name], **overrides}
   if not kw.pop("rvsa", False):
     raise ValueError(f"the twin covers the RVSA encoders; {name!r} is plain")
-  for unused in ("drop_path_rate", "remat", "dtype", "grid_sample_method", "window_size"):
+  for unused in ("drop_path_rate", "remat", "scan_blocks", "dtype", "grid_sample_method", "window_size"):
     kw.pop(unused, None)
   return ViT_Win_RVSA_V3_WSZ7(img_size=img_size, **kw).eval()

@@ -46,7 +46,8 @@ def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
   dtype = DTYPES[config.model.compute_dtype]
   encoder = models.build_encoder(
       config.model.encoder, config.data.image_size, rngs=rngs, dtype=dtype,
-      drop_path_rate=config.model.drop_path_rate, remat=config.model.remat, in_chans=len(config.data.mean),
+      drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
+      scan_blocks=config.model.scan_blocks, in_chans=len(config.data.mean),
       **dict(config.model.encoder_overrides))
   return MultiTaskModel(encoder, tasks, dtype=dtype, rngs=rngs, mean=tuple(config.data.mean),
                         std=tuple(config.data.std), freeze_encoder=config.model.freeze_encoder)

@@ -75,6 +75,6 @@ class UNetHead(nnx.Module):
       y = rows[g]
       if train and self.dropout > 0:
         keep = jax.random.bernoulli(keys[g], 1.0 - self.dropout, (y.shape[0], 1, 1, y.shape[-1]))
-        y = jnp.where(keep, y / (1.0 - self.dropout), 0.0).astype(y.dtype)
+        y = layers.apply_drop_mask(y, keep, self.dropout)
       out[s] = self.conv_seg[s](y)
     return out

@@ -105,7 +105,7 @@ class SegPredictor(nnx.Module):
   def __call__(self, x, *, train: bool, key=None):
     if train and self.dropout > 0:
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, (x.shape[0], 1, 1, x.shape[-1]))
-      x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
+      x = layers.apply_drop_mask(x, keep, self.dropout)
     return self.conv_seg(x)
 
 
