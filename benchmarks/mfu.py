@@ -1,7 +1,8 @@
 """Model FLOPs utilisation, step time, compile time and memory per part of the model (printed as a
 table and written to JSON; never a timed test).
 
-    python benchmarks/mfu.py [--encoders vit_b_rvsa] [--sizes 448] [--parts encoder ss is rd all rd1024]
+    python benchmarks/mfu.py [--encoders vit_b_rvsa] [--sizes 448] [--parts encoder ss is rd all rd1024] \
+        [--scan-blocks] [--remat] \
         [--batch 2] [--steps 3] [--dtype bfloat16] [--peak-tflops X] [--tiny]
         [--out benchmarks/results/mfu.json]
 
@@ -56,8 +57,8 @@ PEAKS = (("TPU v4", 275e12, 275e12), ("TPU v5 lite", 197e12, 197e12), ("TPU v5e"
 PRETRAIN = "configs/pretrain/mtp_vit_b_rvsa.py"
 FINETUNE_RD = "configs/finetune/dota_v1.py"
 TASKS = ("ss", "is", "rd")
-TINY_ENCODER = ["model.encoder_overrides.embed_dim=48", "model.encoder_overrides.depth=2",
-                "model.encoder_overrides.num_heads=2", "model.encoder_overrides.out_indices=(0, 1, 1, 1)",
+TINY_ENCODER = ["model.encoder_overrides.embed_dim=48", "model.encoder_overrides.depth=3",
+                "model.encoder_overrides.num_heads=2", "model.encoder_overrides.out_indices=(0, 1, 2, 2)",
                 "model.encoder_overrides.patch_size=8"]
 TINY_HEADS = ["tasks.ss.channels=16", "tasks.rd.neck_channels=16", "tasks.rd.fc_channels=32",
               "tasks.rd.rpn_samples=32", "tasks.rd.train_proposals=64", "tasks.rd.rcnn_samples=32",
@@ -117,10 +118,11 @@ def measure(jitted, args, steps: int, images: int, peak: float, carry_state: boo
   return row
 
 
-def encoder_part(encoder: str, size: int, batch: int, dtype: str, tiny: bool, steps: int, peak: float):
-  overrides = dict(embed_dim=48, depth=2, num_heads=2, out_indices=(0, 1, 1, 1), patch_size=8) if tiny else {}
+def encoder_part(encoder: str, size: int, batch: int, dtype: str, tiny: bool, steps: int, peak: float,
+                 model_flags: dict):
+  overrides = dict(embed_dim=48, depth=3, num_heads=2, out_indices=(0, 1, 2, 2), patch_size=8) if tiny else {}
   enc = models.build_encoder(encoder, size, rngs=nnx.Rngs(0),
-                             dtype=None if dtype == "float32" else jnp.dtype(dtype), **overrides)
+                             dtype=None if dtype == "float32" else jnp.dtype(dtype), **model_flags, **overrides)
   graphdef, params = nnx.split(enc, nnx.Param)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.float32)
 
@@ -142,8 +144,8 @@ def trainer_part(config, raw: dict, subsets, steps: int, peak: float) -> dict:
   return measure(trainer.step, (state, batch), steps, images, peak, carry_state=True)
 
 
-def pretrain_config(data_dir, encoder, size, batch, dtype, tiny, enabled):
-  sets = [f"data.dir={data_dir!r}", f"model.encoder={encoder!r}", f"data.image_size={size}",
+def pretrain_config(data_dir, encoder, size, batch, dtype, tiny, enabled, model_sets):
+  sets = [*model_sets, f"data.dir={data_dir!r}", f"model.encoder={encoder!r}", f"data.image_size={size}",
           f"data.batch_per_subset={batch * jax.device_count()}", f"model.compute_dtype={dtype!r}",
           *[f"tasks.{t}.enabled={t in enabled}" for t in TASKS]]
   if tiny:
@@ -162,11 +164,15 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--peak-tflops", type=float, default=None)
   p.add_argument("--tiny", action="store_true")
+  p.add_argument("--scan-blocks", action="store_true", help="model.scan_blocks: the encoder as a lax.scan")
+  p.add_argument("--remat", action="store_true", help="model.remat: activation checkpointing per block")
   p.add_argument("--out", default="benchmarks/results/mfu.json")
   args = p.parse_args(argv)
   if args.tiny:
     args.sizes = [64]
   peak, peak_source = peak_flops(args.dtype, args.peak_tflops)
+  model_flags = {"scan_blocks": args.scan_blocks, "remat": args.remat}
+  model_sets = [f"model.{k}={v}" for k, v in model_flags.items()]
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     pretrain_parts = [q for q in args.parts if q in (*TASKS, "all")]
@@ -184,9 +190,9 @@ def main(argv=None):
             continue
           if part == "encoder":
             row = encoder_part(encoder, size, args.batch * jax.device_count(), args.dtype, args.tiny,
-                               args.steps, peak)
+                               args.steps, peak, model_flags)
           elif part == "rd1024":
-            sets = [f"model.encoder={encoder!r}", f"data.batch_per_subset={args.batch * jax.device_count()}",
+            sets = [*model_sets, f"model.encoder={encoder!r}", f"data.batch_per_subset={args.batch * jax.device_count()}",
                     f"model.compute_dtype={args.dtype!r}"]
             if args.tiny:
               sets += TINY_ENCODER + ["data.image_size=128", "data.max_instances.dota_v1=128",
@@ -201,7 +207,7 @@ def main(argv=None):
           else:
             enabled = TASKS if part == "all" else (part,)
             config = pretrain_config(os.path.join(tmp, "data"), encoder, size, args.batch, args.dtype,
-                                     args.tiny, enabled)
+                                     args.tiny, enabled, model_sets)
             batches = reader.PretrainBatches(
                 config.data.dir, tuple(config.data.subsets), image_size=size,
                 max_instances=dict(config.data.max_instances), batch_size=config.data.batch_per_subset,
@@ -214,7 +220,7 @@ def main(argv=None):
           print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
   result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "devices": jax.device_count(), "dtype": args.dtype, "batch_per_device": args.batch,
-            "tiny": args.tiny, "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_source,
+            "tiny": args.tiny, **model_flags, "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_source,
             "jax": jax.__version__, "rows": rows}
   write_result(result, args.out)
   bad = [(r["part"], k) for r in rows for k, v in r.items()
