@@ -176,7 +176,6 @@ class ViTEncoder(nnx.Module):
     f4 = _max_pool2(features[3])  # fpn4: MaxPool2d(2, 2)
     return [f1, f2, features[2], f4]
 
-
   def _block(self, blk, x, key, train, drop_path=None):
     if self.remat:  # activation checkpointing: only the block's input is kept for the backward
       return nnx.remat(lambda m, y, k, r: m(y, k, train, r))(blk, x, key, drop_path)
