@@ -12,7 +12,8 @@
    PyTorch, `--repeats` rounds, so a load change on a shared box hits both.
 2. Rotated-box ops against shapely 2 (float64 polygons): pairwise IoU of 1,000 x 1,000 DOTA-like
    boxes and greedy NMS of 2,000 clustered boxes at IoU 0.1, with the speed-up and whether the
-   results agree (largest |IoU difference|; the same kept list).
+   results agree (largest |IoU difference|; the same kept list). JAX: the median of `--repeats`
+   warm calls (`rotated_ops.timeit`); shapely: one call.
 3. The training input pipeline (SOTA, PNG, full augmentation, 0 workers = one core) in images/s
    per core against the images/s the step of part 1 (encoder + UperNet) consumes, and so the
    cores it takes to keep that step fed (`data.num_workers`).
@@ -33,7 +34,7 @@ from flax import nnx  # noqa: E402
 
 from _report import write_result  # noqa: E402
 from input_pipeline import time_pipeline  # noqa: E402
-from rotated_ops import greedy_nms_shapely, random_rboxes, shapely_iou_matrix  # noqa: E402
+from rotated_ops import greedy_nms_shapely, random_rboxes, shapely_iou_matrix, timeit  # noqa: E402
 from data_pipelines.samrs import convert, synthetic  # noqa: E402
 from mtp_jax.models import ENCODER_PRESETS, build_encoder  # noqa: E402
 from mtp_jax.models.heads.upernet import UperNetTrunk  # noqa: E402
@@ -109,11 +110,8 @@ def rotated_ops_side_by_side(repeats):
   want = shapely_iou_matrix(boxes1, boxes2)
   shapely_iou_s = time.perf_counter() - start
   iou = jax.jit(box_iou_rotated)
-  got = np.asarray(jax.block_until_ready(iou(boxes1, boxes2)))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    jax.block_until_ready(iou(boxes1, boxes2))
-  jax_iou_s = (time.perf_counter() - start) / repeats
+  jax_iou_s = timeit(iou, boxes1, boxes2, repeats=repeats)   # median of warm calls
+  got = np.asarray(iou(boxes1, boxes2))
 
   boxes = random_rboxes(rng, 2000, clustered=True)
   scores = rng.uniform(size=2000).astype(np.float32)
@@ -121,11 +119,8 @@ def rotated_ops_side_by_side(repeats):
   want_kept = greedy_nms_shapely(boxes, scores, 0.1)
   shapely_nms_s = time.perf_counter() - start
   nms = jax.jit(lambda b, s: nms_rotated(b, s, 0.1, 2000))
-  idx, count = jax.block_until_ready(nms(boxes, scores))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    jax.block_until_ready(nms(boxes, scores))
-  jax_nms_s = (time.perf_counter() - start) / repeats
+  jax_nms_s = timeit(nms, boxes, scores, repeats=repeats)
+  idx, count = nms(boxes, scores)
   rows = [{"op": "pairwise IoU 1000 x 1000", "jax_s": round(jax_iou_s, 4),
            "shapely_s": round(shapely_iou_s, 4), "speedup": round(shapely_iou_s / jax_iou_s, 1),
            "max_abs_iou_difference": float(np.abs(got - want).max())},

@@ -29,19 +29,22 @@ def _pads(x_shape, k_shape, padding):
   return tuple(tuple(int(p) for p in pair) for pair in padding)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_tap_grad(x, kernel, pads, precision):
+def _xla_conv(x, kernel, pads, precision):
   return lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=_NHWC, precision=precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_tap_grad(x, kernel, pads, precision):
+  return _xla_conv(x, kernel, pads, precision)
+
+
 def _forward(x, kernel, pads, precision):
-  return _conv_tap_grad(x, kernel, pads, precision), (x, kernel)
+  return _xla_conv(x, kernel, pads, precision), (x, kernel)
 
 
 def _backward(pads, precision, residuals, g):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(
-      lambda v: lax.conv_general_dilated(v, kernel, (1, 1), pads, dimension_numbers=_NHWC, precision=precision), x)
+  _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, pads, precision), x)
   (dx,) = input_vjp(g)
   kh, kw = kernel.shape[:2]
   ho, wo = g.shape[1:3]
@@ -60,9 +63,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          precision=None, preferred_element_type=None, out_sharding=None):
   """`jax.lax.conv_general_dilated`, with the kernel gradient as matmuls where the module
   docstring says (the values and both gradients are the same sums)."""
+  undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
   plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
-           and tuple(window_strides) == (1, 1) and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-           and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
+           and tuple(window_strides) == (1, 1) and undilated and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
            and out_sharding is None and lhs.dtype == rhs.dtype
            and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
   if plain:
