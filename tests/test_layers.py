@@ -140,9 +140,9 @@ def test_encoder_gradients_with_drop_path_under_jit_equal_the_reference():
   # Regression: fpn4's max-pool as a reshape + max gave the last block's attn.proj / mlp.fc2
   # kernels gradients off by ~25% (XLA -O2) or NaN gradients everywhere (-O0, as the tests run)
   # under jit with stochastic depth on (jax 0.10.2, CPU); op-by-op and the reference were right.
-  eager, jitted = _encoder_loss_and_grads(False), _encoder_loss_and_grads(True)
-  np.testing.assert_allclose(float(jitted[0]), float(eager[0]), rtol=1e-5)
-  _assert_trees_close(jitted[1], eager[1], rtol=1e-4)
+  reference, jitted = _encoder_loss_and_grads(False), _encoder_loss_and_grads(True)
+  np.testing.assert_allclose(float(jitted[0]), float(reference[0]), rtol=1e-5)
+  _assert_trees_close(jitted[1], reference[1], rtol=1e-4)
 
 
 def test_scanned_blocks_equal_the_python_loop():
