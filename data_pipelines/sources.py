@@ -47,6 +47,10 @@ class Source:
     """{subset: object class names}, checked against the converted data."""
     raise NotImplementedError
 
+  def known_class_names(self, config) -> dict:
+    """{subset: object class names} the dataset defines, without reading any data (prediction)."""
+    raise NotImplementedError
+
   def eval_dataset(self, config, subset: str, tasks, batch_size: int, split: str):
     """This process's evaluation batches of `split`."""
     raise NotImplementedError
@@ -104,6 +108,9 @@ class SamrsSource(Source):
   tasks = ("ss", "is", "rd")
   pretraining = True
 
+  def known_class_names(self, config):
+    return {s: list(samrs_subset(s).classes) for s in config.data.subsets}
+
   def class_names(self, config):
     out = {}
     for s in config.data.subsets:
@@ -150,6 +157,10 @@ class ReleaseSource(Source):
   def __init__(self, release):
     self.release = release
     self.bands = getattr(release, "bands", 3)
+
+  def known_class_names(self, config):
+    (subset,) = config.data.subsets
+    return {subset: list(self.release.classes)}
 
   def class_names(self, config):
     (subset,) = config.data.subsets

@@ -100,6 +100,22 @@ class Task:
     """(sums, per_image) of eval_outputs from dense logits {subset: (b, H, W, K)} (slides only)."""
     raise NotImplementedError
 
+  # ---- prediction (python -m mtp_jax.predict: tiles of large scenes, mtp_jax/predict/) ----------
+  # What the task's per-tile output is, so that the scene tiler knows how to merge tiles:
+  #   "dense"   {subset: (b, S, S, K) float32 logits at the tile size}, averaged in overlaps;
+  #   "rboxes"  {subset: {"rboxes" (b, N, 5) le90, "scores", "labels", "valid" (b, N)}}, merged
+  #             by rotated NMS across tiles (likewise "hboxes" (b, N, 4) x1, y1, x2, y2);
+  #   "label"   {subset: (b, C) class probabilities}, one per tile.
+  prediction = ""
+
+  def predict_outputs(self, head, features, image_size) -> dict:
+    """Per-tile outputs of `prediction`'s kind (above); no ground truth, fixed shapes."""
+    raise NotImplementedError
+
+  def output_names(self, subset: str) -> list:
+    """Names of the outputs' classes (dense tasks: index k of the logits, background included)."""
+    return list(self.class_names[subset])
+
   def evaluator(self):
     """A fresh host-side evaluator: add(sums, per_image, raw) per batch, with the eval step's
     global outputs (per_image batch-sharded: take this process's rows with
@@ -171,4 +187,7 @@ class TwoStageDetectionTask(Task):
 
   def eval_outputs(self, head, features, gt, image_size):
     del gt
-    return {}, head.predict(features, subsets=self.subsets, image_size=tuple(image_size))
+    return {}, self.predict_outputs(head, features, image_size)
+
+  def predict_outputs(self, head, features, image_size):
+    return head.predict(features, subsets=self.subsets, image_size=tuple(image_size))

@@ -65,12 +65,18 @@ class ChangeDetection(Task):
     return {f"{s}/ce": segmentation_loss(logits[s], gt[s]["semantic"], IGNORE_INDEX, normalizers[s])[0]
             for s in self.subsets}
 
-  def eval_outputs(self, head, features, gt, image_size):
+  prediction = "dense"
+
+  def predict_outputs(self, head, features, image_size):
+    """{subset: (b, H, W, 2) logits (unchanged, changed) bilinearly upsampled to image_size}."""
     logits = self._logits(head, features, train=False)
+    return {s: resize_bilinear(v.astype(jnp.float32), *image_size) for s, v in logits.items()}
+
+  def eval_outputs(self, head, features, gt, image_size):
+    logits = self.predict_outputs(head, features, image_size)
     sums, maps = {}, {}
     for s in self.subsets:
-      up = resize_bilinear(logits[s].astype(jnp.float32), *image_size)
-      maps[s] = jnp.argmax(up, axis=-1).astype(jnp.int32)
+      maps[s] = jnp.argmax(logits[s], axis=-1).astype(jnp.int32)
       sums[s] = ConfusionMatrix.from_model_output(labels=gt[s]["semantic"], predictions=maps[s],
                                                   num_classes=2, ignore_index=IGNORE_INDEX,
                                                   mask=gt[s]["is_real"])

@@ -8,6 +8,7 @@ accuracy (the number MTP reports), mean per-class accuracy and the confusion mat
 the device over the evaluation split.
 """
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -66,6 +67,12 @@ class Classification(Task):
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, gt[s]["label"])
       out[f"{s}/ce"] = ce.sum() / normalizers[s]
     return out
+
+  prediction = "label"
+
+  def predict_outputs(self, head, features, image_size):
+    del image_size
+    return {s: jax.nn.softmax(self._logits(head, features, s), axis=-1) for s in self.subsets}
 
   def eval_outputs(self, head, features, gt, image_size):
     del image_size

@@ -38,6 +38,7 @@ class HorizontalDetection(TwoStageDetectionTask):
   name = "hd"
   title = "Horizontal detection (Faster R-CNN or RetinaNet)"
   headline_name = "box AP50"
+  prediction = "hboxes"
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:

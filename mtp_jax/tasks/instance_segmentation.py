@@ -41,6 +41,7 @@ class InstanceSegmentation(TwoStageDetectionTask):
   name = "is"
   title = "Mask R-CNN instance segmentation"
   headline_name = "mask AP"
+  prediction = "hboxes"
   needs_masks = True
 
   @classmethod

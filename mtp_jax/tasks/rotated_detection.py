@@ -41,6 +41,7 @@ class RotatedDetection(TwoStageDetectionTask):
   name = "rd"
   title = "Oriented R-CNN rotated detection"
   headline_name = "rotated mAP"
+  prediction = "rboxes"
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:

@@ -71,6 +71,11 @@ class SemanticSegmentation(Task):
     return {s: jax.image.resize(v, (v.shape[0], *image_size, v.shape[-1]), "bilinear", antialias=False)
             for s, v in logits.items()}
 
+  prediction = "dense"
+
+  def predict_outputs(self, head, features, image_size):
+    return self.dense_logits(head, features, image_size)
+
   def eval_from_logits(self, logits, gt):
     """(confusion sums, argmax maps) of {subset: (b, H, W, C) logits} against gt's labels."""
     sums, maps = {}, {}
