@@ -118,3 +118,34 @@ def mtp_run(tfrecord_dir, tmp_path_factory):
   from mtp_jax.train import loop
   workdir = str(tmp_path_factory.mktemp("mtp"))
   return workdir, loop.train_and_evaluate(tiny_config(tfrecord_dir, **MTP_RUN), workdir)
+
+
+# rd alone, overfitted on the first 2 training images of each subset (unaugmented, 250 steps at
+# LLVM level 3): a detector that really finds the sample's objects, shared by the overfitting
+# test (test_rotated_detection_task) and large-scene prediction (test_predict).
+RD_OVERFIT_STEPS = 250
+
+
+@pytest.fixture(scope="session")
+def rd_overfit(tfrecord_dir):
+  """(tasks, mesh, trainer, trained state, the raw batch it was trained on, per-step metrics);
+  one device, the trainer's step compiled for the default level as well (test_one_compile)."""
+  from data_pipelines.samrs import reader
+  from mtp_jax.parallel import sharding
+  from mtp_jax.train import batching, loop
+  config = tiny_config(tfrecord_dir, **TINY_RD, **{
+      "tasks.ss.enabled": False, "data.batch_per_subset": 2, "model.encoder_overrides.embed_dim": 64,
+      "optimizer.lr": 2e-3, "optimizer.weight_decay": 0.0, "train.num_steps": RD_OVERFIT_STEPS})
+  tasks = loop.build_tasks(config)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  trainer = loop.Trainer(config, tasks, mesh)
+  raw = {s: next(iter(reader.make_dataset(tfrecord_dir, s, "train", image_size=SAMPLE_SIZE, max_instances=16,
+                                          batch_size=2, train=False))) for s in ("sota", "sior", "fast")}
+  batch = batching.device_batch(raw, ("sota", "sior", "fast"), mesh, trainer.fields)
+  state = run_optimised(jax.jit(trainer._init_fn, out_shardings=trainer.state_shardings))()
+  step = run_optimised(trainer.step, state, batch)
+  history = []
+  for _ in range(RD_OVERFIT_STEPS):
+    state, metrics = step(state, batch)
+    history.append(jax.device_get(metrics))
+  return tasks, mesh, trainer, state, raw, history

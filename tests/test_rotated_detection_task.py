@@ -14,7 +14,6 @@ from data_pipelines.samrs import reader
 from mtp_jax.metrics import drawing
 from mtp_jax.metrics.rotated_detection import dota_map
 from mtp_jax.ops.boxes import rbox_to_poly
-from mtp_jax.parallel import sharding
 from mtp_jax.tasks.rotated_detection import detections_per_class
 from mtp_jax.train import batching, loop
 from mtp_jax.train.step import make_eval_step
@@ -74,20 +73,6 @@ def test_dota_task1_files_hold_every_detection_of_every_class(trained, tfrecord_
   assert results["outputs"]["rd"]["sota"].endswith(os.path.join("dota_task1", "sota"))
 
 
-OVERFIT_STEPS = 250
-
-
-@pytest.fixture(scope="module")
-def rd_only(tfrecord_dir):
-  """rd alone on one device, 2 images per subset: (tasks, mesh, trainer), one compiled step
-  shared by the overfitting and the one-compile tests."""
-  config = tiny_config(tfrecord_dir, **TINY_RD, **{
-      "tasks.ss.enabled": False, "data.batch_per_subset": 2, "model.encoder_overrides.embed_dim": 64,
-      "optimizer.lr": 2e-3, "optimizer.weight_decay": 0.0, "train.num_steps": OVERFIT_STEPS})
-  tasks = loop.build_tasks(config)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  return tasks, mesh, loop.Trainer(config, tasks, mesh)
-
 
 def _first_images(tfrecord_dir, split, per_subset, max_instances):
   """The first `per_subset` images of each subset's split, unaugmented (evaluation geometry)."""
@@ -96,21 +81,14 @@ def _first_images(tfrecord_dir, split, per_subset, max_instances):
                                            train=False))) for s in SUBSETS}
 
 
-def test_a_tiny_model_overfits_a_handful_of_images(rd_only, tfrecord_dir):
-  """rd alone, the first 2 training images of each subset (unaugmented), 250 steps: the loss
-  falls by more than an order of magnitude and the DOTA mAP (IoU 0.5) on those images exceeds 0.85
-  in every subset and 0.9 on average. (These images reach mAP 1 with a perfect detector: no two objects of one class
-  overlap by more than the test NMS's 0.1 IoU, which would suppress one of them; some valid
-  images have such pairs, capping their mAP near 0.95.)"""
-  tasks, mesh, trainer = rd_only
-  raw = _first_images(tfrecord_dir, "train", 2, 16)
-  batch = batching.device_batch(raw, SUBSETS, mesh, trainer.fields)
-  state = run_optimised(jax.jit(trainer._init_fn, out_shardings=trainer.state_shardings))()
-  step = run_optimised(trainer.step, state, batch)
-  history = []
-  for _ in range(OVERFIT_STEPS):
-    state, metrics = step(state, batch)
-    history.append(jax.device_get(metrics))
+def test_a_tiny_model_overfits_a_handful_of_images(rd_overfit):
+  """rd alone, the first 2 training images of each subset (unaugmented), 250 steps (the shared
+  `rd_overfit` fixture): the loss falls by more than an order of magnitude and the DOTA mAP
+  (IoU 0.5) on those images exceeds 0.85 in every subset and 0.9 on average. (These images reach
+  mAP 1 with a perfect detector: no two objects of one class overlap by more than the test NMS's
+  0.1 IoU, which would suppress one of them; some valid images have such pairs, capping their
+  mAP near 0.95.)"""
+  tasks, mesh, trainer, state, raw, history = rd_overfit
   first, last = history[0], np.mean([[h["loss"] for h in history[-5:]]])
   assert last < 0.1 * first["loss"], (first["loss"], last)
   eval_args = (state.params, state.batch_stats, batching.device_batch(raw, SUBSETS, mesh, ("is_real",)))
@@ -131,10 +109,10 @@ def test_a_tiny_model_overfits_a_handful_of_images(rd_only, tfrecord_dir):
   assert all(m > 0.85 for m in maps.values()) and np.mean(list(maps.values())) > 0.9, maps
 
 
-def test_one_compile_whatever_the_ground_truth_counts(rd_only, tfrecord_dir):
+def test_one_compile_whatever_the_ground_truth_counts(rd_overfit, tfrecord_dir):
   """Batches with different numbers of valid boxes (none at all, then the sample's) run the one
   compiled step; its gradients stay finite with zero boxes and with every slot filled."""
-  tasks, mesh, trainer = rd_only
+  tasks, mesh, trainer = rd_overfit[:3]
   raw = _first_images(tfrecord_dir, "valid", 2, 16)
   empty = {s: {**b, "rbox_valid": np.zeros_like(b["rbox_valid"])} for s, b in raw.items()}
   full = {s: {**b, "rbox_valid": np.ones_like(b["rbox_valid"]),

@@ -1,0 +1,14 @@
+"""Prediction on images of any size with a trained run (`python -m mtp_jax.predict`).
+
+    predictor = Predictor.from_workdir(workdir)            # model.py
+    summary = predict_scene(predictor, "scene.tif", "out")  # pipeline.py
+
+tiles.py places the windows, scene.py reads scenes in strips (rasterio, or PIL / tifffile),
+dense.py and detections.py merge the tiles' outputs, outputs.py writes PNG / COG class maps,
+DOTA / GeoJSON / GeoPackage detections and the preview.
+"""
+
+from mtp_jax.predict.model import Predictor
+from mtp_jax.predict.pipeline import predict_scene
+
+__all__ = ["Predictor", "predict_scene"]

@@ -1,0 +1,90 @@
+"""Detections of a scene from its tiles: shifted to scene pixels, pooled, and merged across tiles.
+
+Each tile's valid detections (score over the head's test threshold, fixed-size outputs of
+Task.predict_outputs) move to scene pixels by the tile's top-left corner. Objects inside an
+overlap are found by several tiles, and objects across a tile border partly by each: per class,
+greedy NMS by descending score over the whole scene keeps one. Rotated boxes: exact rotated IoU
+> 0.1 suppresses (mmrotate's merge of DOTA patches, `mtp_jax.metrics.patch_merge`); horizontal
+boxes: IoU > 0.5 (mmdet's test-time NMS). Host memory: the pooled valid detections (28 bytes
+each for rotated boxes), never a tile.
+"""
+
+import numpy as np
+
+from mtp_jax.metrics.patch_merge import MERGE_IOU, nms_rotated_host
+
+HBOX_MERGE_IOU = 0.5
+
+
+def nms_horizontal_host(boxes: np.ndarray, scores: np.ndarray, iou_thr: float) -> np.ndarray:
+  """Kept indices of greedy NMS on (N, 4) x1, y1, x2, y2 by descending score (ties: input order);
+  areas as (x2 - x1) * (y2 - y1) (mmcv's nms without the +1 offset)."""
+  order = np.argsort(-scores, kind="stable")
+  boxes = boxes.astype(np.float64)
+  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  alive = np.ones(len(boxes), bool)
+  keep = []
+  for rank, i in enumerate(order):
+    if not alive[i]:
+      continue
+    keep.append(i)
+    rest = order[rank + 1:]
+    rest = rest[alive[rest]]
+    iw = np.clip(np.minimum(boxes[rest, 2], boxes[i, 2]) - np.maximum(boxes[rest, 0], boxes[i, 0]), 0, None)
+    ih = np.clip(np.minimum(boxes[rest, 3], boxes[i, 3]) - np.maximum(boxes[rest, 1], boxes[i, 1]), 0, None)
+    inter = iw * ih
+    iou = inter / np.maximum(area[i] + area[rest] - inter, 1e-12)
+    alive[rest[iou > iou_thr]] = False
+  return np.asarray(keep, np.int64)
+
+
+class DetectionMerger:
+  """kind: "rboxes" (le90 cx, cy, w, h, angle) or "hboxes" (x1, y1, x2, y2), scene pixels."""
+
+  def __init__(self, kind: str, num_classes: int, iou_thr: float | None = None):
+    if kind not in ("rboxes", "hboxes"):
+      raise ValueError(f"kind {kind!r} is not 'rboxes' or 'hboxes'")
+    self.kind, self.num_classes = kind, num_classes
+    self.iou_thr = iou_thr if iou_thr is not None else (MERGE_IOU if kind == "rboxes" else HBOX_MERGE_IOU)
+    self._boxes, self._scores, self._labels = [], [], []
+    self.tiles_added = 0
+
+  def add(self, tile, outputs: dict, index: int):
+    """Row `index` of a tile batch's outputs ({kind: (n, K, d), scores, labels, valid})."""
+    valid = np.asarray(outputs["valid"][index], bool)
+    boxes = np.asarray(outputs[self.kind][index], np.float64)[valid].copy()
+    if self.kind == "rboxes":
+      boxes[:, 0] += tile.x
+      boxes[:, 1] += tile.y
+    else:
+      boxes[:, [0, 2]] += tile.x
+      boxes[:, [1, 3]] += tile.y
+    self._boxes.append(boxes)
+    self._scores.append(np.asarray(outputs["scores"][index], np.float64)[valid])
+    self._labels.append(np.asarray(outputs["labels"][index], np.int64)[valid])
+    self.tiles_added += 1
+
+  def pooled(self) -> dict:
+    """Every tile's detections in scene pixels, before merging."""
+    d = 5 if self.kind == "rboxes" else 4
+    return {"boxes": np.concatenate(self._boxes) if self._boxes else np.zeros((0, d)),
+            "scores": np.concatenate(self._scores) if self._scores else np.zeros((0,)),
+            "labels": np.concatenate(self._labels) if self._labels else np.zeros((0,), np.int64)}
+
+  def result(self) -> dict:
+    """{"boxes", "scores", "labels"} merged per class, by descending score."""
+    pooled = self.pooled()
+    keep = []
+    for c in range(self.num_classes):
+      idx = np.flatnonzero(pooled["labels"] == c)
+      if not len(idx):
+        continue
+      if self.kind == "rboxes":
+        dets = np.concatenate([pooled["boxes"][idx], pooled["scores"][idx, None]], 1)
+        kept = nms_rotated_host(dets, self.iou_thr)
+      else:
+        kept = nms_horizontal_host(pooled["boxes"][idx], pooled["scores"][idx], self.iou_thr)
+      keep.append(idx[kept])
+    keep = np.concatenate(keep) if keep else np.zeros((0,), np.int64)
+    keep = keep[np.argsort(-pooled["scores"][keep], kind="stable")]
+    return {k: v[keep] for k, v in pooled.items()}
