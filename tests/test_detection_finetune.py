@@ -205,6 +205,22 @@ def test_dior_smoke_trains_faster_rcnn_and_reports_coco_ap50(dior_data, tmp_path
   report = open(tmp_path / "report.md").read()
   assert "COCO box AP50" in report and "evaluated on the test split" in report
 
+  # Prediction on a 128-px test image (3 x 3 windows of 64 px, boxes merged by NMS): DOTA Task2
+  # lines (id score xmin ymin xmax ymax), one file per class, as many as the summary counts.
+  from mtp_jax.predict import Predictor, predict_scene
+  image = sorted(os.listdir(os.path.join(dior_data[0], "JPEGImages-test")))[0]
+  stem = os.path.splitext(image)[0]
+  summary = predict_scene(Predictor.from_workdir(str(tmp_path)), os.path.join(dior_data[0], "JPEGImages-test", image),
+                          str(tmp_path / "predicted"), progress=False)
+  hd = summary["tasks"]["hd"]
+  assert summary["tiles"] == 9 and hd["kind"] == "hboxes" and hd["detections"] <= hd["before_merge"]
+  lines = []
+  for name in hd["classes"]:
+    lines += [line.split() for line in open(tmp_path / "predicted" / f"{stem}_hd_dota" / f"Task2_{name}.txt")]
+  assert len(lines) == hd["detections"] and all(len(p) == 6 and p[0] == stem for p in lines)
+  boxes = np.array([[float(v) for v in p[2:]] for p in lines]).reshape(-1, 4)
+  assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+
 
 def test_xview_smoke_trains_retinanet_and_reports_coco_ap50(xview_data, tmp_path):
   from mtp_jax.train import loop

@@ -54,6 +54,32 @@ def test_tile_starts_are_mmsegs_windows_and_cover_the_scene():
   assert len(TileGrid(150, 200, 64, 48)) == 3 * 4
 
 
+@pytest.mark.parametrize("height,width,window,stride", [(150, 200, 64, 48), (300, 70, 64, 20), (64, 64, 64, 64),
+                                                       (40, 90, 64, 48), (500, 64, 64, 7)])
+def test_strip_merger_is_the_whole_canvas_average_for_any_grid(height, width, window, stride):
+  """Random logits on grids with pushed-back last windows, scenes smaller than a window and
+  strides far below the window: the strip merger (a window-high strip) gives exactly the
+  whole-canvas sum / count."""
+  rng = np.random.default_rng(height)
+  grid = TileGrid(height, width, window, stride)
+  got = np.full((height, width, 3), np.nan, np.float32)
+  total, count = np.zeros((height, width, 3)), np.zeros((height, width, 1))
+
+  def sink(y0, avg):
+    assert np.isnan(got[y0:y0 + len(avg)]).all()   # each row once, top to bottom
+    got[y0:y0 + len(avg)] = avg
+  merger = DenseMerger(grid, 3, sink)
+  for row in grid.rows():
+    logits = rng.random((len(row), window, window, 3)).astype(np.float32)
+    merger.add_row(row, logits)
+    for t, patch in zip(row, logits):
+      h, w = min(window, height - t.y), min(window, width - t.x)
+      total[t.y:t.y + h, t.x:t.x + w] += patch[:h, :w]
+      count[t.y:t.y + h, t.x:t.x + w] += 1
+  merger.finish()
+  np.testing.assert_allclose(got, total / count, rtol=1e-6, atol=1e-6)
+
+
 def test_stitched_logits_are_the_mean_over_covering_tiles_and_one_window_is_whole_image(seg_rd, tmp_path):
   """The strip merger against the definition (every tile's logits added into a whole-scene
   canvas, divided by the count), on a 150 x 200 scene of 3 x 4 tiles; and on a scene of one
@@ -72,6 +98,7 @@ def test_stitched_logits_are_the_mean_over_covering_tiles_and_one_window_is_whol
     for t, patch in zip(row, logits):
       total[t.y:t.y + S, t.x:t.x + S] += patch
       count[t.y:t.y + S, t.x:t.x + S] += 1
+  merger.finish()
   assert merger.sum.shape == (S, 200, 19)   # one strip of the window's height, never the scene
   np.testing.assert_allclose(got, total / count, rtol=1e-6, atol=1e-6)
 

@@ -12,11 +12,12 @@ NMS at the end (detections.py), scene classification keeps one label per tile.
 Every output of a scene is written into `<out>/.<stem>.partial/` and moved into `<out>` only
 when the whole scene succeeded, so an error never leaves partial files (the folder is removed).
 
-Host memory, for a W px wide scene of C bands, window S, K classes, batch B: the strips of the
-pending grid rows (2 * S * W * C pixels at most while a batch spans two rows, in the file's type),
-B tiles as float32 (B * S^2 * C * 4) and their outputs, each dense task's strip of 4 * S * W *
-(K + 1) bytes, the pooled detections and the preview (<= 2048 px). Independent of the height;
-PNG / JPEG without the geo extra are decoded whole.
+Host memory, for a W px wide scene of C bands, window S, K classes, batch B: the pixels of the
+grid rows whose class rows are not final yet (2 * S * W * C at most, in the file's type), B
+tiles as float32 (B * S^2 * C * 4) and their outputs (each tile's go to the mergers as soon as
+its batch returns), each dense task's strip of 4 * S * W * (K + 1) bytes and the averaged rows
+it hands over (4 * stride * W * K), the pooled detections, the preview (<= 2048 px) and GDAL's block cache, capped at
+GDAL_CACHE_MB. Independent of the height; PNG / JPEG without the geo extra are decoded whole.
 """
 
 import json
@@ -90,12 +91,25 @@ def predict_scene(predictor, path: str, out: str, *, path2: str | None = None, s
   if predictor.multi_date != (path2 is not None):
     raise DataError(f"{path}: change detection takes two dates (--input and --input2)" if predictor.multi_date
                     else f"--input2 {path2}: only change detection takes a second date")
-  scenes = [open_scene(p, predictor.bands, use_rasterio) for p in ([path, path2] if path2 else [path])]
-  try:
-    return _predict(predictor, scenes, out, stem, stride, window, formats, progress)
-  finally:
-    for s in scenes:
-      s.close()
+  with _gdal_env():
+    scenes = [open_scene(p, predictor.bands, use_rasterio) for p in ([path, path2] if path2 else [path])]
+    try:
+      return _predict(predictor, scenes, out, stem, stride, window, formats, progress)
+    finally:
+      for s in scenes:
+        s.close()
+
+
+GDAL_CACHE_MB = 128   # GDAL's block cache while a scene is read and written (its default: 5 % of RAM)
+
+
+def _gdal_env():
+  """rasterio.Env with GDAL's block cache capped, or a no-op without rasterio."""
+  if not have_rasterio():
+    import contextlib  # noqa: PLC0415
+    return contextlib.nullcontext()
+  import rasterio  # noqa: PLC0415
+  return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
 
 
 def _predict(predictor, scenes, out, stem, stride, window, formats, progress):
@@ -166,62 +180,62 @@ def _run(predictor, scenes, grid, kinds, formats, folder, stem, progress):
       labels[name] = []
 
   first_dense = next(iter(dense), None)
-  pending = {}   # grid row -> [strip, tiles, {task: [outputs per tile]}]
+  strips = {}   # grid row -> its pixels ([T,] rows, W, C), kept until the preview has its rows
   rows = grid.rows()
 
-  def flush(r):
-    strip, tiles, results = pending.pop(r)
-    for name, (merger, writers, counts) in dense.items():
-      logits = np.stack([o for o in results[name]])
-      finished = []
-      merger.sink = lambda y0, avg: finished.append((y0, avg))
-      merger.add_row(tiles, logits)
-      for y0, avg in finished:
-        classes = np.argmax(avg, axis=-1).astype(np.uint8)
-        counts += np.bincount(classes.ravel(), minlength=len(counts))
-        for w in writers:
-          w.write(y0, classes)
-        if preview is not None and name == first_dense:
-          preview.add_rows(y0, strip[0][y0 - tiles[0].y:y0 - tiles[0].y + len(classes)], classes)
-    if preview is not None and first_dense is None:
-      end = rows[r + 1][0].y if r + 1 < len(rows) else grid.height
-      preview.add_rows(tiles[0].y, strip[0][:end - tiles[0].y])
+  def finished_rows(name, y0, avg):
+    """A dense task's final rows: class indices to its writers, counts, the preview."""
+    _, writers, counts = dense[name]
+    classes = np.argmax(avg, axis=-1).astype(np.uint8)
+    counts += np.bincount(classes.ravel(), minlength=len(counts))
+    for w in writers:
+      w.write(y0, classes)
+    if name == first_dense:
+      r = grid.ys.index(y0)
+      if preview is not None:
+        preview.add_rows(y0, strips[r][0][:len(classes)], classes)
+      del strips[r]
+
+  for name, (merger, _, _) in dense.items():
+    merger.sink = lambda y0, avg, name=name: finished_rows(name, y0, avg)
+
+  def take(tile, outputs, j):
+    """Row j of a batch's outputs, for `tile`: straight into each task's merger."""
+    for name in dense:
+      dense[name][0].add(tile, outputs[name][j])
     for name, merger in detectors.items():
-      for i, tile in enumerate(tiles):
-        merger.add(tile, results[name][i], 0)
+      merger.add(tile, outputs[name], j)
     for name, found in labels.items():
-      for tile, probs in zip(tiles, results[name]):
-        found.append((tile, probs))
+      found.append((tile, outputs[name][j]))
 
   bar = _progress(len(grid), stem, progress)
-  queue = []   # (row, index in row, tile array)
+  queue = []   # (tile, tile pixels) waiting for a full batch
 
   def run_batch():
-    tiles = np.stack([t for _, _, t in queue])
-    outputs = predictor(tiles)
-    for j, (r, _, _) in enumerate(queue):
-      for name in kinds:
-        pending[r][2][name].append(_row(outputs[name], j))
-    queue.clear()
-    for r in sorted(pending):
-      if len(pending[r][2][next(iter(kinds))]) < len(pending[r][1]):
-        break
-      flush(r)
+    outputs = predictor(np.stack([t for _, t in queue]))
+    for j, (tile, _) in enumerate(queue):
+      take(tile, outputs, j)
     if bar is not None:
-      bar.update(len(tiles))
+      bar.update(len(queue))
+    queue.clear()
 
   for r, row in enumerate(rows):
     y = row[0].y
-    strips = [s.read(y, min(y + grid.window, grid.height)) for s in scenes]
-    strip = np.stack(strips) if len(strips) > 1 else strips[0][None]
-    pending[r] = [strip, row, {name: [] for name in kinds}]
-    for i, tile in enumerate(row):
-      t = _tile(strip if predictor.multi_date else strip[0], tile.x, predictor.size, grid.window, resize)
-      queue.append((r, i, t))
+    strip = np.stack([s.read(y, min(y + grid.window, grid.height)) for s in scenes])
+    if first_dense is not None:
+      strips[r] = strip
+    elif preview is not None:   # no class map to blend: the rows this grid row alone starts
+      end = rows[r + 1][0].y if r + 1 < len(rows) else grid.height
+      preview.add_rows(y, strip[0][:end - y])
+    for tile in row:
+      queue.append((tile, _tile(strip if predictor.multi_date else strip[0], tile.x, predictor.size,
+                                grid.window, resize)))
       if len(queue) == predictor.batch:
         run_batch()
   if queue:
     run_batch()
+  for merger, _, _ in dense.values():
+    merger.finish()
   if bar is not None:
     bar.close()
   seconds = time.perf_counter() - t0
@@ -279,8 +293,3 @@ def _run(predictor, scenes, grid, kinds, formats, folder, stem, progress):
   return summary
 
 
-def _row(outputs, j):
-  """Row j of a batch's outputs (an array, or a dict of arrays)."""
-  if isinstance(outputs, dict):
-    return {k: v[j:j + 1] for k, v in outputs.items()}
-  return outputs[j]
