@@ -141,8 +141,9 @@ def _predict_scene_labels(workdir, folder):
   out = str(workdir / "predicted")
   tiles = predict_scene(predictor, str(workdir / "mosaic.png"), out, window=64, progress=False)["tasks"]["cls"]["tiles"]
   assert [(t["x"], t["y"]) for t in tiles] == [(0, 0), (64, 0), (0, 64), (64, 64)]
-  for tile, path in zip(tiles, paths):
-    alone = predict_scene(predictor, path, out, progress=False)["tasks"]["cls"]["tiles"]
+  for k, (tile, image) in enumerate(zip(tiles, images)):
+    Image.fromarray(image).save(workdir / f"alone{k}.png")   # the mosaic's pixels (JPEG decoders differ)
+    alone = predict_scene(predictor, str(workdir / f"alone{k}.png"), out, progress=False)["tasks"]["cls"]["tiles"]
     assert len(alone) == 1 and alone[0]["class"] == tile["class"]
     np.testing.assert_allclose([p for _, p in alone[0]["top5"]], [p for _, p in tile["top5"]], atol=1e-5)
 
