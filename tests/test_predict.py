@@ -210,6 +210,46 @@ def test_merging_keeps_one_detection_per_object_across_tiles():
   np.testing.assert_allclose(result["boxes"], [[50, 10, 62, 20], [78, 78, 88, 88]])
 
 
+def test_instance_masks_become_polygons_that_follow_their_boxes(tmp_path):
+  """A Mask R-CNN detection (box 20 px wide, a disk in its 28 x 28 mask) in the tile at x = 48:
+  pasted as mmdet pastes it and traced, its polygon is the disk (area within a contour's
+  half-pixel erosion of pi r^2, centre at the box centre in scene pixels), kept with its box
+  through the merge (a duplicate with a lower score goes, its polygon with it), and written to
+  GeoJSON and GeoPackage as that polygon."""
+  from rasterio.transform import Affine
+  from mtp_jax.predict import outputs as out_lib
+  from mtp_jax.predict.detections import DetectionMerger
+  from mtp_jax.predict.tiles import Tile
+  yy, xx = np.mgrid[:28, :28] + 0.5
+  disk = ((xx - 14) ** 2 + (yy - 14) ** 2 <= 12 ** 2).astype(np.float32)
+  outputs = {"hboxes": np.array([[[10, 10, 30, 30], [11, 10, 31, 30]]], np.float32),
+             "scores": np.array([[0.9, 0.6]], np.float32), "labels": np.array([[1, 1]], np.int32),
+             "valid": np.array([[True, True]]), "masks": np.stack([disk, disk])[None]}
+  merger = DetectionMerger("hboxes", 2, tile_size=S)
+  merger.add(Tile(0, 1, 0, 48), outputs, 0)
+  result = merger.result()
+  assert len(result["scores"]) == 1 and len(result["polygons"]) == 1
+  polygon = result["polygons"][0]
+  x, y = polygon[:, 0], polygon[:, 1]
+  area = 0.5 * abs(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+  r = 12 / 28 * 20
+  assert math.pi * (r - 1) ** 2 < area < math.pi * r ** 2, area
+  np.testing.assert_allclose([x.mean(), y.mean()], [48 + 20, 20], atol=0.75)
+
+  transform = Affine(0.5, 0, 1000.0, 0, -0.5, 2000.0)
+  out_lib.write_geojson(str(tmp_path / "m.geojson"), "hboxes", result, ["a", "b"], "EPSG:3857", transform)
+  ring = np.asarray(json.load(open(tmp_path / "m.geojson"))["features"][0]["geometry"]["coordinates"][0])
+  assert len(ring) == len(polygon) + 1
+  lon, lat = _mercator_to_lonlat(0.5 * x + 1000.0, -0.5 * y + 2000.0)
+  assert np.abs(ring[:-1, None] - np.stack([lon, lat], -1)[None]).max(-1).min(1).max() < 1e-9
+  out_lib.write_geopackage(str(tmp_path / "m.gpkg"), "hboxes", result, ["a", "b"], rasterio.crs.CRS.from_epsg(3857), transform)
+  import pyogrio
+  import shapely
+  geometry = pyogrio.raw.read(tmp_path / "m.gpkg", layer="b")[2]
+  np.testing.assert_allclose(np.asarray(shapely.from_wkb(geometry[0]).exterior.coords)[:-1],
+                             np.stack([0.5 * x + 1000.0, -0.5 * y + 2000.0], -1))
+
+
 def _mercator_to_lonlat(x, y):
   """EPSG:3857 -> EPSG:4326 in closed form (spherical Web Mercator, R = 6378137 m)."""
   r = 6378137.0

@@ -7,9 +7,10 @@ merged (logits averaged, detections by NMS across tiles), written as maps and ve
 
 Every task of the run that predicts is run: semantic segmentation and change detection give a
 class map (<stem>_<task>.png, and a Cloud-Optimised GeoTIFF <stem>_<task>.tif with the input's
-CRS and transform when it is georeferenced); rotated and horizontal detection (and instance
-segmentation's boxes) give DOTA result files (<stem>_<task>_dota/), and when georeferenced an
-EPSG:4326 GeoJSON and a GeoPackage in the image's CRS (one layer per class); scene
+CRS and transform when it is georeferenced); rotated and horizontal detection and instance
+segmentation give DOTA result files (<stem>_<task>_dota/), and when georeferenced an EPSG:4326
+GeoJSON and a GeoPackage in the image's CRS (one layer per class; instance segmentation's
+features are its mask polygons); scene
 classification gives one label per window. <stem>.json sums it up; <stem>_preview.png shows it.
 Geo formats need `pip install -e '.[geo]'`. Errors in the input print one line and exit with 2;
 nothing partial is left in --out.

@@ -1,5 +1,6 @@
 """What prediction writes: class maps (PNG, Cloud-Optimised GeoTIFF), detections (DOTA txt,
-GeoJSON in EPSG:4326, GeoPackage in the scene's CRS), scene labels (JSON) and a preview PNG.
+GeoJSON in EPSG:4326, GeoPackage in the scene's CRS; instance segmentation's as mask polygons),
+scene labels (JSON) and a preview PNG.
 
 Coordinates: boxes are in continuous scene pixels, (0, 0) the top-left corner of the top-left
 pixel, x right, y down; a GeoTIFF's affine transform maps them to its CRS as they are (GDAL's
@@ -92,6 +93,14 @@ def polygons(kind: str, boxes: np.ndarray) -> np.ndarray:
                    np.stack([x1, y2], -1)], 1)
 
 
+def outlines(kind: str, result: dict) -> list:
+  """Each detection's outline in scene pixels: its mask polygon where it has one (instance
+  segmentation), else its box's 4 corners."""
+  corners = polygons(kind, result["boxes"])
+  masks = result.get("polygons")
+  return [masks[i] if masks is not None and masks[i] is not None else corners[i] for i in range(len(corners))]
+
+
 def write_dota(folder: str, image_id: str, kind: str, result: dict, class_names) -> list[str]:
   """DOTA result files of one scene: Task1 (rotated: `id score x1 y1 ... x4 y4`) or Task2
   (horizontal: `id score xmin ymin xmax ymax`), one `Task<k>_<class>.txt` per class."""
@@ -131,14 +140,15 @@ def write_geojson(path: str, kind: str, result: dict, class_names, crs, transfor
   with properties class, label, score."""
   need_rasterio("GeoJSON output")
   from rasterio.warp import transform as reproject  # noqa: PLC0415
-  corners = polygons(kind, result["boxes"])
-  xs, ys = to_map(transform, corners)
+  rings = outlines(kind, result)
   features = []
-  if len(corners):
-    lon, lat = reproject(crs, "EPSG:4326", xs.ravel().tolist(), ys.ravel().tolist())
-    lon, lat = np.asarray(lon).reshape(xs.shape), np.asarray(lat).reshape(ys.shape)
-    for i in range(len(corners)):
-      ring = np.stack([lon[i], lat[i]], -1)
+  if rings:
+    flat = np.concatenate(rings)
+    xs, ys = to_map(transform, flat)
+    lon, lat = reproject(crs, "EPSG:4326", xs.tolist(), ys.tolist())
+    points = np.stack([lon, lat], -1)
+    ends = np.cumsum([len(r) for r in rings])
+    for i, ring in enumerate(np.split(points, ends[:-1])):
       ring = _ccw(np.concatenate([ring, ring[:1]]))
       features.append({"type": "Feature",
                        "geometry": {"type": "Polygon", "coordinates": [ring.tolist()]},
@@ -158,11 +168,10 @@ def write_geopackage(path: str, kind: str, result: dict, class_names, crs, trans
   except ImportError:
     from mtp_jax.errors import DataError  # noqa: PLC0415
     raise DataError("GeoPackage output needs the geo extra: pip install -e '.[geo]' (pyogrio, shapely)") from None
-  corners = polygons(kind, result["boxes"])
-  xs, ys = to_map(transform, corners)
+  outline = outlines(kind, result)
   for c, name in enumerate(class_names):
     pick = np.flatnonzero(result["labels"] == c)
-    rings = [np.stack([xs[i], ys[i]], -1) for i in pick]
+    rings = [np.stack(to_map(transform, outline[i]), -1) for i in pick]
     geometry = np.array([shapely.to_wkb(shapely.Polygon(r)) for r in rings], dtype=object)
     pyogrio.raw.write(path, geometry, [np.array([name] * len(pick), dtype=object), result["scores"][pick].astype(np.float64)],
                       ["class", "score"], layer=name, driver="GPKG", geometry_type="Polygon", crs=crs.to_wkt())

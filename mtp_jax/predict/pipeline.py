@@ -175,7 +175,7 @@ def _run(predictor, scenes, grid, kinds, formats, folder, stem, progress):
       counts = np.zeros(len(classes), np.int64)
       dense[name] = (DenseMerger(grid, len(classes), None), writers, counts)
     elif kind in ("rboxes", "hboxes"):
-      detectors[name] = DetectionMerger(kind, len(classes))
+      detectors[name] = DetectionMerger(kind, len(classes), tile_size=predictor.size)
     else:
       labels[name] = []
 
