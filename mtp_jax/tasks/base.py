@@ -104,7 +104,8 @@ class Task:
   # What the task's per-tile output is, so that the scene tiler knows how to merge tiles:
   #   "dense"   {subset: (b, S, S, K) float32 logits at the tile size}, averaged in overlaps;
   #   "rboxes"  {subset: {"rboxes" (b, N, 5) le90, "scores", "labels", "valid" (b, N)}}, merged
-  #             by rotated NMS across tiles (likewise "hboxes" (b, N, 4) x1, y1, x2, y2);
+  #             by rotated NMS across tiles (likewise "hboxes" (b, N, 4) x1, y1, x2, y2, and
+  #             instance segmentation's "masks" (b, N, 28, 28) probabilities in box frames);
   #   "label"   {subset: (b, C) class probabilities}, one per tile.
   prediction = ""
 
