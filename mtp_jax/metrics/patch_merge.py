@@ -34,25 +34,34 @@ def to_source(dets: np.ndarray, origin, scale: float) -> np.ndarray:
   return out
 
 
-def nms_rotated_host(dets: np.ndarray, iou_thr: float = MERGE_IOU) -> np.ndarray:
-  """Indices of the kept rows of (N, 6) detections, by descending score (module docstring)."""
-  dets = np.asarray(dets, np.float64).reshape(-1, 6)
-  order = np.argsort(-dets[:, 5], kind="stable")
-  hboxes = poly_to_hbox(rbox_to_poly(dets[:, :5]))
-  alive = np.ones(len(dets), bool)
+def greedy_nms(scores: np.ndarray, suppressed) -> np.ndarray:
+  """Kept indices of greedy NMS by descending score (ties: input order): each kept index i drops
+  the later live indices `suppressed(i, rest)` returns (a subset of `rest`)."""
+  order = np.argsort(-np.asarray(scores), kind="stable")
+  alive = np.ones(len(order), bool)
   keep = []
   for rank, i in enumerate(order):
     if not alive[i]:
       continue
     keep.append(i)
     rest = order[rank + 1:]
-    rest = rest[alive[rest]]
+    alive[suppressed(i, rest[alive[rest]])] = False
+  return np.asarray(keep, np.int64)
+
+
+def nms_rotated_host(dets: np.ndarray, iou_thr: float = MERGE_IOU) -> np.ndarray:
+  """Indices of the kept rows of (N, 6) detections, by descending score (module docstring)."""
+  dets = np.asarray(dets, np.float64).reshape(-1, 6)
+  hboxes = poly_to_hbox(rbox_to_poly(dets[:, :5]))
+
+  def suppressed(i, rest):
     near = rest[(np.minimum(hboxes[rest, 2], hboxes[i, 2]) > np.maximum(hboxes[rest, 0], hboxes[i, 0]))
                 & (np.minimum(hboxes[rest, 3], hboxes[i, 3]) > np.maximum(hboxes[rest, 1], hboxes[i, 1]))]
-    if len(near):
-      iou = box_iou_rotated(np.repeat(dets[i:i + 1, :5], len(near), 0), dets[near, :5], aligned=True)
-      alive[near[iou > iou_thr]] = False
-  return np.asarray(keep, np.int64)
+    if not len(near):
+      return near
+    iou = box_iou_rotated(np.repeat(dets[i:i + 1, :5], len(near), 0), dets[near, :5], aligned=True)
+    return near[iou > iou_thr]
+  return greedy_nms(dets[:, 5], suppressed)
 
 
 def merge_patches(patches, num_classes: int, iou_thr: float = MERGE_IOU) -> dict:

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from mtp_jax.metrics.mask_paste import paste_masks
-from mtp_jax.metrics.patch_merge import MERGE_IOU, nms_rotated_host
+from mtp_jax.metrics.patch_merge import MERGE_IOU, greedy_nms, nms_rotated_host
 
 HBOX_MERGE_IOU = 0.5
 
@@ -26,23 +26,15 @@ HBOX_MERGE_IOU = 0.5
 def nms_horizontal_host(boxes: np.ndarray, scores: np.ndarray, iou_thr: float) -> np.ndarray:
   """Kept indices of greedy NMS on (N, 4) x1, y1, x2, y2 by descending score (ties: input order);
   areas as (x2 - x1) * (y2 - y1) (mmcv's nms without the +1 offset)."""
-  order = np.argsort(-scores, kind="stable")
   boxes = boxes.astype(np.float64)
   area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-  alive = np.ones(len(boxes), bool)
-  keep = []
-  for rank, i in enumerate(order):
-    if not alive[i]:
-      continue
-    keep.append(i)
-    rest = order[rank + 1:]
-    rest = rest[alive[rest]]
+
+  def suppressed(i, rest):
     iw = np.clip(np.minimum(boxes[rest, 2], boxes[i, 2]) - np.maximum(boxes[rest, 0], boxes[i, 0]), 0, None)
     ih = np.clip(np.minimum(boxes[rest, 3], boxes[i, 3]) - np.maximum(boxes[rest, 1], boxes[i, 1]), 0, None)
     inter = iw * ih
-    iou = inter / np.maximum(area[i] + area[rest] - inter, 1e-12)
-    alive[rest[iou > iou_thr]] = False
-  return np.asarray(keep, np.int64)
+    return rest[inter / np.maximum(area[i] + area[rest] - inter, 1e-12) > iou_thr]
+  return greedy_nms(scores, suppressed)
 
 
 def mask_polygon(mask: np.ndarray):
@@ -66,7 +58,6 @@ class DetectionMerger:
     self.kind, self.num_classes, self.tile_size = kind, num_classes, tile_size
     self.iou_thr = iou_thr if iou_thr is not None else (MERGE_IOU if kind == "rboxes" else HBOX_MERGE_IOU)
     self._boxes, self._scores, self._labels, self._polygons = [], [], [], []
-    self.tiles_added = 0
 
   def add(self, tile, outputs: dict, index: int):
     """Row `index` of a tile batch's outputs ({kind: (n, K, d), scores, labels, valid})."""
@@ -88,7 +79,6 @@ class DetectionMerger:
     self._boxes.append(boxes)
     self._scores.append(np.asarray(outputs["scores"][index], np.float64)[valid])
     self._labels.append(np.asarray(outputs["labels"][index], np.int64)[valid])
-    self.tiles_added += 1
 
   def pooled(self) -> dict:
     """Every tile's detections in scene pixels, before merging."""
@@ -102,7 +92,8 @@ class DetectionMerger:
     return out
 
   def result(self) -> dict:
-    """{"boxes", "scores", "labels"[, "polygons"]} merged per class, by descending score."""
+    """{"boxes", "scores", "labels"[, "polygons"]} merged per class, by descending score, and
+    "before_merge": how many tile detections were pooled."""
     pooled = self.pooled()
     keep = []
     for c in range(self.num_classes):
@@ -117,4 +108,4 @@ class DetectionMerger:
       keep.append(idx[kept])
     keep = np.concatenate(keep) if keep else np.zeros((0,), np.int64)
     keep = keep[np.argsort(-pooled["scores"][keep], kind="stable")]
-    return {k: v[keep] for k, v in pooled.items()}
+    return {**{k: v[keep] for k, v in pooled.items()}, "before_merge": len(pooled["scores"])}

@@ -273,7 +273,7 @@ def _run(predictor, scenes, grid, kinds, formats, folder, stem, progress):
                                scene.crs, scene.transform)
       written.append(f"{stem}_{name}.gpkg")
     summary["tasks"][name] = {"kind": kind, "classes": classes, "detections": int(len(result["scores"])),
-                              "before_merge": int(len(merger.pooled()["scores"])),
+                              "before_merge": int(result["before_merge"]),
                               "per_class": {c: int((result["labels"] == k).sum()) for k, c in enumerate(classes)},
                               "files": written}
   for name, found in labels.items():
