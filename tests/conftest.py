@@ -1,15 +1,20 @@
 """Test setup: CPU backend with 8 host devices and the persistent compilation cache, set before
 JAX starts; shared fixtures build a small synthetic SAMRS sample and its TFRecords once."""
 
+import contextlib
+import fcntl
 import os
+import pickle
+import shutil
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 # XLA:CPU aborts a program whose simulated devices wait more than 40 s for each other at a
 # collective; 8 simulated devices of a loaded 2-core machine can lag that much (seen in the
 # three-task step), so the tests allow 15 minutes. The tests' programs are tiny and compile far
 # longer than they run, so LLVM optimises them at level 0: compiles take ~40 % less time, steps
-# run ~1.7x slower. Child processes get the same flags (TEST_XLA_FLAGS).
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
+# run ~1.7x slower; without LLVM's expensive passes the three-task step compiles in 43 s instead
+# of 51 (same step time). Child processes get the same flags (TEST_XLA_FLAGS).
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                   "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
                   "--xla_cpu_collective_timeout_seconds=900")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
@@ -17,6 +22,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
@@ -84,6 +90,39 @@ def run_optimised(jitted, *args):
   return jitted.lower(*args).compile(compiler_options={"xla_backend_optimization_level": "3"})
 
 
+@contextlib.contextmanager
+def _locked(path):
+  with open(path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+    yield
+
+
+def computed_once(tmp_path_factory, name, compute, dump=None, load=None):
+  """`compute(folder)` for a session fixture, run once per test run even over pytest-xdist
+  workers (`make test` runs two, and a fixture recomputed per worker cost minutes).
+
+  Without xdist: compute in a fresh temporary folder. With it, in `<run's shared tmp>/<name>/`:
+  the first worker to ask computes under an exclusive file lock and writes the value
+  (`dump(value, path)`, default pickle); the others wait for the lock and `load(path)` it. A
+  failed computation leaves no value, so each worker that asks fails with its own traceback.
+  """
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return compute(str(tmp_path_factory.mktemp(name)))
+  dump = dump or (lambda value, path: pickle.dump(value, open(path, "wb")))
+  load = load or (lambda path: pickle.load(open(path, "rb")))
+  root = tmp_path_factory.getbasetemp().parent   # pytest-N/, above each worker's popen-gwK/
+  folder, done = root / name, root / f"{name}.value"
+  with _locked(root / f"{name}.lock"):
+    if done.exists():
+      return load(str(done))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    value = compute(str(folder))
+    dump(value, str(done) + ".part")
+    os.replace(str(done) + ".part", done)
+    return value
+
+
 SAMPLE_IMAGES = 16   # per subset: 12 train, 4 valid
 SAMPLE_SIZE = 64
 
@@ -91,19 +130,21 @@ SAMPLE_SIZE = 64
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory):
   from data_pipelines.samrs import synthetic
-  out = str(tmp_path_factory.mktemp("samrs_sample"))
-  synthetic.generate(out, images=SAMPLE_IMAGES, size=SAMPLE_SIZE, seed=0)
-  return out
+  def generate(out):
+    synthetic.generate(out, images=SAMPLE_IMAGES, size=SAMPLE_SIZE, seed=0)
+    return out
+  return computed_once(tmp_path_factory, "samrs_sample", generate)
 
 
 @pytest.fixture(scope="session")
 def tfrecord_dir(sample_dir, tmp_path_factory):
   from data_pipelines.samrs import convert
-  out = str(tmp_path_factory.mktemp("samrs_tfrecords"))
-  for subset in ("sota", "sior", "fast"):
-    for split in ("train", "valid"):
-      convert.convert_split(sample_dir, subset, split, out, num_shards=2, log=lambda *_: None)
-  return out
+  def convert_all(out):
+    for subset in ("sota", "sior", "fast"):
+      for split in ("train", "valid"):
+        convert.convert_split(sample_dir, subset, split, out, num_shards=2, log=lambda *_: None)
+    return out
+  return computed_once(tmp_path_factory, "samrs_tfrecords", convert_all)
 
 
 # The tiny three-task (ss + is + rd) pretraining run shared by the detection and segmentation
@@ -116,8 +157,8 @@ MTP_RUN = {**TINY_IS, **TINY_RD, "train.num_steps": 3, "eval.every_steps": 0}
 @pytest.fixture(scope="session")
 def mtp_run(tfrecord_dir, tmp_path_factory):
   from mtp_jax.train import loop
-  workdir = str(tmp_path_factory.mktemp("mtp"))
-  return workdir, loop.train_and_evaluate(tiny_config(tfrecord_dir, **MTP_RUN), workdir)
+  return computed_once(tmp_path_factory, "mtp",
+                       lambda workdir: (workdir, loop.train_and_evaluate(tiny_config(tfrecord_dir, **MTP_RUN), workdir)))
 
 
 # rd alone, overfitted on the first 2 training images of each subset (unaugmented, 250 steps at
@@ -127,9 +168,10 @@ RD_OVERFIT_STEPS = 250
 
 
 @pytest.fixture(scope="session")
-def rd_overfit(tfrecord_dir):
+def rd_overfit(tfrecord_dir, tmp_path_factory):
   """(tasks, mesh, trainer, trained state, the raw batch it was trained on, per-step metrics);
-  one device, the trainer's step compiled for the default level as well (test_one_compile)."""
+  one device. Trained once per test run (`computed_once`): another worker rebuilds the
+  trainer and puts the saved state back on its device."""
   from data_pipelines.samrs import reader
   from mtp_jax.parallel import sharding
   from mtp_jax.train import batching, loop
@@ -141,11 +183,25 @@ def rd_overfit(tfrecord_dir):
   trainer = loop.Trainer(config, tasks, mesh)
   raw = {s: next(iter(reader.make_dataset(tfrecord_dir, s, "train", image_size=SAMPLE_SIZE, max_instances=16,
                                           batch_size=2, train=False))) for s in ("sota", "sior", "fast")}
-  batch = batching.device_batch(raw, ("sota", "sior", "fast"), mesh, trainer.fields)
-  state = run_optimised(jax.jit(trainer._init_fn, out_shardings=trainer.state_shardings))()
-  step = run_optimised(trainer.step, state, batch)
-  history = []
-  for _ in range(RD_OVERFIT_STEPS):
-    state, metrics = step(state, batch)
-    history.append(jax.device_get(metrics))
+
+  def train(_):
+    batch = batching.device_batch(raw, ("sota", "sior", "fast"), mesh, trainer.fields)
+    state = run_optimised(jax.jit(trainer._init_fn, out_shardings=trainer.state_shardings))()
+    step = run_optimised(trainer.step, state, batch)
+    history = []
+    for _ in range(RD_OVERFIT_STEPS):
+      state, metrics = step(state, batch)
+      history.append(jax.device_get(metrics))
+    return state, history
+
+  def dump(value, path):
+    state, history = value
+    pickle.dump(([np.asarray(leaf) for leaf in jax.tree.leaves(state)], history), open(path, "wb"))
+
+  def load(path):
+    leaves, history = pickle.load(open(path, "rb"))
+    tree = jax.tree.structure(trainer.state_shardings)
+    return jax.device_put(jax.tree.unflatten(tree, leaves), trainer.state_shardings), history
+
+  state, history = computed_once(tmp_path_factory, "rd_overfit", train, dump, load)
   return tasks, mesh, trainer, state, raw, history

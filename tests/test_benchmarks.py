@@ -1,6 +1,7 @@
 """Smoke test of the MFU harness (benchmarks/mfu.py) at its tiniest settings: it runs end to end
 in a fresh process (one CPU device, as a user runs it) and every figure it writes is finite and
-positive. Its figures themselves are never asserted (benchmarks are not timed tests)."""
+positive. Its figures themselves are never asserted (benchmarks are not timed tests), so it
+compiles as the tests do (TEST_XLA_FLAGS: LLVM level 0), on one device."""
 
 import json
 import math
@@ -8,12 +9,12 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, TEST_XLA_FLAGS
 
 
 def test_mfu_harness_writes_finite_positive_figures(tmp_path):
   out = tmp_path / "mfu.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS}
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mfu.py"), "--tiny",
                          "--parts", "encoder", "ss", "--steps", "1", "--out", str(out)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -135,25 +135,36 @@ def _largest_file(directory):
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one_loudly(damage, reference, tfrecord_dir, tmp_path, capsys):
-  workdir = str(tmp_path / "damaged")
-  shutil.copytree(reference, workdir)
-  os.remove(os.path.join(workdir, "report", "metrics.json"))
-  victim = _largest_file(os.path.join(workdir, "checkpoints", str(STEPS), "state"))
+def _damage(victim, how):
   with open(victim, "r+b") as f:
-    if damage == "truncated":
+    if how == "truncated":
       f.truncate(os.path.getsize(victim) // 2)
     else:   # Orbax reads this back without complaint; the saved fingerprint does not match
       f.seek(os.path.getsize(victim) // 2)
       byte = f.read(1)
       f.seek(-1, os.SEEK_CUR)
       f.write(bytes([byte[0] ^ 0x55]))
+
+
+def test_damaged_checkpoints_fall_back_to_the_last_good_one_loudly(reference, tfrecord_dir, tmp_path, capsys):
+  """The latest checkpoint truncated (unreadable) and the one before it with a flipped byte
+  (readable, the wrong fingerprint): both are set aside with a warning each and the run
+  resumes from the one before them, ending as if nothing had happened."""
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(reference, workdir)
+  os.remove(os.path.join(workdir, "report", "metrics.json"))
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert saved[-1] == STEPS and len(saved) >= 3, saved
+  damaged = {saved[-1]: "truncated", saved[-2]: "flipped byte"}
+  for step, how in damaged.items():
+    _damage(_largest_file(os.path.join(workdir, "checkpoints", str(step), "state")), how)
   capsys.readouterr()
   results = loop.train_and_evaluate(tiny_config(tfrecord_dir, **RUN), workdir)
   err = capsys.readouterr().err
-  assert f"checkpoint {os.path.join(workdir, 'checkpoints')}/{STEPS} is damaged" in err
-  assert results["train"]["start_step"] == (STEPS - 1) // EVERY * EVERY   # the previous checkpoint
-  moved = glob.glob(os.path.join(workdir, "checkpoints.corrupt", f"{STEPS}-*"))
-  assert len(moved) == 1 and os.path.isdir(os.path.join(moved[0], "state"))   # kept, not deleted
+  for step in damaged:
+    assert f"checkpoint {os.path.join(workdir, 'checkpoints')}/{step} is damaged" in err, step
+    moved = glob.glob(os.path.join(workdir, "checkpoints.corrupt", f"{step}-*"))
+    assert len(moved) == 1 and os.path.isdir(os.path.join(moved[0], "state"))   # kept, not deleted
+  assert "unreadable state" in err and "differ from the fingerprint" in err
+  assert results["train"]["start_step"] == saved[-3]   # the last good checkpoint
   assert_same_run(workdir, reference)
