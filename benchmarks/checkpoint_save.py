@@ -3,9 +3,9 @@ array on a single host) and with Orbax's default (replica-parallel slices) (prin
 to JSON; never a test).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/checkpoint_save.py \
-        [--config configs/pretrain/quickstart.py] [--saves 3] [--out benchmarks/results/checkpoint_save.json]
+        [--config configs/pretrain/quickstart.py] [--data data/samrs_tfrecords] [--saves 3] [--out benchmarks/results/checkpoint_save.json]
 
-The state is the config's (data parallel: every array replicated over the local devices), saved
+`--data`: a converted SAMRS folder (only its class lists are read). The state is the config's (data parallel: every array replicated over the local devices), saved
 `--saves` times by each handler into a scratch folder, each save waited for (`wait_until_finished`);
 the first save of each handler is reported apart (it traces and compiles its slicing).
 """
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 from mtp_jax.checkpoints.manager import state_handler  # noqa: E402
-from mtp_jax.config import load_config  # noqa: E402
+from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import loop  # noqa: E402
 from _report import write_result  # noqa: E402
@@ -49,10 +49,11 @@ def time_saves(handler, state, saves: int) -> list[float]:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--config", default="configs/pretrain/quickstart.py")
+  p.add_argument("--data", default="data/samrs_tfrecords")
   p.add_argument("--saves", type=int, default=3)
   p.add_argument("--out", default="benchmarks/results/checkpoint_save.json")
   args = p.parse_args()
-  config = load_config(args.config)
+  config = apply_overrides(load_config(args.config), [f"data.dir={args.data!r}"])
   tasks = loop.build_tasks(config)
   trainer = loop.Trainer(config, tasks, sharding.config_mesh(config.mesh))
   state = trainer.init()
