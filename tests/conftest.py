@@ -97,6 +97,16 @@ def _locked(path):
     yield
 
 
+def _pickle_dump(value, path):
+  with open(path, "wb") as f:
+    pickle.dump(value, f)
+
+
+def _pickle_load(path):
+  with open(path, "rb") as f:
+    return pickle.load(f)
+
+
 def computed_once(tmp_path_factory, name, compute, dump=None, load=None):
   """`compute(folder)` for a session fixture, run once per test run even over pytest-xdist
   workers (`make test` runs two, and a fixture recomputed per worker cost minutes).
@@ -108,8 +118,8 @@ def computed_once(tmp_path_factory, name, compute, dump=None, load=None):
   """
   if "PYTEST_XDIST_WORKER" not in os.environ:
     return compute(str(tmp_path_factory.mktemp(name)))
-  dump = dump or (lambda value, path: pickle.dump(value, open(path, "wb")))
-  load = load or (lambda path: pickle.load(open(path, "rb")))
+  dump = dump or _pickle_dump
+  load = load or _pickle_load
   root = tmp_path_factory.getbasetemp().parent   # pytest-N/, above each worker's popen-gwK/
   folder, done = root / name, root / f"{name}.value"
   with _locked(root / f"{name}.lock"):
@@ -196,10 +206,10 @@ def rd_overfit(tfrecord_dir, tmp_path_factory):
 
   def dump(value, path):
     state, history = value
-    pickle.dump(([np.asarray(leaf) for leaf in jax.tree.leaves(state)], history), open(path, "wb"))
+    _pickle_dump(([np.asarray(leaf) for leaf in jax.tree.leaves(state)], history), path)
 
   def load(path):
-    leaves, history = pickle.load(open(path, "rb"))
+    leaves, history = _pickle_load(path)
     tree = jax.tree.structure(trainer.state_shardings)
     return jax.device_put(jax.tree.unflatten(tree, leaves), trainer.state_shardings), history
 
