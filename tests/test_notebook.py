@@ -1,6 +1,6 @@
 """notebooks/quickstart.ipynb executed headless in a real Jupyter kernel (nbclient + ipykernel)
-against the installed package, at the suite's tiny size (the shared three-task run's model and
-3 steps, so its programs come from the compilation cache): every cell runs top to bottom, and
+against the installed package, at the suite's tiny size (the shared three-task run's model, 3
+steps, 64 px): every cell runs top to bottom, and
 what it produced is checked. The notebook in the repository has its outputs stripped."""
 
 import json
@@ -25,26 +25,25 @@ def test_the_repository_notebook_has_no_outputs():
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-  """The notebook run in a kernel whose environment sets the tiny model (MTP_NOTEBOOK_SETS)."""
+  """The notebook run in a kernel whose environment sets the tiny model (MTP_NOTEBOOK_SETS) and
+  finetunes on one device (the classification smokes' 8-device path is test_finetune's)."""
   work = tmp_path_factory.mktemp("notebook")
   sets = [s for s in tiny_overrides("unused", **{**MTP_RUN, "train.num_steps": 3})
           if not s.startswith(("data.dir=", "data.image_size="))]
   env = {"MTP_NOTEBOOK_WORK": str(work), "MTP_NOTEBOOK_SETS": json.dumps(sets), "MTP_NOTEBOOK_STEPS": "3",
+         "MTP_NOTEBOOK_FINETUNE_SETS": json.dumps(["mesh.num_devices=1"]),   # as test_finetune's smokes
          "MTP_NOTEBOOK_SIZE": "64", "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8 " + TEST_XLA_FLAGS,
          "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)   # the kernel inherits this process's environment
-  try:
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  with pytest.MonkeyPatch.context() as patch:   # the kernel inherits this process's environment
+    for k, v in env.items():
+      patch.setenv(k, v)
     try:
       NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
     finally:   # with its outputs and each cell's timing (metadata.execution), to read a failure
       nbformat.write(nb, str(work / "executed.ipynb"))
-  finally:
-    for k, v in saved.items():
-      os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
   return nb, work
 
 
