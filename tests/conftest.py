@@ -17,8 +17,14 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                   "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
                   "--xla_cpu_collective_timeout_seconds=900")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
-                           + TEST_XLA_FLAGS).strip()
+# Added once: pytest-xdist's workers inherit the controller's environment, where this file has
+# already run, and the persistent cache keys on the XLA_FLAGS string, so a repeated copy would
+# keep every worker's programs from the cache entries of the processes the tests start (the
+# notebook's kernel, main.py children) with "--xla_force_host_platform_device_count=8 " +
+# TEST_XLA_FLAGS.
+_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in ["--xla_force_host_platform_device_count=8",
+                                                         *TEST_XLA_FLAGS.split()] if f not in _flags])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
