@@ -16,7 +16,6 @@ SLURM's srun the processes find each other by themselves; elsewhere pass
 launch/). SIGTERM (a preemption notice) saves a checkpoint at the current step and exits with 143.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -37,7 +36,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from mtp_jax.quiet_tensorflow import quiet_tensorflow
+  quiet_tensorflow()
   if not FLAGS["verbosity"].present:  # Orbax and CLU log every detail at INFO; -v 0 shows them
     logging.set_verbosity(logging.WARNING)
   from mtp_jax.errors import Preempted, UserError  # after flag parsing: keeps --help fast

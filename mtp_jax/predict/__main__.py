@@ -38,7 +38,8 @@ def main(argv=None):
                       help="comma-separated subset of png,geotiff,dota,geojson,gpkg,json,preview (default: all that apply)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from mtp_jax.quiet_tensorflow import quiet_tensorflow
+  quiet_tensorflow()
   from absl import logging
   logging.set_verbosity(logging.ERROR)
   from mtp_jax.errors import UserError
