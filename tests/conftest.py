@@ -166,8 +166,10 @@ def tfrecord_dir(sample_dir, tmp_path_factory):
 # The tiny three-task (ss + is + rd) pretraining run shared by the detection and segmentation
 # tests (3 steps, evaluated at the end): its workdir, results and the overrides that made it
 # (for main.py children).
-# On the 8-device mesh, data parallel (the quickstart's mesh.shape (-1, 1, 1)).
-MTP_RUN = {**TINY_IS, **TINY_RD, "train.num_steps": 3, "eval.every_steps": 0}
+# On the 8-device mesh, data parallel (the quickstart's mesh.shape (-1, 1, 1)); the data read as 2
+# streams and a checkpoint every step, so that two processes can resume it (test_multihost).
+MTP_RUN = {**TINY_IS, **TINY_RD, "train.num_steps": 3, "eval.every_steps": 0, "data.num_streams": 2,
+           "train.checkpoint_every": 1}
 
 
 @pytest.fixture(scope="session")

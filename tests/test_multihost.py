@@ -1,6 +1,6 @@
 """Multi-host: two processes with 4 CPU devices each form one 8-device job through jax.distributed
-(coordinator on 127.0.0.1), each reads its own shards, and they end where one 8-device process
-ends. Plus how a process finds its job (flags, SLURM, TPU) without starting anything."""
+(coordinator on 127.0.0.1), resume a one-process checkpoint, each read its own shards, and they
+end where one 8-device process ends. Plus how a process finds its job (flags, SLURM, TPU) without starting anything."""
 
 import json
 import os
@@ -21,9 +21,6 @@ from mtp_jax.train import loop
 
 from conftest import MTP_RUN, TEST_XLA_FLAGS, QUICKSTART, ROOT, tiny_config, tiny_overrides
 
-RUN = {"train.num_steps": 5, "train.checkpoint_every": 5, "eval.max_batches": 1}
-
-
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -35,96 +32,91 @@ def params_at(workdir, step):
   return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def test_two_processes_equal_one_process_with_eight_devices(tfrecord_dir, tmp_path):
-  # One process, 8 devices, reading the data as 2 streams: the batches two processes would read.
-  single = str(tmp_path / "single")
-  loop.train_and_evaluate(tiny_config(tfrecord_dir, **RUN, **{"data.num_streams": 2}), single)
-
+def test_two_processes_resume_train_and_evaluate_the_three_tasks_as_one_process(mtp_run, tfrecord_dir, tmp_path):
+  """The shared tiny three-task run (one process, 8 devices, data read as 2 streams, a checkpoint
+  every step) resumed from its step-1 checkpoint by 2 processes of 4 devices: each restores the
+  arrays and its own stream's data position, reads its own shards (0::2, 1::2), and the
+  gradients are summed over the processes. Steps 2-3 are the one-process run's, and the
+  evaluation split over the 2 processes (confusion counts summed on device; each process's
+  detections and masks gathered for DOTA mAP and COCO AP) gives exactly the numbers, the DOTA
+  Task1 files and the COCO result files of one 8-device process evaluating the same checkpoint
+  (which restores the 2 processes' checkpoint onto one process)."""
+  shared, _ = mtp_run
   multi = str(tmp_path / "multi")
+  shutil.copytree(shared, multi)
+  for name in ("report", "tensorboard", "metrics.jsonl", "checkpoints/2", "checkpoints/3"):
+    path = os.path.join(multi, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   outs = run_two_processes(tfrecord_dir, multi)
   assert "report:" in outs[0] and "report:" not in outs[1]        # only process 0 writes reports
+  assert "rd rotated mAP" in outs[0] and "is mask AP" in outs[0] and "eval step 3" not in outs[1]
 
-  # The same run: every step's loss within rtol 2e-5 (measured 4e-6), and the parameters. These
-  # are two different XLA programs (4 devices a process + gloo vs 8 in one), so float sums differ
-  # in their last bits, and AdamW's first steps (~lr * sign(g)) magnify that where gradients are
-  # tiny or jump (RVSA's bilinear sampling): the mean |difference| stays < 5e-5 (measured 7e-6)
-  # and the largest < 5e-3, a tenth of the 5 * lr AdamW can move a parameter in 5 steps
-  # (measured 1.3e-3). The two biases in front of BatchNorm have no gradient at all and are left out.
+  # The same run: losses and each task's loss components per step, and the parameters. These are
+  # two different XLA programs (4 devices a process + gloo vs 8 in one), so float sums differ in
+  # their last bits, the RoI sampling sees the same proposals only up to that rounding, and
+  # AdamW (~lr * sign(g) while its moments are young) magnifies them where a gradient is ~0.
+  # Measured: loss rel 0, components 2.1e-7, parameters max 1.4e-6, mean 7.4e-10.
   rows = [json.loads(line) for line in open(os.path.join(multi, "metrics.jsonl"))]
-  single_rows = [json.loads(line) for line in open(os.path.join(single, "metrics.jsonl"))]
-  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]  # one writer, one row a step
-  np.testing.assert_allclose([r["loss"] for r in rows if "loss" in r],
-                             [r["loss"] for r in single_rows if "loss" in r], rtol=2e-5)
-  a, b = params_at(multi, 5), params_at(single, 5)
+  want = {r["step"]: r for r in map(json.loads, open(os.path.join(shared, "metrics.jsonl"))) if "loss" in r}
+  rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in rows] == [2, 3]                       # one writer, one row a step
+  components = [k for k in rows[0] if k.split("/")[0] in ("ss", "is", "rd")]
+  assert {k.split("/")[0] for k in components} == {"ss", "is", "rd"}
+  loss_rel = max(abs(r["loss"] - want[r["step"]]["loss"]) / abs(want[r["step"]]["loss"]) for r in rows)
+  part_rel = max(abs(r[k] - want[r["step"]][k]) / max(abs(want[r["step"]][k]), 1e-3) for r in rows for k in components)
+  a, b = params_at(multi, 3), params_at(shared, 3)
   no_gradient = {"['encoder']['fpn1']['3']['bias']", "['encoder']['fpn2']['0']['bias']"}
   diff = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a if k not in no_gradient])
-  assert diff.mean() < 5e-5 and diff.max() < 5e-3, (diff.mean(), diff.max())
-  # Each process read its own stream (shards 0::2 and 1::2); the checkpoint holds both positions,
-  # the same as the single process's two streams.
-  data = json.load(open(os.path.join(multi, "checkpoints", "5", "data", "metadata")))
-  single_data = json.load(open(os.path.join(single, "checkpoints", "5", "data", "metadata")))
-  assert data == single_data and sorted(data["streams"]) == ["0", "1"]
-  eval_multi = json.load(open(os.path.join(multi, "report", "metrics.json")))["eval"]
-  eval_single = json.load(open(os.path.join(single, "report", "metrics.json")))["eval"]
-  for s in eval_single:   # the same pixels and images scored; parameters equal to the tolerance above
-    assert eval_multi[s]["ss"]["pixels"] == eval_single[s]["ss"]["pixels"]
-    np.testing.assert_allclose(eval_multi[s]["ss"]["miou"], eval_single[s]["ss"]["miou"], atol=1e-4)
+  measured = (f"loss rel {loss_rel:.2e}, component rel max {part_rel:.2e}, "
+              f"params max {diff.max():.2e} mean {diff.mean():.2e}")
+  print("two processes vs one, three tasks:", measured)
+  assert loss_rel < 1e-5 and part_rel < 1e-4 and diff.max() < 1e-3 and diff.mean() < 1e-6, measured
+  # The checkpoint holds both streams' positions, as the one process's two streams. (Grain's
+  # interleave also records which slot its shard iterator took, iterators_in_use_indices: a
+  # restored iterator numbers it anew, so that bookkeeping differs from an uninterrupted run's.)
+  data = positions(json.load(open(os.path.join(multi, "checkpoints", "3", "data", "metadata"))))
+  assert data == positions(json.load(open(os.path.join(shared, "checkpoints", "3", "data", "metadata"))))
+  assert sorted(data["streams"]) == ["0", "1"]
 
-  # The evaluation split over the two processes (each reading its own valid shards, the
-  # confusion counts summed on device; the end of the run above) gives exactly the numbers of
-  # one process evaluating the same checkpoint, which also restores the two processes'
-  # checkpoint onto one process's 8 devices. (`--mode eval` over two processes, restoring a
-  # one-process checkpoint: test_two_processes_evaluate_the_three_tasks_exactly_as_one.)
-  assert "eval step 5 sota: ss mIoU" in outs[0] and "eval step 5" not in outs[1]
   evaluated = str(tmp_path / "evaluated")
   shutil.copytree(multi, evaluated)
   shutil.rmtree(os.path.join(evaluated, "report"))   # what follows is the evaluation's own output
-  loop.evaluate_checkpoint(tiny_config(tfrecord_dir, **RUN), evaluated)
+  loop.evaluate_checkpoint(tiny_config(tfrecord_dir, **MTP_RUN), evaluated)
   report = json.load(open(os.path.join(evaluated, "report", "metrics.json")))
-  assert report["step"] == 5 and report["mode"] == "eval"
-  assert report["eval"] == eval_multi
-
-
-def test_two_processes_evaluate_the_three_tasks_exactly_as_one(mtp_run, tfrecord_dir, tmp_path):
-  """The ss + is + rd checkpoint of the shared tiny run, evaluated by 2 processes (each its own
-  valid shards; confusion counts summed on device, each process's detections and masks gathered
-  for DOTA mAP and COCO AP): exactly the one-process numbers, the same DOTA Task1 lines and the
-  same COCO result files."""
-  single, _ = mtp_run
-  evaluated = str(tmp_path / "evaluated")
-  shutil.copytree(single, evaluated)
-  shutil.rmtree(os.path.join(evaluated, "report"))   # what follows is the evaluation's own output
-  outs = run_two_processes(tfrecord_dir, evaluated, "--mode", "eval", run=MTP_RUN)
-  assert "rd rotated mAP" in outs[0] and "is mask AP" in outs[0] and "report:" not in outs[1]
-  report = json.load(open(os.path.join(evaluated, "report", "metrics.json")))
-  eval_single = json.load(open(os.path.join(single, "report", "metrics.json")))["eval"]
-  assert report["eval"] == eval_single
-  assert all(eval_single[s]["rd"]["images"] == 4 and eval_single[s]["is"]["images"] == 4
-             for s in eval_single)
+  eval_multi = json.load(open(os.path.join(multi, "report", "metrics.json")))["eval"]
+  assert report["step"] == 3 and report["mode"] == "eval" and report["eval"] == eval_multi
+  assert all(eval_multi[s]["rd"]["images"] == 4 and eval_multi[s]["is"]["images"] == 4 for s in eval_multi)
   # Whichever process evaluated an image, byte for byte the same submission lines and COCO
   # files: 2 processes of 4 devices run each image on the same device position, with the same
-  # per-device program, as the shared run's one process of 8.
-  read = lambda *parts: open(os.path.join(*parts)).read()
-  binary = lambda *parts: open(os.path.join(*parts), "rb").read()
+  # per-device program, as one process of 8.
+  read = lambda *parts: open(os.path.join(*parts), "rb").read()
   lines = 0
-  for s in eval_single:
-    for name in os.listdir(os.path.join(single, "report", "dota_task1", s)):   # Task1_*.txt and Task1.zip
-      want = binary(single, "report", "dota_task1", s, name)
-      assert binary(evaluated, "report", "dota_task1", s, name) == want, (s, name)
-      lines += len(want.splitlines()) if name.endswith(".txt") else 0
+  for s in eval_multi:
+    for name in os.listdir(os.path.join(multi, "report", "dota_task1", s)):   # Task1_*.txt and Task1.zip
+      want_file = read(multi, "report", "dota_task1", s, name)
+      assert read(evaluated, "report", "dota_task1", s, name) == want_file, (s, name)
+      lines += len(want_file.splitlines()) if name.endswith(".txt") else 0
   assert lines > 0   # detections to compare: a misaligned row would change them
-  coco = os.path.join(single, "report", "coco")
+  coco = os.path.join(multi, "report", "coco")
   names = sorted(os.listdir(coco))
-  assert names == sorted(f"{s}_{k}.json" for s in eval_single for k in ("gt", "bbox", "segm"))
+  assert names == sorted(f"{s}_{k}.json" for s in eval_multi for k in ("gt", "bbox", "segm"))
   for name in names:
     assert read(evaluated, "report", "coco", name) == read(coco, name), name
-  assert any(json.load(open(os.path.join(coco, f"{s}_segm.json"))) for s in eval_single)
+  assert any(json.load(open(os.path.join(coco, f"{s}_segm.json"))) for s in eval_multi)
 
 
-def run_two_processes(tfrecord_dir, workdir, *args, run=RUN) -> list[str]:
-  """main.py as 2 processes of 4 CPU devices each (coordinator on 127.0.0.1); their outputs."""
+def positions(state):
+  """A data-iterator checkpoint without grain's interleave slot numbers."""
+  if isinstance(state, dict):
+    return {k: positions(v) for k, v in state.items() if k != "iterators_in_use_indices"}
+  return state
+
+
+def run_two_processes(tfrecord_dir, workdir, *args) -> list[str]:
+  """main.py with the shared run's settings (MTP_RUN) as 2 processes of 4 CPU devices each
+  (coordinator on 127.0.0.1); their outputs."""
   port = free_port()
-  sets = [arg for s in tiny_overrides(tfrecord_dir, **run) for arg in ("--set", s)]
+  sets = [arg for s in tiny_overrides(tfrecord_dir, **MTP_RUN) for arg in ("--set", s)]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4 " + TEST_XLA_FLAGS,
          "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
   procs = [subprocess.Popen(
