@@ -31,19 +31,19 @@ learned offsets.
   Cost ~ N*G*Ho*Wo*H*W*(P + gc): quadratic in the token count.
 
 `dcnv3_core` picks one by `method`; gather is the default. Measured with benchmarks/dcnv3.py on
-the 2-core CPU box (shared, load ~4.5; medians, ms), InternImage-XL at 224 px, batch 2, forward /
-forward+backward:
+the 2-core CPU box (idle; medians, ms), InternImage-XL at 224 px, batch 2, forward /
+forward+backward (docs/benchmarks.md):
 
-    stage  map  C     G   gather       matmul        numpy float64 reference, forward
-    1      56   192   12  129 / 312    1668 / 5296   228
-    2      28   384   24   82 / 124     167 / 453     91
-    3      14   768   48   20 / 61       27 / 101     69
-    4       7   1536  96    3 / 31        7 / 20     102
+    stage  map  C     G   gather      matmul        numpy float64 reference, forward
+    1      56   192   12   90 / 184   791 / 2667    284
+    2      28   384   24   39 / 105   178 / 445     100
+    3      14   768   48   23 / 58     41 / 92       65
+    4       7   1536  96    3 / 29      9 / 21      113
 
 Most of the gather's forward is writing the gathered (N, G, Ho*Wo, 4P, gc) tensor (173 MB at
-stage 1): a variant accumulating neighbour by neighbour without it ran the stage-1 forward in 23-30
-ms, but its hand-written backward (custom_vjp) came out 3x slower, so it is not here. matmul wins
-only the forward+backward of the 7x7 stage; it is to be measured on TPU.
+stage 1): a variant accumulating neighbour by neighbour without it ran the stage-1 forward in
+23-30 ms (on a shared box), but its hand-written backward (custom_vjp) came out 3x slower, so it
+is not here. matmul wins only the forward+backward of the 7x7 stage; it is to be measured on TPU.
 """
 
 import jax.numpy as jnp
