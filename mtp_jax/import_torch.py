@@ -41,7 +41,9 @@ def import_checkpoint(ckpt: str, encoder: str, img_size: int, out: str, strict: 
   target = os.path.join(os.path.abspath(out), "encoder")
   if os.path.exists(target):
     raise CheckpointError(f"{target} exists already; choose a new --out")
-  ocp.StandardCheckpointer().save(target, params)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(target, params)
+  checkpointer.wait_until_finished()   # the save is asynchronous: `out` exists once it is done
   info = {"source": os.path.abspath(ckpt), "encoder": encoder, "overrides": overrides or {},
           "img_size": img_size,
           "source_img_size": source_size, **report}
