@@ -1,6 +1,7 @@
 """Multi-host: two processes with 4 CPU devices each form one 8-device job through jax.distributed
 (coordinator on 127.0.0.1), resume a one-process checkpoint, each read its own shards, and they
-end where one 8-device process ends. Plus how a process finds its job (flags, SLURM, TPU) without starting anything."""
+end where one 8-device process ends. Plus how a process finds its job (flags, SLURM, TPU)
+without starting anything."""
 
 import json
 import os
