@@ -35,6 +35,13 @@ class ToChannelsLast(nnx.Module):
     return x
 
 
+class ToChannelsFirst(nnx.Module):
+  """torch's `to_channels_first` permute (InternImage's stem norm1.2): the identity here too."""
+
+  def __call__(self, x):
+    return x
+
+
 def depthwise_conv(channels, kernel_size, *, rngs, dtype=None):
   """Conv2d(C, C, k, padding=(k-1)//2, groups=C) with PyTorch's default init (fan_in = k*k)."""
   pad = (kernel_size - 1) // 2

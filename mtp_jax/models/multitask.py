@@ -44,7 +44,7 @@ class MultiTaskModel(nnx.Module):
     self.multi_scale = scales.pop() if scales else True
     self.mean, self.std = tuple(float(m) for m in mean), tuple(float(v) for v in std)
     self.freeze_encoder = freeze_encoder
-    dims = [encoder.embed_dim] * 4
+    dims = list(encoder.out_channels)
     self.heads = nnx.Dict({name: task.build_head(dims, rngs=rngs, dtype=dtype)
                            for name, task in tasks.items()})
 

@@ -108,6 +108,7 @@ class ViTEncoder(nnx.Module):
     if max(out_indices) >= depth:
       raise ValueError(f"out_indices {tuple(out_indices)} reach past depth {depth}")
     self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
+    self.out_channels = (embed_dim,) * 4   # the four maps' widths (every encoder says them)
     self.out_indices = tuple(out_indices)
     self.remat = remat
     # Scanned blocks: one period of the block pattern (RVSA: `interval` blocks, the last global;
