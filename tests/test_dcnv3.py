@@ -1,6 +1,6 @@
-"""dcnv3_core against a float64 numpy reference of the definition and a torch transcription of the
-official dcnv3_core_pytorch (values and gradients); the DCNv3 module against a torch transcription
-of the official DCNv3_pytorch, weights copied over."""
+"""dcnv3_core against a float64 numpy reference of the definition and the torch twin's transcription
+of the official dcnv3_core_pytorch (values and gradients); the DCNv3 module against the twin's
+DCNv3_pytorch (`mtp_jax.torch_twin.intern_image`), weights copied over."""
 
 import functools
 
@@ -9,77 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flax import nnx
 
 from dcnv3_reference import reference
 from mtp_jax.models.dcnv3 import DCNv3
 from mtp_jax.ops import dcnv3_core
+from mtp_jax.torch_twin.intern_image import DCNv3 as TorchDCNv3
+from mtp_jax.torch_twin.intern_image import dcnv3_core_pytorch
 
 METHODS = ["gather", "matmul"]
 
 
-# ---- torch transcriptions of the official code ----------------------------------------------------
+# ---- the torch twin of the official code ---------------------------------------------------------
 
-def torch_dcnv3_core(x, offset, mask, *, k, stride, pad, dilation, group, offset_scale):
-  """dcnv3_core_pytorch: pad, centre reference points, x-major kernel grid, grid_sample."""
-  x = F.pad(x, (0, 0, pad, pad, pad, pad))
-  n, hin, win, c = x.shape
-  _, ho, wo, _ = offset.shape
-  half = (dilation * (k - 1)) // 2
-  ys = (half + 0.5 + stride * torch.arange(ho, dtype=x.dtype)) / hin
-  xs = (half + 0.5 + stride * torch.arange(wo, dtype=x.dtype)) / win
-  ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
-  ref = torch.stack([ref_x, ref_y], -1)[:, :, None, :]
-  taps = (-half + dilation * torch.arange(k)).to(x.dtype)
-  grid_x, grid_y = torch.meshgrid(taps / win, taps / hin, indexing="ij")
-  grid = torch.stack([grid_x, grid_y], -1).reshape(1, k * k, 2).repeat(group, 1, 1).reshape(-1, 2)
-  norm = torch.tensor([win, hin], dtype=x.dtype)
-  loc = ref + grid * offset_scale + offset.reshape(n, ho, wo, -1, 2) * offset_scale / norm
-  grids = (2 * loc - 1).reshape(n, ho * wo, group, k * k, 2).transpose(1, 2).flatten(0, 1)
-  inp = x.reshape(n, hin * win, c).transpose(1, 2).reshape(n * group, c // group, hin, win)
-  sampled = F.grid_sample(inp, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
-  m = mask.reshape(n, ho * wo, group, k * k).transpose(1, 2).reshape(n * group, 1, ho * wo, k * k)
-  out = (sampled * m).sum(-1).reshape(n, c, ho * wo)
-  return out.transpose(1, 2).reshape(n, ho, wo, c)
-
-
-class _Permute(torch.nn.Module):
-  def forward(self, x):
-    return x.permute(0, 2, 3, 1)
-
-
-class TorchDCNv3(torch.nn.Module):
-  """DCNv3_pytorch (stride 1, pad (k-1)//2 as InternImage builds it), with the official names."""
-
-  def __init__(self, channels, group, kernel_size, offset_scale, center_feature_scale, dw_kernel_size):
-    super().__init__()
-    self.group, self.k, self.offset_scale = group, kernel_size, offset_scale
-    self.dw_conv = torch.nn.Sequential(
-        torch.nn.Conv2d(channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2, groups=channels),
-        torch.nn.Sequential(_Permute(), torch.nn.LayerNorm(channels, eps=1e-6)), torch.nn.GELU())
-    self.offset = torch.nn.Linear(channels, group * kernel_size ** 2 * 2)
-    self.mask = torch.nn.Linear(channels, group * kernel_size ** 2)
-    self.input_proj = torch.nn.Linear(channels, channels)
-    self.output_proj = torch.nn.Linear(channels, channels)
-    self.center_feature_scale = center_feature_scale
-    if center_feature_scale:
-      self.center_feature_scale_proj_weight = torch.nn.Parameter(torch.zeros(group, channels))
-      self.center_feature_scale_proj_bias = torch.nn.Parameter(torch.zeros(group))
-
-  def forward(self, inputs):
-    n, h, w, c = inputs.shape
-    x = self.input_proj(inputs)
-    x1 = self.dw_conv(inputs.permute(0, 3, 1, 2))
-    offset = self.offset(x1)
-    mask = F.softmax(self.mask(x1).reshape(n, h, w, self.group, -1), -1).reshape(n, h, w, -1)
-    out = torch_dcnv3_core(x, offset, mask, k=self.k, stride=1, pad=(self.k - 1) // 2, dilation=1,
-                           group=self.group, offset_scale=self.offset_scale)
-    if self.center_feature_scale:
-      scale = F.linear(x1, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias).sigmoid()
-      scale = scale[..., None].repeat(1, 1, 1, 1, c // self.group).flatten(-2)
-      out = out * (1 - scale) + x * scale
-    return self.output_proj(out)
+def torch_dcnv3_core(x, offset, mask, *, k, **cfg):
+  """The twin's dcnv3_core_pytorch with this file's (and the reference's) `k` for kernel_size."""
+  return dcnv3_core_pytorch(x, offset, mask, kernel_size=k, **cfg)
 
 
 def torch_state_dict(params):
@@ -308,7 +253,8 @@ def test_module_with_random_params_matches_torch(center_feature_scale):
   nnx.update(module, jax.tree.unflatten(
       treedef, [jnp.asarray(0.4 * rng.normal(size=np.shape(v)), jnp.float32) for v in leaves]))
   params = _params(module)
-  twin = TorchDCNv3(12, 3, 3, 0.8, center_feature_scale, 5).double()
+  twin = TorchDCNv3(12, group=3, offset_scale=0.8, center_feature_scale=center_feature_scale,
+                    dw_kernel_size=5).double()
   twin.load_state_dict({k: v.double() for k, v in torch_state_dict(params).items()}, strict=True)
   x = np.random.default_rng(10).normal(size=(2, 7, 6, 12)).astype(np.float32)
   with torch.no_grad():
