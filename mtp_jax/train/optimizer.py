@@ -9,11 +9,19 @@ from start_factor x lr). Global-norm clipping (5) comes before AdamW. Weight dec
 parameters (biases, norms) and `pos_embed`.
 
 Layer-wise lr decay (`optimizer.layer_decay` = rate < 1) multiplies each parameter's whole AdamW
-update, weight decay included, by rate^(L + 1 - id): id 0 for the encoder's patch_embed and
-pos_embed, i + 1 for encoder block i, L + 1 (scale 1) for everything else, L = encoder depth.
-This equals mmcv's LayerDecayOptimizerConstructor, whose per-group lr scales torch's AdamW step
-and its decoupled decay alike. The original's pretraining asked for 0.9 but applied 1 (§7.1);
-rate 1.0 (the default) reproduces that, and the transform is then left out.
+update, weight decay included, by rate^(L + 1 - id), L the encoder's block count, with the
+original's layer ids:
+- ViT (mmcv's get_num_layer_for_vit): 0 for patch_embed and pos_embed, i + 1 for block i, L + 1
+  (scale 1) for everything else;
+- InternImage (its get_num_layer_for_swin, MTP_SPEC §2; L = sum(depths) = 39 for XL, the
+  constructor's num_layers + 2 = 41 groups): 0 for patch_embed, 1 + sum(depths[:s]) + j for block
+  j of stage s, 1 + sum(depths[:s + 1]) for stage s's downsample and norm, L + 1 for everything
+  else. Deliberate, as the original: stage 3's norm gets 1 + sum(depths[:3]) (its else branch),
+  the id of stage 3's first block.
+This equals the constructors' per-group lr, which scales torch's AdamW step and its decoupled
+decay alike. The original's ViT pretraining asked for 0.9 but applied 1 (§7.1); rate 1.0 (the
+default) reproduces that, and the transform is then left out. InternImage's rule matched its
+pretraining names, so its 0.94 applies in pretraining too (§3.5).
 """
 
 import jax
@@ -49,9 +57,23 @@ def weight_decay_mask(params):
 
 
 def encoder_depth(params) -> int:
-  """Number of encoder blocks, read from the parameter tree (`encoder/blocks/<i>/...`)."""
-  names = (_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
-  return max((int(n[2]) + 1 for n in names if n[:2] == ["encoder", "blocks"]), default=0)
+  """Number of encoder blocks, read from the parameter tree (`encoder/blocks/<i>/...`, or
+  InternImage's `encoder/levels/<s>/blocks/<j>/...` summed over its stages)."""
+  return sum(stage_depths(params)) or max(
+      (int(n[2]) + 1 for n in _leaf_names(params) if n[:2] == ["encoder", "blocks"]), default=0)
+
+
+def stage_depths(params) -> tuple[int, ...]:
+  """InternImage's blocks per stage (() for an encoder without `levels`)."""
+  depths = {}
+  for n in _leaf_names(params):
+    if n[:2] == ["encoder", "levels"] and len(n) > 4 and n[3] == "blocks":
+      depths[int(n[2])] = max(depths.get(int(n[2]), 0), int(n[4]) + 1)
+  return tuple(depths[s] for s in sorted(depths))
+
+
+def _leaf_names(params):
+  return (_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
 
 
 def vit_layer_id(names: list[str], depth: int) -> int:
@@ -64,11 +86,26 @@ def vit_layer_id(names: list[str], depth: int) -> int:
   return depth + 1
 
 
+def intern_image_layer_id(names: list[str], depths: tuple[int, ...]) -> int:
+  """InternImage's get_num_layer_for_swin on our parameter paths (see the module docstring)."""
+  if names[:1] == ["encoder"] and len(names) > 1:
+    if names[1] == "patch_embed":
+      return 0
+    if names[1] == "levels":
+      stage = int(names[2])
+      if names[3] == "blocks":
+        return 1 + sum(depths[:stage]) + int(names[4])
+      return 1 + sum(depths[:min(stage, 2) + 1])   # downsample / norm; stage 3 as stage 2 (deliberate)
+  return sum(depths) + 1
+
+
 def layer_decay_scales(params, rate: float):
   """Per-parameter lr multipliers rate^(L + 1 - id), as a tree shaped like `params`."""
+  depths = stage_depths(params)
   depth = encoder_depth(params)
+  layer_id = (lambda n: intern_image_layer_id(n, depths)) if depths else (lambda n: vit_layer_id(n, depth))
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: float(rate ** (depth + 1 - vit_layer_id(_names(path), depth))), params)
+      lambda path, _: float(rate ** (depth + 1 - layer_id(_names(path)))), params)
 
 
 def scale_by_layer_decay(rate: float) -> optax.GradientTransformation:
