@@ -2,12 +2,15 @@
 
     python -m mtp_jax.import_torch --ckpt last_vit_b_rvsa_ss_is_rd_pretrn_model_encoder.pth \
         --encoder vit_b_rvsa --img-size 512 --out checkpoints/mtp_vit_b_512 [--no-strict] [--trust-pickle]
+    python -m mtp_jax.import_torch --ckpt internimage_xl_22kto1k_384.pth --encoder intern_image_xl \
+        --img-size 448 --out checkpoints/imp_internimage_xl --no-strict   # ImageNet "IMP" start
 
 Reads `.pth`/`.safetensors`, unwraps `state_dict`/`model`, strips `module.` and keeps `encoder.*`
 (or `backbone.*`) of full-model checkpoints, infers the pretraining size from pos_embed, resizes
 pos_embed (dropping an MAE cls token) and the global rel-pos tables bicubically to --img-size
 (MTP_SPEC §5.1), then checks every key and shape (strict by default: MAE checkpoints, which lack
-the RVSA parameters, need --no-strict). Writes `<out>/encoder` (Orbax, nested params) and
+the RVSA parameters, need --no-strict; so does InternImage's ImageNet checkpoint, whose
+classification `conv_head` / `head` the backbone lacks: MTP loads it with strict=False, §2). Writes `<out>/encoder` (Orbax, nested params) and
 `<out>/import_report.json`. Load with `mtp_jax.import_torch.load_encoder_params(out)`.
 """
 
@@ -33,8 +36,9 @@ def import_checkpoint(ckpt: str, encoder: str, img_size: int, out: str, strict: 
   source_size = tc.infer_image_size(sd)
   sd = tc.adapt_to_image_size(sd, img_size)
   overrides = dict(overrides or {})
-  if "patch_embed.proj.weight" in sd:   # an RGB or a multispectral encoder, as the file is
-    overrides.setdefault("in_chans", int(np.shape(sd["patch_embed.proj.weight"])[1]))
+  first = tc.input_conv_key(sd)
+  if first:   # an RGB or a multispectral encoder, as the file is
+    overrides.setdefault("in_chans", int(np.shape(sd[first])[1]))
   model = build_encoder(encoder, img_size, rngs=nnx.Rngs(0), **overrides)
   template = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   params, report = tc.state_dict_to_encoder(sd, template, strict=strict)
@@ -61,7 +65,7 @@ def load_encoder_params(out: str) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--ckpt", required=True)
-  parser.add_argument("--encoder", required=True, help="e.g. vit_b_rvsa, vit_l_rvsa")
+  parser.add_argument("--encoder", required=True, help="e.g. vit_b_rvsa, vit_l_rvsa, intern_image_xl")
   parser.add_argument("--img-size", type=int, required=True)
   parser.add_argument("--out", required=True)
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -60,7 +60,9 @@ def read_encoder_source(path: str, template: dict, image_size: int, patch_size: 
 
 
 def _in_chans(template: dict) -> int:
-  return int(np.shape(template["patch_embed"]["proj"]["kernel"])[2])   # (p, p, C, D)
+  """The encoder's input bands: its first convolution's kernel is (kh, kw, C, D)."""
+  stem = template["patch_embed"]
+  return int(np.shape((stem["proj"] if "proj" in stem else stem["conv1"])["kernel"])[2])
 
 
 def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16, rgb_bands=()):

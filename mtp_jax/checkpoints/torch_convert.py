@@ -201,9 +201,20 @@ def adapt_to_image_size(sd: dict, img_size: int, patch_size: int = 16) -> dict:
   return sd
 
 
+# The encoders' first layers, the only ones that see the input bands: ViT's patch embedding and
+# InternImage's first stem convolution.
+INPUT_CONV_KEYS = ("patch_embed.proj.weight", "patch_embed.conv1.weight")
+
+
+def input_conv_key(sd: dict) -> str | None:
+  """The key of the encoder's first (band-reading) convolution in state dict `sd`, if any."""
+  return next((k for k in INPUT_CONV_KEYS if k in sd), None)
+
+
 def adapt_input_bands(sd: dict, in_chans: int, rgb_bands=()) -> tuple[dict, str]:
-  """(sd with `patch_embed.proj.weight` (D, 3, p, p) turned into (D, in_chans, p, p), the rule
-  used) for a multispectral model started from an RGB checkpoint:
+  """(sd with the first convolution's weight (ViT's `patch_embed.proj.weight` (D, 3, p, p),
+  InternImage's `patch_embed.conv1.weight` (C/2, 3, 3, 3)) turned into (D, in_chans, ...), the
+  rule used) for a multispectral model started from an RGB checkpoint:
 
     rgb_bands (r, g, b) given: the RGB kernels go to those input bands, every other band's kernel
         is 0, so the first layer answers the image's RGB bands exactly as the checkpoint did;
@@ -212,12 +223,12 @@ def adapt_input_bands(sd: dict, in_chans: int, rgb_bands=()) -> tuple[dict, str]
 
   A checkpoint already of `in_chans` bands is returned unchanged (rule ''); one of another count
   than 3 is refused."""
-  w = sd.get("patch_embed.proj.weight")
-  if w is None or np.shape(w)[1] == in_chans:
+  key = input_conv_key(sd)
+  if key is None or np.shape(sd[key])[1] == in_chans:
     return sd, ""
-  w = np.asarray(w, np.float32)
+  w = np.asarray(sd[key], np.float32)
   if w.shape[1] != 3:
-    raise CheckpointError(f"patch_embed.proj.weight has {w.shape[1]} input bands and the model "
+    raise CheckpointError(f"{key} has {w.shape[1]} input bands and the model "
                           f"{in_chans}: only an RGB checkpoint (3) can be adapted")
   sd = dict(sd)
   if rgb_bands:
@@ -226,9 +237,9 @@ def adapt_input_bands(sd: dict, in_chans: int, rgb_bands=()) -> tuple[dict, str]
       raise CheckpointError(f"model.rgb_bands {rgb_bands} must be 3 different band indices in [0, {in_chans})")
     out = np.zeros((w.shape[0], in_chans, *w.shape[2:]), np.float32)
     out[:, list(rgb_bands)] = w
-    sd["patch_embed.proj.weight"] = out
+    sd[key] = out
     return sd, f"RGB kernels on input bands {rgb_bands}, zero elsewhere"
-  sd["patch_embed.proj.weight"] = w[:, [i % 3 for i in range(in_chans)]] * (3.0 / in_chans)
+  sd[key] = w[:, [i % 3 for i in range(in_chans)]] * (3.0 / in_chans)
   return sd, f"RGB kernels repeated over {in_chans} bands, scaled by 3/{in_chans} (timm)"
 
 
