@@ -23,7 +23,9 @@ analysis (argument + output - alias + temp, GiB), and the allocator's peak where
 reports one. Peak: `--peak-tflops`, else the table below by device kind and dtype (dense
 tensor-core / MXU rates; float32 on GPUs is TF32, JAX's default matmul precision there), else
 (CPUs) the measured rate of a 2048^3 matmul in the dtype, which `peak_source` names.
-`--tiny` shrinks everything to the CI smoke size (2-block width-48 encoder, 64 px, toy heads).
+`--tiny` shrinks everything to the CI smoke size (3-block width-48 ViT or the toy InternImage of
+config.INTERN_IMAGE_SMOKE, 64 px, toy heads). InternImage (`--encoders intern_image_xl`) runs
+with its own recipes: configs/pretrain/mtp_internimage_xl.py and dota_v1.py:internimage.
 """
 
 import argparse
@@ -45,7 +47,7 @@ from _report import write_result  # noqa: E402
 from finetune_step import synthetic_batch  # noqa: E402
 from data_pipelines.samrs import convert, reader, synthetic  # noqa: E402
 from mtp_jax import models, tasks as tasks_lib  # noqa: E402
-from mtp_jax.config import apply_overrides, load_config  # noqa: E402
+from mtp_jax.config import INTERN_IMAGE_SMOKE, apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import batching, loop  # noqa: E402
 
@@ -54,12 +56,32 @@ GIB = 2 ** 30
 PEAKS = (("TPU v4", 275e12, 275e12), ("TPU v5 lite", 197e12, 197e12), ("TPU v5e", 197e12, 197e12),
          ("TPU v5p", 459e12, 459e12), ("TPU v5", 459e12, 459e12), ("TPU v6", 918e12, 918e12),
          ("A100", 312e12, 156e12), ("H100", 989e12, 495e12), ("H200", 989e12, 495e12))
-PRETRAIN = "configs/pretrain/mtp_vit_b_rvsa.py"
-FINETUNE_RD = "configs/finetune/dota_v1.py"
 TASKS = ("ss", "is", "rd")
-TINY_ENCODER = ["model.encoder_overrides.embed_dim=48", "model.encoder_overrides.depth=3",
-                "model.encoder_overrides.num_heads=2", "model.encoder_overrides.out_indices=(0, 1, 2, 2)",
-                "model.encoder_overrides.patch_size=8"]
+
+
+def is_intern_image(encoder: str) -> bool:
+  return encoder in models.INTERN_IMAGE_PRESETS
+
+
+def pretrain_recipe(encoder: str) -> str:
+  """The paper's pretraining config of the encoder's family (its lr, layer decay, drop path)."""
+  return "configs/pretrain/" + ("mtp_internimage_xl.py" if is_intern_image(encoder) else "mtp_vit_b_rvsa.py")
+
+
+def finetune_rd_recipe(encoder: str) -> str:
+  return "configs/finetune/dota_v1.py" + (":internimage" if is_intern_image(encoder) else "")
+
+
+def tiny_encoder(encoder: str) -> dict:
+  """The CI smoke size of the encoder's family: a 3-block width-48 ViT, or the toy InternImage."""
+  if is_intern_image(encoder):
+    return dict(INTERN_IMAGE_SMOKE)
+  return dict(embed_dim=48, depth=3, num_heads=2, out_indices=(0, 1, 2, 2), patch_size=8)
+
+
+def tiny_encoder_sets(encoder: str) -> list[str]:
+  return [f"model.encoder_overrides.{k}={v!r}" for k, v in tiny_encoder(encoder).items()]
+
 TINY_HEADS = ["tasks.ss.channels=16", "tasks.rd.neck_channels=16", "tasks.rd.fc_channels=32",
               "tasks.rd.rpn_samples=32", "tasks.rd.train_proposals=64", "tasks.rd.rcnn_samples=32",
               "tasks.is.neck_channels=16", "tasks.is.fc_channels=32", "tasks.is.mask_channels=8",
@@ -120,7 +142,7 @@ def measure(jitted, args, steps: int, images: int, peak: float, carry_state: boo
 
 def encoder_part(encoder: str, size: int, batch: int, dtype: str, tiny: bool, steps: int, peak: float,
                  model_flags: dict):
-  overrides = dict(embed_dim=48, depth=3, num_heads=2, out_indices=(0, 1, 2, 2), patch_size=8) if tiny else {}
+  overrides = tiny_encoder(encoder) if tiny else {}
   enc = models.build_encoder(encoder, size, rngs=nnx.Rngs(0),
                              dtype=None if dtype == "float32" else jnp.dtype(dtype), **model_flags, **overrides)
   graphdef, params = nnx.split(enc, nnx.Param)
@@ -149,9 +171,9 @@ def pretrain_config(data_dir, encoder, size, batch, dtype, tiny, enabled, model_
           f"data.batch_per_subset={batch * jax.device_count()}", f"model.compute_dtype={dtype!r}",
           *[f"tasks.{t}.enabled={t in enabled}" for t in TASKS]]
   if tiny:
-    sets += TINY_ENCODER + TINY_HEADS + ["data.max_instances.sota=16", "data.max_instances.sior=16",
-                                         "data.max_instances.fast=16"]
-  return apply_overrides(load_config(PRETRAIN), sets)
+    sets += tiny_encoder_sets(encoder) + TINY_HEADS + ["data.max_instances.sota=16", "data.max_instances.sior=16",
+                                                       "data.max_instances.fast=16"]
+  return apply_overrides(load_config(pretrain_recipe(encoder)), sets)
 
 
 def main(argv=None):
@@ -195,11 +217,11 @@ def main(argv=None):
             sets = [*model_sets, f"model.encoder={encoder!r}", f"data.batch_per_subset={args.batch * jax.device_count()}",
                     f"model.compute_dtype={args.dtype!r}"]
             if args.tiny:
-              sets += TINY_ENCODER + ["data.image_size=128", "data.max_instances.dota_v1=128",
+              sets += tiny_encoder_sets(encoder) + ["data.image_size=128", "data.max_instances.dota_v1=128",
                                       "tasks.rd.neck_channels=16", "tasks.rd.fc_channels=32",
                                       "tasks.rd.rpn_samples=32", "tasks.rd.train_proposals=64",
                                       "tasks.rd.rcnn_samples=32"]
-            config = apply_overrides(load_config(FINETUNE_RD), sets)
+            config = apply_overrides(load_config(finetune_rd_recipe(encoder)), sets)
             raw = synthetic_batch(config, 15, config.data.batch_per_subset, np.random.default_rng(0))
             raw["_classes"] = {config.data.dataset: 15}
             row = trainer_part(config, raw, (config.data.dataset,), args.steps, peak)

@@ -199,7 +199,11 @@ def detection_finetune_defaults(dataset: str, *, image_size: int, batch: int, st
   return c
 
 
-FINETUNE_OPTIONS = ("smoke", "frozen")
+FINETUNE_OPTIONS = ("smoke", "frozen", "internimage")
+
+# The toy InternImage of `:smoke+internimage` (and of the tests): InternImage-XL's structure
+# (post-norm, layer scale, offset scale 2, 16 channels per DCNv3 group) at width 16, 5 blocks.
+INTERN_IMAGE_SMOKE = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
 
 
 def finetune_options(arg) -> set:
@@ -213,6 +217,11 @@ def finetune_options(arg) -> set:
           slide windows of 64 px every 48 on the dataset's own canvas: checks a dataset's whole
           pipeline in minutes on a CPU
   frozen  the encoder frozen (model.freeze_encoder): linear probing / frozen-backbone finetuning
+  internimage  InternImage-XL instead of ViT-B + RVSA, with its recipe (MTP_SPEC §5.2): drop path
+          0.2, layer decay 0.94 over its 39 blocks, lr 2e-5 for classification, segmentation and
+          change detection (detection keeps its 1e-4: the spec gives InternImage no other);
+          start it from an InternImage pretraining workdir (model.encoder_init). With smoke, a
+          toy InternImage (INTERN_IMAGE_SMOKE) at the smoke's lr
   """
   options = set(filter(None, (arg or "").split("+")))
   unknown = options - set(FINETUNE_OPTIONS)
@@ -223,6 +232,12 @@ def finetune_options(arg) -> set:
 
 def apply_finetune_options(c, options: set):
   """`c` with the finetune options applied (see finetune_options)."""
+  if "internimage" in options:
+    c.model.encoder = "intern_image_xl"
+    c.model.drop_path_rate = 0.2
+    c.optimizer.layer_decay = 0.94
+    if not (c.tasks.rd.enabled or c.tasks.hd.enabled):
+      c.optimizer.lr = 2e-5
   if "smoke" in options:
     # Change-detection pairs are evaluated whole: the smoke keeps the release's tile size, or
     # resizes them (data.resize) to 64.
@@ -232,9 +247,12 @@ def apply_finetune_options(c, options: set):
     c.data.batch_per_subset = 8
     c.data.shuffle_window = 64
     c.data.rand_augment = 0   # 30 steps learn too little through it; its ops have their own tests
-    c.model.encoder = "vit_t_rvsa"
-    c.model.encoder_overrides.update(dict(embed_dim=64, depth=3, num_heads=2, patch_size=8,
-                                          out_indices=(0, 1, 2, 2)))
+    if "internimage" in options:
+      c.model.encoder_overrides.update(INTERN_IMAGE_SMOKE)
+    else:
+      c.model.encoder = "vit_t_rvsa"
+      c.model.encoder_overrides.update(dict(embed_dim=64, depth=3, num_heads=2, patch_size=8,
+                                            out_indices=(0, 1, 2, 2)))
     c.model.drop_path_rate = 0.1
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 3

@@ -12,7 +12,7 @@ val (11,725 images, MTP's trainval) with horizontal flips (p 0.5); batch 4 (1 pe
 epochs of 2,931 steps, lr x 0.1 after epochs 8 and 11, 500 steps of linear warmup; AdamW lr 1e-4,
 weight decay 0.05, layer decay 0.9, drop path 0.3. Metric: COCO box AP50 on the 11,738 test
 images. The paper (MTP ViT-B+RVSA): 79.00 (ViT-L 81.70; MAE ViT-B 75.8), §5.3.
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options

@@ -12,7 +12,7 @@ random flips (p 0.75, horizontal / vertical / diagonal); batch 4 (1 per GPU x 4)
 2,931 steps, lr x 0.1 after epochs 8 and 11, 500 steps of linear warmup; AdamW lr 1e-4, weight
 decay 0.05, layer decay 0.9, drop path 0.3. Metric: DOTA mAP (VOC07, IoU 0.5) on the 11,738 test
 images. The paper (MTP ViT-B+RVSA): 71.29 (ViT-L 74.54; MAE ViT-B 68.06), §5.3.
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options

@@ -20,7 +20,7 @@ and scored there, DOTA mAP (VOC07, IoU 0.5, difficult objects ignored); the Task
 (report/dota_task1/dota_v1/Task1.zip) of `--set eval.split=test` goes to the DOTA server. MTP
 trains on train + val and scores test online; its DOTA numbers are in the paper's tables, not in
 its README or logs.
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options

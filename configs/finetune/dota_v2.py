@@ -10,7 +10,7 @@ As dota_v1.py, with 18 classes, the single-scale split (MTP's split_ss_dotav2: 1
 gap 200), flips only (no RandomRotate), 40 epochs of 4,389 steps with lr x 0.1 after epochs 24,
 32 and 38. Evaluation merges the val patches onto the source images; the test split's Task1.zip
 goes to the DOTA server.
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options

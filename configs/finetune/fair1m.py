@@ -15,7 +15,7 @@ count / 4), lr x 0.1 after epochs 8 and 11, 500 steps of warmup; AdamW lr 1e-4, 
 NMS 0.1), DOTA mAP (VOC07, IoU 0.5); `--set eval.split=test` writes the online benchmark's XML
 submission (report/fair1m_xml/fair1m/test.zip) and DOTA Task1 files. The paper (MTP
 ViT-B+RVSA, online): 51.92 (ViT-L 53.00), §5.3.
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options

@@ -13,7 +13,7 @@ linear warmup, then cosine to 0; AdamW lr 6e-5, layer decay 0.9, drop path 0.3. 
 1024 x 1024 Val images by slide inference, windows of 512 every 384 px; mIoU over the 7 classes.
 MTP trains on Train + Val and reports the online Test server's mIoU: 52.39 (ViT-B+RVSA), 54.17
 (ViT-L), §5.3; here Val is held out to measure.
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options

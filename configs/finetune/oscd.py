@@ -22,7 +22,7 @@ tile). The paper (MTP ViT-B+RVSA): F1 53.36 (ViT-L 55.92; MAE ViT-B 50.28), §5.
 Ours: MTP's patches are 8-bit RGB made by a step its code does not show; ours keep the bands'
 16-bit digital numbers, so the 8-bit photometric distortion is not applied
 (data_pipelines/downstream/change.py).
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from data_pipelines.downstream import sentinel2

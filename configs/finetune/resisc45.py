@@ -11,7 +11,7 @@ seeded: data_pipelines/downstream/scene_folders.py; the original's "nwpu28" list
 steps (98.5 per epoch), the first 5 epochs (492 steps) a linear warmup, then cosine to 0;
 otherwise as EuroSAT (configs/finetune/eurosat.py). Metric: top-1 OA on the other 80 %. The
 paper (MTP ViT-B+RVSA): OA 95.57 (ViT-L 95.88), §5.3.
-Args: 'smoke', 'frozen' (see configs/finetune/eurosat.py).
+Args: 'smoke', 'frozen', 'internimage' (see configs/finetune/eurosat.py).
 """
 
 from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options

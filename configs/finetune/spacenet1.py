@@ -13,7 +13,7 @@ cosine to 0; AdamW lr 6e-5, weight decay 0.05, layer decay 0.9, drop path 0.3. E
 whole images (up to 439 x 407 px) on a 448-px canvas by slide inference, windows of 384 every
 256 px; mIoU over both classes. Split: seeded 80 % / 20 % of the images (MTP's lists are not in
 its release). The paper (MTP ViT-B+RVSA): mIoU 79.63 (ViT-L 79.54; MAE ViT-B 79.56), §5.3.
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options

@@ -14,7 +14,7 @@ exchange (p 0.5), mild photometric distortion; batch 32 (4 per GPU x 8); 200 epo
 steps, 5 epochs (953 steps) of linear warmup, then cosine to 0; AdamW lr 6e-5, weight decay
 0.05, layer decay 0.9, drop path 0.3. Metric: F1 of the changed class on the test tiles. The
 paper (MTP ViT-B+RVSA): F1 94.32 (ViT-L 94.75; MAE ViT-B 93.77), §5.3.
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options

@@ -16,7 +16,7 @@ that hold objects / 4 (MTP's logs give no iteration count for xView): set train.
 optimizer.decay_steps from your conversion's training patch count / 4. Metric: COCO box AP50 on
 the patches of the other 146 images. The paper (MTP ViT-B+RVSA): 16.40 (ViT-L 19.40; MAE ViT-B
 14.6), §5.3.
-Args: 'smoke', 'frozen' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
 """
 
 from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options
