@@ -18,16 +18,11 @@ classification head is dropped, strict=False as the original). Args: 'fsdp', 'bf
 with '+'.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_mtp_vit_b_rvsa", os.path.join(os.path.dirname(__file__), "mtp_vit_b_rvsa.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from mtp_jax.config import sibling_config
 
 
 def get_config(arg=None):
-  c = _base.get_config(arg)
+  c = sibling_config(__file__, "mtp_vit_b_rvsa.py", arg)   # the paper's shared settings
   c.model.encoder = "intern_image_xl"
   c.model.drop_path_rate = 0.2
   c.optimizer.lr = 2e-5

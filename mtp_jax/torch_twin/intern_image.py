@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from mtp_jax.torch_twin.vit_rvsa import Mlp
+
 
 # ---- DCNv3 -----------------------------------------------------------------------------------------
 
@@ -175,15 +177,6 @@ class DownsampleLayer(nn.Module):
     return self.norm(self.conv(x.permute(0, 3, 1, 2)))
 
 
-class MLPLayer(nn.Module):
-  def __init__(self, channels, hidden):
-    super().__init__()
-    self.fc1, self.act, self.fc2 = nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels)
-
-  def forward(self, x):
-    return self.fc2(self.act(self.fc1(x)))
-
-
 class InternImageLayer(nn.Module):
   """One block on (N, H, W, C). post_norm: x + DP(g1 * norm1(dcn(x))), x + DP(g2 * norm2(mlp(x)));
   pre-norm: x + DP(g1 * dcn(norm1(x))), x + DP(g2 * mlp(norm2(x))); no gammas when layer_scale
@@ -198,7 +191,7 @@ class InternImageLayer(nn.Module):
                      group=groups, offset_scale=offset_scale, center_feature_scale=center_feature_scale)
     self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
     self.norm2 = layer_norm(channels)                                          # norm2.0
-    self.mlp = MLPLayer(channels, int(channels * mlp_ratio))
+    self.mlp = Mlp(channels, int(channels * mlp_ratio))   # the official MLPLayer: fc1, GELU, fc2
     self.layer_scale = layer_scale is not None
     if self.layer_scale:
       self.gamma1 = nn.Parameter(layer_scale * torch.ones(channels))
