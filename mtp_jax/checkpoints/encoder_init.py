@@ -60,9 +60,10 @@ def read_encoder_source(path: str, template: dict, image_size: int, patch_size: 
 
 
 def _in_chans(template: dict) -> int:
-  """The encoder's input bands: its first convolution's kernel is (kh, kw, C, D)."""
-  stem = template["patch_embed"]
-  return int(np.shape((stem["proj"] if "proj" in stem else stem["conv1"])["kernel"])[2])
+  """The encoder's input bands: the input dimension of its first convolution (official layout
+  (D, C, kh, kw), the key from torch_convert.INPUT_CONV_KEYS)."""
+  shapes = torch_convert.state_dict_shapes(template)
+  return int(shapes[torch_convert.input_conv_key(shapes)][1])
 
 
 def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16, rgb_bands=()):
