@@ -46,8 +46,8 @@ def twin_from(kwargs, sd):
   return twin
 
 
-def images(seed=1, n=2, size=SAMPLE_SIZE, bands=3):
-  return np.random.default_rng(seed).normal(size=(n, size, size, bands)).astype(np.float32)
+def images():
+  return np.random.default_rng(1).normal(size=(2, SAMPLE_SIZE, SAMPLE_SIZE, 3)).astype(np.float32)
 
 
 @pytest.mark.parametrize("form", ["xl", "pre_norm"])
