@@ -418,6 +418,40 @@ def test_loveda_labels_drop_the_no_data_value(seg_data):
   np.testing.assert_array_equal(label[raw > 0], raw[raw > 0] - 1)
 
 
+def test_loveda_objects_style_draws_the_samrs_sample_classes(tmp_path):
+  """The notebook's finetuning fixture: LoveDA classes 2..7 are the SAMRS sample's classes 0..5
+  (their colour, plain or striped), 1 its ground; the release's layout; the same seed, the same bytes."""
+  from PIL import Image
+  from data_pipelines.samrs.synthetic import class_appearance
+  from data_pipelines.downstream.segmentation_releases import LOVEDA
+  synthetic.write_loveda(str(tmp_path / "a"), per_domain=2, seed=5, size=64, style="objects")
+  synthetic.write_loveda(str(tmp_path / "b"), per_domain=2, seed=5, size=64, style="objects")
+  splits, foreign = LOVEDA.splits(str(tmp_path / "a"))
+  assert not foreign and [len(splits[s]) for s in ("train", "valid")] == [4, 4]
+  seen = set()
+  for relative, _ in splits["train"] + splits["valid"]:
+    for folder in ("images_png", "masks_png"):
+      path = relative.replace("/images_png/", f"/{folder}/")
+      assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+    image = np.asarray(Image.open(tmp_path / "a" / relative), np.float64)
+    mask = np.asarray(Image.open(tmp_path / "a" / relative.replace("/images_png/", "/masks_png/")))
+    assert (mask[:2] == 0).all() and (mask[:, :2] == 0).all() and mask[2:, 2:].min() >= 1 and mask.max() <= 7
+    for value in np.unique(mask[2:, 2:]):
+      seen.add(int(value))
+      if value == 1:
+        continue
+      colour = class_appearance(int(value) - 2, 6)[0] * 255
+      pixels = image[mask == value]
+      error = np.minimum(np.abs(pixels - colour).max(-1), np.abs(pixels - 0.65 * colour).max(-1))
+      assert np.median(error) < 8, (relative, value)   # 1.5 % noise; edges are rounded
+    record = LOVEDA.read(str(tmp_path / "a"), relative)
+    np.testing.assert_array_equal(schema.decode_semantic(record), np.where(mask == 0, 255, mask.astype(int) - 1))
+  assert 1 in seen and len(seen - {1}) >= 3
+  with pytest.raises(ValueError, match="style 'stripes'"):
+    synthetic.write_loveda(str(tmp_path / "c"), style="stripes")
+
+
+
 def mmseg_slide(predict, image, window, stride):
   """numpy transcription of mmseg's EncoderDecoder.slide_inference on one (H, W, C) image."""
   h, w = image.shape[:2]

@@ -12,7 +12,8 @@ bands their mean plus noise.
 Segmentation releases: SpaceNet v1 (`3band/3band_AOI_1_RIO_img<N>.tif` GeoTIFFs with their
 geotransform tags, `geojson/Geo_AOI_1_RIO_img<N>.geojson` building polygons in lon/lat, bright
 roofs on green-brown ground) and LoveDA (`{Train,Val}/{Urban,Rural}/{images_png,masks_png}/
-<n>.png`, blobs of the 7 classes in distinct colours, mask 0 = no-data at the borders).
+<n>.png`, blobs of the 7 classes in distinct colours, or with --style objects the SAMRS sample's
+objects, mask 0 = no-data at the borders).
 Change releases: LEVIR-CD / WHU-CD / CDD pairs (write_change_pairs) and OSCD's Onera folders
 (write_oscd: 13 Sentinel-2 bands per date at their own resolutions).
 Rotated-detection releases: DOTA (write_dota: `{train,val}/images/P<n>.png` + `labelTxt/P<n>.txt`
@@ -131,10 +132,18 @@ LOVEDA_COLOURS = np.array([[200, 200, 200], [220, 60, 60], [240, 240, 70], [40, 
                            [160, 120, 80], [30, 140, 40], [200, 170, 30]])
 
 
-def write_loveda(out: str, per_domain: int = 3, seed: int = 0, size: int = 96) -> str:
-  """LoveDA Train and Val, `per_domain` images per domain (Urban, Rural): blobs of the 7 classes
-  in their colours (mask values 1..7) with a no-data border (0); numbered as the release
-  (Rural from 0, Urban after it)."""
+def write_loveda(out: str, per_domain: int = 3, seed: int = 0, size: int = 96, style: str = "blobs") -> str:
+  """LoveDA Train and Val, `per_domain` images per domain (Urban, Rural), mask values 1..7 with a
+  no-data border (0); numbered as the release (Rural from 0, Urban after it).
+
+  style "blobs": 16-px blocks of the 7 classes in their colours (a small model learns them from
+  colour alone). style "objects": the six land-cover classes drawn as the SAMRS sample's objects
+  (building..agricultural = the first six SAMRS classes' colours, stripes and shapes, rotated and
+  overlapping, data_pipelines.samrs.synthetic) on its textured ground (background), the way the
+  real downstream datasets share their objects with SAMRS: a pretrained encoder has seen them."""
+  if style not in ("blobs", "objects"):
+    raise ValueError(f"write_loveda: style {style!r} is not 'blobs' or 'objects'")
+  from data_pipelines.samrs import classes as samrs_classes, synthetic as samrs_synthetic  # noqa: PLC0415
   rng = np.random.default_rng(seed)
   number = 0
   for split in ("Train", "Val"):
@@ -142,11 +151,15 @@ def write_loveda(out: str, per_domain: int = 3, seed: int = 0, size: int = 96) -
       for folder in ("images_png", "masks_png"):
         os.makedirs(os.path.join(out, split, domain, folder), exist_ok=True)
       for _ in range(per_domain):
-        classes = np.zeros((size // 16, size // 16), np.int64)
-        classes[:] = rng.integers(0, 7, classes.shape)
-        cls = np.kron(classes, np.ones((16, 16), np.int64))
-        image = np.clip(LOVEDA_COLOURS[cls] + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
-        mask = (cls + 1).astype(np.uint8)
+        if style == "objects":
+          image, gray, _ = samrs_synthetic.make_scene(rng, samrs_classes.subset("sota"), size, classes=6)
+          mask = np.where(gray == 255, 1, gray.astype(np.int64) + 2).astype(np.uint8)
+        else:
+          classes = np.zeros((size // 16, size // 16), np.int64)
+          classes[:] = rng.integers(0, 7, classes.shape)
+          cls = np.kron(classes, np.ones((16, 16), np.int64))
+          image = np.clip(LOVEDA_COLOURS[cls] + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+          mask = (cls + 1).astype(np.uint8)
         mask[:2], mask[:, :2] = 0, 0   # no-data
         Image.fromarray(image).save(os.path.join(out, split, domain, "images_png", f"{number}.png"))
         Image.fromarray(mask).save(os.path.join(out, split, domain, "masks_png", f"{number}.png"))
@@ -397,11 +410,14 @@ def main(argv=None):
   parser.add_argument("--per-class", type=int, default=12, help="scene releases: images per class")
   parser.add_argument("--images", type=int, default=12, help="spacenet1: tiles; loveda: per domain and split")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--size", type=int, default=96, help="loveda: image side, px")
+  parser.add_argument("--style", choices=("blobs", "objects"), default="blobs",
+                      help="loveda: colour blocks, or the SAMRS sample's objects")
   args = parser.parse_args(argv)
   if args.dataset == "spacenet1":
     print(f"wrote {write_spacenet1(args.out, args.images, args.seed)}")
   elif args.dataset == "loveda":
-    print(f"wrote {write_loveda(args.out, args.images, args.seed)}")
+    print(f"wrote {write_loveda(args.out, args.images, args.seed, args.size, args.style)}")
   elif args.dataset == "oscd":
     print(f"wrote {write_oscd(args.out, seed=args.seed)}")
   elif args.dataset == "dota":

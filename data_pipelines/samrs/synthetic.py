@@ -86,9 +86,10 @@ def _rle(mask):
   return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
-def make_scene(rng, layout, size):
-  """Returns (rgb uint8 image, gray uint8 map, list of instance dicts) for one scene."""
-  num_classes = layout.num_classes
+def make_scene(rng, layout, size, classes: int = 0):
+  """Returns (rgb uint8 image, gray uint8 map, list of instance dicts) for one scene; objects of
+  the layout's first `classes` classes only when `classes` > 0."""
+  num_classes = min(classes, layout.num_classes) if classes > 0 else layout.num_classes
   image = _background(rng, size)
   gray = np.full((size, size), 255, np.uint8)
   instances, placed = [], []
