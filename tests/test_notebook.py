@@ -56,8 +56,8 @@ def test_every_cell_runs_and_the_run_is_summarised(executed):
   assert set(summary["pretrain_eval"]) == {"sota", "sior", "fast"}
   for numbers in summary["pretrain_eval"].values():
     assert all(0.0 <= v <= 1.0 for v in numbers.values()), numbers
-  assert set(summary["finetune_accuracy"]) == {"random start", "MTP-pretrained"}
-  assert all(0.0 <= v <= 1.0 for v in summary["finetune_accuracy"].values())
+  assert set(summary["finetune_miou"]) == {"random start", "MTP-pretrained"}
+  assert all(0.0 <= v <= 1.0 for v in summary["finetune_miou"].values())
   assert summary["scene_tiles"] == 9          # 128 x 128 px: 64-px windows at the stride of 32
   assert summary["torch_max_difference"] < 1e-4
 
@@ -66,7 +66,7 @@ def test_the_notebook_shows_its_figures_and_writes_the_prediction_and_export(exe
   nb, work = executed
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
-  assert len(images) >= 5   # the loss curves, three subsets' predictions, the scene's preview
+  assert len(images) >= 7   # the losses, three subsets' and two finetunes' predictions, the scene
   assert (work / "losses.png").stat().st_size > 0
   for name in ("scene_ss.png", "scene_preview.png", "scene.json"):
     assert (work / "predicted" / name).stat().st_size > 0, name
@@ -74,4 +74,6 @@ def test_the_notebook_shows_its_figures_and_writes_the_prediction_and_export(exe
   assert (work / "encoder.pth").stat().st_size > 0
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
                  if o.output_type == "stream")
-  assert "step 3/3" in text and "max |JAX - PyTorch|" in text
+  assert "step 3/3" in text and "max |JAX - PyTorch|" in text and "gain of the pretrained start" in text
+  for start in ("finetune_random", "finetune_pretrained"):
+    assert (work / start / "report" / "loveda_predictions.png").stat().st_size > 0
