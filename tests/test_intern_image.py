@@ -218,7 +218,7 @@ def test_the_toy_internimage_trains_in_the_three_task_pretraining(internimage_pr
   for subset in ("sota", "sior", "fast"):
     assert set(results["eval"][subset]) == {"ss", "is", "rd"}
   # Every stage moved from its initialisation (layer decay scales, never zeroes, the updates).
-  params, _, _, step = read_checkpoint(workdir)
+  params, batch_stats, _, step = read_checkpoint(workdir)
   assert step == 3
   tasks = loop.build_tasks(config)
   init = nnx.to_pure_dict(nnx.state(loop.build_model(config, tasks, nnx.Rngs(config.seed)), nnx.Param))
@@ -234,7 +234,7 @@ def test_the_toy_internimage_trains_in_the_three_task_pretraining(internimage_pr
   sd, _ = full_state_dict(workdir)
   assert "encoder.levels.2.blocks.1.dcn.offset.weight" in sd and "rotdetdecoder.neck.lateral_convs.3.conv.weight" in sd
   assert sd["rotdetdecoder.neck.lateral_convs.3.conv.weight"].shape[1] == 128   # stage 4's width
-  tree = full_model.model_state_tree(params, read_checkpoint(workdir)[1])
+  tree = full_model.model_state_tree(params, batch_stats)
   back, report = full_model.state_dict_to_model(sd, tree, ("sota", "sior", "fast"))
   assert not report["missing"] and not report["unexpected"]
   back, tree = dict(torch_convert.flatten_params(back)), dict(torch_convert.flatten_params(tree))
