@@ -189,14 +189,16 @@ class InternImageEncoder(nnx.Module):
     keys = iter(jax.random.split(key, sum(self.depths)))
     x = self.patch_embed(images.astype(self.dtype or images.dtype))
     outputs = []
-    for level in self.levels:
-      for blk in level.blocks:
-        x = self._block(blk, x, next(keys), train)
-      if level.has_norm:
-        x = _apply(level.norm, x)
-      outputs.append(x)
-      if level.has_downsample:
-        x = level.downsample(x)
+    for i, level in enumerate(self.levels):
+      with jax.named_scope(f"levels.{i}"):   # names the compiled kernels (mtp_jax.plan --top)
+        for j, blk in enumerate(level.blocks):
+          with jax.named_scope(f"blocks.{j}"):
+            x = self._block(blk, x, next(keys), train)
+        if level.has_norm:
+          x = _apply(level.norm, x)
+        outputs.append(x)
+        if level.has_downsample:
+          x = level.downsample(x)
     return outputs
 
   def _block(self, blk, x, key, train):

@@ -57,8 +57,9 @@ class MultiTaskModel(nnx.Module):
       images = images.reshape(-1, *images.shape[2:])
     x = normalize_images(images, self.encoder.dtype or jnp.float32, self.mean, self.std)
     key = key if key is not None else jax.random.key(0)
-    features = self.encoder(x, train=train and not self.freeze_encoder, key=key,
-                            multi_scale=self.multi_scale)
+    with jax.named_scope("encoder"):   # names the compiled kernels (python -m mtp_jax.plan --top)
+      features = self.encoder(x, train=train and not self.freeze_encoder, key=key,
+                              multi_scale=self.multi_scale)
     if self.freeze_encoder:
       features = [jax.lax.stop_gradient(f) for f in features]
     return features

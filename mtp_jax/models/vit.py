@@ -87,8 +87,10 @@ class Block(nnx.Module):
     """`drop_path` (a float or a traced scalar) replaces the block's own rate (scanned blocks)."""
     rate = self.drop_path if drop_path is None else drop_path
     k1, k2 = jax.random.split(key)
-    x = x + layers.drop_path(self.attn(self.norm1(x), self.grid), rate, k1, train)
-    return x + layers.drop_path(self.mlp(self.norm2(x)), rate, k2, train)
+    with jax.named_scope("attn"):
+      x = x + layers.drop_path(self.attn(self.norm1(x), self.grid), rate, k1, train)
+    with jax.named_scope("mlp"):
+      return x + layers.drop_path(self.mlp(self.norm2(x)), rate, k2, train)
 
 
 class ViTEncoder(nnx.Module):
@@ -164,12 +166,17 @@ class ViTEncoder(nnx.Module):
     else:
       outputs = []
       for i, blk in enumerate(self.blocks):
-        x = self._block(blk, x, keys[i], train)
+        with jax.named_scope(f"blocks.{i}"):
+          x = self._block(blk, x, keys[i], train)
         outputs.append(x)
     # an index may repeat (tiny test models)
     features = [outputs[i].reshape(b, self.grid, self.grid, self.embed_dim) for i in self.out_indices]
     if not multi_scale:
       return features
+    with jax.named_scope("fpn"):
+      return self._fpn(features)
+
+  def _fpn(self, features):
     f1 = features[0]
     for op in self.fpn1:
       f1 = op(f1)

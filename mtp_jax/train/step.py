@@ -34,8 +34,9 @@ def compute_losses(model, batch: dict, tasks: dict, weights: dict, normalizers: 
   features = model.features(batch["image"], train=True, key=k_enc)
   losses, total = {}, 0.0
   for name, task in tasks.items():
-    parts = task.losses(model.heads[name], features, batch["gt"], train=True, key=k_tasks[name],
-                        normalizers=normalizers[name])
+    with jax.named_scope(name):   # names the compiled kernels (python -m mtp_jax.plan --top)
+      parts = task.losses(model.heads[name], features, batch["gt"], train=True, key=k_tasks[name],
+                          normalizers=normalizers[name])
     share = 1.0 if normalizers[name] else 1.0 / micro_batches
     for component, value in parts.items():
       value = value * share
@@ -104,9 +105,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tasks: dict, bas
       loss_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), loss_shapes)
       (grads, losses, batch_stats), _ = jax.lax.scan(
           body, (zeros, loss_zeros, state.batch_stats), (micros, jnp.arange(accum_steps)))
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      grad_norm = optax.tree.norm(grads)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -149,7 +151,10 @@ def make_eval_step(graphdef, tasks: dict, slide=None, subsets=()):
       return {n: t.eval_from_logits(logits[n], batch["gt"]) for n, t in tasks.items()}
     features = model.features(batch["image"], train=False)
     size = batch["image"].shape[-3:-1]   # (b*G, [T,] S, S, C)
-    return {name: task.eval_outputs(model.heads[name], features, batch["gt"], size)
-            for name, task in tasks.items()}
+    outputs = {}
+    for name, task in tasks.items():
+      with jax.named_scope(name):
+        outputs[name] = task.eval_outputs(model.heads[name], features, batch["gt"], size)
+    return outputs
 
   return eval_step
