@@ -38,6 +38,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import jax  # noqa: E402
 
+from data_pipelines import sources  # noqa: E402
 from data_pipelines.samrs.classes import subset as subset_layout  # noqa: E402
 from mtp_jax.config import enabled_tasks, load_config, pretrain_defaults, validate  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
@@ -98,8 +99,8 @@ def compile_step(config, devices, mode: str, remat: bool, b: int) -> dict:
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   trainer = loop.Trainer(config, loop.build_tasks(config, class_names), mesh)   # the loop's own step
   step, abstract_state, state_shardings = trainer.step, trainer.abstract_state, trainer.state_shardings
-  batch = batching.abstract_batch(subsets, config.data.batch_per_subset, config.data.image_size,
-                                  dict(config.data.max_instances), trainer.fields)
+  batch = batching.abstract_batch(sources.source(config).device_shapes(config, train=True),
+                                  config.data.batch_per_subset, trainer.fields)
   t = time.perf_counter()
   lowered = step.lower(abstract_state, batch)
   lower_s = time.perf_counter() - t

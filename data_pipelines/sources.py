@@ -63,6 +63,13 @@ class Source:
     """A batch of `is_real=False` examples shaped like the evaluation batches, all zero."""
     raise NotImplementedError
 
+  def device_shapes(self, config, train: bool) -> dict:
+    """{subset: {field: (shape, numpy dtype)}} of the static examples of the training (train) or
+    evaluation batches, from the config alone, without reading data (python -m mtp_jax.plan
+    compiles on them). Instance fields are sized at data.max_instances: evaluation packs every
+    object of the split, but no task reads instances on the device when it evaluates."""
+    raise NotImplementedError
+
   bands = 3   # input bands of the converted images
 
   def check_bands(self, config):
@@ -128,6 +135,10 @@ class SamrsSource(Source):
   def eval_max_instances(self, config, subset):
     return reader.eval_max_instances(config.data.dir, subset)
 
+  def device_shapes(self, config, train):
+    return {s: reader.example_shapes(config.data.image_size, config.data.max_instances[s])
+            for s in config.data.subsets}
+
   def eval_dataset(self, config, subset, tasks, batch_size, split):
     from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
     return reader.make_dataset(
@@ -174,8 +185,13 @@ class ReleaseSource(Source):
     """parse(raw, rng) -> static example of this release's task."""
     raise NotImplementedError
 
-  def example_shapes(self, config) -> dict:
+  def example_shapes(self, config, train: bool = False, max_instances: int | None = None) -> dict:
+    """{field: (shape, dtype)} of the examples (evaluation's unless train; detection packs
+    `max_instances` objects, default every object of the evaluated split)."""
     raise NotImplementedError
+
+  def device_shapes(self, config, train):
+    return {s: self.example_shapes(config, train, config.data.max_instances.get(s)) for s in config.data.subsets}
 
   def train_parsers(self, config, tasks):
     return {s: self._parse(config) for s in config.data.subsets}
@@ -214,7 +230,7 @@ class SceneSource(ReleaseSource):
                         f"8-bit RGB, and {config.data.dataset} gives {len(config.data.mean)} "
                         f"{self.release.pixel_dtype} bands (set data.rand_augment=0)")
 
-  def example_shapes(self, config):
+  def example_shapes(self, config, train=False, max_instances=None):
     return classification.example_shapes(config.data.image_size, len(config.data.mean),
                                          self.release.pixel_dtype)
 
@@ -233,8 +249,8 @@ class SegmentationSource(ReleaseSource):
     return functools.partial(segmentation.to_example, image_size=config.data.image_size,
                              eval_size=self.eval_size(config))
 
-  def example_shapes(self, config):
-    return segmentation.example_shapes(self.eval_size(config))
+  def example_shapes(self, config, train=False, max_instances=None):
+    return segmentation.example_shapes(config.data.image_size if train else self.eval_size(config))
 
 
 class ChangeSource(ReleaseSource):
@@ -247,7 +263,7 @@ class ChangeSource(ReleaseSource):
     return functools.partial(change.to_example, image_size=config.data.image_size, bands=bands,
                              dtype=self.release.pixel_dtype, resize_to=config.data.resize)
 
-  def example_shapes(self, config):
+  def example_shapes(self, config, train=False, max_instances=None):
     return change.example_shapes(config.data.image_size, len(config.data.mean), self.release.pixel_dtype)
 
 
@@ -280,9 +296,10 @@ class DetectionSource(ReleaseSource):
         process_count=jax.process_count(), max_corrupt_fraction=config.data.max_corrupt_fraction,
         parse=self._parse(config, reader.eval_max_instances(config.data.dir, subset, split)))
 
-  def example_shapes(self, config):
+  def example_shapes(self, config, train=False, max_instances=None):
     (subset,) = config.data.subsets
-    return detection.example_shapes(config.data.image_size, self.eval_max_instances(config, subset))
+    return detection.example_shapes(config.data.image_size,
+                                    max_instances or self.eval_max_instances(config, subset))
 
   def padding_batch(self, config, subset, tasks, batch_size):
     out = super().padding_batch(config, subset, tasks, batch_size)

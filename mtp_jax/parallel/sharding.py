@@ -41,18 +41,20 @@ def make_mesh(shape, devices=None) -> Mesh:
               axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-def config_mesh(mesh_config) -> Mesh:
-  """The mesh of a config's `mesh` block: `shape` over all devices, or over the first
-  `num_devices` of a one-process job."""
+def config_mesh(mesh_config, devices=None, process_count: int | None = None) -> Mesh:
+  """The mesh of a config's `mesh` block: `shape` over all `devices` (default: the job's), or
+  over the first `num_devices` of a one-process job (process_count: default this job's)."""
+  devices = list(devices if devices is not None else jax.devices())
+  processes = process_count or jax.process_count()
   n = int(mesh_config.get("num_devices", 0))
   if n <= 0:
-    return make_mesh(mesh_config.shape)
-  if jax.process_count() > 1:
-    raise ConfigError(f"mesh.num_devices={n}: a job of {jax.process_count()} processes uses all "
+    return make_mesh(mesh_config.shape, devices)
+  if processes > 1:
+    raise ConfigError(f"mesh.num_devices={n}: a job of {processes} processes uses all "
                       f"its devices; leave it 0")
-  if n > jax.device_count():
-    raise ConfigError(f"mesh.num_devices={n} but this process has {jax.device_count()} devices")
-  return make_mesh(mesh_config.shape, jax.devices()[:n])
+  if n > len(devices):
+    raise ConfigError(f"mesh.num_devices={n} but there are {len(devices)} devices")
+  return make_mesh(mesh_config.shape, devices[:n])
 
 
 def logical_to_mesh(spec: P, rules, mesh: Mesh, shape=None) -> P:

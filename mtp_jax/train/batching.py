@@ -10,7 +10,6 @@ holds the ground truth of exactly the images whose rows it holds.
 import jax
 import numpy as np
 
-from data_pipelines.samrs import reader
 from mtp_jax.errors import ConfigError
 from mtp_jax.parallel import distributed, sharding
 
@@ -34,24 +33,27 @@ def device_batch(raw: dict, subsets, mesh, fields=()):
   return sharding.global_batch(host, mesh)
 
 
-def abstract_batch(subsets, per_subset: int, image_size: int, max_instances: dict, fields) -> dict:
-  """ShapeDtypeStructs of a `device_batch` of `per_subset` images per subset (for lowering)."""
-  shapes = {s: reader.example_shapes(image_size, max_instances[s]) for s in subsets}
-  struct = lambda shape, dtype, n: jax.ShapeDtypeStruct((n, *shape), dtype)
+def abstract_batch(shapes: dict, per_subset: int, fields, sharding=None) -> dict:
+  """ShapeDtypeStructs of a `device_batch` of `per_subset` GLOBAL images per subset (for
+  lowering): shapes {subset: {field: (shape, dtype)}} (`Source.device_shapes`), in the order the
+  batch interleaves the subsets; sharding: of every leaf (the batch sharding), or None."""
+  subsets = tuple(shapes)
+  struct = lambda shape, dtype, n: jax.ShapeDtypeStruct((n, *shape), dtype, sharding=sharding)
   image_shape, image_dtype = shapes[subsets[0]]["image"]
   return {"image": struct(image_shape, image_dtype, per_subset * len(subsets)),
           "gt": {s: {f: struct(*shapes[s][f], per_subset) for f in fields} for s in subsets}}
 
 
-def check_batch_size(name: str, per_subset: int, mesh, accum_steps: int = 1):
+def check_batch_size(name: str, per_subset: int, mesh, accum_steps: int = 1, processes: int | None = None):
   """Per-process images per subset; the global count must split over the batch shards, the
-  processes and the micro-batches."""
+  processes (default: this job's) and the micro-batches."""
   div = sharding.batch_divisor(mesh)
-  if per_subset % (div * accum_steps) or per_subset % jax.process_count():
+  processes = processes or jax.process_count()
+  if per_subset % (div * accum_steps) or per_subset % processes:
     micro = f" times the {accum_steps} micro-batches" if accum_steps > 1 else ""
     raise ConfigError(f"{name} = {per_subset} must be a multiple of the {div} batch shards{micro} "
-                      f"and of the {jax.process_count()} processes")
-  return per_subset // jax.process_count()
+                      f"and of the {processes} processes")
+  return per_subset // processes
 
 
 def compile_everywhere(jitted, name: str, *args):

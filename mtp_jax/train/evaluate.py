@@ -24,6 +24,20 @@ from mtp_jax.train.batching import check_batch_size, compile_everywhere, device_
 from mtp_jax.train.step import make_eval_step
 
 
+def eval_fields(config, tasks: dict) -> tuple:
+  """The example fields an evaluation batch carries to the device."""
+  return task_fields(tasks, train=False) + ("is_real",) + (("image_hw",) if config.eval.slide_window else ())
+
+
+def jit_eval_step(config, graphdef, mesh, tasks: dict):
+  """eval_step (mtp_jax/train/step.py make_eval_step) jitted on `mesh`: (params, batch_stats,
+  batch) -> {task: (sums replicated, per-image outputs split over the batch axes)}."""
+  window, stride = config.eval.slide_window, config.eval.slide_stride
+  step = make_eval_step(graphdef, tasks, (window, stride) if window else None, tuple(config.data.subsets))
+  replicated, batch = NamedSharding(mesh, PartitionSpec()), sharding.batch_sharding(mesh)
+  return jax.jit(sharding.traced_in_mesh(step, mesh), out_shardings={n: (replicated, batch) for n in tasks})
+
+
 class PretrainEvaluation:
   """The evaluation (of `eval.split`, valid by default) of one configuration; compiled once, run at any TrainState.
 
@@ -36,14 +50,9 @@ class PretrainEvaluation:
     self.config, self.mesh, self.tasks = config, mesh, tasks
     self.subsets = tuple(config.data.subsets)
     self.local_batch = check_batch_size("eval.batch_per_subset", config.eval.batch_per_subset, mesh)
-    window, stride = config.eval.slide_window, config.eval.slide_stride
-    self.slide = (window, stride) if window else None
-    self.fields = task_fields(tasks, train=False) + ("is_real",) + (("image_hw",) if self.slide else ())
+    self.fields = eval_fields(config, tasks)
     self.source = sources.source(config)
-    replicated, batch = NamedSharding(mesh, PartitionSpec()), sharding.batch_sharding(mesh)
-    step = make_eval_step(graphdef, tasks, self.slide, self.subsets)
-    self._jitted = jax.jit(sharding.traced_in_mesh(step, mesh),
-                           out_shardings={n: (replicated, batch) for n in tasks})
+    self._jitted = jit_eval_step(config, graphdef, mesh, tasks)
     self._compiled = None
 
   def _datasets(self) -> dict:

@@ -40,15 +40,19 @@ DTYPES = {"float32": None, "bfloat16": jax.numpy.bfloat16, "float16": jax.numpy.
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
-def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
-  """The encoder of config.model (as many input bands as data.mean has) and the head of every
-  task in `tasks` ({name: Task})."""
-  dtype = DTYPES[config.model.compute_dtype]
-  encoder = models.build_encoder(
-      config.model.encoder, config.data.image_size, rngs=rngs, dtype=dtype,
+def build_encoder(config, rngs: nnx.Rngs):
+  """The encoder of config.model, with as many input bands as data.mean has."""
+  return models.build_encoder(
+      config.model.encoder, config.data.image_size, rngs=rngs, dtype=DTYPES[config.model.compute_dtype],
       drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
       scan_blocks=config.model.scan_blocks, in_chans=len(config.data.mean),
       **dict(config.model.encoder_overrides))
+
+
+def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
+  """The encoder of config.model and the head of every task in `tasks` ({name: Task})."""
+  dtype = DTYPES[config.model.compute_dtype]
+  encoder = build_encoder(config, rngs)
   return MultiTaskModel(encoder, tasks, dtype=dtype, rngs=rngs, mean=tuple(config.data.mean),
                         std=tuple(config.data.std), freeze_encoder=config.model.freeze_encoder)
 
