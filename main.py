@@ -36,8 +36,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from mtp_jax.quiet_tensorflow import quiet_tensorflow
-  quiet_tensorflow()
+  from mtp_jax.quiet_startup import quiet_startup
+  quiet_startup()
   if not FLAGS["verbosity"].present:  # Orbax and CLU log every detail at INFO; -v 0 shows them
     logging.set_verbosity(logging.WARNING)
   from mtp_jax.errors import Preempted, UserError  # after flag parsing: keeps --help fast

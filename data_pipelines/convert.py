@@ -85,8 +85,8 @@ def main(argv=None):
       parser.error(f"--dota-split, --patch-size and --patch-gap apply to releases cut into patches "
                    f"(dota_v1, dota_v2, fair1m), not {args.dataset}")
     release = release.with_split(args.dota_split, size=args.patch_size, gap=args.patch_gap)
-  from mtp_jax.quiet_tensorflow import quiet_tensorflow
-  quiet_tensorflow()
+  from mtp_jax.quiet_startup import quiet_startup
+  quiet_startup()
   try:
     infos = convert_release(release, args.root, args.out,
                            num_shards=args.num_shards, seed=args.seed, strict=args.strict)

@@ -214,8 +214,8 @@ def main(argv=None):
                       help="read instances from this COCO json (convert_pkl_json.py's) instead of "
                            "ins/*.pkl; needs --subset and --split")
   args = parser.parse_args(argv)
-  from mtp_jax.quiet_tensorflow import quiet_tensorflow
-  quiet_tensorflow()
+  from mtp_jax.quiet_startup import quiet_startup
+  quiet_startup()
   subsets = sorted(samrs_classes.SUBSETS) if args.subset == "all" else [args.subset]
   splits = samrs_classes.SPLITS if args.split == "all" else [args.split]
   if args.coco_json and (len(subsets) > 1 or len(splits) > 1):

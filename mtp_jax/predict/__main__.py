@@ -38,8 +38,8 @@ def main(argv=None):
                       help="comma-separated subset of png,geotiff,dota,geojson,gpkg,json,preview (default: all that apply)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
-  from mtp_jax.quiet_tensorflow import quiet_tensorflow
-  quiet_tensorflow()
+  from mtp_jax.quiet_startup import quiet_startup
+  quiet_startup()
   from absl import logging
   logging.set_verbosity(logging.ERROR)
   from mtp_jax.errors import UserError
