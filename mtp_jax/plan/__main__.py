@@ -96,6 +96,11 @@ def top_lines(p: dict) -> list[str]:
   for g in top["by_scope"]:
     lines.append(f"    {g['bytes'] / 1e9:9.3f} {g['hbm_bytes'] / 1e9:9.3f} {g['flops'] / 1e9:10.2f} {g['kernels']:8d}  "
                  f"{g['stage']:<9} {g['scope']}")
+  lines.append("  by Python line:")
+  lines.append(f"    {'GB':>9} {'in HBM':>9} {'GFLOP':>10} {'kernels':>8}  source")
+  for g in top.get("by_source", []):
+    lines.append(f"    {g['bytes'] / 1e9:9.3f} {g['hbm_bytes'] / 1e9:9.3f} {g['flops'] / 1e9:10.2f} {g['kernels']:8d}  "
+                 f"{g['source']}")
   for key, title in (("by_bytes", "most bytes"), ("by_flops", "most matmul flops")):
     lines.append(f"  kernels with the {title}:")
     for k in top[key]:
@@ -149,13 +154,18 @@ def main(argv=None):
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, as main.py's (repeatable)")
   parser.add_argument("--json", default=None, metavar="OUT", help="also write every figure to this JSON file")
-  parser.add_argument("--no-eval", action="store_true", help="plan the train step only")
+  parser.add_argument("--programs", nargs="+", default=["train", "eval"], metavar="P",
+                      help="what to compile: train (the train step), eval (the evaluation step), encoder "
+                           "(the encoder alone, forward and backward); default: train eval")
+  parser.add_argument("--no-eval", action="store_true", help="the train step only (--programs train)")
   parser.add_argument("--parts", action="store_true",
                       help="also compile the encoder alone and each task's train step alone, and attribute "
                            "flops and bytes to each")
   parser.add_argument("--top", type=int, default=0, metavar="K",
                       help="list the K kernels of the compiled programs with the most bytes and the most "
                            "flops, and the bytes per model scope")
+  parser.add_argument("--dump", default=None, metavar="DIR",
+                      help="write each compiled program's optimised HLO text to DIR/<program>.hlo.txt")
   parser.add_argument("--run", type=int, default=0, metavar="N",
                       help="with --topology local: also time N real train steps on the config's data")
   args = parser.parse_args(argv)
@@ -173,8 +183,9 @@ def main(argv=None):
     if args.run < 0 or args.top < 0:
       raise UserError("--run and --top take a count of 0 or more")
     config = apply_overrides(load_config(args.config), args.set)
-    result = plan(config, args.topology, evaluate=not args.no_eval, parts=args.parts, top_k=args.top,
-                  run_steps=args.run, log=lambda line: print(line, flush=True))
+    programs = [p for p in args.programs if not (args.no_eval and p == "eval")]
+    result = plan(config, args.topology, programs=tuple(programs), parts=args.parts, top_k=args.top,
+                  run_steps=args.run, dump=args.dump, log=lambda line: print(line, flush=True))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -16,7 +16,7 @@ knows it. For each:
   scope   the model's name scope (`encoder/blocks.3/attn`, `ss`, `optimizer`) from the kernel's
           op_name, with the pass: forward, backward (the transpose of the forward) or other;
   source  the innermost Python frame the compiler recorded (file:line function).
-`top(kernels, key, k)` and `by_scope(kernels)` rank and group them. These are the compiler's own
+`top(kernels, key, k)`, `by_scope(kernels)` and `by_source(kernels)` rank and group them. These are the compiler's own
 kernels, so they show what the TPU executes, not what the model code wrote.
 """
 
@@ -204,7 +204,7 @@ def _scope(attrs: str) -> tuple[str, str, str]:
   if not match:
     return "", "other", ""
   stage, names = "other", []
-  for part in match.group(1).split("/"):
+  for part in match.group(1).split(";")[0].split("/"):   # a fused kernel may list several op names
     if part.startswith("jit("):
       continue
     if "->" in part:   # jnp.einsum's scope is its equation
@@ -417,6 +417,19 @@ def by_scope(found: list[Kernel]) -> list[dict]:
     key = (collapse(kern.scope), kern.stage)
     g = groups.setdefault(key, {"scope": key[0], "stage": key[1], "bytes": 0.0, "hbm_bytes": 0.0,
                                 "flops": 0.0, "kernels": 0})
+    g["bytes"] += kern.bytes
+    g["hbm_bytes"] += kern.hbm_bytes
+    g["flops"] += kern.flops
+    g["kernels"] += kern.count
+  return sorted(groups.values(), key=lambda g: g["bytes"], reverse=True)
+
+
+def by_source(found: list[Kernel]) -> list[dict]:
+  """Bytes and flops summed per Python line (the kernel's recorded source), most bytes first."""
+  groups = {}
+  for kern in found:
+    g = groups.setdefault(kern.source or "(no source)", {"source": kern.source or "(no source)", "bytes": 0.0,
+                                                         "hbm_bytes": 0.0, "flops": 0.0, "kernels": 0})
     g["bytes"] += kern.bytes
     g["hbm_bytes"] += kern.hbm_bytes
     g["flops"] += kern.flops

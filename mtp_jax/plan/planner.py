@@ -111,6 +111,7 @@ def program_figures(compiled: Compiled, target: Target, chips: int, top_k: int =
     out["top"] = {"by_bytes": [k.row() for k in hlo.top(kernels, "bytes", top_k)],
                   "by_flops": [k.row() for k in hlo.top(kernels, "flops", top_k)],
                   "by_scope": hlo.by_scope(kernels)[:top_k],
+                  "by_source": hlo.by_source(kernels)[:top_k],
                   "kernels": len(kernels), "kernel_bytes": sum(k.bytes for k in kernels),
                   "kernel_flops": sum(k.flops for k in kernels)}
   return out
@@ -158,18 +159,27 @@ def _run_steps(experiment: Experiment, compiled: Compiled, steps: int, log) -> d
           "images_per_s_per_chip": compiled.program.images / experiment.chips / seconds}
 
 
-def plan(config, topology: str, *, evaluate: bool = True, parts: bool = False, top_k: int = 0,
-         run_steps: int = 0, log=print) -> dict:
-  """Compiles `config`'s programs for `topology` (a slice name, or 'local') and returns the
-  figures (module docstring). Raises UserError for bad input; a program that cannot fit HBM is a
-  result (fits False), not an error."""
+PROGRAMS = ("train", "eval", "encoder")
+
+
+def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = False, top_k: int = 0,
+         run_steps: int = 0, dump: str | None = None, log=print) -> dict:
+  """Compiles `config`'s `programs` (of PROGRAMS: the train step, the evaluation step, the encoder
+  alone) for `topology` (a slice name, or 'local') and returns the figures (module docstring).
+  Raises UserError for bad input; a program that cannot fit HBM is a result (fits False), not an
+  error. dump: a folder to write each compiled program's optimised HLO to (<program>.hlo.txt)."""
   import jax  # noqa: PLC0415
   started = time.perf_counter()
+  unknown = [p for p in programs if p not in PROGRAMS]
+  if unknown or not programs:
+    raise UserError(f"--programs {' '.join(programs)}: choose from {', '.join(PROGRAMS)}")
+  if (parts or run_steps) and "train" not in programs:
+    raise UserError("--parts and --run need the train step (--programs train ...)")
   target = local_target() if topology == "local" else tpu_target(topology)
   if run_steps and topology != "local":
     raise UserError(f"--run times real steps on this machine's devices: use --topology local on the "
                     f"{topology} host itself (here: {jax.device_count()} x {jax.devices()[0].device_kind})")
-  experiment = Experiment(config, target.devices, target.hosts, evaluate)
+  experiment = Experiment(config, target.devices, target.hosts, "eval" in programs)
   chips = experiment.chips
   c = config
   result = {
@@ -182,12 +192,20 @@ def plan(config, topology: str, *, evaluate: bool = True, parts: bool = False, t
       "programs": {},
   }
   log(f"planning on {target.description}")
-  programs = [experiment.train_program()] + ([experiment.eval_program()] if evaluate else [])
+  builders = {"train": experiment.train_program, "eval": experiment.eval_program,
+              "encoder": experiment.encoder_program}
   compiled = {}
-  for program in programs:
+  for name in programs:
+    program = builders[name]()
     compiled[program.name] = _compile(program, target, log)
     result["programs"][program.name] = program_figures(compiled[program.name], target, chips, top_k)
-  train = result["programs"]["train step"]
+    if dump and compiled[program.name].executable is not None:
+      os.makedirs(dump, exist_ok=True)
+      path = os.path.join(dump, program.name.replace(" ", "_") + ".hlo.txt")
+      with open(path, "w") as f:
+        f.write(compiled[program.name].executable.as_text())
+      result["programs"][program.name]["hlo"] = path
+  train = result["programs"].get("train step", {})
   if "roofline" in train:
     train["schedule_hours"] = c.train.num_steps * train["roofline"]["seconds"] / 3600
   if parts:
