@@ -194,24 +194,28 @@ def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = Fal
   log(f"planning on {target.description}")
   builders = {"train": experiment.train_program, "eval": experiment.eval_program,
               "encoder": experiment.encoder_program}
-  compiled = {}
+  kept = None   # the train step's executable, for --run; every other one is released once read
   for name in programs:
     program = builders[name]()
-    compiled[program.name] = _compile(program, target, log)
-    result["programs"][program.name] = program_figures(compiled[program.name], target, chips, top_k)
-    if dump and compiled[program.name].executable is not None:
+    compiled = _compile(program, target, log)
+    result["programs"][program.name] = program_figures(compiled, target, chips, top_k)
+    if dump and compiled.executable is not None:
       os.makedirs(dump, exist_ok=True)
       path = os.path.join(dump, program.name.replace(" ", "_") + ".hlo.txt")
       with open(path, "w") as f:
-        f.write(compiled[program.name].executable.as_text())
+        f.write(compiled.executable.as_text())
       result["programs"][program.name]["hlo"] = path
+    if name == "train" and run_steps:
+      kept = compiled
+    del compiled
+    _release()
   train = result["programs"].get("train step", {})
   if "roofline" in train:
     train["schedule_hours"] = c.train.num_steps * train["roofline"]["seconds"] / 3600
   if parts:
     result["parts"] = _parts(experiment, target, chips, log, train)
-  if run_steps and compiled["train step"].executable is not None:
-    train["measured"] = _run_steps(experiment, compiled["train step"], run_steps, log)
+  if run_steps and kept.executable is not None:
+    train["measured"] = _run_steps(experiment, kept, run_steps, log)
     if target.chip is not None:
       train["measured"]["mfu"] = train["cost"]["flops"] / train["measured"]["seconds_per_step"] / target.chip.peak_bf16_flops
   result["fits"] = all(p.get("fits") is not False for p in result["programs"].values())
@@ -224,6 +228,7 @@ def _parts(experiment: Experiment, target: Target, chips: int, log, whole: dict)
   the encoder's own; a task's: its step minus the encoder; 'rest': the whole step minus those."""
   rows = []
   encoder = program_figures(_compile(experiment.encoder_program(), target, log), target, chips)
+  _release()
   rows.append({"part": "encoder (forward + backward)", **_part_costs(encoder), "attributed": _part_costs(encoder)})
   tasks = list(experiment.tasks)
   if len(tasks) == 1:   # the whole step is that task's step
@@ -234,6 +239,8 @@ def _parts(experiment: Experiment, target: Target, chips: int, log, whole: dict)
   for task in tasks:
     single = Experiment(single_task_config(experiment.config, task), target.devices, target.hosts, False)
     figures = program_figures(_compile(single.train_program(), target, log), target, chips)
+    del single
+    _release()
     own = {k: _minus(_part_costs(figures).get(k), _part_costs(encoder).get(k)) for k in ("flops", "bytes")}
     rows.append({"part": f"train step, {task} only", **_part_costs(figures), "attributed": own,
                  "attributed_to": f"{task} head, loss and optimizer"})
@@ -242,6 +249,15 @@ def _parts(experiment: Experiment, target: Target, chips: int, log, whole: dict)
     rows.append({"part": "whole train step", **_part_costs(whole), "attributed": rest,
                  "attributed_to": "the rest: the encoder's optimizer update, sharing between tasks"})
   return rows
+
+
+def _release():
+  """Frees what a compiled program leaves behind (its executable, JAX's trace caches): a paper-scale
+  step holds several GB of host memory while it compiles, and --parts compiles five."""
+  import gc  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  jax.clear_caches()
+  gc.collect()
 
 
 def _part_costs(figures: dict) -> dict:
