@@ -176,3 +176,37 @@ def test_conv_kernel_gradient_as_tap_matmuls_equals_xla(kernel_size, padding):
   assert "custom_vjp_call" in str(jax.make_jaxpr(loss(conv_general_dilated))(x, k))  # the tap path ran
   module = layers.conv(3, 4, 3, rngs=nnx.Rngs(0))   # what every head's conv calls
   assert module.conv_general_dilated is conv_general_dilated
+
+
+@pytest.mark.parametrize("size, token_axis", [(7, -2), (14, 1)])
+def test_rel_pos_inside_the_matmul_equals_the_decomposed_term(size, token_axis):
+  """q' . k' (augment_query_key) = q . k + the decomposed relative-position term of MViTv2,
+  for RVSA's windows (tokens on axis -2) and the global blocks' layout (tokens on axis 1), with
+  gradients to q, k and both tables."""
+  from mtp_jax.models.rel_pos import add_decomposed_rel_pos, augment_query_key, rel_pos_coefficients
+  rng = np.random.default_rng(size)
+  n, d = size * size, 16
+  q = jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32)   # (B, N, heads, d)
+  k = jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32)
+  rh = jnp.asarray(rng.normal(size=(2 * size - 1, d)), jnp.float32)
+  rw = jnp.asarray(rng.normal(size=(2 * size - 1, d)), jnp.float32)
+
+  def direct(q, k, rh, rw):   # (B, heads, N, N)
+    qt, kt = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+    return add_decomposed_rel_pos(jnp.einsum("bhqc,bhkc->bhqk", qt, kt), qt, size, rh, rw)
+
+  def augmented(q, k, rh, rw):
+    if token_axis == 1:
+      coefficients = rel_pos_coefficients(q.transpose(0, 2, 1, 3), size, rh, rw).transpose(0, 2, 1, 3)
+      qa, ka = augment_query_key(q, k, coefficients, size, axis=1)
+      return jnp.einsum("bqhc,bkhc->bhqk", qa, ka)
+    qt, kt = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+    qa, ka = augment_query_key(qt, kt, rel_pos_coefficients(qt, size, rh, rw), size)
+    return jnp.einsum("bhqc,bhkc->bhqk", qa, ka)
+
+  want, got = direct(q, k, rh, rw), augmented(q, k, rh, rw)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  weights = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  loss = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2, 3))(q, k, rh, rw)
+  for g, w in zip(loss(augmented), loss(direct)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)

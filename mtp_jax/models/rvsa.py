@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax.models import layers
-from mtp_jax.models.rel_pos import add_decomposed_rel_pos, window_bias_index
+from mtp_jax.models.rel_pos import augment_query_key, rel_pos_coefficients, window_bias_index
 from mtp_jax.ops.grid_sample import grid_sample
 
 
@@ -109,31 +109,31 @@ class RotatedVariedSizeWindowAttention(nnx.Module):
     rx = wc[:, 0] * cos - wc[:, 1] * sin
     ry = wc[:, 0] * sin + wc[:, 1] * cos
     coords = ref[None] + jnp.stack([rx, ry], axis=1) + offsets[:, :, :, None, :, None]
-    grid = coords.transpose(0, 2, 3, 4, 5, 1).reshape(b * nh_, nwin_h * ws, nwin_w * ws, 2)
+    # In window order, (B*heads, nh*nw, ws*ws, 2): k and v are sampled straight into their windows.
+    grid = coords.transpose(0, 2, 4, 3, 5, 1).reshape(b * nh_, nwin_h * nwin_w, ws * ws, 2)
 
     # 5. qkv on the UNPADDED tokens, then zero-padded (padded q = k = v = 0, no bias).
     qkv = self.qkv(x).reshape(b, h, w, 3, nh_, hd)
     qkv = jnp.pad(qkv, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0), (0, 0), (0, 0)))
-    to_maps = lambda t: t.transpose(0, 3, 1, 2, 4).reshape(b * nh_, eh, ew, hd)
-    q, k, v = (to_maps(qkv[:, :, :, i]) for i in range(3))
-    k = grid_sample(k, grid, self.grid_sample_method)  # grid stays float32 (pixel precision)
-    v = grid_sample(v, grid, self.grid_sample_method)
 
-    # 6. Windows: (B, nh, nw, heads, ws*ws, hd), window order (b, wy, wx), pixels row-major.
-    def windows(t):
-      t = t.reshape(b, nh_, nwin_h, ws, nwin_w, ws, hd)
-      return t.transpose(0, 2, 4, 1, 3, 5, 6).reshape(b, nwin_h, nwin_w, nh_, ws * ws, hd)
-
-    qw, kw, vw = windows(q), windows(k), windows(v)
-    attn = jnp.einsum("...qc,...kc->...qk", qw, kw) * self.scale
-    # Deliberate: the decomposed rel-pos term uses the UNSCALED q in RVSA blocks.
-    attn = add_decomposed_rel_pos(attn, qw, ws, self.rel_pos_h[...], self.rel_pos_w[...])
+    # 6. Windows in (B, heads, nh, nw, ws*ws, hd), pixels row-major: q's by a transpose; k and v
+    # by one bilinear sampling of both (2 * hd features per point; the grid stays float32).
+    qw = qkv[:, :, :, 0].reshape(b, nwin_h, ws, nwin_w, ws, nh_, hd).transpose(0, 5, 1, 3, 2, 4, 6)
+    qw = qw.reshape(b, nh_, nwin_h, nwin_w, ws * ws, hd)
+    kv = qkv[:, :, :, 1:].transpose(0, 4, 1, 2, 3, 5).reshape(b * nh_, eh, ew, 2 * hd)
+    kv = grid_sample(kv, grid, self.grid_sample_method).reshape(b, nh_, nwin_h, nwin_w, ws * ws, 2, hd)
+    kw, vw = kv[..., 0, :], kv[..., 1, :]
+    # Deliberate: the decomposed rel-pos term uses the UNSCALED q in RVSA blocks. It is added
+    # inside the q . k matmul (mtp_jax/models/rel_pos.py).
+    coefficients = rel_pos_coefficients(qw, ws, self.rel_pos_h[...], self.rel_pos_w[...])
+    qa, ka = augment_query_key(qw * jnp.asarray(self.scale, qw.dtype), kw, coefficients, ws)
+    attn = jnp.einsum("...qc,...kc->...qk", qa, ka)                # (B, heads, nh, nw, 49, 49)
     bias = self.relative_position_bias_table[...][window_bias_index(ws).reshape(-1)]
-    attn = attn + bias.reshape(ws * ws, ws * ws, nh_).transpose(2, 0, 1).astype(attn.dtype)
-    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(vw.dtype)
-    out = jnp.einsum("...qk,...kc->...qc", attn, vw)              # (B, nh, nw, heads, 49, hd)
+    bias = bias.reshape(ws * ws, ws * ws, nh_).transpose(2, 0, 1)[None, :, None, None]
+    attn = jax.nn.softmax((attn + bias.astype(attn.dtype)).astype(jnp.float32), axis=-1).astype(vw.dtype)
+    out = jnp.einsum("...qk,...kc->...qc", attn, vw)              # (B, heads, nh, nw, 49, hd)
 
     # 7. Un-window, crop the padding, proj.
-    out = out.reshape(b, nwin_h, nwin_w, nh_, ws, ws, hd).transpose(0, 1, 4, 2, 5, 3, 6)
+    out = out.reshape(b, nh_, nwin_h, nwin_w, ws, ws, hd).transpose(0, 2, 4, 3, 5, 1, 6)
     out = out.reshape(b, eh, ew, c)[:, top:top + h, left:left + w]
     return self.proj(out.reshape(b, n, c))

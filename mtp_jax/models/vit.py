@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax.models import layers
-from mtp_jax.models.rel_pos import add_decomposed_rel_pos
+from mtp_jax.models.rel_pos import augment_query_key, rel_pos_coefficients
 from mtp_jax.models.rvsa import RotatedVariedSizeWindowAttention
 
 
@@ -46,10 +46,11 @@ class Attention(nnx.Module):
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, nH, hd)
     q = q * self.scale
+    if self.rel_pos_grid:   # the decomposed term inside the q . k matmul (mtp_jax/models/rel_pos.py)
+      coefficients = rel_pos_coefficients(q.transpose(0, 2, 1, 3), self.rel_pos_grid,
+                                          self.full_attn_rel_pos_h[...], self.full_attn_rel_pos_w[...])
+      q, k = augment_query_key(q, k, coefficients.transpose(0, 2, 1, 3), self.rel_pos_grid, axis=1)
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
-    if self.rel_pos_grid:
-      logits = add_decomposed_rel_pos(logits, q.transpose(0, 2, 1, 3), self.rel_pos_grid,
-                                      self.full_attn_rel_pos_h[...], self.full_attn_rel_pos_w[...])
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(b, n, d)
     return self.proj(out)
