@@ -43,6 +43,13 @@ def row_key(recipe: str, topology: str, dtype: str) -> str:
   return f"{recipe} {topology} {dtype}"
 
 
+def git_commit() -> str:
+  """The checkout's commit, with "+" when its tracked files differ from it."""
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+  return head + ("+" if dirty else "") if head else "unknown"
+
+
 def plan_row(recipe: str, topology: str, dtype: str) -> dict:
   config, sets, per_chip = RECIPES[recipe]
   sets = [*sets, f"model.compute_dtype={dtype!r}"]
@@ -61,7 +68,8 @@ def plan_row(recipe: str, topology: str, dtype: str) -> dict:
     with open(out) as f:
       result = json.load(f)
   return {"recipe": recipe, "topology": topology, "dtype": dtype, "config": config, "sets": sets,
-          "command": "python " + " ".join(command[1:]).replace(f" --json {out}", ""), "wall_s": round(wall, 1),
+          "commit": git_commit(), "command": "python " + " ".join(command[1:]).replace(f" --json {out}", ""),
+          "wall_s": round(wall, 1),
           "plan": result}
 
 
@@ -85,21 +93,22 @@ def summary(row: dict) -> dict:
 
 def table(rows: list) -> str:
   head = ("| recipe | slice | dtype | batch (per chip) | fits | HBM GiB/chip | TFLOP/step/chip | GB/step/chip "
-          "| roofline ms | bound | img/s/chip | MFU | schedule h | compile s |")
+          "| roofline ms | bound | img/s/chip | MFU | schedule h | compile s | commit |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for row in rows:
     s = summary(row)
     if s["fits"] == "error":
-      lines.append(f"| {row['recipe']} | {row['topology']} | {row['dtype']} | - | error | | | | | | | | | |")
+      lines.append(f"| {row['recipe']} | {row['topology']} | {row['dtype']} | - | error | | | | | | | | | | |")
       continue
     if "tflop" not in s:
       lines.append(f"| {row['recipe']} | {row['topology']} | {row['dtype']} | {s['batch']} ({s['per_chip']:g}) | "
-                   f"**no** | needs {s['hbm_gib']:.1f} | | | | | | | | {s['compile_s']:.0f} |")
+                   f"**no** | needs {s['hbm_gib']:.1f} | | | | | | | | {s['compile_s']:.0f} | {row.get('commit', '')} |")
       continue
     fits = "yes" if s["fits"] else "**no**"
     lines.append(f"| {row['recipe']} | {row['topology']} | {row['dtype']} | {s['batch']} ({s['per_chip']:g}) | {fits} | "
                  f"{s['hbm_gib']:.2f} | {s['tflop']:.2f} | {s['gb']:.0f} | {s['roofline_ms']:.1f} | {s['bound']} | "
-                 f"{s['images_per_s']:.1f} | {100 * s['mfu']:.1f} % | {s['hours']:.1f} | {s['compile_s']:.0f} |")
+                 f"{s['images_per_s']:.1f} | {100 * s['mfu']:.1f} % | {s['hours']:.1f} | {s['compile_s']:.0f} | "
+                 f"{row.get('commit', '')} |")
   return "\n".join(lines)
 
 
