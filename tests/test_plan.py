@@ -169,6 +169,21 @@ def test_fixed_loops_are_counted_per_iteration_and_scopes_name_the_model_part(v5
   assert all(k.source for k in kernels if k.flops), "every matmul names its Python line"
 
 
+def test_a_rematerialised_block_keeps_its_scope_name(v5e):
+  """jax.checkpoint repeats the scope path and adds its own names in the backward pass."""
+  def f(x, w):
+    with jax.named_scope("encoder"), jax.named_scope("blocks.3"):
+      def block(x):
+        with jax.named_scope("attn"):
+          return jnp.tanh(x @ w)
+      y = jax.checkpoint(block)(x)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+  x, w = v5e((512, 512), jnp.bfloat16), v5e((512, 512), jnp.bfloat16)
+  _, _, (kernels, _) = _compiled(jax.grad(f, argnums=1), x, w)
+  assert {(k.scope, k.stage) for k in kernels if k.flops} == {("encoder/blocks.3/attn", "forward"),
+                                                              ("encoder/blocks.3/attn", "backward")}
+
+
 # ---- python -m mtp_jax.plan ------------------------------------------------------------------
 def run_plan(tmp_path, *args, timeout=1500):
   """Runs the command; returns (exit code, stdout + stderr, the JSON it wrote or None)."""

@@ -214,10 +214,28 @@ def _scope(attrs: str) -> tuple[str, str, str]:
     elif "jvp(" in part and stage == "other":
       stage = "forward"
     name = re.sub(r"^(?:[\w-]+\()+", "", part).rstrip(")")
-    if name:
+    if name and name not in REMAT_SCOPES:
       names.append(name)
   primitive = names.pop() if names else ""
-  return "/".join(names), stage, primitive
+  return "/".join(_without_repeats(names)), stage, primitive
+
+
+# The scopes jax.checkpoint adds around a rematerialised function: not a part of the model.
+REMAT_SCOPES = ("checkpoint", "rematted_computation")
+
+
+def _without_repeats(names: list) -> list:
+  """A path whose run of names repeats at once (remat's 'encoder/blocks.3/encoder/blocks.3/attn')
+  with the repeat dropped."""
+  i = 0
+  while i < len(names):
+    for length in range((len(names) - i) // 2, 0, -1):
+      if names[i:i + length] == names[i + length:i + 2 * length]:
+        del names[i + length:i + 2 * length]
+        break
+    else:
+      i += 1
+  return names
 
 
 def _window_positions(out: int, size: int, stride: int, pad_lo: int, lhs_dilate: int, rhs_dilate: int,
