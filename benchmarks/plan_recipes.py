@@ -6,7 +6,7 @@ float32 (printed as a markdown table and written to JSON; compiler estimates, no
         [--topologies v5p-8 v5e-8 v6e-8] [--dtypes bfloat16 float32] [--out benchmarks/results/plan_recipes.json]
 
 Each row is `python -m mtp_jax.plan --config <recipe> --topology <slice> --no-eval` in a fresh
-process (one at a time: a paper-scale compile takes 5-15 minutes and up to ~12 GB of host memory
+process (one at a time: a paper-scale compile takes 5-20 minutes and up to ~17 GB of host memory
 on a 2-core machine), its JSON kept in the output. A rerun skips the rows the output already
 holds, so an interrupted run resumes. Batches: pretraining at MTP's global batch (32 images per
 subset, 96 per step); finetuning at the config's global batch where it splits over the chips,
