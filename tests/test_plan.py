@@ -158,8 +158,9 @@ def test_fixed_loops_are_counted_per_iteration_and_scopes_name_the_model_part(v5
   assert fixed and {l["trips"] for l in fixed} == {7}
   repeated = [k for k in kernels if k.count == 7 and k.flops]
   assert repeated, "the loop bodies' matmuls run 7 times"
-  per_run = sum(k.flops for k in kernels)
-  assert per_run > 6 * cost["flops"] / 2   # XLA counts each body once
+  # 7 forward matmuls, then 7 x 2 in the backward loop (the gradients of y and w), each 2 x 512^3.
+  assert sum(k.flops for k in repeated) == pytest.approx(21 * 2 * 512 ** 3, rel=1e-6)
+  assert sum(k.flops for k in repeated) / 7 <= cost["flops"]   # XLA counts each body once
   scopes = {(k.scope, k.stage) for k in kernels if k.flops}
   assert ("encoder/blocks.3/while/body/closed_call", "forward") in scopes
   assert any(scope.startswith("encoder/blocks.3") and stage == "backward" for scope, stage in scopes)
@@ -209,13 +210,18 @@ def positive_figures(program: dict) -> dict:
 def check_planned(result: dict, chips_wanted: int, hosts: int, programs: tuple):
   assert (result["chips"], result["hosts"], result["fits"]) == (chips_wanted, hosts, True)
   assert set(result["programs"]) == set(programs)
+  chip = chips.resolve(result["topology"]).chip   # the table's figures, not the JSON's
   for name in programs:
     p = result["programs"][name]
     bad = {k: v for k, v in positive_figures(p).items() if not (math.isfinite(v) and v > 0)}
     assert not bad, (name, bad)
     assert p["fits"] is True and p["hbm"]["total"] < p["hbm"]["available"] and p["hbm"]["temp"] >= 0
     assert 0 < p["mfu"] <= 1
-    assert p["roofline"]["seconds"] == max(p["roofline"]["compute_seconds"], p["roofline"]["memory_seconds"])
+    cost, roof = p["cost"], p["roofline"]
+    assert cost["flops"] == pytest.approx(cost["xla_flops"] + cost["loops"]["repeat_flops"])
+    assert roof["compute_seconds"] == pytest.approx(cost["flops"] / chip.peak_bf16_flops)
+    assert roof["memory_seconds"] == pytest.approx(cost["bytes"] / chip.hbm_bytes_per_s)
+    assert roof["seconds"] == max(roof["compute_seconds"], roof["memory_seconds"])
   train = result["programs"]["train step"]
   assert train["schedule_hours"] == pytest.approx(result["train_steps"] * train["roofline"]["seconds"] / 3600)
   assert train["images_per_s_per_chip"] == pytest.approx(

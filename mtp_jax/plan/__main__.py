@@ -19,13 +19,15 @@ config's whole schedule; the same for the evaluation step; the compile times. Th
 compiler's estimates, not measured speed: --run N on the TPU host times N real steps beside them.
 
 Needs the TPU compiler for slices: `pip install -e '.[tpu]'` (libtpu; no TPU needed). Exits 0 if
-every program fits, 1 if one does not (it says how much it needs), 2 on bad input.
+every program fits, 1 if one does not (it says how much it needs), 2 on bad input, 3 if planning
+itself failed (a compiler error: its traceback is printed).
 """
 
 import argparse
 import json
 import os
 import sys
+import traceback
 
 GIB = 2 ** 30
 
@@ -41,7 +43,9 @@ def _seconds(value: float) -> str:
 
 
 def _hours(value: float) -> str:
-  return f"{value:.2f} h" if value >= 0.1 else f"{value * 60:.1f} min"
+  if value >= 0.1:
+    return f"{value:.2f} h"
+  return f"{value * 60:.1f} min" if value >= 1 / 60 else f"{value * 3600:.1f} s"
 
 
 def program_lines(p: dict, train_steps: int | None = None) -> list[str]:
@@ -50,8 +54,8 @@ def program_lines(p: dict, train_steps: int | None = None) -> list[str]:
   lines = [f"{name}: {p['images']} images per run, {p['images_per_chip']:g} per chip; lowered in "
            f"{p['lower_s']:.1f} s, compiled in {p['compile_s']:.1f} s"]
   hbm = p.get("hbm", {})
-  if p.get("fits") is False:
-    lines.append(f"  DOES NOT FIT: needs {_gib(hbm.get('needed'))} per chip, the chip lets a program use "
+  if p.get("fits") is False and "needed" in hbm:   # refused before or by the compiler
+    lines.append(f"  DOES NOT FIT: needs {_gib(hbm['needed'])} per chip, the chip lets a program use "
                  f"{_gib(hbm.get('available'))} ({p.get('refusal', '')})")
     return lines
   verdict = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown"}[p.get("fits")]
@@ -66,7 +70,7 @@ def program_lines(p: dict, train_steps: int | None = None) -> list[str]:
   if loops["fixed"] or loops["run_time"]:
     lines.append(f"  loops          {loops['fixed']} of fixed length (their repeats add {loops['repeat_flops'] / 1e9:,.1f} "
                  f"GFLOP, {loops['repeat_bytes'] / 1e9:,.2f} GB to XLA's count), {loops['run_time']} whose length "
-                 f"is known only at run time (NMS), counted once")
+                 f"the compiler does not know (NMS), counted once")
   if "roofline" in p:
     r = p["roofline"]
     optimal = (f"; the compiler's own estimate {_seconds(cost['optimal_seconds'])}"
@@ -111,7 +115,8 @@ def top_lines(p: dict) -> list[str]:
 
 
 def part_lines(parts: list) -> list[str]:
-  lines = ["parts (each compiled alone; 'adds' = its flops and bytes beyond the encoder's):",
+  lines = ["parts (each compiled alone; 'adds' = a task's step beyond the encoder: its head, its loss and "
+           "the optimizer update of all it trains):",
            f"  {'part':<34} {'GFLOP':>10} {'GB':>9} {'roofline':>10} {'HBM':>10} | {'adds GFLOP':>10} {'adds GB':>9}"]
   for r in parts:
     a = r["attributed"]
@@ -138,7 +143,10 @@ def report_lines(result: dict, config_name: str) -> list[str]:
     lines += top_lines(p)
   if result.get("parts"):
     lines += part_lines(result["parts"])
-  lines.append(("every program fits" if result["fits"] else "DOES NOT FIT: see above")
+  unknown = any(p.get("fits") is None for p in result["programs"].values())
+  verdict = ("DOES NOT FIT: see above" if not result["fits"] else
+             "every program compiled (the devices' memory capacity is unknown)" if unknown else "every program fits")
+  lines.append(verdict
                + f" (planned in {result['wall_s']:.0f} s; jax {result['jax']}"
                + (f", libtpu {result['libtpu']})" if result.get("libtpu") else ")"))
   return lines
@@ -170,7 +178,7 @@ def main(argv=None):
                       help="with --topology local: also time N real train steps on the config's data")
   args = parser.parse_args(argv)
   if args.topology != "local":
-    from mtp_jax.plan.planner import tpu_environment
+    from mtp_jax.plan.chips import tpu_environment   # imports no jax: before jax reads it
     tpu_environment()
   from mtp_jax.quiet_startup import quiet_startup
   quiet_startup()
@@ -189,6 +197,10 @@ def main(argv=None):
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Exception:  # noqa: BLE001 (a compiler error or a bug: the traceback is the report)
+    traceback.print_exc()
+    print("error: planning failed (the traceback above); this is not a verdict on memory", file=sys.stderr)
+    sys.exit(3)
   result["config"], result["overrides"] = args.config, list(args.set)
   print("\n".join(report_lines(result, args.config)), flush=True)
   if args.json:

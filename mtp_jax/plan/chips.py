@@ -12,6 +12,7 @@ so a program within a few hundred MiB of the capacity may still not load.
 
 import dataclasses
 import math
+import os
 import re
 
 from mtp_jax.errors import ConfigError
@@ -131,3 +132,12 @@ def chip_of_device_kind(device_kind: str) -> Chip | None:
     if device_kind.startswith(chip.device_kind) and (best is None or len(chip.device_kind) > len(best.device_kind)):
       best = chip
   return best
+
+
+def tpu_environment():
+  """Environment for compiling for TPU slices on a machine without one: JAX stays on the CPU (the
+  topology API loads libtpu itself) and several processes may load libtpu at once. Call before
+  jax is imported."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

@@ -7,8 +7,9 @@ temporaries + code, the HBM the program holds while it runs.
 operand read and result written at the boundary of each fused kernel) and, where positive, the
 TPU compiler's own `optimal_seconds` (it comes out negative for large programs with loops, so it
 is shown only beside the roofline, never instead of it).
-`roofline(...)`: max(flops / peak, bytes / bandwidth), the time below which the step cannot run on
-that chip; which of the two bounds it; the arithmetic intensity. These are estimates from the
+`roofline(...)`: max(flops / peak, bytes / bandwidth), the step's time if it ran at the chip's
+peak or its HBM bandwidth, whichever binds (bytes that stay on chip are charged at HBM bandwidth
+too, so a memory-bound estimate errs long); which of the two binds; the arithmetic intensity. These are estimates from the
 compiler's counts, not measured run times.
 `out_of_memory(error)`: the TPU compiler refuses a program that cannot fit HBM; this reads what
 it needed and what the chip has from its message.

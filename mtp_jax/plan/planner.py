@@ -49,7 +49,7 @@ def tpu_target(name: str) -> Target:
     devices = list(topologies.get_topology_desc(**tpu_slice.topology_kwargs()).devices)
   except Exception as e:  # noqa: BLE001 (libtpu's own message says what it refused)
     raise UserError(f"--topology {name}: the TPU compiler refused topology {tpu_slice.topology}: "
-                    f"{str(e).splitlines()[0]}") from None
+                    f"{(str(e) or type(e).__name__).splitlines()[0]}") from None
   usable = estimate.usable_hbm(devices[0]) or tpu_slice.chip.hbm_bytes
   hosts = len({d.process_index for d in devices})
   description = (f"{tpu_slice.name} ({tpu_slice.chip.name}, {len(devices)} chips, {hosts} host"
@@ -120,8 +120,8 @@ def program_figures(compiled: Compiled, target: Target, chips: int, top_k: int =
 def _compile(program, target: Target, log) -> Compiled:
   """compile_program, or a refusal without compiling when the arguments alone cannot fit."""
   if target.usable_hbm and program.argument_bytes > target.usable_hbm:
-    message = (f"its arguments alone (the train state and the batch) need {program.argument_bytes / GIB:.2f} "
-               f"GiB per chip")
+    message = (f"its arguments alone (parameters, optimizer state and batch) need at least "
+               f"{program.argument_bytes / GIB:.2f} GiB per chip")
     log(f"  {program.name}: {message}: not compiled")
     oom = {"needed_bytes": program.argument_bytes, "available_bytes": target.usable_hbm, "message": message}
     return Compiled(program, 0.0, 0.0, out_of_memory=oom)
@@ -175,10 +175,10 @@ def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = Fal
     raise UserError(f"--programs {' '.join(programs)}: choose from {', '.join(PROGRAMS)}")
   if (parts or run_steps) and "train" not in programs:
     raise UserError("--parts and --run need the train step (--programs train ...)")
-  target = local_target() if topology == "local" else tpu_target(topology)
   if run_steps and topology != "local":
     raise UserError(f"--run times real steps on this machine's devices: use --topology local on the "
-                    f"{topology} host itself (here: {jax.device_count()} x {jax.devices()[0].device_kind})")
+                    f"{topology} host itself")
+  target = local_target() if topology == "local" else tpu_target(topology)
   experiment = Experiment(config, target.devices, target.hosts, "eval" in programs)
   chips = experiment.chips
   c = config
@@ -225,7 +225,8 @@ def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = Fal
 
 def _parts(experiment: Experiment, target: Target, chips: int, log, whole: dict) -> list:
   """The encoder alone and each task's train step alone, with the flops and bytes each part adds:
-  the encoder's own; a task's: its step minus the encoder; 'rest': the whole step minus those."""
+  the encoder's own; a task's: its step minus the encoder (its head, its loss and the optimizer
+  update of everything its step trains, the encoder included); then the whole step."""
   rows = []
   encoder = program_figures(_compile(experiment.encoder_program(), target, log), target, chips)
   _release()
@@ -244,10 +245,10 @@ def _parts(experiment: Experiment, target: Target, chips: int, log, whole: dict)
     own = {k: _minus(_part_costs(figures).get(k), _part_costs(encoder).get(k)) for k in ("flops", "bytes")}
     rows.append({"part": f"train step, {task} only", **_part_costs(figures), "attributed": own,
                  "attributed_to": f"{task} head, loss and optimizer"})
-  if "cost" in whole:
-    rest = {k: whole["cost"][k] - sum((r["attributed"].get(k) or 0) for r in rows) for k in ("flops", "bytes")}
-    rows.append({"part": "whole train step", **_part_costs(whole), "attributed": rest,
-                 "attributed_to": "the rest: the encoder's optimizer update, sharing between tasks"})
+  # Each task's step alone also updates the encoder's parameters, so the tasks' parts add up to
+  # more than the whole step (by about N - 1 encoder updates): the whole step gets no 'adds'.
+  rows.append({"part": "whole train step", **_part_costs(whole), "attributed": {},
+               "attributed_to": None})
   return rows
 
 
@@ -279,12 +280,3 @@ def _libtpu_version() -> str | None:
     return version("libtpu")
   except Exception:  # noqa: BLE001 (not installed)
     return None
-
-
-def tpu_environment():
-  """Environment for compiling for TPU slices on a machine without one: JAX stays on the CPU (the
-  topology API loads libtpu itself) and several processes may load libtpu at once. Call before
-  jax is imported."""
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
