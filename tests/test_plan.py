@@ -231,8 +231,8 @@ def check_planned(result: dict, chips_wanted: int, hosts: int, programs: tuple):
 # The TPU compiler takes ~3 minutes on 2 cores for the quickstart's three-task step and ~2 for its
 # evaluation step, so the tests plan the quickstart on one subset (each subset's head programs are
 # alike), the two-host one with rotated detection (the heads' per-device NMS loops) beside
-# segmentation, the one-host one with segmentation alone. The whole config's figures, on one and
-# on two hosts: docs/benchmarks.md.
+# segmentation, the one-host one with segmentation alone. The whole quickstart on one host: the
+# README; the paper's three-task step on 8 hosts: docs/benchmarks.md.
 ONE_SUBSET = ["--set", "data.subsets=('sota',)"]
 
 
