@@ -11,10 +11,13 @@ on a 2-core machine), its JSON kept in the output. A rerun skips the rows the ou
 holds, so an interrupted run resumes. Batches: pretraining at MTP's global batch (32 images per
 subset, 96 per step); finetuning at the config's global batch where it splits over the chips,
 and detection at MTP's 2 images per device (2 per chip). Parallelism: the recipes' own (ViT-B
-data parallel, ViT-L and InternImage-XL FSDP; remat where the config sets it).
+data parallel, ViT-L and InternImage-XL FSDP; remat where the config sets it). The schedule's
+hours are for the recipe's own number of images (train.num_steps x its own batch) at the planned
+batch's roofline time.
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -23,6 +26,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 # name: (config, --set values, how many images per chip the batch is: None = the config's)
 RECIPES = {
     "vit_b": ("configs/pretrain/mtp_vit_b_rvsa.py", [], None),
@@ -86,9 +90,20 @@ def summary(row: dict) -> dict:
   if "cost" in train:
     out.update(tflop=train["cost"]["flops"] / 1e12, gb=train["cost"]["bytes"] / 1e9,
                roofline_ms=train["roofline"]["seconds"] * 1e3, bound=train["roofline"]["bound"],
-               images_per_s=train["images_per_s_per_chip"], mfu=train["mfu"], hours=train["schedule_hours"],
-               steps=plan["train_steps"])
+               images_per_s=train["images_per_s_per_chip"], mfu=train["mfu"])
+    # The schedule's images at the recipe's own batch, at this batch's roofline time per image.
+    schedule_images = plan["train_steps"] * recipe_batch(row["recipe"])
+    out["steps"] = schedule_images / out["batch"]
+    out["hours"] = out["steps"] * train["roofline"]["seconds"] / 3600
   return out
+
+
+@functools.cache
+def recipe_batch(recipe: str) -> int:
+  """The recipe config's own global batch (the batch its train.num_steps is set for)."""
+  from mtp_jax.config import load_config  # noqa: PLC0415
+  c = load_config(RECIPES[recipe][0])
+  return c.data.batch_per_subset * len(c.data.subsets)
 
 
 def table(rows: list) -> str:
