@@ -178,12 +178,26 @@ def test_conv_kernel_gradient_as_tap_matmuls_equals_xla(kernel_size, padding):
   assert module.conv_general_dilated is conv_general_dilated
 
 
+def add_decomposed_rel_pos(attn, q, size: int, rel_pos_h, rel_pos_w):
+  """The direct formula (MViTv2 calc_rel_pos_spatial): attn (..., size*size, size*size) + the
+  decomposed term of q (..., size*size, d)."""
+  idx = np.arange(size)[:, None] - np.arange(size)[None, :] + size - 1
+  rh, rw = rel_pos_h[idx], rel_pos_w[idx]                     # (size, size, d)
+  r_q = q.reshape(*q.shape[:-2], size, size, q.shape[-1])
+  rel_h = jnp.einsum("...hwc,hkc->...hwk", r_q, rh.astype(q.dtype))
+  rel_w = jnp.einsum("...hwc,wkc->...hwk", r_q, rw.astype(q.dtype))
+  lead = attn.shape[:-2]
+  attn = attn.reshape(*lead, size, size, size, size)
+  attn = attn + rel_h[..., :, :, :, None] + rel_w[..., :, :, None, :]
+  return attn.reshape(*lead, size * size, size * size)
+
+
 @pytest.mark.parametrize("size, token_axis", [(7, -2), (14, 1)])
 def test_rel_pos_inside_the_matmul_equals_the_decomposed_term(size, token_axis):
   """q' . k' (augment_query_key) = q . k + the decomposed relative-position term of MViTv2,
   for RVSA's windows (tokens on axis -2) and the global blocks' layout (tokens on axis 1), with
   gradients to q, k and both tables."""
-  from mtp_jax.models.rel_pos import add_decomposed_rel_pos, augment_query_key, rel_pos_coefficients
+  from mtp_jax.models.rel_pos import augment_query_key, rel_pos_coefficients
   rng = np.random.default_rng(size)
   n, d = size * size, 16
   q = jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32)   # (B, N, heads, d)

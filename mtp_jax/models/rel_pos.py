@@ -8,26 +8,13 @@
   one-hot position, so appending both to q and k adds it to q . k with no (K, K, K, K) array (on
   TPU the reshape to that grid and back padded K to 128 lanes and moved 15 of the ViT-B+RVSA
   encoder's 61 GB per step, docs/benchmarks.md). With a head size of 64 the extra 2K <= 64
-  features fill lanes the MXU pads anyway. `add_decomposed_rel_pos` is the direct formula.
+  features fill lanes the MXU pads anyway. tests/test_layers.py checks it against the direct formula.
 - The Swin-style bias index of RVSA windows: index[i, j] = (yi - yj + ws - 1) * (2 ws - 1) +
   (xi - xj + ws - 1), i and j row-major over the ws x ws window.
 """
 
 import jax.numpy as jnp
 import numpy as np
-
-
-def add_decomposed_rel_pos(attn, q, size: int, rel_pos_h, rel_pos_w):
-  """attn (..., size*size, size*size) + the decomposed term of q (..., size*size, d)."""
-  idx = np.arange(size)[:, None] - np.arange(size)[None, :] + size - 1
-  rh, rw = rel_pos_h[idx], rel_pos_w[idx]                     # (size, size, d)
-  r_q = q.reshape(*q.shape[:-2], size, size, q.shape[-1])
-  rel_h = jnp.einsum("...hwc,hkc->...hwk", r_q, rh.astype(q.dtype))
-  rel_w = jnp.einsum("...hwc,wkc->...hwk", r_q, rw.astype(q.dtype))
-  lead = attn.shape[:-2]
-  attn = attn.reshape(*lead, size, size, size, size)
-  attn = attn + rel_h[..., :, :, :, None] + rel_w[..., :, :, None, :]
-  return attn.reshape(*lead, size * size, size * size)
 
 
 def rel_pos_coefficients(q, size: int, rel_pos_h, rel_pos_w):
