@@ -70,7 +70,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.model.encoder = "vit_b"
   c.model.encoder_overrides = ml_collections.ConfigDict()  # e.g. depth=4 for tiny runs
   c.model.drop_path_rate = 0.1        # pretraining (§1.1)
-  c.model.compute_dtype = "float32"   # 'bfloat16' on accelerators; parameters stay float32
+  # Activations' dtype: 'auto' is bfloat16 on TPUs and GPUs and float32 on the CPU (where XLA
+  # emulates bfloat16 slowly); parameters, losses and optimizer state stay float32.
+  c.model.compute_dtype = "auto"
   c.model.remat = False               # activation checkpointing per encoder block
   # The encoder's blocks as one lax.scan over repeats of the block pattern (RVSA: `interval`
   # blocks): compile time flat in depth (ViT-L 224 px on CPU: 24.0 s -> 15.5 s) for a slower CPU
@@ -363,8 +365,8 @@ def validate(config, defaults=None):
                       "len(data.mean); set data.mean / data.std (and data.bands) instead")
   if config.data.image_size % 32:
     raise ConfigError(f"data.image_size {config.data.image_size} must be a multiple of 32")
-  if config.model.compute_dtype not in ("float32", "bfloat16", "float16"):
-    raise ConfigError(f"model.compute_dtype {config.model.compute_dtype!r} is not float32, bfloat16 or float16")
+  if config.model.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+    raise ConfigError(f"model.compute_dtype {config.model.compute_dtype!r} is not auto, float32, bfloat16 or float16")
   return config
 
 

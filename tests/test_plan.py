@@ -328,7 +328,7 @@ def test_a_refused_program_prints_what_it_needs():
   refused = Compiled(Program("train step", None, (), 96, 0), 1.0, 2.0,
                      out_of_memory={"needed_bytes": 20 * GIB, "available_bytes": int(15.75 * GIB),
                                     "message": "Ran out of memory on HBM"})
-  target = planner.Target("v5e-8", [], 1, chips.CHIPS["v5e"], int(15.75 * GIB), "v5e-8")
+  target = planner.Target("v5e-8", [], 1, chips.CHIPS["v5e"], int(15.75 * GIB), "v5e-8", "tpu")
   figures = planner.program_figures(refused, target, 8)
   assert figures["fits"] is False and figures["hbm"] == {"needed": 20 * GIB, "available": int(15.75 * GIB)}
   assert "DOES NOT FIT: needs 20.00 GiB per chip" in "\n".join(program_lines(figures))

@@ -1,8 +1,8 @@
 """2-D convolution with a kernel gradient made of matmuls on the CPU backend.
 
 `conv_general_dilated` has `jax.lax.conv_general_dilated`'s signature (it is what every
-`layers.conv` module calls). Forward values and the input gradient are XLA's convolution. On the
-CPU backend, for stride-1, undilated, ungrouped NHWC/HWIO convolutions, the kernel gradient is
+`layers.conv` module calls). Forward values and the input gradient are XLA's convolution. When
+the program is compiled for the CPU (`mtp_jax/ops/target.py`), for stride-1, undilated, ungrouped NHWC/HWIO convolutions, the kernel gradient is
 instead written as one matmul per kernel tap:
 
     dK[i, j] = sum_{b, y, x} x_padded[b, y + i, x + j, :]^T g[b, y, x, :]      (C_in, C_out)
@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from mtp_jax.ops import target
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -64,7 +66,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """`jax.lax.conv_general_dilated`, with the kernel gradient as matmuls where the module
   docstring says (the values and both gradients are the same sums)."""
   undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
+  plain = (target.platform() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
            and tuple(window_strides) == (1, 1) and undilated and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
            and out_sharding is None and lhs.dtype == rhs.dtype
            and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))

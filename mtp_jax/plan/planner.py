@@ -17,8 +17,10 @@ import os
 import time
 
 from mtp_jax.errors import UserError
+from mtp_jax.ops import target as target_platform
 from mtp_jax.plan import chips as chips_lib
 from mtp_jax.plan import estimate, hlo
+from mtp_jax.train import loop
 from mtp_jax.plan.programs import Compiled, Experiment, compile_program, single_task_config
 
 GIB = 2 ** 30
@@ -33,6 +35,7 @@ class Target:
   chip: chips_lib.Chip | None
   usable_hbm: int | None      # bytes per chip a program may use (None: unknown)
   description: str
+  platform: str               # what the programs are traced for ('tpu', 'gpu', 'cpu')
   slice: chips_lib.Slice | None = None
 
 
@@ -54,7 +57,7 @@ def tpu_target(name: str) -> Target:
   hosts = len({d.process_index for d in devices})
   description = (f"{tpu_slice.name} ({tpu_slice.chip.name}, {len(devices)} chips, {hosts} host"
                  f"{'s' if hosts > 1 else ''}; topology {tpu_slice.topology})")
-  return Target(tpu_slice.name, devices, hosts, tpu_slice.chip, usable, description, tpu_slice)
+  return Target(tpu_slice.name, devices, hosts, tpu_slice.chip, usable, description, "tpu", tpu_slice)
 
 
 def local_target() -> Target:
@@ -67,7 +70,7 @@ def local_target() -> Target:
   usable = stats.get("bytes_limit")
   return Target("local", devices, jax.process_count(), chip, usable,
                 f"this machine: {len(devices)} x {kind} ({jax.default_backend()}, {jax.process_count()} "
-                f"process{'es' if jax.process_count() > 1 else ''})")
+                f"process{'es' if jax.process_count() > 1 else ''})", jax.default_backend())
 
 
 
@@ -126,7 +129,7 @@ def _compile(program, target: Target, log) -> Compiled:
     oom = {"needed_bytes": program.argument_bytes, "available_bytes": target.usable_hbm, "message": message}
     return Compiled(program, 0.0, 0.0, out_of_memory=oom)
   log(f"  compiling the {program.name} ...")
-  compiled = compile_program(program)
+  compiled = compile_program(program, target.platform)
   log(f"  {program.name}: lowered in {compiled.lower_seconds:.1f} s, compiled in {compiled.compile_seconds:.1f} s")
   return compiled
 
@@ -179,6 +182,9 @@ def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = Fal
     raise UserError(f"--run times real steps on this machine's devices: use --topology local on the "
                     f"{topology} host itself")
   target = local_target() if topology == "local" else tpu_target(topology)
+  config = config.copy_and_resolve_references()
+  with target_platform.compiling_for(target.platform):   # 'auto' compute dtype: the target's
+    config.model.compute_dtype = loop.compute_dtype_name(config)
   experiment = Experiment(config, target.devices, target.hosts, "eval" in programs)
   chips = experiment.chips
   c = config

@@ -19,6 +19,7 @@ from flax import nnx
 
 from data_pipelines import sources
 from mtp_jax import tasks as tasks_lib
+from mtp_jax.ops import target
 from mtp_jax.parallel import sharding
 from mtp_jax.plan import estimate
 from mtp_jax.train import batching, evaluate, loop
@@ -101,7 +102,7 @@ class Experiment:
     image_shape, image_dtype = next(iter(shapes.values()))["image"]
     images = c.data.batch_per_subset * len(c.data.subsets)
     x = jax.ShapeDtypeStruct((images, *image_shape), image_dtype, sharding=sharding.batch_sharding(self.mesh))
-    dtype = loop.DTYPES[c.model.compute_dtype] or jnp.float32
+    dtype = loop.compute_dtype(c) or jnp.float32
     multi_scale = all(t.multi_scale for t in self.tasks.values())
 
     def loss(params, x):
@@ -125,11 +126,13 @@ def single_task_config(config, task: str) -> ml_collections.ConfigDict:
   return c
 
 
-def compile_program(program: Program) -> Compiled:
-  """Lowers and compiles `program`; an HBM refusal is returned in `out_of_memory`, any other
-  compiler error is raised."""
+def compile_program(program: Program, platform: str) -> Compiled:
+  """Lowers `program` for `platform` ('tpu', 'gpu', 'cpu': the ops take that platform's form,
+  `mtp_jax/ops/target.py`) and compiles it; an HBM refusal is returned in `out_of_memory`, any
+  other compiler error is raised."""
   start = time.perf_counter()
-  lowered = program.jitted.lower(*program.args)
+  with target.compiling_for(platform):
+    lowered = program.jitted.lower(*program.args)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   try:

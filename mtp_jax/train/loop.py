@@ -25,6 +25,7 @@ from mtp_jax.checkpoints.manager import Checkpointer, model_signature
 from mtp_jax.errors import CheckpointError, Preempted
 from mtp_jax.metrics import report, writers
 from mtp_jax.models.multitask import MultiTaskModel
+from mtp_jax.ops import target
 from mtp_jax.parallel import distributed, sharding
 from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mtp_jax.train.prefetch import DevicePrefetch
@@ -37,13 +38,27 @@ from mtp_jax.train.step import make_train_step
 DTYPES = {"float32": None, "bfloat16": jax.numpy.bfloat16, "float16": jax.numpy.float16}
 
 
+def compute_dtype_name(config) -> str:
+  """config.model.compute_dtype with 'auto' resolved for the platform the program is traced for
+  (`mtp_jax/ops/target.py`): 'float32' on the CPU, 'bfloat16' on TPUs and GPUs."""
+  name = config.model.compute_dtype
+  if name == "auto":
+    return "float32" if target.platform() == "cpu" else "bfloat16"
+  return name
+
+
+def compute_dtype(config):
+  """The activations' dtype of config (None: float32, the parameters' own)."""
+  return DTYPES[compute_dtype_name(config)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
 def build_encoder(config, rngs: nnx.Rngs):
   """The encoder of config.model, with as many input bands as data.mean has."""
   return models.build_encoder(
-      config.model.encoder, config.data.image_size, rngs=rngs, dtype=DTYPES[config.model.compute_dtype],
+      config.model.encoder, config.data.image_size, rngs=rngs, dtype=compute_dtype(config),
       drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
       scan_blocks=config.model.scan_blocks, in_chans=len(config.data.mean),
       **dict(config.model.encoder_overrides))
@@ -51,7 +66,7 @@ def build_encoder(config, rngs: nnx.Rngs):
 
 def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
   """The encoder of config.model and the head of every task in `tasks` ({name: Task})."""
-  dtype = DTYPES[config.model.compute_dtype]
+  dtype = compute_dtype(config)
   encoder = build_encoder(config, rngs)
   return MultiTaskModel(encoder, tasks, dtype=dtype, rngs=rngs, mean=tuple(config.data.mean),
                         std=tuple(config.data.std), freeze_encoder=config.model.freeze_encoder)
