@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,12 +22,15 @@ def _bins(roi_w, roi_h, out, sampling_ratio, aligned):
   return roi_w, roi_h, bin_h, bin_w, grid_h, grid_w, max(grid_h * grid_w, 1)
 
 
-def roi_align_ref(fmap, box, out, scale, sampling_ratio, aligned):
-  """mmcv roi_align_forward (avg) for one box (x1, y1, x2, y2)."""
+def roi_align_ref(fmap, box, out, scale, sampling_ratio, aligned, grid=None):
+  """mmcv roi_align_forward (avg) for one box (x1, y1, x2, y2); `grid` (h, w) forces the samples
+  per bin of each axis."""
   offset = 0.5 if aligned else 0.0
   start_w, start_h = box[0] * scale - offset, box[1] * scale - offset
   roi_w, roi_h = box[2] * scale - offset - start_w, box[3] * scale - offset - start_h
   _, _, bin_h, bin_w, grid_h, grid_w, count = _bins(roi_w, roi_h, out, sampling_ratio, aligned)
+  if grid is not None:
+    (grid_h, grid_w), count = grid, grid[0] * grid[1]
   result = np.zeros((out, out, fmap.shape[-1]))
   for ph in range(out):
     for pw in range(out):
@@ -142,7 +146,48 @@ def test_adaptive_grid_is_capped_at_max_samples():
   rng = np.random.default_rng(9)
   feats = _features(rng, height=40, width=40)
   box = np.array([[8, 4, 150, 140]], np.float32)       # needs ceil(35.5 / 5) = 8 samples per bin
-  capped = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=4))
-  np.testing.assert_allclose(capped[0], roi_align_ref(feats[0], box[0], 5, 0.25, 4, True), rtol=1e-5, atol=1e-5)
   full = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=8))
   np.testing.assert_allclose(full[0], roi_align_ref(feats[0], box[0], 5, 0.25, 0, True), rtol=1e-5, atol=1e-5)
+  # Beyond max_samples: the longer side (x, 35.5 px) takes max_samples per bin, the shorter (y,
+  # 34 px) max_samples / 2 (it spans more than its window).
+  capped = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=4))
+  want = roi_align_ref(feats[0], box[0], 5, 0.25, 0, True, grid=(2, 4))
+  np.testing.assert_allclose(capped[0], want, rtol=1e-5, atol=1e-5)
+  rotated = np.asarray(ra.roi_align_rotated(feats, np.array([[79, 72, 142, 136, 0]], np.float32),
+                                            np.zeros(1, int), 5, 0.25, 0, max_samples=4))
+  np.testing.assert_allclose(rotated[0], roi_align_ref(feats[0], box[0], 5, 0.25, 4, True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_elongated_box_keeps_max_samples_along_its_length(transpose):
+  # 1 feature px per bin across the box (a window: mmcv's ceil(bin) = 1 sample), 8.8 along it
+  # (beyond max_samples = 4: 4 samples, as the gather path takes); the average is their product.
+  rng = np.random.default_rng(11)
+  feats = _features(rng, height=60, width=60)
+  box = np.array([[6.0, 10.0, 182.0, 30.0]], np.float32)
+  grid = (1, 4)
+  if transpose:
+    feats, box, grid = feats.transpose(0, 2, 1, 3).copy(), box[:, [1, 0, 3, 2]], (4, 1)
+  got = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=4))[0]
+  want = roi_align_ref(feats[0], box[0], 5, 0.25, 0, True, grid=grid)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_sampling_ratio_stays_exact_for_any_box_size():
+  rng = np.random.default_rng(12)
+  feats = _features(rng, height=40, width=40)
+  box = np.array([[2, 3, 157, 150]], np.float32)       # 7.8 feature px per bin, 2 samples each
+  got = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 2, max_samples=4))
+  np.testing.assert_allclose(got[0], roi_align_ref(feats[0], box[0], 5, 0.25, 2, True), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_features_match_float32_within_their_rounding():
+  rng = np.random.default_rng(13)
+  feats = _features(rng, height=30, width=30, channels=8)
+  boxes = _boxes(rng, 16, 4, 30, 30)
+  batch = rng.integers(0, 2, 16)
+  run = jax.jit(lambda f: ra.roi_align(f, boxes, batch, 7, 0.25, 0))
+  want = np.asarray(run(feats))
+  got = run(feats.astype(jnp.bfloat16))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(got), want, atol=0.03)   # bfloat16: 8 bits of mantissa

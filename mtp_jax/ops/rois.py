@@ -10,9 +10,24 @@ coordinates). Bilinear sampling is mmcv's: a sample with y < -1, y > H, x < -1 o
 (and still counts in the average), coordinates in [-1, 0] read the border row or column.
 
 Static shapes: the adaptive grid is data-dependent, so at most `max_samples` per axis per bin are
-evaluated; bins that would need more use `max_samples` evenly spaced samples (exact whenever
-ceil(bin size in feature pixels) <= max_samples, which FPN level mapping keeps true for all but
-very elongated boxes). Boxes are processed `roi_chunk` at a time to bound the gather memory.
+evaluated. Exact whenever ceil(bin size in feature pixels) <= max_samples, which FPN level mapping
+keeps true for all but very elongated boxes. On the CPU boxes are processed `roi_chunk` (default
+128) at a time to bound host memory; on accelerators all at once by default (a loop over chunks
+moves its carried outputs and gradients once per chunk: 3x the bytes on the TPU compiler).
+
+Horizontal boxes are sampled separably: bilinear sampling on an axis-aligned grid, mmcv's
+out-of-map rule included, is a product of one weight per row and one per column, so a box's
+output is A_long . P . A_short^T, with P the feature pixels it reads along its longer and shorter
+side and A_* the (output, K) averaging weights of each side. Along the longer side P takes the two
+pixels of each sample (K = 2 x output x max_samples): the same samples as the gather of four
+corners, for any box. Along the shorter side P is a window of consecutive pixels, all that the
+samples touch (K = output x max_samples + 2), exact whenever ceil(bin) <= max_samples; a shorter
+side that spans more (a box over 4 x 7 feature pixels in both sides for the 7 x 7 box branch:
+only at the top level of large images) takes max_samples / 2 samples per bin there. A fixed
+`sampling_ratio` is exact on both sides. K is rounded up to a multiple of 8. Against four corner
+reads per sample and their sample-sized intermediates, this moves 5-13x fewer bytes on the TPU
+compiler (docs/benchmarks.md). Rotated boxes are not separable and keep the gather of four corners
+per sample.
 
 Multi-level variants assign each box to an FPN level like mmdet's `SingleRoIExtractor`
 (level = floor(log2(sqrt(area) / finest_scale + 1e-6)), clamped) and sample from that level
@@ -22,9 +37,11 @@ through one flat gather over all levels.
 import jax
 import jax.numpy as jnp
 
+from mtp_jax.ops import target
+
 
 def roi_align(features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio=0,
-              aligned=True, max_samples=4, roi_chunk=128):
+              aligned=True, max_samples=4, roi_chunk=None):
   """Horizontal RoIAlign.
 
   Args:
@@ -40,7 +57,7 @@ def roi_align(features, boxes, batch_indices, output_size, spatial_scale, sampli
 
 
 def roi_align_rotated(features, rboxes, batch_indices, output_size, spatial_scale,
-                      sampling_ratio=2, aligned=True, clockwise=True, max_samples=4, roi_chunk=128):
+                      sampling_ratio=2, aligned=True, clockwise=True, max_samples=4, roi_chunk=None):
   """Rotated RoIAlign of (R, 5) boxes (cx, cy, w, h, angle) -> (R, out_h, out_w, C); see above."""
   return _roi_align_levels([features], rboxes, batch_indices, output_size, [spatial_scale],
                            jnp.zeros(jnp.shape(rboxes)[0], jnp.int32), sampling_ratio, aligned,
@@ -54,7 +71,7 @@ def map_roi_levels(scales, num_levels, finest_scale=56):
 
 
 def multilevel_roi_align(features, boxes, batch_indices, output_size, strides, finest_scale=56,
-                         sampling_ratio=0, aligned=True, max_samples=4, roi_chunk=128):
+                         sampling_ratio=0, aligned=True, max_samples=4, roi_chunk=None):
   """mmdet `SingleRoIExtractor` + `RoIAlign`: features is a list of (B, H_l, W_l, C) maps."""
   boxes = jnp.asarray(boxes)
   scale = jnp.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
@@ -66,7 +83,7 @@ def multilevel_roi_align(features, boxes, batch_indices, output_size, strides, f
 
 def multilevel_roi_align_rotated(features, rboxes, batch_indices, output_size, strides,
                                  finest_scale=56, sampling_ratio=2, aligned=True, clockwise=True,
-                                 max_samples=4, roi_chunk=128):
+                                 max_samples=4, roi_chunk=None):
   """mmrotate `RotatedSingleRoIExtractor` + `RoIAlignRotated` (level from sqrt(w * h))."""
   rboxes = jnp.asarray(rboxes)
   levels = map_roi_levels(jnp.sqrt(rboxes[:, 2] * rboxes[:, 3]), len(features), finest_scale)
@@ -94,8 +111,13 @@ def _roi_align_levels(features, boxes, batch_indices, output_size, scales, level
       height=level_table(heights, jnp.int32), width=level_table(widths, jnp.int32),
       scale=level_table(scales, jnp.float32))
   grid = sampling_ratio if sampling_ratio > 0 else max_samples
-  one = lambda r: _align_chunk(flat, r, out_h, out_w, grid, sampling_ratio, aligned, clockwise)
+  if clockwise is None:
+    one = lambda r: _align_chunk_separable(flat, r, out_h, out_w, grid, sampling_ratio, aligned)
+  else:
+    one = lambda r: _align_chunk(flat, r, out_h, out_w, grid, sampling_ratio, aligned, clockwise)
   num = per_roi["boxes"].shape[0]
+  if roi_chunk is None:
+    roi_chunk = 128 if target.platform() == "cpu" else num
   if num <= roi_chunk:
     return one(per_roi)
   chunks = -(-num // roi_chunk)
@@ -151,6 +173,116 @@ def _align_chunk(flat, rois, out_h, out_w, grid, sampling_ratio, aligned, clockw
   values = _bilinear(flat, rois["base"], rois["height"], rois["width"], y, x)
   values = jnp.where(mask[..., None], values, 0.0).sum((2, 4))
   return values / count[:, None, None, None]
+
+
+def _align_chunk_separable(flat, rois, out_h, out_w, grid, sampling_ratio, aligned):
+  """Horizontal RoIAlign of a chunk of boxes as A_long . pixels . A_short^T (module docstring)."""
+  boxes, scale = rois["boxes"], rois["scale"]
+  offset = 0.5 if aligned else 0.0
+  start_w, start_h = boxes[:, 0] * scale - offset, boxes[:, 1] * scale - offset
+  roi_w = boxes[:, 2] * scale - offset - start_w
+  roi_h = boxes[:, 3] * scale - offset - start_h
+  if not aligned:
+    roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
+  out = max(out_h, out_w)
+  # The long axis lists two pixels per sample (any box, exact up to max_samples); the short one
+  # reads a window (exact while it spans <= K pixels; a fixed sampling ratio is always exact).
+  half = grid if sampling_ratio > 0 else max(grid // 2, 1)
+  k_long = _tiles(2 * out * grid)
+  k_short = k_long if out_h != out_w else _tiles(max(out * grid + 2, 2 * out * half))
+  rows = lambda k, cap: _axis_weights(start_h, roi_h, rois["height"], k, cap, out_h, grid, sampling_ratio)
+  cols = lambda k, cap: _axis_weights(start_w, roi_w, rois["width"], k, cap, out_w, grid, sampling_ratio)
+  y_long, y_short = rows(k_long, grid), rows(k_short, half)
+  x_long, x_short = cols(k_long, grid), cols(k_short, half)
+  rows_long = (roi_h >= roi_w) if out_h == out_w else jnp.ones(roi_h.shape, bool)
+  pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(rows_long.reshape(-1, *(1,) * (u.ndim - 1)), u, v), a, b)
+  (w_long, p_long, n_long), (w_short, p_short, n_short) = pick(y_long, x_long), pick(x_short, y_short)
+  width = rois["width"][:, None, None]
+  index = rois["base"][:, None, None] + jnp.where(
+      rows_long[:, None, None], p_long[:, :, None] * width + p_short[:, None, :],
+      p_short[:, None, :] * width + p_long[:, :, None])
+  pixels = flat[index]                                               # (R, K_long, K_short, C)
+  dtype = pixels.dtype
+  # The short axis first, then the long one (the order with the fewest bytes on the TPU
+  # compiler); the intermediate in the features' dtype. Weights in that dtype: exact in float32,
+  # in bfloat16 rounded as the features are.
+  hi = jax.lax.Precision.HIGHEST
+  partial = jnp.einsum("rabc,rqb->raqc", pixels, w_short.astype(dtype), precision=hi,
+                       preferred_element_type=jnp.float32).astype(dtype)
+  values = jnp.einsum("rpa,raqc->rpqc", w_long.astype(dtype), partial, precision=hi,
+                      preferred_element_type=jnp.float32)
+  if out_h == out_w:
+    values = jnp.where(rows_long[:, None, None, None], values, values.transpose(0, 2, 1, 3))
+  count = jnp.maximum(n_long * n_short, 1).astype(jnp.float32)
+  return values / count[:, None, None, None]
+
+
+def _tiles(k: int) -> int:
+  """k rounded up to a multiple of 8: whole (8, 128) tiles, so the gathered pixels need no
+  relayout before the matmuls."""
+  return -(-k // 8) * 8
+
+
+def _axis_weights(start, length, size, k, wide_cap, out, grid, sampling_ratio):
+  """One axis of a horizontal RoIAlign: mmcv's samples of `out` bins over [start, start + length)
+  (feature pixels) on an axis of `size` pixels, as averaging weights over K pixels it reads.
+
+  The K pixels are a window of consecutive pixels when the samples (at most `grid` per bin) span
+  at most K of them; otherwise two pixels for each of at most `wide_cap` samples per bin
+  (2 * out * wide_cap <= K). Returns weights (R, out, K), the pixel of each of the K (R, K) and
+  the samples per bin (R,). Sums of weights, not averages: the caller divides by the 2-D count.
+  """
+  num = start.shape[0]
+  bin_size = length / out
+  if sampling_ratio > 0:
+    per_bin = jnp.full((num,), sampling_ratio, jnp.int32)
+  else:   # mmcv: ceil of the bin size, capped to the static grid
+    per_bin = jnp.clip(jnp.ceil(bin_size), 0, grid).astype(jnp.int32)
+
+  def taps(n, count):
+    """Bilinear taps of n (`count` (R,) used) samples per bin: pixels (low, high), weights."""
+    steps = jnp.arange(n, dtype=jnp.float32) + 0.5
+    safe = jnp.maximum(count, 1).astype(jnp.float32)[:, None, None]
+    samples = start[:, None, None] + (jnp.arange(out, dtype=jnp.float32)[None, :, None]
+                                      + steps[None, None, :] / safe) * bin_size[:, None, None]
+    used = jnp.arange(n)[None, None, :] < count[:, None, None]
+    size_f = size.astype(jnp.float32)[:, None, None]
+    top = size[:, None, None] - 1
+    inside = used & (samples >= -1.0) & (samples <= size_f)
+    v = jnp.maximum(samples, 0.0)
+    low = jnp.floor(v).astype(jnp.int32)
+    at_end = low >= top
+    low = jnp.where(at_end, top, low)
+    v = jnp.where(at_end, low.astype(v.dtype), v)
+    high = jnp.where(at_end, low, low + 1)
+    frac = v - low
+    return low, high, jnp.where(inside, 1.0 - frac, 0.0), jnp.where(inside, frac, 0.0), inside
+
+  def spread(slot_low, slot_high, w_low, w_high):
+    """Weights (R, out, n) at slots (R, out, n) -> (R, out, K) sums per slot."""
+    slots = jnp.arange(k)
+    return (jnp.sum(w_low[..., None] * (slot_low[..., None] == slots), 2)
+            + jnp.sum(w_high[..., None] * (slot_high[..., None] == slots), 2))
+
+  # A window: every pixel the samples touch, when they span at most K.
+  low, high, w_low, w_high, inside = taps(grid, per_bin)
+  first = jnp.min(jnp.where(inside, low, jnp.iinfo(jnp.int32).max), (1, 2))
+  last = jnp.max(jnp.where(inside, high, -1), (1, 2))
+  first = jnp.where(last >= 0, first, 0)
+  fits = last - first < k
+  window_weights = spread(low - first[:, None, None], high - first[:, None, None], w_low, w_high)
+  window_pixels = jnp.minimum(first[:, None] + jnp.arange(k), size[:, None] - 1)
+  # Wider: two pixels for each of at most wide_cap evenly spaced samples per bin.
+  per_bin_wide = jnp.minimum(per_bin, wide_cap)
+  low, high, w_low, w_high, _ = taps(wide_cap, per_bin_wide)
+  slot = 2 * (jnp.arange(out)[:, None] * wide_cap + jnp.arange(wide_cap)[None, :])[None]
+  wide_weights = spread(slot, slot + 1, w_low, w_high)
+  wide_pixels = jnp.zeros((num, k), jnp.int32)
+  wide_pixels = wide_pixels.at[:, slot.reshape(-1)].set(low.reshape(num, -1))
+  wide_pixels = wide_pixels.at[:, slot.reshape(-1) + 1].set(high.reshape(num, -1))
+  weights = jnp.where(fits[:, None, None], window_weights, wide_weights)
+  pixels = jnp.where(fits[:, None], window_pixels, wide_pixels)
+  return weights, pixels, jnp.where(fits, per_bin, per_bin_wide)
 
 
 def _bilinear(flat, base, height, width, y, x):
