@@ -105,15 +105,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tasks: dict, bas
       loss_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), loss_shapes)
       (grads, losses, batch_stats), _ = jax.lax.scan(
           body, (zeros, loss_zeros, state.batch_stats), (micros, jnp.arange(accum_steps)))
+    def apply(grads, opt_state, params):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
     with jax.named_scope("optimizer"):
       grad_norm = optax.tree.norm(grads)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
-    if skip_nonfinite:
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-      batch_stats = keep(batch_stats, state.batch_stats)
+      finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
+      if skip_nonfinite:
+        # A branch, not a select of the new and old state: the skipped update costs nothing and
+        # the applied one is not followed by a pass over parameters and optimizer state.
+        params, opt_state = jax.lax.cond(finite, apply, lambda g, o, p: (p, o),
+                                         grads, state.opt_state, state.params)
+        batch_stats = jax.tree.map(lambda a, b: jnp.where(finite, a, b), batch_stats, state.batch_stats)
+      else:
+        params, opt_state = apply(grads, state.opt_state, state.params)
     nonfinite = state.nonfinite_steps + (~finite).astype(jnp.int32)
     metrics = dict(losses, grad_norm=grad_norm, nonfinite_steps=nonfinite)
     if schedule is not None:  # the optimizer's count: skipped steps do not advance it
