@@ -181,12 +181,17 @@ def test_fixed_sampling_ratio_stays_exact_for_any_box_size():
   np.testing.assert_allclose(got[0], roi_align_ref(feats[0], box[0], 5, 0.25, 2, True), rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_features_match_float32_within_their_rounding():
+@pytest.mark.parametrize("rotated", [False, True])
+def test_bfloat16_features_match_float32_within_their_rounding(rotated):
   rng = np.random.default_rng(13)
   feats = _features(rng, height=30, width=30, channels=8)
   boxes = _boxes(rng, 16, 4, 30, 30)
   batch = rng.integers(0, 2, 16)
-  run = jax.jit(lambda f: ra.roi_align(f, boxes, batch, 7, 0.25, 0))
+  if rotated:
+    boxes = np.c_[(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2], rng.uniform(-1.5, 1.5, 16)]
+    run = jax.jit(lambda f: ra.roi_align_rotated(f, boxes.astype(np.float32), batch, 7, 0.25))
+  else:
+    run = jax.jit(lambda f: ra.roi_align(f, boxes, batch, 7, 0.25, 0))
   want = np.asarray(run(feats))
   got = run(feats.astype(jnp.bfloat16))
   assert got.dtype == np.float32

@@ -26,8 +26,10 @@ side that spans more (a box over 4 x 7 feature pixels in both sides for the 7 x 
 only at the top level of large images) takes max_samples / 2 samples per bin there. A fixed
 `sampling_ratio` is exact on both sides. K is rounded up to a multiple of 8. Against four corner
 reads per sample and their sample-sized intermediates, this moves 5-13x fewer bytes on the TPU
-compiler (docs/benchmarks.md). Rotated boxes are not separable and keep the gather of four corners
-per sample.
+compiler (docs/benchmarks.md). Rotated boxes are not separable: each sample reads its four corners
+(samples along one axis padded to a multiple of 8, feature vectors along the other, the layout the
+gather returns) and each bin's average is a matmul with a 0/1 pooling matrix; 4x fewer bytes than
+a (box, out_h, grid, out_w, grid) layout, whose small minor dimensions pad out on TPU tiles.
 
 Multi-level variants assign each box to an FPN level like mmdet's `SingleRoIExtractor`
 (level = floor(log2(sqrt(area) / finest_scale + 1e-6)), clamped) and sample from that level
@@ -128,16 +130,12 @@ def _roi_align_levels(features, boxes, batch_indices, output_size, scales, level
 
 
 def _align_chunk(flat, rois, out_h, out_w, grid, sampling_ratio, aligned, clockwise):
+  """Rotated RoIAlign of a chunk of boxes: four corner reads per sample, averaged per bin."""
   boxes, scale = rois["boxes"], rois["scale"]
   offset = 0.5 if aligned else 0.0
-  if clockwise is None:                               # horizontal: corners
-    start_w, start_h = boxes[:, 0] * scale - offset, boxes[:, 1] * scale - offset
-    roi_w = boxes[:, 2] * scale - offset - start_w
-    roi_h = boxes[:, 3] * scale - offset - start_h
-  else:                                               # rotated: centre, size, angle
-    centre_x, centre_y = boxes[:, 0] * scale - offset, boxes[:, 1] * scale - offset
-    roi_w, roi_h = boxes[:, 2] * scale, boxes[:, 3] * scale
-    theta = -boxes[:, 4] if clockwise else boxes[:, 4]
+  centre_x, centre_y = boxes[:, 0] * scale - offset, boxes[:, 1] * scale - offset
+  roi_w, roi_h = boxes[:, 2] * scale, boxes[:, 3] * scale
+  theta = -boxes[:, 4] if clockwise else boxes[:, 4]
   if not aligned:
     roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
   bin_h, bin_w = roi_h / out_h, roi_w / out_w
@@ -156,23 +154,28 @@ def _align_chunk(flat, rois, out_h, out_w, grid, sampling_ratio, aligned, clockw
           + steps[None, None, :] * bin_w[:, None, None] / safe(grid_w))
   row_ok = jnp.arange(grid)[None, None, :] < grid_h[:, None, None]
   col_ok = jnp.arange(grid)[None, None, :] < grid_w[:, None, None]
-  yy = rows[:, :, :, None, None]                      # (R, out_h, grid, 1, 1)
-  xx = cols[:, None, None, :, :]                      # (R, 1, 1, out_w, grid)
   expand = lambda v: v[:, None, None, None, None]
-  shape = (boxes.shape[0], out_h, grid, out_w, grid)
-  if clockwise is None:
-    y = jnp.broadcast_to(expand(start_h) + yy, shape)
-    x = jnp.broadcast_to(expand(start_w) + xx, shape)
-  else:
-    yy = yy - expand(roi_h) / 2
-    xx = xx - expand(roi_w) / 2
-    cos, sin = expand(jnp.cos(theta)), expand(jnp.sin(theta))
-    y = yy * cos - xx * sin + expand(centre_y)
-    x = yy * sin + xx * cos + expand(centre_x)
-  mask = row_ok[:, :, :, None, None] & col_ok[:, None, None, :, :]
-  values = _bilinear(flat, rois["base"], rois["height"], rois["width"], y, x)
-  values = jnp.where(mask[..., None], values, 0.0).sum((2, 4))
-  return values / count[:, None, None, None]
+  yy = rows[:, :, :, None, None] - expand(roi_h) / 2          # (R, out_h, grid, 1, 1)
+  xx = cols[:, None, None, :, :] - expand(roi_w) / 2          # (R, 1, 1, out_w, grid)
+  cos, sin = expand(jnp.cos(theta)), expand(jnp.sin(theta))
+  y = yy * cos - xx * sin + expand(centre_y)                  # (R, out_h, grid, out_w, grid)
+  x = yy * sin + xx * cos + expand(centre_x)
+  used = jnp.broadcast_to(row_ok[:, :, :, None, None] & col_ok[:, None, None, :, :], y.shape)
+  # Samples flattened to one axis (S = out_h * grid * out_w * grid, feature vectors along the
+  # minor axis, as the gather returns them); each bin's average is a matmul with a 0/1 pooling
+  # matrix (bins, S).
+  # S is padded to whole (8, 128) tiles with unused samples: no relayout of the gathered values.
+  samples = out_h * grid * out_w * grid
+  pad = lambda v, fill=0: jnp.pad(v.reshape(*v.shape[:-4], samples),
+                                  [(0, 0)] * (v.ndim - 4) + [(0, _tiles(samples) - samples)],
+                                  constant_values=fill)
+  values = _bilinear(flat, rois["base"], rois["height"], rois["width"], pad(y), pad(x),
+                     pad(used))                                      # (R, S, C)
+  bins = jnp.arange(out_h)[:, None, None, None] * out_w + jnp.arange(out_w)[None, None, :, None]
+  bins = pad(jnp.broadcast_to(bins, (out_h, grid, out_w, grid)), fill=-1)
+  pool = (bins[None, :] == jnp.arange(out_h * out_w)[:, None]).astype(values.dtype)
+  pooled = jnp.einsum("bs,rsc->rbc", pool, values, preferred_element_type=jnp.float32)
+  return pooled.reshape(-1, out_h, out_w, pooled.shape[-1]) / count[:, None, None, None]
 
 
 def _align_chunk_separable(flat, rois, out_h, out_w, grid, sampling_ratio, aligned):
@@ -285,12 +288,10 @@ def _axis_weights(start, length, size, k, wide_cap, out, grid, sampling_ratio):
   return weights, pixels, jnp.where(fits, per_bin, per_bin_wide)
 
 
-def _bilinear(flat, base, height, width, y, x):
-  """mmcv `bilinear_interpolate` at (R, ...) points of each box's map -> (R, ..., C)."""
-  extra = (1,) * (y.ndim - 1)
-  height = height.reshape(-1, *extra)
-  width = width.reshape(-1, *extra)
-  base = base.reshape(-1, *extra)
+def _bilinear(flat, base, height, width, y, x, used):
+  """mmcv `bilinear_interpolate` at (R, S) points of each box's map, `used` ones only -> (R, S, C)
+  in the features' dtype (the four corners summed in float32, then rounded once)."""
+  height, width, base = height[:, None], width[:, None], base[:, None]
   h_f, w_f = height.astype(y.dtype), width.astype(y.dtype)
   outside = (y < -1.0) | (y > h_f) | (x < -1.0) | (x > w_f)
   y, x = jnp.maximum(y, 0.0), jnp.maximum(x, 0.0)
@@ -304,8 +305,8 @@ def _bilinear(flat, base, height, width, y, x):
   x_high = jnp.where(at_right, x_low, x_low + 1)
   ly, lx = y - y_low, x - x_low
   hy, hx = 1.0 - ly, 1.0 - lx
-  read = lambda yi, xi: flat[base + yi * width + xi]
-  value = ((hy * hx)[..., None] * read(y_low, x_low) + (hy * lx)[..., None] * read(y_low, x_high)
-           + (ly * hx)[..., None] * read(y_high, x_low) + (ly * lx)[..., None] * read(y_high, x_high))
-  return jnp.where(outside[..., None], 0.0, value)
-
+  keep = jnp.where(outside | ~used, 0.0, 1.0)
+  read = lambda yi, xi: flat[base + yi * width + xi].astype(jnp.float32)
+  value = ((keep * hy * hx)[..., None] * read(y_low, x_low) + (keep * hy * lx)[..., None] * read(y_low, x_high)
+           + (keep * ly * hx)[..., None] * read(y_high, x_low) + (keep * ly * lx)[..., None] * read(y_high, x_high))
+  return value.astype(flat.dtype)
