@@ -96,9 +96,9 @@ def test_a_program_beyond_hbm_is_refused_with_what_it_needs(v5e):
   assert estimate.usable_hbm(topology_devices("v5e-4")[0]) == int(15.75 * GIB)
   assert estimate.usable_hbm(topology_devices("v5p-8")[0]) > 95 * GIB
   square = lambda n: Program("square", jax.jit(lambda x: jnp.exp(x) @ x), (v5e((n, n)),), 1, 4 * n * n)
-  fits = compile_program(square(8192))
+  fits = compile_program(square(8192), "tpu")
   assert fits.out_of_memory is None and estimate.memory(fits.executable)["total"] < GIB
-  refused = compile_program(square(65536))   # 16 GiB in, 16 out: more than a v5e chip holds
+  refused = compile_program(square(65536), "tpu")   # 16 GiB in, 16 out: more than a v5e chip holds
   assert refused.executable is None and refused.out_of_memory["needed_bytes"] > 16 * GIB
   assert refused.out_of_memory["available_bytes"] == int(15.75 * GIB)
 
@@ -246,6 +246,7 @@ def test_plan_the_quickstart_on_two_tpu_hosts(tmp_path):
   assert code == 0, text
   check_planned(result, 8, 2, ("train step",))
   assert result["tasks"] == ["ss", "rd"] and result["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert result["compute_dtype"] == "bfloat16"   # 'auto' for the TPU, though traced on this CPU
   train = result["programs"]["train step"]
   assert train["images_per_chip"] == 1 and train["cost"]["loops"]["run_time"] > 0   # NMS's loops
   scopes = {row["scope"].split("/")[0] for row in train["top"]["by_scope"]}
@@ -315,6 +316,7 @@ def test_plan_on_this_machine_runs_real_steps(tfrecord_dir, tmp_path):
   assert code == 0, text
   train = result["programs"]["train step"]
   assert result["chips"] == 8 and result["chip"] is None and "roofline" not in train
+  assert result["compute_dtype"] == "float32"    # 'auto' on the CPU
   measured = train["measured"]
   assert measured["steps"] == 2 and measured["seconds_per_step"] > 0 and math.isfinite(measured["last_loss"])
   assert measured["images_per_s_per_chip"] == pytest.approx(24 / 8 / measured["seconds_per_step"])
