@@ -56,9 +56,8 @@ def main():
                                               spec((num, size, size, 256), jnp.bfloat16))
     compiled = lowered.compile()
     cost = estimate.cost(compiled)
-    kernels, _ = hlo.kernels_and_loops(compiled.as_text())   # XLA counts a loop's body once
-    flops = cost["flops"] + sum(k.flops * (1 - 1 / k.count) for k in kernels)
-    bytes_ = cost["bytes"] + sum(k.bytes * (1 - 1 / k.count) for k in kernels)
+    repeats = hlo.loop_repeats(hlo.kernels(compiled.as_text()))
+    flops, bytes_ = cost["flops"] + repeats["flops"], cost["bytes"] + repeats["bytes"]
     roof = estimate.roofline(flops, bytes_, tpu_slice.chip.peak_bf16_flops, tpu_slice.chip.hbm_bytes_per_s)
     rows.append({"case": name, "rois": num, "output": size, "sampling_ratio": ratio,
                  "gb_per_image": round(bytes_ / 1e9, 3), "gflop_per_image": round(flops / 1e9, 2),

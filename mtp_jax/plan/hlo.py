@@ -418,6 +418,12 @@ def trip_count(computations: dict, caller: list, loop: _Instruction) -> int | No
 
 
 
+def loop_repeats(found: list[Kernel]) -> dict:
+  """{"flops", "bytes"} that XLA's cost analysis leaves out: it counts a loop's body once, so
+  each kernel run `count` times adds count - 1 more runs (loops of fixed trip count)."""
+  return {key: sum(getattr(k, key) * (1 - 1 / k.count) for k in found) for key in ("flops", "bytes")}
+
+
 def top(found: list[Kernel], key: str, k: int) -> list[Kernel]:
   """The `k` kernels with the most `key` ('bytes' or 'flops')."""
   return sorted(found, key=lambda kern: getattr(kern, key), reverse=True)[:k]

@@ -92,7 +92,7 @@ def program_figures(compiled: Compiled, target: Target, chips: int, top_k: int =
   cost = estimate.cost(exe)
   kernels, loops = hlo.kernels_and_loops(exe.as_text())
   # XLA counts a loop's body once: add the repeats of the loops whose trip counts are fixed.
-  repeats = {k: sum(getattr(kern, k) * (1 - 1 / kern.count) for kern in kernels) for k in ("flops", "bytes")}
+  repeats = hlo.loop_repeats(kernels)
   cost["xla_flops"], cost["xla_bytes"] = cost["flops"], cost["bytes"]
   cost["flops"] += repeats["flops"]
   cost["bytes"] += repeats["bytes"]
