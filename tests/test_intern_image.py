@@ -150,21 +150,44 @@ def swin_layer_id(var_name: str, num_max_layer: int, depths) -> int:
   return num_max_layer - 1
 
 
+def mtp_finetune_layer_id(var_name: str, num_max_layer: int, depths) -> int:
+  """The id MTP's InternImage finetuning really assigns: its finetune constructors are copies of
+  pretraining's, whose rule (swin_layer_id on `backbone.` names) was rewritten for the
+  pretraining model's `encoder.patch_embed` / `encoder.levels` names (MTP_SPEC §5.4). A finetune
+  model's names start with `backbone.`, so they reach its last branch."""
+  if var_name.startswith("encoder."):
+    return swin_layer_id("backbone." + var_name[len("encoder."):], num_max_layer, depths)
+  return num_max_layer - 1
+
+
 def test_every_xl_parameter_of_a_finetune_gets_internimages_layer_decay():
-  """EuroSAT with InternImage-XL (`:internimage`): lr 2e-5, layer decay 0.94 over 39 + 2 layer
-  ids, drop path 0.2; each parameter's multiplier is 0.94^(41 - id - 1) with the original's id of
-  its official name (0.94^40 for the stem, 1 for the head), MTP_SPEC §2, §5.2. A pre-norm toy
-  checks the stage norms' ids (stage 3's as stage 2's, as the original)."""
+  """EuroSAT with InternImage-XL (`:internimage`): lr 2e-5, drop path 0.2, and lr scale 1 on every
+  parameter, as the original's constructor gives its finetune names (MTP_SPEC §5.4). With the
+  switch (`optimizer.layer_decay=0.94`) the decay its configs ask for: each parameter's
+  multiplier is 0.94^(41 - id - 1) with InternImage's id of its official name (0.94^40 for the
+  stem, 1 for the head), MTP_SPEC §2, §5.2. A pre-norm toy checks the stage norms' ids (stage 3's
+  as stage 2's, as the original)."""
   from mtp_jax.train import loop, optimizer
   c = config_lib.load_config(f"{ROOT}/configs/finetune/eurosat.py:internimage")
   assert (c.model.encoder, c.optimizer.layer_decay, c.model.drop_path_rate, c.optimizer.lr) == (
-      "intern_image_xl", 0.94, 0.2, 2e-5)
+      "intern_image_xl", 1.0, 0.2, 2e-5)
   tasks = loop.build_tasks(c, {"eurosat": [f"c{i}" for i in range(10)]})
   pure = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: loop.build_model(c, tasks, nnx.Rngs(0))), nnx.Param))
+  names = {}
+  for path, _ in jax.tree_util.tree_leaves_with_path(pure):
+    keys = tuple(str(getattr(k, "key", k)) for k in path)
+    names[keys] = ("backbone." + torch_convert.torch_key(keys[1:])) if keys[0] == "encoder" else "head." + ".".join(keys[1:])
+  default = optimizer.layer_decay_scales(pure, c.optimizer.layer_decay)
+  for path, scale in jax.tree_util.tree_leaves_with_path(default):
+    name = names[tuple(str(getattr(k, "key", k)) for k in path)]
+    assert scale == 1.0 == 0.94 ** (41 - mtp_finetune_layer_id(name, 41, (5, 5, 24, 5)) - 1), name
+  assert len(optimizer.make_optimizer(c).init(pure)) == 2   # no layer-decay transform at all
+  switched = config_lib.apply_overrides(c, ["optimizer.layer_decay=0.94"])
+  assert len(optimizer.make_optimizer(switched).init(pure)) == 3
   toy = nnx.eval_shape(lambda: models.build_encoder("intern_image_xl", 64, rngs=nnx.Rngs(0), **PRE_NORM_FORM))
   toy = {"encoder": nnx.to_pure_dict(nnx.state(toy, nnx.Param)), "heads": {"fc": np.zeros((4, 2))}}
   for params, depths, seen_all in ((pure, (5, 5, 24, 5), True), (toy, TOY["depths"], False)):
-    scales = optimizer.layer_decay_scales(params, 0.94)
+    scales = optimizer.layer_decay_scales(params, switched.optimizer.layer_decay)
     num_layers = sum(depths) + 2
     seen = set()
     for path, scale in jax.tree_util.tree_leaves_with_path(scales):
@@ -185,7 +208,7 @@ def test_recipes_hold_internimages_settings():
       "intern_image_xl", 448, 80_000, 2e-5, 0.94, 0.2, True, 0, (1, -1, 1))
   assert config_lib.enabled_tasks(c) == ("ss", "is", "rd")
   dior_r = config_lib.load_config(f"{ROOT}/configs/finetune/dior_r.py:internimage")
-  assert (dior_r.model.encoder, dior_r.optimizer.lr, dior_r.optimizer.layer_decay) == ("intern_image_xl", 1e-4, 0.94)
+  assert (dior_r.model.encoder, dior_r.optimizer.lr, dior_r.optimizer.layer_decay) == ("intern_image_xl", 1e-4, 1.0)
   smoke = config_lib.load_config(f"{ROOT}/configs/finetune/levir_cd.py:smoke+internimage")
   assert smoke.model.encoder == "intern_image_xl" and dict(smoke.model.encoder_overrides) == TOY
   with pytest.raises(ValueError, match="embed_dim"):

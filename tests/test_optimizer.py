@@ -4,6 +4,7 @@ effective setting, leaves it out), weight-decay exclusions, and the paper config
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mtp_jax import config as config_lib
@@ -106,3 +107,37 @@ def test_every_vit_b_parameter_of_a_finetune_gets_the_official_layer_decay():
     seen.add(layer)
   assert seen == set(range(14))
   assert scales["encoder"]["patch_embed"]["proj"]["kernel"] == pytest.approx(0.2541865828)
+
+
+def finetune_configs():
+  """Every finetune config, as a user loads it, with each option that changes the recipe."""
+  import glob
+  for path in sorted(glob.glob(f"{ROOT}/configs/finetune/*.py")):
+    for arg in ("", ":internimage", ":frozen"):
+      yield path.rsplit("/", 1)[1] + arg, config_lib.load_config(path + arg)
+
+
+def test_no_finetune_config_clips_gradients_and_no_clipping_is_plain_adamw():
+  """The original's mmengine finetune configs set no clip_grad (MTP_SPEC §5.4): 0 = no clipping.
+  Two steps whose gradients differ 100x in scale: with no clipping the updates are optax's AdamW
+  alone; clipping at 5 (pretraining) changes the second update."""
+  for name, c in finetune_configs():
+    assert c.optimizer.grad_clip_norm == 0, name
+  c = config_lib.load_config(f"{ROOT}/configs/finetune/eurosat.py")
+  c.optimizer.layer_decay, c.optimizer.warmup_steps = 1.0, 0
+  params = toy_params()
+  grads = jax.tree.map(lambda p: jnp.linspace(-1, 1, p.size).reshape(p.shape), params)
+  def two_updates(tx):
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(lambda g: 100 * g, grads), state, params)
+    return tx.update(grads, state, params)[0]
+  plain = optax.adamw(optimizer.learning_rate_schedule(c), b1=0.9, b2=0.999, weight_decay=0.05,
+                      mask=optimizer.weight_decay_mask)
+  unclipped = two_updates(optimizer.make_optimizer(c))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), unclipped, two_updates(plain))
+  c.optimizer.grad_clip_norm = 5.0
+  clipped = two_updates(optimizer.make_optimizer(c))
+  change = max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(unclipped)))
+  assert change > 0.01, change
+  with pytest.raises(ConfigError, match="grad_clip_norm"):
+    config_lib.apply_overrides(c, ["optimizer.grad_clip_norm=-1.0"])

@@ -17,7 +17,7 @@ ops, magnitude 9 +- 0.5), RandomErasing 0.25 (data_pipelines/downstream/classifi
 top-1 overall accuracy on the held-out 20 %. The paper (MTP ViT-B+RVSA): OA 98.76 (ViT-L 98.78;
 MAE ViT-B baseline 98.54), §5.3.
 Args: 'smoke' (a 3-block ViT+RVSA of width 64 at 64 px, 30 steps, no RandAugment), 'frozen' (linear probing:
-the encoder frozen), 'internimage' (InternImage-XL: lr 2e-5, layer decay 0.94, drop path 0.2; the
+the encoder frozen), 'internimage' (InternImage-XL: lr 2e-5, drop path 0.2, no layer decay as the original; the
 linear head on its last, 1536-d stride-32 map, MTP's IMP+MTP XL: OA 99.24); combine with '+',
 e.g. `eurosat.py:smoke+frozen`, `eurosat.py:internimage`.
 """

@@ -5,7 +5,8 @@ lr_t = lr * 0.5 * (1 + cos(pi * t / num_steps)) down to 0, after an optional lin
 lr times `decay_factor` at each of `decay_steps` (MultiStepLR, epochs 8 and 11 of 12 in MTP's
 detection finetuning), times the linear warmup factor min(1, t / warmup_steps), the product
 mmengine forms when LinearLR and MultiStepLR run together (ours warms up from 0, mmengine's
-from start_factor x lr). Global-norm clipping (5) comes before AdamW. Weight decay skips 1-D
+from start_factor x lr). Global-norm clipping (`grad_clip_norm`: 5 in pretraining, 0 = none in
+finetuning, as the original) comes before AdamW. Weight decay skips 1-D
 parameters (biases, norms) and `pos_embed`.
 
 Layer-wise lr decay (`optimizer.layer_decay` = rate < 1) multiplies each parameter's whole AdamW
@@ -137,7 +138,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
   sees the heads' alone; its AdamW moments stay allocated, at zero (a masked optimizer would
   save them, but optax's MaskedNode leaves break the state's sharding tree)."""
   opt = config.optimizer
-  parts = [optax.clip_by_global_norm(opt.grad_clip_norm),
+  # No clipping keeps a stateless placeholder, so the optimizer state has one layout either way.
+  clip = optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm > 0 else optax.identity()
+  parts = [clip,
            optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2,
                        weight_decay=opt.weight_decay, mask=weight_decay_mask)]
   if opt.layer_decay < 1.0:
