@@ -106,6 +106,10 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   # 'cosine' to 0 over train.num_steps, or 'step': lr x decay_factor at each of decay_steps
   # (mmdet's MultiStepLR, MTP's detection finetuning; mtp_jax/train/optimizer.py)
   c.optimizer.schedule = "cosine"
+  # Cosine once per epoch of this many steps (mmengine's by_epoch=True, MTP's classification and
+  # change-detection finetuning): the lr holds for an epoch (warmup still rises every step).
+  # 0: the cosine moves every step.
+  c.optimizer.epoch_steps = 0
   c.optimizer.decay_steps = ()
   c.optimizer.decay_factor = 0.1
   c.optimizer.grad_clip_norm = 5.0    # global-norm clipping before AdamW; 0: none
@@ -266,6 +270,7 @@ def apply_finetune_options(c, options: set):
     c.model.drop_path_rate = 0.1
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 3
+    c.optimizer.epoch_steps = 3 if c.optimizer.epoch_steps else 0   # 10 epochs of 3 steps
     c.train.num_steps = 30
     c.train.log_every = 5
     c.train.checkpoint_every = 1_000
@@ -335,6 +340,12 @@ def validate(config, defaults=None):
     raise ConfigError(f"optimizer.grad_accum_steps = {config.optimizer.grad_accum_steps} must be >= 1")
   if config.optimizer.schedule not in ("cosine", "step"):
     raise ConfigError(f"optimizer.schedule {config.optimizer.schedule!r} is not 'cosine' or 'step'")
+  epoch_steps = config.optimizer.epoch_steps
+  if not isinstance(epoch_steps, int) or epoch_steps < 0:
+    raise ConfigError(f"optimizer.epoch_steps = {epoch_steps!r} must be a whole number of steps >= 0 (0: per step)")
+  if epoch_steps and config.optimizer.schedule != "cosine":
+    raise ConfigError("optimizer.epoch_steps applies to optimizer.schedule='cosine' only (the step "
+                      "schedule's decay_steps already fall on epoch boundaries)")
   if config.optimizer.decay_steps and config.optimizer.schedule != "step":
     raise ConfigError(f"optimizer.decay_steps {tuple(config.optimizer.decay_steps)} apply to "
                       "optimizer.schedule='step' only")

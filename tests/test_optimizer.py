@@ -1,6 +1,8 @@
 """Optimizer settings of §3.5: layer-wise lr decay that really applies (and 1.0, the paper's
 effective setting, leaves it out), weight-decay exclusions, and the paper configs' values."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +143,42 @@ def test_no_finetune_config_clips_gradients_and_no_clipping_is_plain_adamw():
   assert change > 0.01, change
   with pytest.raises(ConfigError, match="grad_clip_norm"):
     config_lib.apply_overrides(c, ["optimizer.grad_clip_norm=-1.0"])
+
+
+def mmengine_lr(step: int, lr: float, epoch_steps: int, warmup_epochs: int, epochs: int) -> float:
+  """The original's classification / change-detection schedule, transcribed from its configs:
+  LinearLR(start_factor=1e-6, by_epoch=True, begin=0, end=warmup_epochs, convert_to_iter_based=True)
+  then CosineAnnealingLR(T_max=epochs - warmup_epochs, by_epoch=True, begin=warmup_epochs,
+  end=epochs), mmengine's closed forms."""
+  warmup = warmup_epochs * epoch_steps
+  if step < warmup:
+    return lr * (1e-6 + (1 - 1e-6) * step / warmup)
+  epoch = step // epoch_steps
+  return lr * 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def test_classification_and_change_detection_step_the_cosine_once_per_epoch():
+  """MTP_SPEC §5.4: by_epoch=True, so the lr is a staircase of one value per epoch after the
+  per-iteration warmup; every classification and change-detection config sets it up with whole
+  epochs, the others keep a per-step schedule."""
+  for name, c in finetune_configs():
+    family = config_lib.enabled_tasks(c)[0]
+    if family in ("cls", "cd"):
+      e = c.optimizer.epoch_steps
+      assert e > 0 and c.train.num_steps % e == 0 and c.optimizer.warmup_steps == 5 * e, name
+    else:
+      assert c.optimizer.epoch_steps == 0, name
+  c = config_lib.load_config(f"{ROOT}/configs/finetune/eurosat.py")
+  e, epochs = c.optimizer.epoch_steps, c.train.num_steps // c.optimizer.epoch_steps
+  steps = np.arange(c.train.num_steps)
+  ours = np.asarray(jax.jit(jax.vmap(optimizer.learning_rate_schedule(c)))(steps))
+  want = np.array([mmengine_lr(int(t), c.optimizer.lr, e, 5, epochs) for t in steps])
+  np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-10)
+  after = ours[5 * e:].reshape(epochs - 5, e)
+  assert (after == after[:, :1]).all() and (np.diff(after[:, 0]) < 0).all()   # one value per epoch, falling
+  assert (np.diff(ours[:5 * e]) > 0).all()                                     # the warmup rises every step
+  per_step = config_lib.apply_overrides(c, ["optimizer.epoch_steps=0"])
+  smooth = np.asarray(jax.vmap(optimizer.learning_rate_schedule(per_step))(steps[5 * e:]))
+  assert (np.diff(smooth) <= 0).all() and np.ptp(smooth[45 * e:46 * e]) > 0   # falls within an epoch
+  with pytest.raises(ConfigError, match="epoch_steps"):
+    config_lib.apply_overrides(c, ["optimizer.epoch_steps=-3"])

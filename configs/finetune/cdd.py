@@ -10,8 +10,9 @@ Siamese ViT-B + RVSA (shared weights, both dates in one pass), |f1 - f2| of the 
 maps, UNet head (decoder 512/256/128/64, BatchNorm, x2 bilinear, dropout 0.1), CE over 2
 classes. The release's 256-px JPEG pairs (10,000 train, 3,000 val, 3,000 test; labels in OUT/);
 augmentation: rotate +-20 degrees (p 0.5), flip (p 0.5), crop 256 (cat_max_ratio 0.75), date
-exchange (p 0.5), mild photometric distortion; batch 32 (4 per GPU x 8); 200 epochs = 62,500
-steps, 5 epochs (1,563 steps) of linear warmup, then cosine to 0; AdamW lr 6e-5, weight decay
+exchange (p 0.5), mild photometric distortion; batch 32 (4 per GPU x 8); 200 epochs of 313
+steps = 62,600 steps, 5 epochs (1,565 steps) of linear warmup, then cosine to 0 stepped once per
+epoch (the original's by_epoch=True; `--set optimizer.epoch_steps=0` moves it every step); AdamW lr 6e-5, weight decay
 0.05, layer decay 0.9, drop path 0.3. Metric: F1 of the changed class on the test tiles. The
 paper (MTP ViT-B+RVSA): F1 97.87 (ViT-L 97.98; MAE ViT-B 97.80), §5.3.
 Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
@@ -26,9 +27,10 @@ def get_config(arg=None):
   c.data.dir = "data/finetune"
   c.data.image_size = 256
   c.data.batch_per_subset = 32
-  c.train.num_steps = 62_500           # 200 epochs x 312.5 steps
-  c.optimizer.warmup_steps = 1_563     # 5 epochs
-  c.train.checkpoint_every = 6_250     # every 20 epochs
+  c.optimizer.epoch_steps = 313        # ceil(10,000 / 32)
+  c.train.num_steps = 200 * 313        # 200 epochs
+  c.optimizer.warmup_steps = 5 * 313   # 5 epochs
+  c.train.checkpoint_every = 20 * 313  # every 20 epochs
   c.train.log_every = 100
   c.eval.split = "test"
   c.eval.batch_per_subset = 32

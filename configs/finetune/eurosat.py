@@ -9,8 +9,10 @@
         --set data.dir=data/finetune                          # tiny model, a minute on a CPU
 
 224 px; batch 64 (8 per GPU x 8 in the original); 100 epochs of the 21,600 training images
-(80 % of 27,000, seeded per class: data_pipelines/downstream/scene_folders.py) = 33,750 steps,
-the first 5 epochs (1,690 steps) a linear warmup, then cosine to 0; AdamW lr 6e-5, weight decay
+(80 % of 27,000, seeded per class: data_pipelines/downstream/scene_folders.py), 338 steps each
+(the last batch partial, as mmengine's loader) = 33,800 steps, the first 5 epochs (1,690 steps) a
+linear warmup, then cosine to 0 stepped once per epoch (the original's by_epoch=True;
+`--set optimizer.epoch_steps=0` moves it every step); AdamW lr 6e-5, weight decay
 0.05, layer decay 0.9, drop path 0.3; GAP + linear head on the last stride-16 map; CE.
 Augmentation (mmpretrain's): RandomResizedCrop 224, flip 0.5, RandAugment (timm increasing, 2
 ops, magnitude 9 +- 0.5), RandomErasing 0.25 (data_pipelines/downstream/classification.py). Metric:
@@ -32,10 +34,11 @@ def get_config(arg=None):
   c.data.image_size = 224
   c.data.batch_per_subset = 64
   c.data.rand_augment = 2              # RandAugment, 2 ops of magnitude 9 +- 0.5
-  c.train.num_steps = 33_750           # 100 epochs x 337.5 steps
-  c.optimizer.warmup_steps = 1_690     # 5 epochs
-  c.train.checkpoint_every = 3_375     # every 10 epochs
+  c.optimizer.epoch_steps = 338        # ceil(21,600 / 64)
+  c.train.num_steps = 100 * 338        # 100 epochs
+  c.optimizer.warmup_steps = 5 * 338   # 5 epochs
+  c.train.checkpoint_every = 10 * 338  # every 10 epochs
   c.train.log_every = 100
   c.eval.batch_per_subset = 64
-  c.eval.every_steps = 6_750           # every 20 epochs
+  c.eval.every_steps = 20 * 338        # every 20 epochs
   return apply_finetune_options(c, options)

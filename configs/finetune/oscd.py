@@ -14,8 +14,10 @@ into 96-px tiles (about 850), each resized to 224 (data.resize); uint16 digital 
 normalised with Sentinel-2 L1C statistics (data_pipelines/downstream/sentinel2.py).
 Augmentation: rotate +-20 degrees (p 0.5), flip (p 0.5), crop 224 (cat_max_ratio 0.75), date
 exchange (p 0.5); batch 32 (4 per GPU x 8); 100 epochs of about 27 steps = 2,700 steps (set
-train.num_steps = 100 x the converter's training-tile count / 32), 5 epochs (135 steps) of
-linear warmup, then cosine to 0; AdamW lr 6e-5, weight decay 0.05, layer decay 0.9, drop path
+optimizer.epoch_steps = ceil(the converter's training-tile count / 32), train.num_steps = 100 x
+and optimizer.warmup_steps = 5 x that), 5 epochs (135 steps) of linear warmup, then cosine to 0
+stepped once per epoch (the original's by_epoch=True; `--set optimizer.epoch_steps=0` moves it
+every step); AdamW lr 6e-5, weight decay 0.05, layer decay 0.9, drop path
 0.3. Metric: F1 of the changed class on the 10 test cities' tiles (at 224 px: a 96-px tile's
 pixels are counted 2-3 times each by the nearest-neighbour label resize, uniformly over the
 tile). The paper (MTP ViT-B+RVSA): F1 53.36 (ViT-L 55.92; MAE ViT-B 50.28), §5.3.
@@ -38,9 +40,10 @@ def get_config(arg=None):
   c.data.resize = 224
   c.data.image_size = 224
   c.data.batch_per_subset = 32
-  c.train.num_steps = 2_700            # 100 epochs x ~27 steps
-  c.optimizer.warmup_steps = 135       # 5 epochs
-  c.train.checkpoint_every = 270       # every 10 epochs
+  c.optimizer.epoch_steps = 27         # ceil(~850 / 32)
+  c.train.num_steps = 100 * 27         # 100 epochs
+  c.optimizer.warmup_steps = 5 * 27    # 5 epochs
+  c.train.checkpoint_every = 10 * 27   # every 10 epochs
   c.train.log_every = 27
   c.eval.split = "test"
   c.eval.batch_per_subset = 32

@@ -10,8 +10,9 @@ Siamese ViT-B + RVSA (shared weights, both dates in one pass), |f1 - f2| of the 
 maps, UNet head (decoder 512/256/128/64, BatchNorm, x2 bilinear, dropout 0.1), CE over 2
 classes. The release's 256-px tiles (6,096 train, 762 val, 762 test in the common split);
 augmentation: rotate +-20 degrees (p 0.5), flip (p 0.5), crop 256 (cat_max_ratio 0.75), date
-exchange (p 0.5), mild photometric distortion; batch 32 (4 per GPU x 8); 200 epochs = 38,100
-steps, 5 epochs (953 steps) of linear warmup, then cosine to 0; AdamW lr 6e-5, weight decay
+exchange (p 0.5), mild photometric distortion; batch 32 (4 per GPU x 8); 200 epochs of 191
+steps = 38,200 steps, 5 epochs (955 steps) of linear warmup, then cosine to 0 stepped once per
+epoch (the original's by_epoch=True; `--set optimizer.epoch_steps=0` moves it every step); AdamW lr 6e-5, weight decay
 0.05, layer decay 0.9, drop path 0.3. Metric: F1 of the changed class on the test tiles. The
 paper (MTP ViT-B+RVSA): F1 94.32 (ViT-L 94.75; MAE ViT-B 93.77), §5.3.
 Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
@@ -26,9 +27,10 @@ def get_config(arg=None):
   c.data.dir = "data/finetune"
   c.data.image_size = 256
   c.data.batch_per_subset = 32
-  c.train.num_steps = 38_100           # 200 epochs x 190.5 steps
-  c.optimizer.warmup_steps = 953       # 5 epochs
-  c.train.checkpoint_every = 3_810     # every 20 epochs
+  c.optimizer.epoch_steps = 191        # ceil(6,096 / 32)
+  c.train.num_steps = 200 * 191        # 200 epochs
+  c.optimizer.warmup_steps = 5 * 191   # 5 epochs
+  c.train.checkpoint_every = 20 * 191  # every 20 epochs
   c.train.log_every = 100
   c.eval.split = "test"
   c.eval.batch_per_subset = 32

@@ -1,7 +1,8 @@
 """AdamW with a cosine schedule, gradient clipping and layer-wise lr decay (MTP_SPEC §3.5, §5.1).
 
 lr_t = lr * 0.5 * (1 + cos(pi * t / num_steps)) down to 0, after an optional linear warmup from 0
-(the original has none). `optimizer.schedule = "step"` is mmdet's detection schedule instead:
+(the original's pretraining has none); with `optimizer.epoch_steps` the cosine moves once per
+epoch (mmengine's by_epoch=True, the original's classification and change-detection finetuning). `optimizer.schedule = "step"` is mmdet's detection schedule instead:
 lr times `decay_factor` at each of `decay_steps` (MultiStepLR, epochs 8 and 11 of 12 in MTP's
 detection finetuning), times the linear warmup factor min(1, t / warmup_steps), the product
 mmengine forms when LinearLR and MultiStepLR run together (ours warms up from 0, mmengine's
@@ -41,9 +42,27 @@ def learning_rate_schedule(config):
       return lr * jnp.minimum(1.0, count / warmup) if warmup else lr
 
     return step_schedule
+  if opt.epoch_steps:
+    return per_epoch_cosine(opt.lr, opt.warmup_steps, steps, opt.epoch_steps)
   if opt.warmup_steps:
     return optax.warmup_cosine_decay_schedule(0.0, opt.lr, opt.warmup_steps, max(steps, opt.warmup_steps + 1), 0.0)
   return optax.cosine_decay_schedule(opt.lr, max(steps, 1), alpha=0.0)
+
+
+def per_epoch_cosine(lr: float, warmup: int, steps: int, epoch_steps: int):
+  """mmengine's LinearLR (per iteration) over the first `warmup` steps, then CosineAnnealingLR with
+  by_epoch=True: during epoch e (steps [e E, (e + 1) E)) the lr is
+  lr * 0.5 * (1 + cos(pi * (e E - warmup) / (steps - warmup))), i.e. with warmup = w epochs and
+  steps = n epochs, T_max = n - w epochs and the lr of epoch e is cosine((e - w) / (n - w))."""
+  span = max(steps - warmup, 1)
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    epoch_start = jnp.floor(count / epoch_steps) * epoch_steps
+    cosine = 0.5 * lr * (1 + jnp.cos(jnp.pi * jnp.clip((epoch_start - warmup) / span, 0.0, 1.0)))
+    return jnp.where(count < warmup, lr * count / max(warmup, 1), cosine)
+
+  return schedule
 
 
 def _names(path) -> list[str]:
