@@ -5,9 +5,11 @@ The four maps are taken deepest first: the last is the head, the other three the
 (decoder channels 512, 256, 128, 64): nearest x2 upsampling, the i-th skip (if any) bilinearly
 resized to that size and concatenated, then twice conv3x3 (no bias) + BatchNorm + ReLU. Four
 blocks take stride 16 to stride 1; a final bilinear x2, Dropout2d(0.1) and a 1x1 `conv_seg`
-give the logits (the loss resizes them to the labels, mmseg). Every conv is initialised normal
-(std 0.01), biases 0, as MTP's head. The BatchNorm keeps statistics per dataset
-(`SubsetBatchNorm`), as the pretraining decoders do.
+give the logits (the loss resizes them to the labels, mmseg). Initialisation as open-cd's: only
+`conv_seg` gets normal (std 0.01) weights and zero biases (mmseg's BaseDecodeHead init_cfg); the
+decoder convs keep PyTorch's default (U(+-1/sqrt(fan_in)), `layers.conv`) and BatchNorm scale 1,
+bias 0. The BatchNorm keeps statistics per dataset (`SubsetBatchNorm`), as the pretraining
+decoders do.
 """
 
 import jax
@@ -24,7 +26,7 @@ _NORMAL_001 = nnx.initializers.normal(0.01)
 
 class ConvBnRelu(nnx.Module):
   def __init__(self, din, dout, *, rngs, dtype=None):
-    self.conv = layers.conv(din, dout, 3, use_bias=False, dtype=dtype, rngs=rngs, kernel_init=_NORMAL_001)
+    self.conv = layers.conv(din, dout, 3, use_bias=False, dtype=dtype, rngs=rngs)
     self.bn = SubsetBatchNorm(dout)
 
   def __call__(self, x, *, groups: int, train: bool):
