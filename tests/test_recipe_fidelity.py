@@ -28,3 +28,32 @@ def test_unet_head_initialises_only_conv_seg_normal_and_the_decoder_as_pytorch()
   w = np.asarray(seg.kernel[...])
   assert w.shape == (1, 1, 64, 2) and 0.007 < w.std() < 0.013 and np.abs(w).max() < 0.05
   np.testing.assert_array_equal(np.asarray(seg.bias[...]), 0)
+
+
+def mmseg_random_resize(height: int, width: int, scale: tuple, ratio: float) -> tuple:
+  """mmseg's RandomResize(scale, ratio_range, keep_ratio=True) after drawing `ratio`, transcribed:
+  _random_sample_ratio's target (int(scale[0] r), int(scale[1] r)), then mmcv.imrescale's
+  rescale_size: factor min(long edge / long side, short edge / short side), sizes int(x + 0.5).
+  Returns (factor, new_height, new_width)."""
+  target = (int(scale[0] * ratio), int(scale[1] * ratio))
+  factor = min(max(target) / max(height, width), min(target) / min(height, width))
+  return factor, int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def test_segmentation_resize_fits_the_image_inside_the_scaled_crop_as_mmseg():
+  """The original's configs: RandomResize(scale=crop, ratio_range=(0.5, 2.0), keep_ratio=True).
+  A 1024-px LoveDA tile with crop 512 trains at 0.25, 0.5 and 1x for r = 0.5, 1 and 2; a 439 x 407
+  SpaceNetv1 image with crop 384 likewise; and the training example is cut from that resize."""
+  from data_pipelines.downstream import segmentation
+  for r, want in ((0.5, 0.25), (1.0, 0.5), (2.0, 1.0)):
+    assert segmentation.rescale_factor(1024, 1024, 512, r) == want == mmseg_random_resize(1024, 1024, (512, 512), r)[0]
+  for r in (0.5, 0.77, 1.3, 2.0):
+    assert segmentation.rescale_factor(407, 439, 384, r) == mmseg_random_resize(407, 439, (384, 384), r)[0]
+  image = np.random.default_rng(1).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+  label = (np.arange(1024)[:, None] // 128 + np.arange(1024)[None] // 256).astype(np.uint8) % 7
+  for seed in range(4):
+    r = np.random.default_rng(seed).uniform(0.5, 2.0)   # the example's first draw
+    _, new_h, new_w = mmseg_random_resize(1024, 1024, (512, 512), r)
+    sample, hw = segmentation.train_example(image, label, np.random.default_rng(seed), 512)
+    assert tuple(hw) == (min(new_h, 512), min(new_w, 512)) and sample["image"].shape == (512, 512, 3), (r, hw)
+    assert new_h <= 1024   # never above native resolution (the old rule drew up to 2x)

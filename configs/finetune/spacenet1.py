@@ -7,7 +7,8 @@
         --set data.dir=data/finetune
 
 UperNet (512 channels, pool scales 1/2/3/6, BatchNorm, dropout 0.1) on ViT-B + RVSA; 2 classes
-(background, building); random resize 0.5-2.0, 384 x 384 crops (cat_max_ratio 0.75), flip 0.5,
+(background, building); random resize to fit 384 r x 384 r, r ~ U(0.5, 2.0) (the
+original's RandomResize(scale=crop)), 384 x 384 crops (cat_max_ratio 0.75), flip 0.5,
 photometric distortion; batch 8 (1 per GPU x 8); 80,000 steps, 1,500 of linear warmup, then
 cosine to 0; AdamW lr 6e-5, weight decay 0.05, layer decay 0.9, drop path 0.3. Evaluation:
 whole images (up to 439 x 407 px) on a 448-px canvas by slide inference, windows of 384 every

@@ -4,8 +4,10 @@ Static example: image (S, S, 3) uint8; semantic (S, S) uint8 (0 background, k + 
 ignored, also the padding); image_hw (2,) int32, the unpadded height and width; is_real () bool;
 image_id () str. S = data.image_size (the crop) for training, eval.image_size (a canvas that
 holds the split's largest image) for evaluation.
-Training (mmseg, in order): RandomResize by U(0.5, 2.0) of the native size (aspect kept;
-bilinear image, nearest labels), RandomCrop S x S with cat_max_ratio 0.75 (up to 10 draws until
+Training (mmseg, in order): RandomResize(scale=(S, S), ratio_range=(0.5, 2.0), keep_ratio=True)
+as the original's configs set it, which scales the image to fit inside S r x S r, r ~ U(0.5, 2.0)
+(`rescale_factor`; LoveDA's 1024-px tiles with S = 512 train at 0.25-1x their native resolution;
+aspect kept, bilinear image, nearest labels), RandomCrop S x S with cat_max_ratio 0.75 (up to 10 draws until
 no class covers 75 % of the crop's labelled pixels), horizontal flip 0.5, PhotoMetricDistortion,
 padding to S x S. Evaluation: the whole image, unresized, padded to the canvas; slide inference
 (mtp_jax/models/slide.py) reads image_hw.
@@ -41,8 +43,19 @@ def random_crop(sample: dict, rng, size: int, cat_max_ratio: float = CAT_MAX_RAT
   return augment.crop(sample, top, left, ch, cw)
 
 
+def rescale_factor(height: int, width: int, crop: int, ratio: float) -> float:
+  """The image's scale factor under mmseg's RandomResize(scale=(crop, crop), ratio_range,
+  keep_ratio=True) once it has drawn `ratio`: the target scale is (int(crop r), int(crop r))
+  (`_random_sample_ratio`) and mmcv's imrescale fits the image inside it, long side to the long
+  edge and short side to the short edge, whichever is tighter. New sizes are then rounded
+  (`augment.resize`; mmcv's int(x + 0.5) differs only at an exact half pixel)."""
+  long_edge = short_edge = int(crop * ratio)
+  return min(long_edge / max(height, width), short_edge / min(height, width))
+
+
 def train_example(image, label, rng, size: int) -> dict:
-  sample = augment.resize(_sample(image, label), rng.uniform(0.5, 2.0))
+  factor = rescale_factor(*image.shape[:2], size, rng.uniform(0.5, 2.0))
+  sample = augment.resize(_sample(image, label), factor)
   sample = random_crop(sample, rng, size)
   if rng.uniform() < 0.5:
     sample = augment.flip(sample, "horizontal")
