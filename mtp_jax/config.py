@@ -190,11 +190,16 @@ def detection_finetune_defaults(dataset: str, *, image_size: int, batch: int, st
                                 epochs: int, decay_epochs: tuple, task: str = "rd") -> ml_collections.ConfigDict:
   """MTP's detection finetuning (MTP_SPEC §5.2): Oriented R-CNN (§3.3; task 'rd') or Faster
   R-CNN ('hd') on ViT-B + RVSA with mmdet's decoder init, AdamW lr 1e-4, 500 warmup steps, mmdet's
-  step schedule (x 0.1 at `decay_epochs`); schedule lengths in steps of `batch` images."""
+  step schedule (x 0.1 at `decay_epochs`); schedule lengths in steps of `batch` images. The
+  encoder's global blocks have no relative-position tables, as the original's detection
+  backbones."""
   c = finetune_defaults(dataset, task)
   # mmengine's Runner calls init_weights() before the backbone checkpoint loads, so finetuned
   # decoders start from mmdet's init_cfg (MTP's pretraining code never calls it: 'mtp' there).
   c.tasks[task].init = "mmdet"
+  # The original's detection backbones (vit_rvsa_mtp_branches.py) have no relative-position
+  # tables in their global blocks: a checkpoint's tables are dropped on loading (and listed).
+  c.model.encoder_overrides.global_rel_pos = False
   c.data.image_size = image_size
   c.data.batch_per_subset = batch
   c.optimizer.lr = 1e-4
@@ -248,6 +253,8 @@ def apply_finetune_options(c, options: set):
   """`c` with the finetune options applied (see finetune_options)."""
   if "internimage" in options:
     c.model.encoder = "intern_image_xl"
+    if "global_rel_pos" in c.model.encoder_overrides:   # a ViT+RVSA keyword
+      del c.model.encoder_overrides["global_rel_pos"]
     c.model.drop_path_rate = 0.2
     c.optimizer.layer_decay = 1.0   # Deliberate: the original's 0.94 matched no finetune name
     if not (c.tasks.rd.enabled or c.tasks.hd.enabled):

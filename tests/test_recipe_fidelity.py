@@ -57,3 +57,26 @@ def test_segmentation_resize_fits_the_image_inside_the_scaled_crop_as_mmseg():
     sample, hw = segmentation.train_example(image, label, np.random.default_rng(seed), 512)
     assert tuple(hw) == (min(new_h, 512), min(new_w, 512)) and sample["image"].shape == (512, 512, 3), (r, hw)
     assert new_h <= 1024   # never above native resolution (the old rule drew up to 2x)
+
+
+def test_detection_finetune_encoders_have_no_global_rel_pos_tables():
+  """xView, DIOR, DIOR-R, FAIR1M and DOTA: the original's detection backbones delete the global
+  blocks' full_attn_rel_pos_{h,w}; the other finetunes (and pretraining) keep them."""
+  from conftest import ROOT
+  from mtp_jax import config as config_lib, models
+  from mtp_jax.checkpoints import torch_convert as tc
+
+  def keys(config_path):
+    c = config_lib.load_config(f"{ROOT}/configs/{config_path}")
+    encoder = nnx.eval_shape(lambda: models.build_encoder(c.model.encoder, c.data.image_size, rngs=nnx.Rngs(0),
+                                                          **dict(c.model.encoder_overrides)))
+    return tc.state_dict_shapes(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))
+
+  shapes = keys("finetune/dota_v1.py")   # ViT-B+RVSA at 1024 px
+  assert "blocks.11.attn.qkv.weight" in shapes and not [k for k in shapes if "full_attn_rel_pos" in k]
+  assert len([k for k in keys("finetune/loveda.py") if "full_attn_rel_pos" in k]) == 8   # blocks 2, 5, 8, 11
+  for name in ("xview", "dior", "dior_r", "fair1m", "dota_v2"):   # the same overrides, on the smoke's model
+    shapes = keys(f"finetune/{name}.py:smoke")
+    assert "blocks.2.attn.qkv.weight" in shapes and not [k for k in shapes if "full_attn_rel_pos" in k], name
+  for name in ("finetune/eurosat.py:smoke", "finetune/levir_cd.py:smoke"):
+    assert len([k for k in keys(name) if "full_attn_rel_pos" in k]) == 2, name

@@ -240,3 +240,40 @@ def test_a_vit_l_file_for_a_vit_b_model_is_refused_by_name():
   differing = [k for k in b_shapes if k in l_shapes and b_shapes[k] != l_shapes[k]]
   assert f"({len(differing)} keys in all)" in message and len(differing) > 200
   assert "unexpected keys: ['blocks.12.attn.proj.bias'" in message
+
+
+def test_detection_backbone_without_global_rel_pos_matches_the_twin_and_loads_a_checkpoint_with_them(tmp_path, capsys):
+  """The original's detection backbones (vit_rvsa_mtp_branches.py) have no full_attn_rel_pos_{h,w}
+  in their global blocks: ours with global_rel_pos=False has the twin's keys, computes its
+  outputs, and an encoder checkpoint that has the tables (a pretraining run's) loads into it
+  with every other tensor taken and the dropped tables named in the log."""
+  from mtp_jax.checkpoints import encoder_init
+  enc = random_encoder(224, seed=3, global_rel_pos=False)
+  sd = tc.encoder_to_state_dict(params_of(enc))
+  assert not [k for k in sd if "full_attn_rel_pos" in k] and "blocks.2.attn.qkv.weight" in sd
+  twin = build_twin("vit_t_rvsa", 224, global_rel_pos=False, **SMALL)
+  twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  images = np.random.default_rng(2).normal(size=(2, 224, 224, 3)).astype(np.float32)
+  errs = [max_rel_err(np.asarray(a), b) for a, b in zip(forward(enc, images), twin_outputs(twin, images))]
+  assert max(errs) <= 1e-4, errs
+
+  pretrained = tc.encoder_to_state_dict(params_of(random_encoder(224, seed=4)))   # with the tables
+  tables = sorted(k for k in pretrained if "full_attn_rel_pos" in k)
+  assert tables == ["blocks.2.attn.full_attn_rel_pos_h", "blocks.2.attn.full_attn_rel_pos_w",
+                    "blocks.5.attn.full_attn_rel_pos_h", "blocks.5.attn.full_attn_rel_pos_w"]
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in pretrained.items()}, tmp_path / "mtp.pth")
+
+  class Holder(nnx.Module):
+    def __init__(self, encoder):
+      self.encoder = encoder
+
+  holder = Holder(enc)
+  state = nnx.state(holder, nnx.Param)
+  state, report = encoder_init.initialize_encoder(state, str(tmp_path / "mtp.pth"), 224)
+  assert sorted(report["unexpected"]) == tables and not report["missing"]
+  assert report["loaded"] == len([k for k in pretrained if k not in tables and "index" not in k])   # no buffers
+  log = capsys.readouterr().out
+  assert "4 checkpoint keys unused" in log and "blocks.2.attn.full_attn_rel_pos_h" in log
+  loaded = tc.encoder_to_state_dict(nnx.to_pure_dict(state)["encoder"])
+  for k, v in loaded.items():
+    np.testing.assert_array_equal(v, pretrained[k], err_msg=k)

@@ -8,8 +8,10 @@ state-dict keys, pos_embed and the global rel-pos tables resized to the new imag
 (MTP_SPEC §3.5, §5.1): wrappers and `module.`/`encoder.` prefixes removed, pos_embed (without MAE's
 cls token) and global rel-pos tables resized to the image size, then loaded non-strictly: keys the
 encoder lacks are dropped and encoder parameters the file lacks (the RVSA offsets and window
-tables, for an MAE file) keep their fresh initialisation. Both lists are printed, and a file that
-fits no parameter at all is an error rather than a silent no-op.
+tables, for an MAE file) keep their fresh initialisation; the global blocks' relative-position
+tables are dropped this way for the detection finetunes' encoders, which have none (as the
+original's). Both lists are printed, and a file that fits no parameter at all is an error rather
+than a silent no-op.
 """
 
 import os
@@ -92,5 +94,7 @@ def initialize_encoder(params, path: str, image_size: int, patch_size: int = 16,
         + (f" ({', '.join(report['missing'][:6])}{' ...' if len(report['missing']) > 6 else ''})"
            if report["missing"] else "")
         + f"; {len(report['unexpected'])} checkpoint keys unused"
+        + (f" ({', '.join(report['unexpected'][:6])}{' ...' if len(report['unexpected']) > 6 else ''})"
+           if report["unexpected"] else "")
         + (f"; patch embedding: {report['bands']}" if report["bands"] else ""), flush=True)
   return params, report

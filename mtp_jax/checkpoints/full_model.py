@@ -43,7 +43,10 @@ dropped on import, listed in the import report under 'dropped_unused'):
 - `<bn>.num_batches_tracked` (int64 scalar) of every SyncBN: unused with momentum 0.1. Exported as
   `num_batches_tracked` (the CLI passes step x number of subsets, the count MTP's per-subset
   decoder calls would have reached; default 0).
-Their absence from a checkpoint is not an error, even with strict=True.
+Their absence from a checkpoint is not an error, even with strict=True. Likewise the global
+blocks' `encoder.blocks.{i}.attn.full_attn_rel_pos_{h,w}` on import into an encoder built
+without them (the detection finetunes' `global_rel_pos=False`, as the original's detection
+backbones): dropped and listed under 'dropped_unused'.
 
 Tasks: export writes the encoder and the heads the tree has (a ss + rd run has no insseg* keys).
 Import loads the encoder and the heads of `tasks` (default: every head of the template). With
@@ -248,13 +251,16 @@ def _convert(sd: dict, template: dict, subsets, strict: bool, tasks):
   enc_params, enc_report = tc.state_dict_to_encoder(enc_sd, template["encoder"], strict=False)
   mis_shaped = {m.split(":")[0] for m in bad_shapes}
   missing = ["encoder." + k for k in enc_report["missing"] if "encoder." + k not in mis_shaped]
-  unexpected = ["encoder." + k for k in enc_report["unexpected"]]
+  # An encoder built without the global blocks' relative-position tables (the original's detection
+  # backbones) drops a checkpoint's tables: listed under 'dropped_unused', not an error.
+  rel_pos = [k for k in enc_report["unexpected"] if k.endswith(tc.GLOBAL_REL_POS_KEYS)]
+  unexpected = ["encoder." + k for k in enc_report["unexpected"] if k not in rel_pos]
   consumed |= {"encoder." + k for k in enc_sd}
   loaded_paths |= {("encoder",) + tuple(p) for p, _ in tc.flatten_params(template["encoder"])
                    if tc.torch_key(p) in enc_sd and tc.torch_key(p) not in enc_report["missing"]}
 
   flat_out = {("encoder",) + tuple(p): v for p, v in tc.flatten_params(enc_params)}
-  kept, dropped, loaded = [], [], len(loaded_paths)
+  kept, dropped, loaded = [], ["encoder." + k for k in rel_pos], len(loaded_paths)
   for task in model_tasks:
     keys = []
     for path, ref in tc.flatten_params(heads[task]):

@@ -176,6 +176,10 @@ def read_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
       break
   return sd
 
+# The global blocks' decomposed relative-position tables (ViT+RVSA); the original's detection
+# backbones have none (models/vit.py, global_rel_pos).
+GLOBAL_REL_POS_KEYS = ("full_attn_rel_pos_h", "full_attn_rel_pos_w")
+
 
 def adapt_to_image_size(sd: dict, img_size: int, patch_size: int = 16) -> dict:
   """MTP's finetune loading (MTP_SPEC §5.1): drop the MAE cls entry of pos_embed, resize pos_embed
@@ -194,7 +198,7 @@ def adapt_to_image_size(sd: dict, img_size: int, patch_size: int = 16) -> dict:
       pe = bicubic_resize(pe[0].reshape(old, old, -1), (grid, grid)).reshape(1, grid * grid, -1)
     sd["pos_embed"] = pe
   sd.pop("cls_token", None)
-  for k in [k for k in sd if k.endswith(("full_attn_rel_pos_h", "full_attn_rel_pos_w"))]:
+  for k in [k for k in sd if k.endswith(GLOBAL_REL_POS_KEYS)]:
     r = np.asarray(sd[k], np.float32)
     if r.shape[0] != 2 * grid - 1:
       sd[k] = bicubic_resize(r, (2 * grid - 1, r.shape[1]))

@@ -1,7 +1,10 @@
 """ViT and ViT+RVSA encoders with the MTP multi-scale outputs (fpn1-fpn4, MTP_SPEC §1).
 
 With `rvsa=True` every block but each `interval`-th is a Rotated Varied-Size window Attention
-block (mtp_jax/models/rvsa.py) and the global blocks carry decomposed relative positions.
+block (mtp_jax/models/rvsa.py) and the global blocks carry decomposed relative positions;
+`global_rel_pos=False` leaves them out (plain global attention, no `full_attn_rel_pos_{h,w}`), as
+the original's detection backbones (`vit_rvsa_mtp_branches.py` of its mmdet and mmrotate
+finetuning) do.
 The module and parameter names are those of the official `ViT_Win_RVSA_V3_WSZ7` (`patch_embed.proj`,
 `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `fpn1.{0,1.ln,3}`,
 `fpn2.0`) so checkpoints convert by a path join plus transposes.
@@ -101,7 +104,8 @@ class ViTEncoder(nnx.Module):
                num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
                out_indices=(3, 5, 7, 11), rvsa: bool = False, interval: int = 3,
                window_size: int = 7, grid_sample_method: str = "gather", remat: bool = False,
-               scan_blocks: bool = False, in_chans: int = 3, dtype=None, rngs: nnx.Rngs):
+               scan_blocks: bool = False, in_chans: int = 3, global_rel_pos: bool = True, dtype=None,
+               rngs: nnx.Rngs):
     if img_size % patch_size:
       raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     if rvsa and img_size // patch_size < window_size:
@@ -135,7 +139,7 @@ class ViTEncoder(nnx.Module):
     self.blocks = nnx.List([
         Block(embed_dim, num_heads, mlp_ratio, float(dpr[i]), dtype=dtype, grid=self.grid,
               window_size=0 if is_global[i] else window_size,
-              rel_pos_grid=self.grid if (rvsa and is_global[i]) else 0,
+              rel_pos_grid=self.grid if (rvsa and is_global[i] and global_rel_pos) else 0,
               grid_sample_method=grid_sample_method, rngs=rngs)
         for i in range(depth)])
     # fix_init_weight (MTP_SPEC §1.5): block l (1-based) scales attn.proj and mlp.fc2 by 1/sqrt(2l).

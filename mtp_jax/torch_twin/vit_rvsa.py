@@ -38,13 +38,14 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-  def __init__(self, dim, num_heads, grid):
+  def __init__(self, dim, num_heads, grid, rel_pos=True):
     super().__init__()
-    self.num_heads, self.grid = num_heads, grid
+    self.num_heads, self.grid, self.rel_pos = num_heads, grid, rel_pos
     self.scale = (dim // num_heads) ** -0.5
     self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
-    self.full_attn_rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, dim // num_heads))
-    self.full_attn_rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, dim // num_heads))
+    if rel_pos:   # the detection copies (vit_rvsa_mtp_branches.py) have none
+      self.full_attn_rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, dim // num_heads))
+      self.full_attn_rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, dim // num_heads))
 
   def forward(self, x, H, W):
     b, n, c = x.shape
@@ -52,7 +53,8 @@ class Attention(nn.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]
     q = q * self.scale
     attn = q @ k.transpose(-2, -1)
-    attn = calc_rel_pos_spatial(attn, q, self.grid, self.full_attn_rel_pos_h, self.full_attn_rel_pos_w)
+    if self.rel_pos:
+      attn = calc_rel_pos_spatial(attn, q, self.grid, self.full_attn_rel_pos_h, self.full_attn_rel_pos_w)
     attn = attn.softmax(dim=-1)
     return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
@@ -129,10 +131,10 @@ class RotatedVariedSizeWindowAttention(nn.Module):
 
 
 class Block(nn.Module):
-  def __init__(self, dim, num_heads, mlp_ratio, grid, window):
+  def __init__(self, dim, num_heads, mlp_ratio, grid, window, rel_pos=True):
     super().__init__()
     self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-    self.attn = RotatedVariedSizeWindowAttention(dim, num_heads) if window else Attention(dim, num_heads, grid)
+    self.attn = RotatedVariedSizeWindowAttention(dim, num_heads) if window else Attention(dim, num_heads, grid, rel_pos)
     self.norm2 = nn.LayerNorm(dim, eps=1e-6)
     self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -158,14 +160,14 @@ class Norm2d(nn.Module):
 
 class ViT_Win_RVSA_V3_WSZ7(nn.Module):
   def __init__(self, img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-               mlp_ratio=4.0, out_indices=(3, 5, 7, 11), interval=3):
+               mlp_ratio=4.0, out_indices=(3, 5, 7, 11), interval=3, global_rel_pos=True):
     super().__init__()
     self.grid, self.out_indices = img_size // patch_size, tuple(out_indices)
     self.patch_embed = PatchEmbed(patch_size, embed_dim)
     self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, embed_dim))
     nn.init.trunc_normal_(self.pos_embed, std=0.02)
-    self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, self.grid, (i + 1) % interval != 0)
-                                 for i in range(depth)])
+    self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, self.grid, (i + 1) % interval != 0,
+                                       global_rel_pos) for i in range(depth)])
     self.norm = nn.LayerNorm(embed_dim, eps=1e-6)  # in the checkpoints, never applied
     self.fpn1 = nn.Sequential(nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2), Norm2d(embed_dim), nn.GELU(),
                               nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2))
