@@ -80,3 +80,44 @@ def test_detection_finetune_encoders_have_no_global_rel_pos_tables():
     assert "blocks.2.attn.qkv.weight" in shapes and not [k for k in shapes if "full_attn_rel_pos" in k], name
   for name in ("finetune/eurosat.py:smoke", "finetune/levir_cd.py:smoke"):
     assert len([k for k in keys(name) if "full_attn_rel_pos" in k]) == 2, name
+
+
+def test_dior_r_map_counts_difficult_objects_as_the_original():
+  """mmrotate 1.x's DIORDataset sets no ignore flag (bbox_min_size None), so a missed object
+  flagged difficult in the XML is a miss: class 0 has 2 objects, 1 found, AP = 6/11 (VOC07), and
+  mAP (6/11 + 1) / 2. The DOTA rule (ignore_difficult=True, every other rd config) gives 1."""
+  import jax.numpy as jnp
+  from conftest import ROOT
+  from mtp_jax import config as config_lib
+  from mtp_jax.metrics import DotaEvaluator
+  from mtp_jax.train import loop
+
+  raw = {"is_real": np.array([True, True]), "image_id": np.array(["a", "b"]),
+         "rboxes": np.array([[[100, 100, 40, 20, 0.3], [300, 300, 30, 30, 0.0]],
+                             [[200, 150, 50, 25, -0.5], [0, 0, 0, 0, 0]]], np.float32),
+         "labels": np.array([[0, 0], [1, 0]]), "rbox_valid": np.array([[1, 1], [1, 0]], bool),
+         "difficult": np.array([[0, 1], [0, 0]], np.int32)}
+  dets = {"rboxes": jnp.asarray(raw["rboxes"]), "scores": jnp.asarray([[0.9, 0.0], [0.8, 0.0]]),
+          "labels": jnp.asarray([[0, 0], [1, 0]]), "valid": jnp.asarray([[True, False], [True, False]])}
+
+  def dataset_map(ignore_difficult):
+    c = config_lib.load_config(f"{ROOT}/configs/finetune/dior_r.py:smoke")
+    if ignore_difficult is not None:
+      c.tasks.rd.ignore_difficult = ignore_difficult
+    tasks = loop.build_tasks(c, {"dior_r": ["airplane", "airport"]})
+    evaluation = tasks["rd"].evaluator()
+    evaluation.add({}, {"dior_r": dets}, {"dior_r": raw})
+    return evaluation.results()["dior_r"]["map"]
+
+  original = DotaEvaluator(2, ["airplane", "airport"])   # the original's rule: no object ignored
+  for i, image in enumerate("ab"):
+    keep = raw["rbox_valid"][i]
+    per_class = [np.concatenate([raw["rboxes"][i][:1][raw["labels"][i][:1] == c],
+                                 np.asarray(dets["scores"])[i][:1][raw["labels"][i][:1] == c][:, None]], 1)
+                 for c in range(2)]
+    original.add(image, per_class, {"rboxes": raw["rboxes"][i][keep].astype(np.float64), "labels": raw["labels"][i][keep]})
+  original.gather()
+  want = original.result()["map"]
+  assert abs(want - (6 / 11 + 1) / 2) < 1e-9
+  assert abs(dataset_map(None) - want) < 1e-9        # the DIOR-R config as it ships
+  assert abs(dataset_map(True) - 1.0) < 1e-9         # the DOTA devkit's rule

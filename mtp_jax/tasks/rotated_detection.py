@@ -9,7 +9,8 @@ oriented_rcnn.py) returns the four loss components of each subset, logged as
 Evaluation: DOTA task-1 mAP (VOC07 11-point, IoU > 0.5; `mtp_jax.metrics.dota_map`) per subset
 over the evaluated split, against the FULL ground truth of each image (the evaluation reader
 packs every instance, never the training cap); objects flagged difficult (finetuning releases)
-are ignored, as the DOTA devkit does. Detections and ground truth are in pixels of the evaluated
+are ignored, as the DOTA devkit does, unless `ignore_difficult` is False: DIOR-R's evaluation in
+the original (mmrotate 1.x's DIORDataset) ignores none, so its config counts them. Detections and ground truth are in pixels of the evaluated
 image (longer side resized to the training size, MTP_SPEC §3.4 validation).
 With `merge_patches` (DOTA, cut into patches by the converter), each patch's detections are
 mapped back onto its source image and merged by rotated NMS (IoU 0.1), and each source image is
@@ -61,6 +62,7 @@ class RotatedDetection(TwoStageDetectionTask):
         "report_score": 0.3,           # detections drawn in the report pictures
         "merge_patches": False,        # score merged source images (datasets cut into patches)
         "submission": "dota",          # also write FAIR1M's XML submission: 'fair1m'
+        "ignore_difficult": True,      # mAP ignores objects flagged difficult (DOTA devkit)
     })
 
   @classmethod
@@ -144,6 +146,7 @@ class _DotaEvaluation:
   def __init__(self, task: RotatedDetection):
     self.task = task
     self.merge = bool(task.task_config.merge_patches)
+    self.ignore_difficult = bool(task.task_config.ignore_difficult)
     self.evaluators = {s: DotaEvaluator(task.num_classes[s], task.class_names[s]) for s in task.subsets}
     self.patches = {s: PerImageEvaluator() for s in task.subsets}
     self._gathered = False
@@ -165,7 +168,7 @@ class _DotaEvaluation:
           continue
         keep = ex["rbox_valid"][i].astype(bool)
         annotation = {"rboxes": ex["rboxes"][i][keep].astype(np.float64), "labels": ex["labels"][i][keep]}
-        if "difficult" in ex:
+        if "difficult" in ex and self.ignore_difficult:
           annotation["difficult"] = ex["difficult"][i][keep]
         self.evaluators[s].add(str(ex["image_id"][i]), per_class, annotation)
 
@@ -181,7 +184,8 @@ class _DotaEvaluation:
         raise ValueError(f"patches of {source!r} were evaluated, but {s}/{config.eval.split}/"
                          "sources.json does not hold that image")
       a = sources[source]
-      self.evaluators[s].add(source, merged[source], {k: a[k] for k in ("rboxes", "labels", "difficult")})
+      keys = ("rboxes", "labels", "difficult") if self.ignore_difficult else ("rboxes", "labels")
+      self.evaluators[s].add(source, merged[source], {k: a[k] for k in keys})
 
   def results(self) -> dict:
     if not self._gathered:   # a collective: every process calls results() once
