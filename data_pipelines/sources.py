@@ -261,10 +261,12 @@ class ChangeSource(ReleaseSource):
   def _parse(self, config):
     bands = tuple(config.data.bands) if config.data.bands else None
     return functools.partial(change.to_example, image_size=config.data.image_size, bands=bands,
-                             dtype=self.release.pixel_dtype, resize_to=config.data.resize)
+                             dtype=self.release.pixel_dtype, resize_to=config.data.resize,
+                             label_size=config.eval.label_size)
 
   def example_shapes(self, config, train=False, max_instances=None):
-    return change.example_shapes(config.data.image_size, len(config.data.mean), self.release.pixel_dtype)
+    return change.example_shapes(config.data.image_size, len(config.data.mean), self.release.pixel_dtype,
+                                 0 if train else config.eval.label_size)
 
 
 class DetectionSource(ReleaseSource):

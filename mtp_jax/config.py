@@ -142,6 +142,10 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   c.eval.image_size = 0
   c.eval.slide_window = 0
   c.eval.slide_stride = 0
+  # Change detection with data.resize: score at the labels' converted size, this many px (the
+  # logits resized back to it, as mmseg does when labels load after the resize: MTP's OSCD at
+  # 96 px); 0: score the labels resized with the images.
+  c.eval.label_size = 0
 
   c.mesh = ml_collections.ConfigDict()
   # Devices as (data, fsdp, tensor) (the axes are fixed: parallel/sharding.py MESH_AXES); one
@@ -347,6 +351,9 @@ def validate(config, defaults=None):
     raise ConfigError(f"optimizer.grad_accum_steps = {config.optimizer.grad_accum_steps} must be >= 1")
   if config.optimizer.schedule not in ("cosine", "step"):
     raise ConfigError(f"optimizer.schedule {config.optimizer.schedule!r} is not 'cosine' or 'step'")
+  if config.eval.label_size and not (config.data.resize and config.tasks.cd.enabled):
+    raise ConfigError(f"eval.label_size = {config.eval.label_size} applies to change detection with "
+                      "data.resize (pairs resized before the model) only")
   epoch_steps = config.optimizer.epoch_steps
   if not isinstance(epoch_steps, int) or epoch_steps < 0:
     raise ConfigError(f"optimizer.epoch_steps = {epoch_steps!r} must be a whole number of steps >= 0 (0: per step)")

@@ -5,7 +5,10 @@ import math
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
+
+from mtp_jax.errors import ConfigError
 
 from mtp_jax.models.heads.unet import UNetHead
 
@@ -121,3 +124,56 @@ def test_dior_r_map_counts_difficult_objects_as_the_original():
   assert abs(want - (6 / 11 + 1) / 2) < 1e-9
   assert abs(dataset_map(None) - want) < 1e-9        # the DIOR-R config as it ships
   assert abs(dataset_map(True) - 1.0) < 1e-9         # the DOTA devkit's rule
+
+
+def test_oscd_f1_is_scored_on_the_native_96_px_labels():
+  """The original's OSCD val pipeline resizes the pair to 224 and loads the label after it, so
+  mmseg resizes the 224-px logits back to the 96-px label (bilinear, align_corners=False) before
+  the argmax: transcribed with torch. Ours: the example keeps its 96-px label and the task scores
+  at that size; the same F1 to the last pixel."""
+  import jax.numpy as jnp
+  import torch
+  from conftest import ROOT
+  from data_pipelines.downstream import change, schema
+  from mtp_jax import config as config_lib
+  from mtp_jax.metrics.segmentation import change_detection_scores, segmentation_scores
+  from mtp_jax.train import loop
+
+  c = config_lib.load_config(f"{ROOT}/configs/finetune/oscd.py")
+  assert (c.data.resize, c.data.image_size, c.eval.label_size) == (224, 224, 96)
+  rng = np.random.default_rng(0)
+  labels = (rng.uniform(size=(2, 96, 96)) < 0.3).astype(np.uint8)
+  labels[1, :10] = 255   # a border tile's ignored padding
+  logits = rng.normal(size=(2, 224, 224, 2)).astype(np.float32)
+  task = loop.build_tasks(c, {"oscd": ["changed"]})["cd"]
+  task._logits = lambda head, features, train, key=None: {"oscd": jnp.asarray(logits)}
+  gt = {"oscd": {"semantic": jnp.asarray(labels), "is_real": jnp.asarray([True, True])}}
+  sums, maps = task.eval_outputs(None, None, gt, (224, 224))
+  ours = change_detection_scores(np.asarray(sums["oscd"].compute()))
+
+  with torch.no_grad():
+    back = torch.nn.functional.interpolate(torch.from_numpy(logits).permute(0, 3, 1, 2), size=(96, 96),
+                                           mode="bilinear", align_corners=False).argmax(1).numpy()
+  keep = labels != 255
+  conf = np.zeros((2, 2), np.int64)
+  np.add.at(conf, (labels[keep].astype(int), back[keep]), 1)
+  assert np.asarray(maps["oscd"]).shape == (2, 96, 96) and (np.asarray(maps["oscd"]) == back).mean() > 0.999
+  assert np.array_equal(np.asarray(sums["oscd"].compute()), conf), (np.asarray(sums["oscd"].compute()), conf)
+  assert ours["f1"] == change_detection_scores(conf)["f1"]
+
+  # The example: the pair resized to 224, the label as converted (96 px); another size is refused.
+  pair = rng.integers(0, 3000, (2, 96, 96, 13), dtype=np.uint16)
+  def record(label):
+    return schema.encode(schema.DownstreamRecord(
+        image_bytes=pair[0].tobytes(), image2_bytes=pair[1].tobytes(), height=96, width=96, channels=13,
+        filename="city_0_0.tif", dataset="oscd", image_format="raw", dtype="uint16",
+        semantic_bytes=schema.encode_png(label)))
+  parse = dict(image_size=224, bands=(3, 2, 1), dtype="uint16", resize_to=224, label_size=96)
+  example = change.to_example(record(labels[0]), **parse)
+  assert example["image"].shape == (2, 224, 224, 3) and np.array_equal(example["semantic"], labels[0])
+  shapes = change.example_shapes(224, 3, "uint16", 96)
+  assert shapes["semantic"][0] == example["semantic"].shape and shapes["image"][0] == example["image"].shape
+  with pytest.raises(ValueError, match="eval.label_size is 64"):
+    change.to_example(record(labels[0]), **{**parse, "label_size": 64})
+  with pytest.raises(ConfigError, match="eval.label_size"):
+    config_lib.apply_overrides(config_lib.load_config(f"{ROOT}/configs/finetune/levir_cd.py"), ["eval.label_size=96"])

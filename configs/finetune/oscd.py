@@ -18,9 +18,9 @@ optimizer.epoch_steps = ceil(the converter's training-tile count / 32), train.nu
 and optimizer.warmup_steps = 5 x that), 5 epochs (135 steps) of linear warmup, then cosine to 0
 stepped once per epoch (the original's by_epoch=True; `--set optimizer.epoch_steps=0` moves it
 every step); AdamW lr 6e-5, weight decay 0.05, layer decay 0.9, drop path
-0.3. Metric: F1 of the changed class on the 10 test cities' tiles (at 224 px: a 96-px tile's
-pixels are counted 2-3 times each by the nearest-neighbour label resize, uniformly over the
-tile). The paper (MTP ViT-B+RVSA): F1 53.36 (ViT-L 55.92; MAE ViT-B 50.28), §5.3.
+0.3. Metric: F1 of the changed class on the 10 test cities' tiles, scored at their native 96 px
+(eval.label_size: the original's val pipeline loads the labels after the resize, so its logits
+are resized back to 96 px before the argmax). The paper (MTP ViT-B+RVSA): F1 53.36 (ViT-L 55.92; MAE ViT-B 50.28), §5.3.
 Ours: MTP's patches are 8-bit RGB made by a step its code does not show; ours keep the bands'
 16-bit digital numbers, so the 8-bit photometric distortion is not applied
 (data_pipelines/downstream/change.py).
@@ -46,6 +46,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = 10 * 27   # every 10 epochs
   c.train.log_every = 27
   c.eval.split = "test"
+  c.eval.label_size = 96               # F1 on the converted 96-px labels, as the original
   c.eval.batch_per_subset = 32
   c.eval.every_steps = 0
   return apply_finetune_options(c, options)

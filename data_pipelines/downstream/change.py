@@ -9,7 +9,9 @@ Training (open-cd, in order): MultiImgRandomRotFlip (with p 0.5 a rotation by U(
 degrees about the centre, bilinear images, nearest labels, outside filled 0 / 255; then with p
 0.5 a horizontal or vertical flip), RandomCrop S x S (cat_max_ratio 0.75), ExchangeTime (dates
 swapped with p 0.5), PhotoMetricDistortion per date (brightness 10, contrast and saturation
-0.8-1.2, hue 10), padding to S. Evaluation: the pair as converted (resized), padded to S.
+0.8-1.2, hue 10), padding to S. Evaluation: the pair as converted (resized), padded to S; with eval.label_size the
+label stays as converted (MTP's OSCD: its val pipeline loads labels after the resize, so F1 is
+scored at the native 96 px, the logits resized back to them).
 Ours: the photometric distortion is mmcv's for 8-bit RGB and is applied to uint8 RGB pairs only;
 16-bit or N-band pairs (OSCD's digital numbers) skip it (MTP's OSCD patches are 8-bit RGB).
 """
@@ -79,10 +81,12 @@ def pad(dates, label, size: int):
   return out_d, out_l
 
 
-def to_example(raw: bytes, *, image_size: int, rng=None, bands=None, dtype="uint8", resize_to: int = 0) -> dict:
+def to_example(raw: bytes, *, image_size: int, rng=None, bands=None, dtype="uint8", resize_to: int = 0,
+               label_size: int = 0) -> dict:
   """One record -> the static example of the module docstring (augmented when rng is given).
   bands: channel indices to keep (None: all); dtype: the release's pixel type (a record of
-  another is an error); resize_to: data.resize (0: as converted)."""
+  another is an error); resize_to: data.resize (0: as converted); label_size: eval.label_size,
+  in evaluation the label kept as converted, which must be label_size x label_size."""
   record = schema.decode(raw)
   if record.dtype != dtype:
     raise ValueError(f"{record.filename}: {record.dtype} pixels, the dataset's are {dtype}")
@@ -93,16 +97,23 @@ def to_example(raw: bytes, *, image_size: int, rng=None, bands=None, dtype="uint
                        f"of a {dates.shape[-1]}-band pair")
     dates = dates[..., list(bands)]
   label = schema.decode_semantic(record)
+  native = label
   if resize_to:
     dates, label = resize(dates, label, resize_to)
   if rng is not None:
     dates, label = train_example(dates, label, rng, image_size)
+  elif label_size:
+    if native.shape != (label_size, label_size):
+      raise ValueError(f"{record.filename}: a {native.shape[1]}x{native.shape[0]} label, eval.label_size "
+                       f"is {label_size}")
+    dates, label = pad(dates, label, image_size)[0], native
   else:
     dates, label = pad(dates, label, image_size)
   return {"image": np.ascontiguousarray(dates), "semantic": np.ascontiguousarray(label),
           "is_real": np.bool_(True), "image_id": np.str_(image_stem(record.filename))}
 
 
-def example_shapes(size: int, channels: int = 3, dtype="uint8") -> dict:
-  return {"image": ((2, size, size, channels), np.dtype(dtype)), "semantic": ((size, size), np.uint8),
+def example_shapes(size: int, channels: int = 3, dtype="uint8", label_size: int = 0) -> dict:
+  labels = label_size or size
+  return {"image": ((2, size, size, channels), np.dtype(dtype)), "semantic": ((labels, labels), np.uint8),
           "is_real": ((), bool)}

@@ -73,9 +73,14 @@ class ChangeDetection(Task):
     return {s: resize_bilinear(v.astype(jnp.float32), *image_size) for s, v in logits.items()}
 
   def eval_outputs(self, head, features, gt, image_size):
+    """Scored at the labels' size: the input size, or with eval.label_size the labels as
+    converted, the logits bilinearly resized to them (mmseg's postprocess_result)."""
     logits = self.predict_outputs(head, features, image_size)
     sums, maps = {}, {}
     for s in self.subsets:
+      label_hw = gt[s]["semantic"].shape[1:3]
+      if tuple(label_hw) != tuple(logits[s].shape[1:3]):
+        logits[s] = resize_bilinear(logits[s], *label_hw)
       maps[s] = jnp.argmax(logits[s], axis=-1).astype(jnp.int32)
       sums[s] = ConfusionMatrix.from_model_output(labels=gt[s]["semantic"], predictions=maps[s],
                                                   num_classes=2, ignore_index=IGNORE_INDEX,
