@@ -50,7 +50,8 @@ def convert_release(release, root: str, out: str, *, num_shards: int = 1, seed: 
       raise DataError(f"{release.name} {path!r}: {reason}")
     log(f"skipping {release.name} {path}: {reason}")
   settings = {"source_root": os.path.abspath(root), "seed": seed,
-              "train_fraction": getattr(release, "train_fraction", None), "not_in_release": foreign}
+              "train_fraction": getattr(release, "train_fraction", None),
+              "valid_fraction": getattr(release, "valid_fraction", None), "not_in_release": foreign}
   if getattr(release, "split", None) is not None:
     settings["patch_split"] = dataclasses.asdict(release.split)
   return {split: write_split(out, release.name, split, items,

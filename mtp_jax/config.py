@@ -196,7 +196,13 @@ def detection_finetune_defaults(dataset: str, *, image_size: int, batch: int, st
   R-CNN ('hd') on ViT-B + RVSA with mmdet's decoder init, AdamW lr 1e-4, 500 warmup steps, mmdet's
   step schedule (x 0.1 at `decay_epochs`); schedule lengths in steps of `batch` images. The
   encoder's global blocks have no relative-position tables, as the original's detection
-  backbones."""
+  backbones.
+
+  Ours, for static shapes (the original has neither cap): a training image packs at most
+  `data.max_instances[dataset]` objects (1,000 unless the config says; the objects past it are
+  dropped and counted in the `data/<dataset>/dropped_by_cap` metric), and the test-time NMS takes
+  at most `tasks.<rd|hd>.max_candidates` (proposal, class) pairs above the score threshold, the
+  highest-scoring ones (mmdet's multiclass_nms keeps them all)."""
   c = finetune_defaults(dataset, task)
   # mmengine's Runner calls init_weights() before the backbone checkpoint loads, so finetuned
   # decoders start from mmdet's init_cfg (MTP's pretraining code never calls it: 'mtp' there).

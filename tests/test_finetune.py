@@ -59,14 +59,18 @@ def test_scene_converters_read_the_native_layouts(scene_data):
   info = json.load(open(os.path.join(out, "eurosat", "train", "dataset_info.json")))
   valid = json.load(open(os.path.join(out, "eurosat", "valid", "dataset_info.json")))
   assert info["class_names"] == list(scene_folders.EUROSAT_CLASSES)
-  # 10 per class, 80 % train; River has an 11th file that is unreadable: named and skipped.
-  assert info["num_examples"] + valid["num_examples"] == 100
-  assert set(info["examples_per_class"].values()) == {8}
-  skipped = info["skipped"] + valid["skipped"]
+  test = json.load(open(os.path.join(out, "eurosat", "test", "dataset_info.json")))
+  # 10 per class, 60 % train, 20 % valid, 20 % test (the original's 16,200 / 5,400 / 5,400 of
+  # 27,000); River has an 11th file that is unreadable: named and skipped.
+  assert (info["num_examples"], valid["num_examples"], test["num_examples"]) == (60, 20, 20)
+  assert set(info["examples_per_class"].values()) == {6} and set(test["examples_per_class"].values()) == {2}
+  splits = [set(d["signature"]["samples"]) for d in (info, valid, test)]
+  assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+  skipped = info["skipped"] + valid["skipped"] + test["skipped"]
   assert [s["sample"] for s in skipped] == ["River/River_11.jpg"] and "unreadable" in skipped[0]["reason"]
   assert any("Glacier" in line and "not one of the 10 eurosat classes" in line for line in log)
   records = read_records(os.path.join(out, "eurosat", "train", info["shards"][0]["file"]))
-  assert len(records) == 80 and records[0].dataset == "eurosat"
+  assert len(records) == 60 and records[0].dataset == "eurosat"
   for r in records:
     cls = r.filename.split("/")[0]
     assert r.label == scene_folders.EUROSAT_CLASSES.index(cls) and (r.height, r.width, r.channels) == (64, 64, 3)

@@ -11,9 +11,10 @@ RetinaNet (FPN from stride 8 with two extra convs on the input, 4-conv heads, oc
 mtp_jax/models/heads/retinanet.py) on ViT-B + RVSA at 416 px, 60 classes, on the converter's
 patches of the 700 training images (prepare_xview_dataset.py). Horizontal flips (p 0.5); batch
 4 (1 per GPU x 4); 12 epochs, lr x 0.1 after epochs 8 and 11, 500 steps of warmup; AdamW lr
-1e-4, layer decay 0.9, drop path 0.3. The epoch is set to 7,500 steps, about the 30,000 patches
-that hold objects / 4 (MTP's logs give no iteration count for xView): set train.num_steps and
-optimizer.decay_steps from your conversion's training patch count / 4. Metric: COCO box AP50 on
+1e-4, layer decay 0.9, drop path 0.3. The epoch is 2,511 steps, the original's own count (its
+log `Horizontal_Detection/logs/xview/rvsa-b-mae-mtp.json` starts epoch 2 after iteration 2,511:
+about 10,040 training patches / 4); a conversion with another patch count sets
+train.num_steps = 12 x and optimizer.decay_steps = (8 x, 11 x) its count / 4. Metric: COCO box AP50 on
 the patches of the other 146 images. The paper (MTP ViT-B+RVSA): 16.40 (ViT-L 19.40; MAE ViT-B
 14.6), §5.3.
 Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
@@ -24,7 +25,7 @@ from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, 
 
 def get_config(arg=None):
   options = finetune_options(arg)
-  c = detection_finetune_defaults("xview", image_size=416, batch=4, steps_per_epoch=7_500, epochs=12,
+  c = detection_finetune_defaults("xview", image_size=416, batch=4, steps_per_epoch=2_511, epochs=12,
                                   decay_epochs=(8, 11), task="hd")
   c.data.dir = "data/finetune"
   c.data.augment.flip_prob = 0.5

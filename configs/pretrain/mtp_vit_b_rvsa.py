@@ -5,7 +5,9 @@
         --set data.dir=DATA/samrs_tfrecords --set model.encoder_init=DATA/vit-b-checkpoint-1599.pth
     # a TPU pod slice / a SLURM GPU cluster: launch/tpu_pod.sh, launch/slurm_gpu.sbatch (README)
 
-448 px; 80,000 iterations; AdamW lr 6e-5, betas (0.9, 0.999), weight decay 0.05 (none on 1-D
+448 px (the original README's pretraining command, `--image_size 448`; its finetune configs load
+an encoder from a folder named `vit_b_rvsa_224_mae_samrs_mtp_three`, a name from a 224-px run;
+the released checkpoints and the paper's numbers are the 448 command's); 80,000 iterations; AdamW lr 6e-5, betas (0.9, 0.999), weight decay 0.05 (none on 1-D
 parameters and pos_embed), gradient clip 5, cosine to 0 without warmup; drop path 0.1; UperNet
 with 256 channels. The batch: 1 image per subset per process on the original's 32 processes,
 i.e. `data.batch_per_subset = 32` GLOBAL images per subset (96 per step); on fewer devices keep it

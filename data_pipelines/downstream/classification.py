@@ -8,6 +8,9 @@ with data.rand_augment = n > 0 mmpretrain's RandAugment (timm "increasing", n op
 9 +- 0.5, fill = the rounded data.mean; downstream/rand_augment.py; uint8 RGB only), then
 RandomErasing 0.25 (area 0.02-1/3, aspect 0.3-3.3, per-pixel fill drawn from the dataset's
 mean/std). Evaluation: shorter side resized to S * 256 / 224 (bicubic), centre crop S.
+Ours: the bicubic resizes are OpenCV's (INTER_CUBIC, a = -0.75, no antialiasing); the original's
+configs ask for Pillow's (backend='pillow': a = -0.5, antialiased when shrinking), so pixels
+differ by a few grey levels, most where a crop is shrunk (RandomResizedCrop of a large area).
 """
 
 import math

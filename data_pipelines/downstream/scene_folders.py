@@ -8,8 +8,10 @@
 `--root` may name the release folder itself (2750/, NWPU-RESISC45/) or the folder holding it.
 Splits are drawn per class with a seeded permutation (`split_samples`): RESISC-45 keeps MTP's
 20 % for training ("nwpu28": 140 of each class's 700) and the other 80 % for evaluation; EuroSAT
-80 % / 20 % (MTP's EuroSAT list files are not part of its release); both EuroSAT releases name
-their scenes alike, so one seed gives them the same split. The split lists are written into
+60 % train / 20 % valid / 20 % test, 16,200 / 5,400 / 5,400 scenes: the counts of the original's
+logs (254 iterations of 64 per epoch, `Scene_Classification/logs/eurosat/*.json`), the usual
+60/20/20 split of EuroSAT; which scenes its list files held is not part of its release, so ours
+are drawn. Both EuroSAT releases name their scenes alike, so one seed gives them the same split. The split lists are written into
 dataset_info.json, so a conversion says exactly which images trained. Multispectral scenes are
 stored as raw pixels (schema "raw", their own dtype), every band kept; a config picks bands.
 """
@@ -43,12 +45,14 @@ class BadSample(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class SceneRelease:
-  """One class-folder release: its folder name, classes, image suffix and split fractions."""
+  """One class-folder release: its folder name, classes, image suffix and split fractions
+  (valid_fraction 0: every scene that does not train evaluates, no test split)."""
   name: str
   folder: str
   classes: tuple
   suffix: str
   train_fraction: float
+  valid_fraction: float = 0.0
   bands = 3               # RGB (L images are converted)
   pixel_dtype = "uint8"
 
@@ -89,9 +93,10 @@ class SceneRelease:
     return samples, foreign
 
   def splits(self, root: str, seed: int = 0):
-    """({'train': [(path, label)], 'valid': [...]}, [(path, reason)] of what does not belong)."""
+    """({'train': [(path, label)], 'valid': [...][, 'test': [...]]}, [(path, reason)] of what does
+    not belong)."""
     samples, foreign = self.list_samples(root)
-    return split_samples(samples, len(self.classes), self.train_fraction, seed), foreign
+    return split_samples(samples, len(self.classes), self.train_fraction, seed, self.valid_fraction), foreign
 
   def read(self, root: str, relative: str, label: int) -> DownstreamRecord:
     """One image as a record (its source bytes kept); BadSample if it does not decode."""
@@ -112,17 +117,23 @@ class SceneRelease:
                             filename=relative, dataset=self.name, label=label)
 
 
-def split_samples(samples: list, num_classes: int, train_fraction: float, seed: int) -> dict:
+def split_samples(samples: list, num_classes: int, train_fraction: float, seed: int,
+                  valid_fraction: float = 0.0) -> dict:
   """{'train': [...], 'valid': [...]}: per class, a seeded permutation's first
-  round(train_fraction * n) samples train, the rest evaluate; each list sorted by path."""
+  round(train_fraction * n) samples train, the rest evaluate; with valid_fraction, the next up to
+  round((train_fraction + valid_fraction) * n) are 'valid' and the rest 'test'. Each list sorted
+  by path."""
   rng = np.random.default_rng(seed)
-  out = {"train": [], "valid": []}
+  out = {"train": [], "valid": []} | ({"test": []} if valid_fraction else {})
   for c in range(num_classes):
     members = [s for s in samples if s[1] == c]
     order = rng.permutation(len(members))
     k = int(round(train_fraction * len(members)))
+    v = int(round((train_fraction + valid_fraction) * len(members))) if valid_fraction else len(members)
     out["train"] += [members[i] for i in order[:k]]
-    out["valid"] += [members[i] for i in order[k:]]
+    out["valid"] += [members[i] for i in order[k:v]]
+    if valid_fraction:
+      out["test"] += [members[i] for i in order[v:]]
   return {split: sorted(items) for split, items in out.items()}
 
 
@@ -152,7 +163,7 @@ class MultibandSceneRelease(SceneRelease):
                             image_format="raw", dtype=pixels.dtype.name)
 
 
-EUROSAT = SceneRelease("eurosat", "2750", EUROSAT_CLASSES, ".jpg", 0.8)
+EUROSAT = SceneRelease("eurosat", "2750", EUROSAT_CLASSES, ".jpg", 0.6, 0.2)
 EUROSAT_MS = MultibandSceneRelease("eurosat_ms", "ds/images/remote_sensing/otherDatasets/sentinel_2/tif",
-                                   EUROSAT_CLASSES, ".tif", 0.8, bands=13)
+                                   EUROSAT_CLASSES, ".tif", 0.6, 0.2, bands=13)
 RESISC45 = SceneRelease("resisc45", "NWPU-RESISC45", RESISC45_CLASSES, ".jpg", 0.2)
