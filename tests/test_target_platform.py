@@ -55,3 +55,22 @@ def test_roi_chunks_on_the_cpu_only():
   fn = lambda f: rois.roi_align(f, boxes, np.zeros(300, np.int32), 7, 0.25)
   assert "scan" in _jaxpr(fn, feats, platform="cpu")       # 128 boxes at a time
   assert "scan" not in _jaxpr(fn, feats, platform="tpu")   # all at once
+
+
+def test_dcnv3_auto_takes_matmul_on_tpu_for_small_maps_and_gather_elsewhere():
+  """The TPU compiler's figures (benchmarks/dcnv3_tpu.py) chose matmul for maps of up to 56 x 56
+  positions on TPU and gather above and on the other platforms; the traced program says which."""
+  from mtp_jax.ops import dcnv3
+  assert dcnv3.resolve_method("auto", 56, 56) == "gather" and dcnv3.resolve_method("matmul", 8, 8) == "matmul"
+  with target.compiling_for("tpu"):
+    assert dcnv3.resolve_method("auto", 56, 56) == "matmul" and dcnv3.resolve_method("auto", 57, 56) == "gather"
+    assert dcnv3.resolve_method("gather", 8, 8) == "gather"
+  with target.compiling_for("gpu"):
+    assert dcnv3.resolve_method("auto", 8, 8) == "gather"
+  with pytest.raises(ValueError, match="unknown dcnv3 method 'fast'"):
+    dcnv3.resolve_method("fast", 8, 8)
+  x, offset, mask = jnp.zeros((1, 8, 8, 16)), jnp.zeros((1, 8, 8, 18)), jnp.full((1, 8, 8, 9), 1 / 9)
+  def program(platform):
+    with target.compiling_for(platform):   # a fresh function each time: jax caches traces per function
+      return jax.jit(lambda a, o, m: dcnv3.dcnv3_core(a, o, m, group=1, offset_scale=1.0)).lower(x, offset, mask).as_text()
+  assert "gather" in program("cpu") and "dot_general" in program("tpu") and "gather" not in program("tpu")

@@ -57,7 +57,7 @@ class DCNv3(nnx.Module):
   """See the module docstring. `method` picks dcnv3_core's formulation."""
 
   def __init__(self, channels, group, kernel_size=3, offset_scale=1.0, center_feature_scale=False,
-               dw_kernel_size=None, *, rngs, dtype=None, method="gather"):
+               dw_kernel_size=None, *, rngs, dtype=None, method="auto"):
     if channels % group:
       raise ValueError(f"channels must be divisible by group, got {channels} and {group}")
     self.channels, self.group, self.kernel_size = channels, group, kernel_size

@@ -141,14 +141,15 @@ class InternImageEncoder(nnx.Module):
 
   img_size is the training input size (kept for the encoder interface; any multiple of 32 runs).
   remat: activation checkpointing per block (the original's with_cp). dcn_method: DCNv3's
-  formulation ('gather' or 'matmul', mtp_jax/ops/dcnv3.py). dtype: the compute dtype.
+  formulation ('auto': per map and platform, 'gather' or 'matmul'; mtp_jax/ops/dcnv3.py). dtype:
+  the compute dtype.
   """
 
   def __init__(self, *, img_size: int, channels: int = 192, depths=(5, 5, 24, 5),
                groups=(12, 24, 48, 96), mlp_ratio: float = 4.0, drop_path_rate: float = 0.2,
                layer_scale: float | None = 1e-5, offset_scale: float = 2.0, post_norm: bool = True,
                dw_kernel_size: int | None = None, center_feature_scale: bool = False,
-               dcn_method: str = "gather", remat: bool = False, scan_blocks: bool = False,
+               dcn_method: str = "auto", remat: bool = False, scan_blocks: bool = False,
                in_chans: int = 3, dtype=None, rngs: nnx.Rngs):
     depths, groups = tuple(int(d) for d in depths), tuple(int(g) for g in groups)
     if len(depths) != 4 or len(groups) != 4:

@@ -30,9 +30,22 @@ learned offsets.
   with the mask into an (Ho*Wo, H*W) interpolation matrix, then one batched matmul with the map.
   Cost ~ N*G*Ho*Wo*H*W*(P + gc): quadratic in the token count.
 
-`dcnv3_core` picks one by `method`; gather is the default. Measured with benchmarks/dcnv3.py on
-the 2-core CPU box (idle; medians, ms), InternImage-XL at 224 px, batch 2, forward /
-forward+backward (docs/benchmarks.md):
+`dcnv3_core` picks one by `method`. 'auto' (the default) follows the platform the program is
+compiled for (`mtp_jax.ops.target`): on TPU matmul for maps of up to 56 x 56 positions and gather
+above; gather on CPU and GPU. On TPU (the compiler's figures, benchmarks/dcnv3_tpu.py: v5p,
+bfloat16, one 448-px image, forward + backward of one call, GB accessed; HBM in brackets):
+
+    stage  map  C     G   gather           matmul
+    1      112  192   12  43.5 (2.0 GiB)   42.1 (10.2 GiB)
+    2      56   384   24  21.3 (0.9 GiB)   10.5 (2.6 GiB)
+    3      28   768   48  10.6 (0.5 GiB)    3.8 (0.9 GiB)
+    4      14   1536  96   3.1 (0.4 GiB)    1.3 (0.3 GiB)
+
+matmul moves fewer bytes at every stage but its interpolation matrix grows with the square of the
+map (5x the HBM at stage 1, and quadratic at finetuning's 1024 px), hence the 56 x 56 bound: the
+encoder's 39 calls then move 368 GB per image (gather alone 593, matmul alone 361). On the
+2-core CPU box (idle; medians, ms), InternImage-XL at 224 px, batch 2, forward /
+forward+backward (benchmarks/dcnv3.py, docs/benchmarks.md):
 
     stage  map  C     G   gather      matmul        numpy float64 reference, forward
     1      56   192   12   90 / 184   791 / 2667    284
@@ -43,10 +56,12 @@ forward+backward (docs/benchmarks.md):
 Most of the gather's forward is writing the gathered (N, G, Ho*Wo, 4P, gc) tensor (173 MB at
 stage 1): a variant accumulating neighbour by neighbour without it ran the stage-1 forward in
 23-30 ms (on a shared box), but its hand-written backward (custom_vjp) came out 3x slower, so it
-is not here. matmul wins only the forward+backward of the 7x7 stage; it is to be measured on TPU.
+is not here. On the CPU matmul wins only the forward+backward of the 7x7 stage.
 """
 
 import jax.numpy as jnp
+
+from mtp_jax.ops import target
 
 
 def output_size(size: int, kernel_size: int, stride: int, pad: int, dilation: int) -> int:
@@ -121,13 +136,27 @@ def dcnv3_matmul(x, loc_x, loc_y, mask):
 
 
 _METHODS = {"gather": dcnv3_gather, "matmul": dcnv3_matmul}
+# 'auto' on TPU: matmul for maps of at most this many positions (56 x 56), gather above (module
+# docstring: the TPU compiler's figures).
+TPU_MATMUL_MAX_POSITIONS = 56 * 56
+
+
+def resolve_method(method: str, height: int, width: int) -> str:
+  """'gather' or 'matmul' for `method`; 'auto' follows the platform being compiled for: on TPU
+  matmul for maps of up to TPU_MATMUL_MAX_POSITIONS positions and gather above, elsewhere gather."""
+  if method == "auto":
+    if target.platform() == "tpu" and height * width <= TPU_MATMUL_MAX_POSITIONS:
+      return "matmul"
+    return "gather"
+  if method not in _METHODS:
+    raise ValueError(f"unknown dcnv3 method {method!r}; use one of {sorted(_METHODS) + ['auto']}")
+  return method
 
 
 def dcnv3_core(x, offset, mask, *, kernel_size=3, stride=1, pad=1, dilation=1, group,
-               offset_scale, method="gather"):
-  """See the module docstring; method is 'gather' or 'matmul'."""
-  if method not in _METHODS:
-    raise ValueError(f"unknown dcnv3 method {method!r}; use one of {sorted(_METHODS)}")
+               offset_scale, method="auto"):
+  """See the module docstring; method is 'auto', 'gather' or 'matmul'."""
+  method = resolve_method(method, *x.shape[1:3])
   n, h, w, c = x.shape
   ho, wo = (output_size(s, kernel_size, stride, pad, dilation) for s in (h, w))
   p = kernel_size * kernel_size
