@@ -11,6 +11,7 @@ its precision, recall and IoU.
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mtp_jax.metrics import drawing
 from mtp_jax.metrics.segmentation import ConfusionMatrix, ConfusionTotals, change_detection_scores
@@ -107,4 +108,13 @@ class ChangeDetection(Task):
                                                               f"{subset} change detection")}
 
   def paint(self, gt_panel, pred_panel, example, prediction):
-    return drawing.colourize(example["semantic"]), drawing.colourize(prediction)
+    """The label and predicted maps, coloured, at the panels' size (labels scored at their
+    converted size, eval.label_size, are shown stretched to the input's by nearest neighbour)."""
+    height, width = gt_panel.shape[:2]
+
+    def panel(label_map):
+      rows = np.arange(height) * label_map.shape[0] // height
+      cols = np.arange(width) * label_map.shape[1] // width
+      return drawing.colourize(np.asarray(label_map)[rows][:, cols])
+
+    return panel(example["semantic"]), panel(prediction)
