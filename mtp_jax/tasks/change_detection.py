@@ -108,9 +108,10 @@ class ChangeDetection(Task):
                                                               f"{subset} change detection")}
 
   def paint(self, gt_panel, pred_panel, example, prediction):
-    """The label and predicted maps, coloured, at the panels' size (labels scored at their
-    converted size, eval.label_size, are shown stretched to the input's by nearest neighbour)."""
-    height, width = gt_panel.shape[:2]
+    """The label and predicted maps, coloured, at the input's size (the panels start as the
+    pair's (2, S, S, 3) images; labels scored at their converted size, eval.label_size, are
+    stretched to S by nearest neighbour)."""
+    height, width = gt_panel.shape[-3:-1]
 
     def panel(label_map):
       rows = np.arange(height) * label_map.shape[0] // height
