@@ -167,7 +167,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
 
 def finetune_defaults(dataset: str, task: str) -> ml_collections.ConfigDict:
   """The keys of `pretrain_defaults` set for finetuning `task` on `dataset` with MTP's shared
-  recipe (MTP_SPEC §5.1, §5.2, §5.4): ViT-B + RVSA, drop path 0.3, AdamW (0.9, 0.999), weight
+  recipe (docs/fidelity.md): ViT-B + RVSA, drop path 0.3, AdamW (0.9, 0.999), weight
   decay 0.05, layer decay 0.9 with the official layer ids, no gradient clipping (no mmengine
   finetune config of the original sets clip_grad: pretraining's clip of 5 is pretraining's
   alone), linear warmup then cosine to 0. The
@@ -241,7 +241,7 @@ def finetune_options(arg) -> set:
           slide windows of 64 px every 48 on the dataset's own canvas: checks a dataset's whole
           pipeline in minutes on a CPU
   frozen  the encoder frozen (model.freeze_encoder): linear probing / frozen-backbone finetuning
-  internimage  InternImage-XL instead of ViT-B + RVSA, with its recipe (MTP_SPEC §5.2, §5.4): drop
+  internimage  InternImage-XL instead of ViT-B + RVSA, with its recipe (docs/fidelity.md): drop
           path 0.2, lr 2e-5 for classification, segmentation and change detection (detection
           keeps its 1e-4: the original gives InternImage no other), and no layer decay.
           Deliberate, as the original: its finetune configs ask for 0.94 over the 39 blocks, but

@@ -153,7 +153,7 @@ def swin_layer_id(var_name: str, num_max_layer: int, depths) -> int:
 def mtp_finetune_layer_id(var_name: str, num_max_layer: int, depths) -> int:
   """The id MTP's InternImage finetuning really assigns: its finetune constructors are copies of
   pretraining's, whose rule (swin_layer_id on `backbone.` names) was rewritten for the
-  pretraining model's `encoder.patch_embed` / `encoder.levels` names (MTP_SPEC §5.4). A finetune
+  pretraining model's `encoder.patch_embed` / `encoder.levels` names (its finetune `mmcv_custom/custom_layer_decay_optimizer_constructor.py`). A finetune
   model's names start with `backbone.`, so they reach its last branch."""
   if var_name.startswith("encoder."):
     return swin_layer_id("backbone." + var_name[len("encoder."):], num_max_layer, depths)
@@ -162,7 +162,7 @@ def mtp_finetune_layer_id(var_name: str, num_max_layer: int, depths) -> int:
 
 def test_every_xl_parameter_of_a_finetune_gets_internimages_layer_decay():
   """EuroSAT with InternImage-XL (`:internimage`): lr 2e-5, drop path 0.2, and lr scale 1 on every
-  parameter, as the original's constructor gives its finetune names (MTP_SPEC §5.4). With the
+  parameter, as the original's constructor gives its finetune names (docs/fidelity.md). With the
   switch (`optimizer.layer_decay=0.94`) the decay its configs ask for: each parameter's
   multiplier is 0.94^(41 - id - 1) with InternImage's id of its official name (0.94^40 for the
   stem, 1 for the head), MTP_SPEC §2, §5.2. A pre-norm toy checks the stage norms' ids (stage 3's

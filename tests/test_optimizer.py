@@ -120,7 +120,7 @@ def finetune_configs():
 
 
 def test_no_finetune_config_clips_gradients_and_no_clipping_is_plain_adamw():
-  """The original's mmengine finetune configs set no clip_grad (MTP_SPEC §5.4): 0 = no clipping.
+  """The original's mmengine finetune configs set no clip_grad: 0 = no clipping.
   Two steps whose gradients differ 100x in scale: with no clipping the updates are optax's AdamW
   alone; clipping at 5 (pretraining) changes the second update."""
   for name, c in finetune_configs():
@@ -158,7 +158,7 @@ def mmengine_lr(step: int, lr: float, epoch_steps: int, warmup_epochs: int, epoc
 
 
 def test_classification_and_change_detection_step_the_cosine_once_per_epoch():
-  """MTP_SPEC §5.4: by_epoch=True, so the lr is a staircase of one value per epoch after the
+  """The original's by_epoch=True, so the lr is a staircase of one value per epoch after the
   per-iteration warmup; every classification and change-detection config sets it up with whole
   epochs, the others keep a per-step schedule."""
   for name, c in finetune_configs():
