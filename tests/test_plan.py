@@ -2,7 +2,7 @@
 read from its HLO, and `python -m mtp_jax.plan` end to end on the quickstart config.
 
 Everything compiles for TPU slices from this CPU machine with libtpu (the `tpu` extra, in the
-test extra); the small programs compile in seconds, the quickstart's steps in minutes.
+test extra); the small programs compile in seconds, the toy-size quickstart's steps in about a minute.
 """
 
 import json
@@ -14,6 +14,8 @@ import sys
 import pytest
 
 from mtp_jax.plan import chips, estimate, hlo
+
+from conftest import TINY_RD
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # the xdist workers and their children
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -234,6 +236,13 @@ def check_planned(result: dict, chips_wanted: int, hosts: int, programs: tuple):
 # segmentation, the one-host one with segmentation alone. The whole quickstart on one host: the
 # README; the paper's three-task step on 8 hosts: docs/benchmarks.md.
 ONE_SUBSET = ["--set", "data.subsets=('sota',)"]
+# The quickstart's structure at the tests' toy size (conftest's tiny model: 64 px, a 2-block ViT of
+# width 48, and the toy Oriented R-CNN): the same programs, compiled for TPU in a third of the time.
+TINY_MODEL = [arg for key, value in {
+    "data.image_size": 64, "model.encoder_overrides.embed_dim": 48, "model.encoder_overrides.depth": 2,
+    "model.encoder_overrides.num_heads": 2, "model.encoder_overrides.out_indices": (0, 1, 1, 1),
+    "model.encoder_overrides.patch_size": 8, "tasks.ss.channels": 16, **TINY_RD}.items()
+    for arg in ("--set", f"{key}={value!r}")]
 
 
 @pytest.mark.slow
@@ -242,7 +251,7 @@ def test_plan_the_quickstart_on_two_tpu_hosts(tmp_path):
   over 2 hosts, the global batch split over every chip of both): it fits, and every figure is
   finite and positive."""
   code, text, result = run_plan(tmp_path, "--config", QUICKSTART, "--topology", "v5p-16", "--top", "3", "--no-eval",
-                                *ONE_SUBSET, "--set", "data.batch_per_subset=8", "--set", "tasks.is.enabled=False")
+                                *ONE_SUBSET, *TINY_MODEL, "--set", "data.batch_per_subset=8", "--set", "tasks.is.enabled=False")
   assert code == 0, text
   check_planned(result, 8, 2, ("train step",))
   assert result["tasks"] == ["ss", "rd"] and result["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
@@ -261,7 +270,7 @@ def test_plan_the_quickstart_on_two_tpu_hosts(tmp_path):
 def test_plan_the_quickstart_on_one_tpu_host(tmp_path):
   """On a v4-8 (4 megacore chips, one host), semantic segmentation alone, with the encoder
   compiled alone beside it (--parts)."""
-  code, text, result = run_plan(tmp_path, "--config", QUICKSTART, "--topology", "v4-8", "--parts", *ONE_SUBSET,
+  code, text, result = run_plan(tmp_path, "--config", QUICKSTART, "--topology", "v4-8", "--parts", *ONE_SUBSET, *TINY_MODEL,
                                 "--set", "tasks.is.enabled=False", "--set", "tasks.rd.enabled=False")
   assert code == 0, text
   check_planned(result, 4, 1, ("train step", "eval step"))
