@@ -24,12 +24,15 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from _report import write_result  # noqa: E402
-from data_pipelines.samrs import augment, convert, reader, schema, synthetic  # noqa: E402
+from data_pipelines import augment  # noqa: E402
+from data_pipelines.records import shards  # noqa: E402
+from data_pipelines.samrs import convert, schema, synthetic  # noqa: E402
+from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
 
 
 def time_pipeline(data_dir, subset, image_size, workers, batches=12, warmup=3):
-  ds = reader.make_dataset(data_dir, subset, "train", image_size=image_size, max_instances=64,
-                           batch_size=8, seed=0, shuffle_window=32)
+  ds = samrs_examples.make_dataset(data_dir, subset, "train", image_size=image_size, max_instances=64,
+                                   batch_size=8, seed=0, shuffle_window=32)
   if workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   it = iter(ds)
@@ -45,7 +48,7 @@ def time_pipeline(data_dir, subset, image_size, workers, batches=12, warmup=3):
 
 
 def profile_stages(data_dir, subset, image_size, repeats=20):
-  path = reader.shard_files(data_dir, subset, "train")[0]
+  path = shards.shard_files(data_dir, subset, "train")[0]
   raw = next(iter(grain.experimental.TFRecordIterDataset(path)))
   rng = np.random.default_rng(0)
   stages = {}
@@ -58,12 +61,12 @@ def profile_stages(data_dir, subset, image_size, repeats=20):
     return out
 
   record = clock("parse_ms", lambda: schema.decode(raw))
-  sample = clock("decode_ms", lambda: reader.record_to_sample(record))
+  sample = clock("decode_ms", lambda: samrs_examples.record_to_sample(record))
   h = sample["image"].shape[0]
   resized = clock("resize_ms", lambda: augment.resize(sample, image_size / h))
   clock("crop_ms", lambda: augment.crop(resized, 0, 0, image_size, image_size))
   clock("photometric_ms", lambda: augment.photometric(resized["image"][:image_size, :image_size], rng))
-  clock("full_example_ms", lambda: reader.to_static_example(raw, image_size, 64, rng=rng))
+  clock("full_example_ms", lambda: samrs_examples.to_static_example(raw, image_size, 64, rng=rng))
   return {k: round(v, 2) for k, v in stages.items()}
 
 

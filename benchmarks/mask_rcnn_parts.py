@@ -71,11 +71,11 @@ def random_rois(key, images, count, size):
 
 def whole_head(config, task, head, feats, steps):
   """The task's losses on one real batch of config.data.dir and the given encoder maps."""
-  from data_pipelines.samrs import reader
+  from data_pipelines.samrs import examples as samrs_examples
   subsets = tuple(config.data.subsets)
-  batches = reader.PretrainBatches(config.data.dir, subsets, image_size=config.data.image_size,
-                                   max_instances=dict(config.data.max_instances),
-                                   batch_size=config.data.batch_per_subset, seed=0, with_masks=True)
+  batches = samrs_examples.train_batches(config.data.dir, subsets, image_size=config.data.image_size,
+                                         max_instances=dict(config.data.max_instances),
+                                         batch_size=config.data.batch_per_subset, seed=0, with_masks=True)
   raw = next(batches)
   batches.close()
   gt = {s: {f: jnp.asarray(raw[s][f]) for f in task.fields(True)} for s in subsets}

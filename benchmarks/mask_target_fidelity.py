@@ -27,7 +27,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _report import write_result  # noqa: E402
-from data_pipelines.samrs import augment, convert, reader, schema, synthetic  # noqa: E402
+from data_pipelines import augment  # noqa: E402
+from data_pipelines.records import shards  # noqa: E402
+from data_pipelines.samrs import convert, schema, synthetic  # noqa: E402
+from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
 from mtp_jax.ops import mask_targets as mt  # noqa: E402
 
 OUT_SIZE = 28
@@ -62,9 +65,9 @@ def training_instances(root, size, images, seed=0):
   out = []
   for subset in ("sota", "sior", "fast"):
     convert.convert_split(root, subset, "train", out_dir, num_shards=1, log=lambda *_: None)
-    for path in reader.shard_files(out_dir, subset, "train"):
+    for path in shards.shard_files(out_dir, subset, "train"):
       for raw in grain.experimental.TFRecordIterDataset(path):
-        sample = reader.record_to_sample(schema.decode(raw), with_masks=True)
+        sample = samrs_examples.record_to_sample(schema.decode(raw), with_masks=True)
         sample = augment.train_augment(sample, rng, size)
         keep = sample["box_valid"]
         out.append((sample["masks"][keep], sample["hboxes"][keep]))

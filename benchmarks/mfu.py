@@ -45,7 +45,8 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _report import write_result  # noqa: E402
 from finetune_step import synthetic_batch  # noqa: E402
-from data_pipelines.samrs import convert, reader, synthetic  # noqa: E402
+from data_pipelines.samrs import convert, synthetic  # noqa: E402
+from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
 from mtp_jax import models, tasks as tasks_lib  # noqa: E402
 from mtp_jax.config import INTERN_IMAGE_SMOKE, apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
@@ -230,7 +231,7 @@ def main(argv=None):
             enabled = TASKS if part == "all" else (part,)
             config = pretrain_config(os.path.join(tmp, "data"), encoder, size, args.batch, args.dtype,
                                      args.tiny, enabled, model_sets)
-            batches = reader.PretrainBatches(
+            batches = samrs_examples.train_batches(
                 config.data.dir, tuple(config.data.subsets), image_size=size,
                 max_instances=dict(config.data.max_instances), batch_size=config.data.batch_per_subset,
                 seed=0, shuffle_window=4, with_masks=tasks_lib.needs_masks(loop.build_tasks(config)))

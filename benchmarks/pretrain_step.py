@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
-from data_pipelines.samrs import reader  # noqa: E402
+from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
 from mtp_jax import tasks as tasks_lib  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
@@ -60,10 +60,10 @@ def main():
   config = lambda *extra: apply_overrides(load_config(QUICKSTART), base + list(extra))
   everything = config(*[f"tasks.{t}.enabled=True" for t in TASKS])
   subsets = tuple(everything.data.subsets)
-  batches = reader.PretrainBatches(everything.data.dir, subsets, image_size=everything.data.image_size,
-                                   max_instances=dict(everything.data.max_instances),
-                                   batch_size=everything.data.batch_per_subset, seed=0,
-                                   with_masks=tasks_lib.needs_masks(loop.build_tasks(everything)))
+  batches = samrs_examples.train_batches(everything.data.dir, subsets, image_size=everything.data.image_size,
+                                         max_instances=dict(everything.data.max_instances),
+                                         batch_size=everything.data.batch_per_subset, seed=0,
+                                         with_masks=tasks_lib.needs_masks(loop.build_tasks(everything)))
   raw = next(batches)
   batches.close()
   runs = {"ss+is+rd": time_step(everything, raw, args.steps)}

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
-from data_pipelines.samrs import reader  # noqa: E402
+from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import batching, loop  # noqa: E402
@@ -34,9 +34,9 @@ def main():
   trainer = loop.Trainer(config, loop.build_tasks(config), mesh)
   state, step = trainer.init(), trainer.step
 
-  batches = reader.PretrainBatches(config.data.dir, subsets, image_size=config.data.image_size,
-                                   max_instances=dict(config.data.max_instances),
-                                   batch_size=config.data.batch_per_subset, seed=0)
+  batches = samrs_examples.train_batches(config.data.dir, subsets, image_size=config.data.image_size,
+                                         max_instances=dict(config.data.max_instances),
+                                         batch_size=config.data.batch_per_subset, seed=0)
   t = time.perf_counter()
   n_data = 30
   for _ in range(n_data):

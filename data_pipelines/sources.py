@@ -3,9 +3,10 @@
 A source knows a dataset's class lists, its training batch stream and its evaluation batches;
 the loop, the Trainer and the evaluation ask it and name no dataset. Every source reads the same
 folder layout (`<data.dir>/<subset>/<split>/` shards + dataset_info.json) with the same grain
-reader (samrs/reader.py `make_dataset`, `PretrainBatches`), and differs in the record parser:
+reader (records/reader.py `make_dataset`, records/batches.py `TrainBatches`), and differs in the
+record parser:
 
-  samrs                 pretraining: subsets sota/sior/fast, the SAMRS example (samrs/reader.py)
+  samrs                 pretraining: subsets sota/sior/fast, the SAMRS example (samrs/examples.py)
   eurosat[_ms], resisc45 scene classification: one subset named as the dataset
                         (downstream/classification.py)
   spacenet1, loveda     semantic segmentation (the `ss` task; downstream/segmentation.py)
@@ -21,9 +22,12 @@ import functools
 import jax
 import numpy as np
 
+from data_pipelines import augment
 from data_pipelines.downstream import (change, change_releases, classification, detection, detection_releases,
                                        scene_folders, segmentation, segmentation_releases)
-from data_pipelines.samrs import augment, reader
+from data_pipelines.records import reader, shards
+from data_pipelines.records.batches import TrainBatches
+from data_pipelines.samrs import examples as samrs_examples
 from data_pipelines.samrs.classes import subset as samrs_subset
 from mtp_jax.errors import DataError
 
@@ -55,8 +59,8 @@ class Source:
     """This process's evaluation batches of `split`."""
     raise NotImplementedError
 
-  def train_parsers(self, config, tasks) -> dict | None:
-    """{subset: parse(raw, rng)} for `reader.PretrainBatches`, or None for the SAMRS default."""
+  def train_parsers(self, config, tasks) -> dict:
+    """{subset: parse(raw, rng)} of the training records, for `TrainBatches`."""
     raise NotImplementedError
 
   def padding_batch(self, config, subset: str, tasks, batch_size: int) -> dict:
@@ -98,17 +102,13 @@ class Source:
     """(this process's stream indices, total streams): data.num_streams, or one per process."""
     return _reader_streams(config)
 
-  def train_batches(self, config, tasks, local_batch: int) -> reader.PretrainBatches:
+  def train_batches(self, config, tasks, local_batch: int) -> TrainBatches:
     streams, num_streams = self.reader_streams(config)
-    from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
-    return reader.PretrainBatches(
-        config.data.dir, tuple(config.data.subsets), image_size=config.data.image_size,
-        max_instances=dict(config.data.max_instances), batch_size=local_batch, seed=config.seed,
-        streams=streams, num_streams=num_streams, shuffle_window=config.data.shuffle_window,
-        augment_config=augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                                                for k, v in config.data.augment.items()}),
-        with_masks=tasks_lib.needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction,
-        parse=self.train_parsers(config, tasks), num_workers=config.data.num_workers)
+    return TrainBatches(
+        config.data.dir, tuple(config.data.subsets), parse=self.train_parsers(config, tasks),
+        batch_size=local_batch, seed=config.seed, streams=streams, num_streams=num_streams,
+        shuffle_window=config.data.shuffle_window, max_corrupt_fraction=config.data.max_corrupt_fraction,
+        num_workers=config.data.num_workers)
 
 
 class SamrsSource(Source):
@@ -121,7 +121,7 @@ class SamrsSource(Source):
   def class_names(self, config):
     out = {}
     for s in config.data.subsets:
-      info = reader.load_info(config.data.dir, s, "train")
+      info = shards.load_info(config.data.dir, s, "train")
       expected = list(samrs_subset(s).classes)
       if info.get("class_names") != expected:
         raise DataError(f"{config.data.dir}/{s}/train holds classes {info.get('class_names')}, "
@@ -130,18 +130,24 @@ class SamrsSource(Source):
     return out
 
   def train_parsers(self, config, tasks):
-    return None
+    from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
+    augment_config = augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                              for k, v in config.data.augment.items()})
+    max_instances = dict(config.data.max_instances)
+    return {s: samrs_examples.parser(config.data.image_size, max_instances.get(s, 0), augment_config,
+                                     tasks_lib.needs_masks(tasks))
+            for s in config.data.subsets}
 
   def eval_max_instances(self, config, subset):
-    return reader.eval_max_instances(config.data.dir, subset)
+    return shards.eval_max_instances(config.data.dir, subset)
 
   def device_shapes(self, config, train):
-    return {s: reader.example_shapes(config.data.image_size, config.data.max_instances[s])
+    return {s: samrs_examples.example_shapes(config.data.image_size, config.data.max_instances[s])
             for s in config.data.subsets}
 
   def eval_dataset(self, config, subset, tasks, batch_size, split):
     from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
-    return reader.make_dataset(
+    return samrs_examples.make_dataset(
         config.data.dir, subset, split, image_size=config.data.image_size,
         max_instances=self.eval_max_instances(config, subset), batch_size=batch_size, train=False,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -150,7 +156,7 @@ class SamrsSource(Source):
   def padding_batch(self, config, subset, tasks, batch_size):
     from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
     m = self.eval_max_instances(config, subset)
-    shapes = reader.example_shapes(config.data.image_size, m)
+    shapes = samrs_examples.example_shapes(config.data.image_size, m)
     out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
     out["semantic"][:] = 255   # padding label, ignored
     out["image_id"] = np.full((batch_size,), "", dtype=np.str_)
@@ -175,7 +181,7 @@ class ReleaseSource(Source):
 
   def class_names(self, config):
     (subset,) = config.data.subsets
-    info = reader.load_info(config.data.dir, subset, "train")
+    info = shards.load_info(config.data.dir, subset, "train")
     if info.get("class_names") != list(self.release.classes):
       raise DataError(f"{config.data.dir}/{subset}/train holds classes {info.get('class_names')}, "
                       f"not the {self.release.name} classes {list(self.release.classes)}")
@@ -198,8 +204,7 @@ class ReleaseSource(Source):
 
   def eval_dataset(self, config, subset, tasks, batch_size, split):
     return reader.make_dataset(
-        config.data.dir, subset, split, image_size=config.data.image_size, max_instances=0,
-        batch_size=batch_size, train=False, process_index=jax.process_index(),
+        config.data.dir, subset, split, batch_size=batch_size, train=False, process_index=jax.process_index(),
         process_count=jax.process_count(), max_corrupt_fraction=config.data.max_corrupt_fraction,
         parse=self._parse(config))
 
@@ -281,7 +286,7 @@ class DetectionSource(ReleaseSource):
     self.flips = tuple(flips)
 
   def eval_max_instances(self, config, subset):
-    return reader.eval_max_instances(config.data.dir, subset, config.eval.split)
+    return shards.eval_max_instances(config.data.dir, subset, config.eval.split)
 
   def _parse(self, config, max_instances=None):
     (subset,) = config.data.subsets
@@ -293,10 +298,9 @@ class DetectionSource(ReleaseSource):
 
   def eval_dataset(self, config, subset, tasks, batch_size, split):
     return reader.make_dataset(
-        config.data.dir, subset, split, image_size=config.data.image_size, max_instances=0,
-        batch_size=batch_size, train=False, process_index=jax.process_index(),
+        config.data.dir, subset, split, batch_size=batch_size, train=False, process_index=jax.process_index(),
         process_count=jax.process_count(), max_corrupt_fraction=config.data.max_corrupt_fraction,
-        parse=self._parse(config, reader.eval_max_instances(config.data.dir, subset, split)))
+        parse=self._parse(config, shards.eval_max_instances(config.data.dir, subset, split)))
 
   def example_shapes(self, config, train=False, max_instances=None):
     (subset,) = config.data.subsets

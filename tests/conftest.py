@@ -190,7 +190,7 @@ def rd_overfit(tfrecord_dir, tmp_path_factory):
   """(tasks, mesh, trainer, trained state, the raw batch it was trained on, per-step metrics);
   one device. Trained once per test run (`computed_once`): another worker rebuilds the
   trainer and puts the saved state back on its device."""
-  from data_pipelines.samrs import reader
+  from data_pipelines.samrs import examples as samrs_examples
   from mtp_jax.parallel import sharding
   from mtp_jax.train import batching, loop
   config = tiny_config(tfrecord_dir, **TINY_RD, **{
@@ -199,8 +199,8 @@ def rd_overfit(tfrecord_dir, tmp_path_factory):
   tasks = loop.build_tasks(config)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   trainer = loop.Trainer(config, tasks, mesh)
-  raw = {s: next(iter(reader.make_dataset(tfrecord_dir, s, "train", image_size=SAMPLE_SIZE, max_instances=16,
-                                          batch_size=2, train=False))) for s in ("sota", "sior", "fast")}
+  raw = {s: next(iter(samrs_examples.make_dataset(tfrecord_dir, s, "train", image_size=SAMPLE_SIZE, max_instances=16,
+                                                  batch_size=2, train=False))) for s in ("sota", "sior", "fast")}
 
   def train(_):
     batch = batching.device_batch(raw, ("sota", "sior", "fast"), mesh, trainer.fields)

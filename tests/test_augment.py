@@ -12,7 +12,11 @@ import os
 import numpy as np
 import pytest
 
-from data_pipelines.samrs import augment, classes, raw, reader
+from data_pipelines import augment
+from data_pipelines.instances import MASK_CROP_SIZE
+from data_pipelines.records import shards
+from data_pipelines.samrs import classes, raw
+from data_pipelines.samrs import examples as samrs_examples
 from mtp_jax.ops import box_iou_rotated
 
 CANVAS = -1   # label of the extra all-ones mask that marks the image content through transforms
@@ -23,7 +27,7 @@ def _samples(sample_dir, name, count=4):
   stems = raw.read_split_list(os.path.join(sample_dir, layout.base, "train.txt"))[:count]
   out = []
   for stem in stems:
-    s = reader.record_to_sample(raw.read_sample(sample_dir, layout, stem), with_masks=True)
+    s = samrs_examples.record_to_sample(raw.read_sample(sample_dir, layout, stem), with_masks=True)
     s["hboxes"] = augment.mask_boxes(s["masks"])   # exact tight boxes to start from
     h, w = s["semantic"].shape
     # The canvas: an instance covering the whole image, first (so every real one paints over it).
@@ -156,11 +160,11 @@ def test_photometric_changes_colours_only_within_mmcv_ranges():
 def test_static_examples_pack_usable_instances_first_and_count_the_cap(tfrecord_dir):
   import grain
   from data_pipelines.samrs import schema
-  path = reader.shard_files(tfrecord_dir, "fast", "train")[0]
+  path = shards.shard_files(tfrecord_dir, "fast", "train")[0]
   raw_record = next(iter(grain.experimental.TFRecordIterDataset(path)))
   n = schema.decode(raw_record).num_instances
-  example = reader.to_static_example(raw_record, 64, 2, rng=np.random.default_rng(0), with_masks=True)
-  assert example["mask_crops"].shape == (2, reader.MASK_CROP_SIZE, reader.MASK_CROP_SIZE)
+  example = samrs_examples.to_static_example(raw_record, 64, 2, rng=np.random.default_rng(0), with_masks=True)
+  assert example["mask_crops"].shape == (2, MASK_CROP_SIZE, MASK_CROP_SIZE)
   assert example["num_instances"] <= n
   usable = int(example["num_instances"])
   assert example["valid"].sum() + (example["rbox_valid"] & ~example["valid"]).sum() == min(usable, 2)

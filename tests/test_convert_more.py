@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.samrs import classes, coco, convert, raw, reader, schema
+from data_pipelines.records import shards
+from data_pipelines.samrs import classes, coco, convert, raw, schema
+from data_pipelines.samrs import examples as samrs_examples
 from mtp_jax.errors import DataError
 
 from conftest import SAMPLE_SIZE
@@ -47,7 +49,7 @@ def test_interrupted_conversion_resumes_and_damaged_shards_are_redone(sample_dir
     f.seek(20)
     f.write(b"\xff\xff")
   assert convert.convert_split(sample_dir, "sota", "train", out, num_shards=3, **quiet) == first
-  assert convert.sha256(shard0) == first["shards"][0]["sha256"]
+  assert shards.sha256(shard0) == first["shards"][0]["sha256"]
   assert not [f for f in os.listdir(split_dir) if f.endswith(".tmp")]
 
 
@@ -55,7 +57,7 @@ def test_a_leftover_temporary_shard_or_lost_info_file_does_not_block_a_rerun(sam
   out = tmp_path / "out"
   split_dir = out / "sota" / "train"
   split_dir.mkdir(parents=True)
-  (split_dir / (convert.shard_name("sota", "train", 0, 2) + ".tmp")).write_bytes(b"half a shard")
+  (split_dir / (shards.shard_name("sota", "train", 0, 2) + ".tmp")).write_bytes(b"half a shard")
   info = convert.convert_split(sample_dir, "sota", "train", str(out), num_shards=2, **quiet)
   assert sorted(os.listdir(split_dir)) == sorted(
       [s["file"] for s in info["shards"]] + ["dataset_info.json", convert.PROGRESS_FILE])
@@ -98,7 +100,7 @@ def test_coco_json_source_gives_the_same_dataset(sample_dir, tfrecord_dir, tmp_p
                                coco_json=json_path, **quiet)
   assert info["num_examples"] == _info(tfrecord_dir)["num_examples"] and info["skipped"] == []
   import grain
-  read = lambda d: [schema.decode(r) for f in reader.shard_files(d, "sota", "train")
+  read = lambda d: [schema.decode(r) for f in shards.shard_files(d, "sota", "train")
                     for r in grain.experimental.TFRecordIterDataset(f)]
   for a, b in zip(read(str(tmp_path / "out")), read(tfrecord_dir)):
     assert a.filename == b.filename and a.mask_rles == b.mask_rles
@@ -154,7 +156,7 @@ def test_every_kind_of_bad_input_is_named_skipped_and_counted(sample_dir, tmp_pa
 
 def test_reader_skips_corrupt_records_and_stops_past_the_bound(tfrecord_dir, tmp_path):
   import tensorflow as tf
-  files = reader.shard_files(tfrecord_dir, "sior", "valid")
+  files = shards.shard_files(tfrecord_dir, "sior", "valid")
   import grain
   good = [r for f in files for r in grain.experimental.TFRecordIterDataset(f)]
   split_dir = tmp_path / "sior" / "valid"
@@ -169,13 +171,13 @@ def test_reader_skips_corrupt_records_and_stops_past_the_bound(tfrecord_dir, tmp
   info["shards"] = [{"file": "sior-valid.tfrecord-00000-of-00001", "num_examples": len(good) + 2}]
   (split_dir / "dataset_info.json").write_text(json.dumps(info))
   counters = []
-  ds = reader.make_dataset(str(tmp_path), "sior", "valid", image_size=SAMPLE_SIZE, max_instances=8,
-                           batch_size=1, train=False, max_corrupt_fraction=0.5, skip_counter=counters)
+  ds = samrs_examples.make_dataset(str(tmp_path), "sior", "valid", image_size=SAMPLE_SIZE, max_instances=8,
+                                   batch_size=1, train=False, max_corrupt_fraction=0.5, skip_counter=counters)
   assert sum(int(b["is_real"][0]) for b in ds) == len(good)
   assert counters[0].skipped == 2 and counters[0].seen == len(good) + 2
-  strict = reader.make_dataset(str(tmp_path), "sior", "valid", image_size=SAMPLE_SIZE,
-                               max_instances=8, batch_size=1, train=False, max_corrupt_fraction=0.0,
-                               corrupt_min_seen=1)
+  strict = samrs_examples.make_dataset(str(tmp_path), "sior", "valid", image_size=SAMPLE_SIZE,
+                                       max_instances=8, batch_size=1, train=False, max_corrupt_fraction=0.0,
+                                       corrupt_min_seen=1)
   with pytest.raises(DataError, match=r"sior/valid: 1 of 3 records are corrupt"):
     for _ in strict:
       pass
@@ -187,8 +189,8 @@ def test_raw_image_format_reads_back_the_same_pixels(sample_dir, tfrecord_dir, t
                                **quiet)
   assert info["image_format"] == "raw"
   kw = dict(image_size=SAMPLE_SIZE, max_instances=8, batch_size=4, train=False)
-  for a, b in zip(reader.make_dataset(out, "sior", "train", **kw),
-                  reader.make_dataset(tfrecord_dir, "sior", "train", **kw)):
+  for a, b in zip(samrs_examples.make_dataset(out, "sior", "train", **kw),
+                  samrs_examples.make_dataset(tfrecord_dir, "sior", "train", **kw)):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   with pytest.raises(DataError, match="different settings \\(image_format\\)"):

@@ -8,7 +8,9 @@ import grain
 import numpy as np
 import pytest
 
-from data_pipelines.samrs import reader
+from data_pipelines.records import reader as records_reader
+from data_pipelines.records import shards
+from data_pipelines.samrs import examples as samrs_examples
 from mtp_jax.errors import DataError
 from mtp_jax.train.prefetch import DevicePrefetch
 
@@ -39,7 +41,7 @@ def corrupt_dir(tfrecord_dir, tmp_path_factory):
 
 
 def test_workers_restore_exactly_and_count_the_corrupt_records_they_skip(corrupt_dir):
-  a = reader.PretrainBatches(corrupt_dir, ("sota",), num_workers=2, max_corrupt_fraction=0.5, **KW)
+  a = samrs_examples.train_batches(corrupt_dir, ("sota",), num_workers=2, max_corrupt_fraction=0.5, **KW)
   for _ in range(3):
     next(a)
   state = json.loads(json.dumps(a.get_state()))
@@ -48,17 +50,17 @@ def test_workers_restore_exactly_and_count_the_corrupt_records_they_skip(corrupt
   # of epoch 0, the other of epoch 1) and meets both garbage records (after their second records)
   # on its third round, so before its 4th batch: 0 counted through 6 batches, 4 through 8.
   assert a.corrupt_records() == {"sota": 4}
-  b = reader.PretrainBatches(corrupt_dir, ("sota",), num_workers=2, max_corrupt_fraction=0.5, **KW)
+  b = samrs_examples.train_batches(corrupt_dir, ("sota",), num_workers=2, max_corrupt_fraction=0.5, **KW)
   b.set_state(state)
   for want in expected:
     np.testing.assert_array_equal(next(b)["sota"]["image"], want)
   with pytest.raises(DataError, match="data.num_workers=2"):
-    reader.PretrainBatches(corrupt_dir, ("sota",), max_corrupt_fraction=0.5, **KW).set_state(state)
+    samrs_examples.train_batches(corrupt_dir, ("sota",), max_corrupt_fraction=0.5, **KW).set_state(state)
   a.close(), b.close()
 
 
 def test_in_process_reader_counts_corrupt_records_per_returned_batch(corrupt_dir):
-  batches = reader.PretrainBatches(corrupt_dir, ("sota",), max_corrupt_fraction=0.5, **KW)
+  batches = samrs_examples.train_batches(corrupt_dir, ("sota",), max_corrupt_fraction=0.5, **KW)
   seen = [batches.corrupt_records()["sota"]]
   for _ in range(6):   # one epoch: 12 good records
     assert "corrupt_skipped" not in next(batches)["sota"]
@@ -70,19 +72,19 @@ def test_in_process_reader_counts_corrupt_records_per_returned_batch(corrupt_dir
 def test_each_worker_draws_its_own_augmentation():
   draws = []
   for worker in ((0, 0), (0, 2), (1, 2)):
-    reader._note_worker(*worker)
-    draws.append(reader._worker_rng(np.random.default_rng(7)).random(4))
-  reader._note_worker(0, 0)
+    records_reader._note_worker(*worker)
+    draws.append(records_reader._worker_rng(np.random.default_rng(7)).random(4))
+  records_reader._note_worker(0, 0)
   np.testing.assert_array_equal(draws[0], np.random.default_rng(7).random(4))   # in process: as is
   assert not np.allclose(draws[1], draws[2])
 
 
 def test_read_ahead_hands_over_the_state_of_the_consumed_batch(tfrecord_dir):
-  plain = reader.PretrainBatches(tfrecord_dir, ("sota",), **KW)
+  plain = samrs_examples.train_batches(tfrecord_dir, ("sota",), **KW)
   want = []
   for _ in range(4):
     want.append((next(plain)["sota"]["image"], plain.get_state()))
-  ahead = reader.PretrainBatches(tfrecord_dir, ("sota",), **KW)
+  ahead = samrs_examples.train_batches(tfrecord_dir, ("sota",), **KW)
   feed = DevicePrefetch(ahead, lambda raw: raw["sota"]["image"] + 1, depth=2)
   for image, state in want:
     fed = next(feed)

@@ -13,7 +13,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from data_pipelines.samrs import reader
+from data_pipelines.samrs import examples as samrs_examples
 from mtp_jax.metrics.coco import coco_ap
 from mtp_jax.metrics.mask_paste import masks_to_rles, paste_masks
 from mtp_jax.parallel import sharding
@@ -46,7 +46,7 @@ def test_evaluation_scores_coco_ap_on_the_full_ground_truth_and_writes_coco_file
   for s in SUBSETS:
     r = saved["eval"][s]["is"]
     assert r["images"] == 4 and 0.0 <= r["segm"]["AP"] <= 1.0 and 0.0 <= r["bbox"]["AP"] <= 1.0
-    objects = sum(int(b["valid"][b["is_real"]].sum()) for b in reader.make_dataset(
+    objects = sum(int(b["valid"][b["is_real"]].sum()) for b in samrs_examples.make_dataset(
         tfrecord_dir, s, "valid", image_size=SAMPLE_SIZE, max_instances=64, batch_size=4, train=False))
     assert r["objects"] == objects   # every object, none cut by the training cap (fast: 2)
     headlines += [saved["eval"][s]["ss"]["miou"], r["segm"]["AP"], saved["eval"][s]["rd"]["map"]]
@@ -88,9 +88,9 @@ def test_a_tiny_model_overfits_a_handful_of_images_to_high_mask_ap(tfrecord_dir)
   tasks = loop.build_tasks(config)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   trainer = loop.Trainer(config, tasks, mesh)
-  raw = {s: next(iter(reader.make_dataset(tfrecord_dir, s, "train", image_size=SAMPLE_SIZE,
-                                          max_instances=16, batch_size=2, train=False,
-                                          with_masks=True))) for s in SUBSETS}
+  raw = {s: next(iter(samrs_examples.make_dataset(tfrecord_dir, s, "train", image_size=SAMPLE_SIZE,
+                                                  max_instances=16, batch_size=2, train=False,
+                                                  with_masks=True))) for s in SUBSETS}
   batch = batching.device_batch(raw, SUBSETS, mesh, trainer.fields)
   state = run_optimised(jax.jit(trainer._init_fn, out_shardings=trainer.state_shardings))()
   step = run_optimised(trainer.step, state, batch)

@@ -7,7 +7,12 @@ import jax
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from data_pipelines.samrs import augment, reader, schema
+from data_pipelines import augment
+from data_pipelines.instances import MASK_CROP_SIZE
+from data_pipelines.records import reader as records_reader
+from data_pipelines.records import shards
+from data_pipelines.samrs import examples as samrs_examples
+from data_pipelines.samrs import schema
 from mtp_jax.ops import mask_targets as mt
 
 from mmcv_reference import bilinear_interpolate
@@ -173,7 +178,7 @@ def test_targets_from_crops_agree_with_full_mask_targets():
 # --- (c) the reader ships crops (and RLEs for evaluation) ---------------------------------------
 
 def _first_record(tfrecord_dir, subset="sota", split="valid"):
-  path = reader.shard_files(tfrecord_dir, subset, split)[0]
+  path = shards.shard_files(tfrecord_dir, subset, split)[0]
   return next(iter(grain.experimental.TFRecordIterDataset(path)))
 
 
@@ -181,9 +186,9 @@ def test_eval_examples_carry_crops_and_rles_of_the_resized_masks(tfrecord_dir):
   raw = _first_record(tfrecord_dir)
   n = schema.decode(raw).num_instances
   m = n + 2
-  example = reader.to_static_example(raw, 48, m, with_masks=True)   # 64 px source, resized
-  dense = reader.resize_and_pad(reader.record_to_sample(schema.decode(raw), with_masks=True), 48)
-  r = reader.MASK_CROP_SIZE
+  example = samrs_examples.to_static_example(raw, 48, m, with_masks=True)   # 64 px source, resized
+  dense = samrs_examples.resize_and_pad(samrs_examples.record_to_sample(schema.decode(raw), with_masks=True), 48)
+  r = MASK_CROP_SIZE
   assert "masks" not in example and example["mask_crops"].shape == (m, r, r)
   assert example["mask_crops"].dtype == np.uint8
   np.testing.assert_array_equal(example["mask_crops"][:n],
@@ -200,18 +205,18 @@ def test_eval_examples_carry_crops_and_rles_of_the_resized_masks(tfrecord_dir):
   reference = mt.roi_align_masks(dense["masks"], example["hboxes"][:n], 28) >= 0.5
   assert np.mean(targets[:n] != reference) < 0.01 and not targets[n:].any()
   # A padded final batch: RLEs '' and crops 0 in the filler; shapes as example_shapes says.
-  batch = reader._pad_batch([example], 3)
+  batch = records_reader._pad_batch([example], 3)
   assert batch["mask_rles"].shape == (3, m) and set(batch["mask_rles"][1:].ravel()) == {""}
   assert not batch["mask_crops"][1:].any()
-  shape, dtype = reader.example_shapes(48, m)["mask_crops"]
+  shape, dtype = samrs_examples.example_shapes(48, m)["mask_crops"]
   assert batch["mask_crops"].shape[1:] == shape and batch["mask_crops"].dtype == dtype
-  assert "mask_rles" not in reader.example_shapes(48, m)
+  assert "mask_rles" not in samrs_examples.example_shapes(48, m)
 
 
 def test_train_examples_carry_crops_of_the_augmented_masks(tfrecord_dir):
   raw = _first_record(tfrecord_dir, "fast", "train")
-  example = reader.to_static_example(raw, 64, 3, rng=np.random.default_rng(5), with_masks=True)
-  sample = augment.train_augment(reader.record_to_sample(schema.decode(raw), with_masks=True),
+  example = samrs_examples.to_static_example(raw, 64, 3, rng=np.random.default_rng(5), with_masks=True)
+  sample = augment.train_augment(samrs_examples.record_to_sample(schema.decode(raw), with_masks=True),
                                  np.random.default_rng(5), 64, augment.AugmentConfig())
   kept = np.flatnonzero(sample["box_valid"] | sample["rbox_valid"])[:3]
   k = len(kept)
@@ -219,7 +224,7 @@ def test_train_examples_carry_crops_of_the_augmented_masks(tfrecord_dir):
   np.testing.assert_array_equal(example["hboxes"][:k], sample["hboxes"][kept])
   np.testing.assert_array_equal(example["mask_crops"][:k],
                                 mt.crop_masks(sample["masks"][kept], sample["hboxes"][kept],
-                                              reader.MASK_CROP_SIZE))
+                                              MASK_CROP_SIZE))
   assert not example["mask_crops"][k:].any()
   # The crop's mass sits where the mask is: a rotated rectangle fills >= 40% of its tight box.
   visible = sample["masks"][kept].reshape(k, -1).any(1)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipelines.samrs import reader
+from data_pipelines.samrs import examples as samrs_examples
 from mtp_jax.metrics import drawing
 from mtp_jax.metrics.rotated_detection import dota_map
 from mtp_jax.ops.boxes import rbox_to_poly
@@ -36,8 +36,8 @@ def test_evaluation_scores_dota_map_on_the_full_ground_truth(trained, tfrecord_d
     assert rd["images"] == 4 and 0.0 <= rd["map"] <= 1.0
     # Every object of the valid images counts, none cut by the training cap (fast: 2 a image).
     objects, most = 0, 0
-    for batch in reader.make_dataset(tfrecord_dir, s, "valid", image_size=SAMPLE_SIZE, max_instances=64,
-                                     batch_size=4, train=False):
+    for batch in samrs_examples.make_dataset(tfrecord_dir, s, "valid", image_size=SAMPLE_SIZE, max_instances=64,
+                                             batch_size=4, train=False):
       objects += int(batch["rbox_valid"][batch["is_real"]].sum())
       most = max(most, int(batch["num_instances"].max()))
     assert sum(rd["num_objects"].values()) == objects
@@ -59,7 +59,7 @@ def test_dota_task1_files_hold_every_detection_of_every_class(trained, tfrecord_
     assert all(len(l) == 10 for l in lines)
     assert len(lines) == sum(results["eval"][s]["rd"]["num_detections"].values()) > 0   # every one
     stems = {l[0] for l in lines}
-    valid_ids = {str(i) for b in reader.make_dataset(tfrecord_dir, s, "valid", image_size=SAMPLE_SIZE,
+    valid_ids = {str(i) for b in samrs_examples.make_dataset(tfrecord_dir, s, "valid", image_size=SAMPLE_SIZE,
                                                       max_instances=4, batch_size=4, train=False)
                  for i in b["image_id"][b["is_real"]]}
     assert stems <= valid_ids and all(not stem.endswith((".png", ".jpg")) for stem in valid_ids)
@@ -76,9 +76,9 @@ def test_dota_task1_files_hold_every_detection_of_every_class(trained, tfrecord_
 
 def _first_images(tfrecord_dir, split, per_subset, max_instances):
   """The first `per_subset` images of each subset's split, unaugmented (evaluation geometry)."""
-  return {s: next(iter(reader.make_dataset(tfrecord_dir, s, split, image_size=SAMPLE_SIZE,
-                                           max_instances=max_instances, batch_size=per_subset,
-                                           train=False))) for s in SUBSETS}
+  return {s: next(iter(samrs_examples.make_dataset(tfrecord_dir, s, split, image_size=SAMPLE_SIZE,
+                                                   max_instances=max_instances, batch_size=per_subset,
+                                                   train=False))) for s in SUBSETS}
 
 
 def test_a_tiny_model_overfits_a_handful_of_images(rd_overfit):

@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from data_pipelines.samrs import reader
+from data_pipelines.samrs import examples as samrs_examples
 from mtp_jax.parallel import sharding
 from mtp_jax.train import batching, loop
 
@@ -23,7 +23,7 @@ CLASSES = {"sota": 18, "sior": 20, "fast": 37}
 
 def fixed_batches(config, n):
   """n host batches from the training reader (the same ones for every run that asks)."""
-  batches = reader.PretrainBatches(
+  batches = samrs_examples.train_batches(
       config.data.dir, SUBSETS, image_size=config.data.image_size,
       max_instances=dict(config.data.max_instances), batch_size=config.data.batch_per_subset,
       seed=config.seed, shuffle_window=config.data.shuffle_window)

@@ -2,7 +2,7 @@
 
     python -m data_pipelines.convert eurosat --root RAW --out DIR
 
-writes `<DIR>/<dataset>/<split>/` shards and a `dataset_info.json`, the folder layout of the
-SAMRS conversion, so the same grain reader (data_pipelines/samrs/reader.py `make_dataset`) reads
-them with this package's parsers.
+writes `<DIR>/<dataset>/<split>/` shards and a `dataset_info.json`, the folder layout of
+data_pipelines/records/ (the SAMRS conversion's too), so the same grain reader
+(data_pipelines/records/reader.py `make_dataset`) reads them with this package's parsers.
 """

@@ -19,10 +19,10 @@ Ours: the photometric distortion is mmcv's for 8-bit RGB and is applied to uint8
 import cv2
 import numpy as np
 
+from data_pipelines import augment
 from data_pipelines.downstream import schema
 from data_pipelines.downstream.segmentation import random_crop
-from data_pipelines.samrs import augment
-from data_pipelines.samrs.reader import image_stem
+from data_pipelines.records.images import image_stem
 
 
 def per_channel(fn, image):

@@ -20,7 +20,7 @@ import numpy as np
 
 from data_pipelines.downstream import rand_augment as rand_augment_lib
 from data_pipelines.downstream import schema
-from data_pipelines.samrs.reader import image_stem
+from data_pipelines.records.images import image_stem
 
 
 def random_resized_crop(image, rng, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10):

@@ -1,6 +1,6 @@
 """Detection examples for finetuning (MTP_SPEC §5.2, mmrotate 1.x's and mmdet 3's pipelines).
 
-Static example (the `rd` and `hd` tasks' fields, as the SAMRS reader packs them): image (S, S, 3)
+Static example (the `rd` and `hd` tasks' fields, packed by data_pipelines/instances.py): image (S, S, 3)
 uint8; rboxes (M, 5) le90 float32 (each object's quadrilateral converted as mmrotate 1.x does,
 `ops.boxes.quad_to_rbox_min_area`) and hboxes (M, 4) (the quadrilateral's hull) of the usable
 objects first, labels (M,) int32, rbox_valid / valid (M,) bool, num_instances () int32 (usable
@@ -22,9 +22,10 @@ and padding only.
 
 import numpy as np
 
+from data_pipelines import augment
 from data_pipelines.downstream import schema
-from data_pipelines.samrs import augment
-from data_pipelines.samrs.reader import image_stem, pack
+from data_pipelines.instances import pack
+from data_pipelines.records.images import image_stem
 from mtp_jax.ops import boxes as box_ops
 
 HORIZONTAL_ANGLES = (90, 180, -90, -180)   # mmrotate RandomRotate.horizontal_angles

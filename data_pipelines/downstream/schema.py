@@ -28,6 +28,8 @@ import dataclasses
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
+from data_pipelines.records.images import decode_png_or_jpeg
+
 
 @dataclasses.dataclass
 class DownstreamRecord:
@@ -126,7 +128,6 @@ def decode_image(record: DownstreamRecord, date: int = 1) -> np.ndarray:
   if record.image_format == "raw":
     pixels = np.frombuffer(data, np.dtype(record.dtype))
     return pixels.reshape(record.height, record.width, record.channels)
-  from data_pipelines.samrs.reader import decode_png_or_jpeg  # noqa: PLC0415 (one decoder)
   image = decode_png_or_jpeg(data, "RGB")
   if image.shape[:2] != (record.height, record.width):
     raise ValueError(f"{record.filename}: decoded {image.shape[:2]}, record says "
@@ -138,7 +139,6 @@ def decode_semantic(record: DownstreamRecord) -> np.ndarray:
   """(H, W) uint8 label map of a segmentation record."""
   if not record.semantic_bytes:
     raise ValueError(f"{record.filename}: the record has no label map")
-  from data_pipelines.samrs.reader import decode_png_or_jpeg  # noqa: PLC0415
   label = decode_png_or_jpeg(record.semantic_bytes, "L")
   if label.shape != (record.height, record.width):
     raise ValueError(f"{record.filename}: label map {label.shape} differs from the image "

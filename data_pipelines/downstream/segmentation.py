@@ -15,9 +15,9 @@ padding to S x S. Evaluation: the whole image, unresized, padded to the canvas; 
 
 import numpy as np
 
+from data_pipelines import augment
 from data_pipelines.downstream import schema
-from data_pipelines.samrs import augment
-from data_pipelines.samrs.reader import image_stem
+from data_pipelines.records.images import image_stem
 
 CAT_MAX_RATIO = 0.75
 

@@ -1,6 +1,6 @@
 """Writes one split of a finetuning dataset: sharded TFRecords + dataset_info.json.
 
-Layout (the SAMRS conversion's, so one reader serves both): `<out>/<dataset>/<split>/
+Layout (data_pipelines/records/'s, the SAMRS conversion's too, so one reader serves both): `<out>/<dataset>/<split>/
 <dataset>-<split>.tfrecord-0000i-of-0000K` and `dataset_info.json` (class names, counts per
 class, the shard list with record counts and sha256 checksums, the split's sample list, every
 skipped sample with its reason, the conversion's settings). Shard i holds the usable samples of
@@ -15,8 +15,9 @@ import os
 
 import numpy as np
 
-from data_pipelines.samrs.convert import INFO_FILE, _write_json, _write_shard, sha256, shard_name
 from data_pipelines.downstream import schema
+from data_pipelines.records.shards import INFO_FILE, sha256, shard_name
+from data_pipelines.records.writer import write_json, write_shard
 from mtp_jax.errors import DataError
 
 SOURCES_FILE = "sources.json"
@@ -78,7 +79,7 @@ def write_split(out: str, dataset: str, split: str, items: list, read, class_nam
         if one.source_annotation is not None:
           sources[one.source_annotation["id"]] = one.source_annotation
     name = shard_name(dataset, split, i, num_shards)
-    _write_shard(os.path.join(split_dir, name), records)
+    write_shard(os.path.join(split_dir, name), records)
     shards.append({"file": name, "num_examples": len(records),
                    "sha256": sha256(os.path.join(split_dir, name))})
   if not labels:
@@ -91,10 +92,10 @@ def write_split(out: str, dataset: str, split: str, items: list, read, class_nam
                  "max_instances_per_image": most, "dropped_objects": dropped}
   if sources:
     detection["sources_file"] = SOURCES_FILE
-    _write_json(os.path.join(split_dir, SOURCES_FILE), sources)
+    write_json(os.path.join(split_dir, SOURCES_FILE), sources)
   info = {"dataset": dataset, "split": split, "class_names": list(class_names),
           "num_examples": len(labels),
           "examples_per_class": {c: int(n) for c, n in zip(class_names, counts)},
           "shards": shards, "skipped": skipped, **detection, "signature": signature}
-  _write_json(info_path, info)
+  write_json(info_path, info)
   return info

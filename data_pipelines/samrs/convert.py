@@ -8,7 +8,8 @@ Output per subset and split: `<out>/<subset>/<split>/<subset>-<split>.tfrecord-0
 `<out>/<subset>/<split>/dataset_info.json`: class names, counts, instances per class, a histogram
 of instances per image, `max_instances_999` (the smallest per-image cap that keeps 99.9% of all
 instances), the shard list with record counts and sha256 checksums, and every skipped image with
-its reason. Shard i holds the usable images among the i-th K-th of the split list.
+its reason. Shard i holds the usable images among the i-th K-th of the split list (the folder
+layout and the atomic writes are data_pipelines/records/'s).
 
 Bad input never stops a conversion (unless `--strict`, which stops at the first): an image whose
 files are unusable is skipped, named and counted. Shards are written under a temporary name and
@@ -28,41 +29,15 @@ import sys
 
 import numpy as np
 
+from data_pipelines.records.shards import INFO_FILE, sha256, shard_name
+from data_pipelines.records.writer import write_json, write_shard
 from data_pipelines.samrs import classes as samrs_classes
 from data_pipelines.samrs import coco as samrs_coco
 from data_pipelines.samrs import raw, schema
 from mtp_jax.errors import DataError
 
-INFO_FILE = "dataset_info.json"
 PROGRESS_FILE = ".convert_progress.json"
 KEEP_FRACTION = 0.999
-
-
-def shard_name(subset: str, split: str, index: int, count: int) -> str:
-  return f"{subset}-{split}.tfrecord-{index:05d}-of-{count:05d}"
-
-
-def sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def _write_shard(path: str, records: list[bytes]):
-  import tensorflow as tf  # lazy: only the writer needs it (CRC-framed TFRecord files)
-  tmp = path + ".tmp"
-  with tf.io.TFRecordWriter(tmp) as writer:
-    for r in records:
-      writer.write(r)
-  os.replace(tmp, path)
-
-
-def _write_json(path: str, obj):
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def _read_one(stem, root, subset, coco_index, image_format="source"):
@@ -131,11 +106,11 @@ def convert_split(root: str, subset: str, split: str, out: str, num_shards: int 
         records.append(payload)
         labels.append(lab)
       os.makedirs(split_dir, exist_ok=True)
-      _write_shard(os.path.join(split_dir, name), records)
+      write_shard(os.path.join(split_dir, name), records)
       progress["shards"][name] = {"file": name, "num_examples": len(records),
                                   "sha256": sha256(os.path.join(split_dir, name)),
                                   "labels": labels, "skipped": skipped}
-      _write_json(os.path.join(split_dir, PROGRESS_FILE), progress)
+      write_json(os.path.join(split_dir, PROGRESS_FILE), progress)
   finally:
     if pool:
       pool.close()
@@ -161,9 +136,9 @@ def convert_split(root: str, subset: str, split: str, out: str, num_shards: int 
       "shards": [{k: s[k] for k in ("file", "num_examples", "sha256")} for s in shards],
       "skipped": [x for s in shards for x in s["skipped"]],
   }
-  _write_json(os.path.join(split_dir, INFO_FILE), info)
+  write_json(os.path.join(split_dir, INFO_FILE), info)
   progress["complete"] = True
-  _write_json(os.path.join(split_dir, PROGRESS_FILE), progress)
+  write_json(os.path.join(split_dir, PROGRESS_FILE), progress)
   return info
 
 

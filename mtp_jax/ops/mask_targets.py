@@ -40,7 +40,7 @@ k = ceil(RoI side / out_size), capped at `max_samples` (static; default 4, exact
 112 px; measured, 8 changes nothing at R = 56: a crop has ~2 pixels per target bin, more samples
 read no new detail). Rows with gt_index -1 are zeros.
 
-Choice of R = `MASK_CROP_SIZE` = 56 (data_pipelines/samrs/reader.py), by measurement
+Choice of R = `MASK_CROP_SIZE` = 56 (data_pipelines/instances.py), by measurement
 (`python benchmarks/mask_target_fidelity.py --images 24`: synthetic SAMRS training examples
 after augmentation, 54 images at 448 px (RoI sides 35-196 px, median 90) and 54 at 128 px
 (small objects, 10-49 px, median 24); per instance its gt box and 4 jittered RoIs of IoU >= 0.5;

@@ -1,7 +1,7 @@
 """Pretraining loop, read top to bottom: setup, data, state, restore, steps, checkpoints, report.
 
 Every process runs this same function; the data each reads and the checkpoints they write
-together are described in data_pipelines/samrs/reader.py and mtp_jax/checkpoints/manager.py.
+together are described in data_pipelines/records/ and mtp_jax/checkpoints/manager.py.
 """
 
 import functools
@@ -17,7 +17,8 @@ from jax.experimental import multihost_utils
 from flax import nnx
 
 from data_pipelines import sources
-from data_pipelines.samrs import reader
+from data_pipelines.records import shards
+from data_pipelines.records.batches import TrainBatches
 from mtp_jax import models, tasks as tasks_lib
 from mtp_jax.checkpoints import full_model
 from mtp_jax.checkpoints.encoder_init import initialize_encoder
@@ -142,7 +143,7 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Preemption
 # ----------------------------------------------------------------------------------------------
-def train_batches(config, tasks: dict, local_batch: int) -> reader.PretrainBatches:
+def train_batches(config, tasks: dict, local_batch: int) -> TrainBatches:
   """This process's training batch stream of `config` (`local_batch` images per subset)."""
   return sources.source(config).train_batches(config, tasks, local_batch)
 
@@ -207,8 +208,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh,
                                  config.optimizer.grad_accum_steps)
   streams, num_streams = reader_streams(config)
-  reader.check_shard_counts(config.data.dir, subsets, "train", num_streams)
-  reader.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
+  shards.check_shard_counts(config.data.dir, subsets, "train", num_streams)
+  shards.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
 
   trainer = Trainer(config, tasks, mesh)
   evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, tasks)
@@ -314,7 +315,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   subsets = tuple(config.data.subsets)
   tasks = build_tasks(config)
   mesh = sharding.config_mesh(config.mesh)
-  reader.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
+  shards.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise CheckpointError(f"{os.path.abspath(workdir)} has no checkpoints/ folder: nothing to evaluate "
                           "(pass the --workdir of a training run)")

@@ -1,7 +1,7 @@
 """The next training batches read and placed on the devices while the current step runs.
 
 `DevicePrefetch` runs a background thread that takes host batches from the reader
-(`PretrainBatches`, whose grain worker processes may parse and augment further ahead), turns
+(`TrainBatches`, whose grain worker processes may parse and augment further ahead), turns
 them into device batches (`to_device`, e.g. `batching.device_batch`) and queues `depth` of them.
 Each queued item carries the reader's state and corrupt-record counts taken right after its
 batch was read, so a checkpoint saves the position of the last batch the step *consumed*, not of
