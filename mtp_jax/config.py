@@ -1,9 +1,16 @@
 """Config defaults (the schema of every known key), loading of config files, and overrides.
 
 A config file is Python: `configs/<...>/<name>.py` defines `get_config(arg=None)` returning an
-`ml_collections.ConfigDict`, usually `pretrain_defaults()` with some fields changed. Every key of
-the result must exist in the defaults: a misspelt key fails with the closest known names, before
-any work starts. Overrides from the command line (`--set train.num_steps=10`) obey the same rule.
+`ml_collections.ConfigDict`, usually `pretrain_defaults()` with some fields changed (the
+finetuning recipes that configs share live in configs/recipes.py, not here). Every key of the
+result must exist in the defaults: a misspelt key fails with the closest known names, before any
+work starts. Overrides from the command line (`--set train.num_steps=10`) obey the same rule.
+
+`pretrain_defaults()` is the schema: every key with its default value, the reference of
+`validate`. Its values are the paper's pretraining settings and it stays here, not in configs/:
+the schema needs a value per key, pretraining is the experiment that uses every key, and the
+finetuning recipes are written as changes to it. Each task's block is its module's
+`Task.default_config`.
 """
 
 import ast
@@ -22,14 +29,10 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   """All pretraining keys with the paper's values (MTP_SPEC §3), locked against new keys."""
   c = ml_collections.ConfigDict()
   c.seed = 2023                       # the original's seed (§3.2)
-  # The three MTP tasks (§3.1), each with its loss weight (1 in the original, §3.2) and the
-  # fields its module defines (mtp_jax/tasks/<task>.py, Task.default_config). A task runs when
-  # enabled; 'is' (Mask R-CNN) is named here and off until its module lands: enabling it stops
-  # with an error that says so.
+  # Every task (§3.1, §5), each with its loss weight (1 in the original, §3.2) and the fields its
+  # module defines (mtp_jax/tasks/<task>.py, Task.default_config). A task runs when enabled.
   from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
-  c.tasks = ml_collections.ConfigDict(
-      {name: tasks_lib.TASKS[name].default_config() if name in tasks_lib.TASKS
-       else {"enabled": False, "weight": 1.0} for name in tasks_lib.ORDER})
+  c.tasks = ml_collections.ConfigDict({name: task.default_config() for name, task in tasks_lib.TASKS.items()})
 
   c.data = ml_collections.ConfigDict()
   # The experiment's data source (data_pipelines/sources.py): 'samrs' (pretraining) or a
@@ -339,12 +342,9 @@ def validate(config, defaults=None):
     raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
   from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
   runnable = sorted(tasks_lib.TASKS)
-  for name, task in config.tasks.items():
-    if name not in tasks_lib.TASKS and name not in tasks_lib.PENDING:
-      raise ConfigError(f"tasks.{name}: unknown task; the tasks are {runnable + sorted(tasks_lib.PENDING)}")
-    if task.enabled and name not in tasks_lib.TASKS:
-      raise ConfigError(f"tasks.{name}.enabled: the {tasks_lib.PENDING[name]} task has not landed in "
-                        f"mtp_jax yet; the tasks that run now are {runnable}")
+  for name in config.tasks:
+    if name not in tasks_lib.TASKS:
+      raise ConfigError(f"tasks.{name}: unknown task; the tasks are {runnable}")
   for name in tasks_lib.TASKS:
     problem = tasks_lib.TASKS[name].check_config(config.tasks[name])
     if problem:
@@ -357,7 +357,9 @@ def validate(config, defaults=None):
     raise ConfigError(f"optimizer.grad_accum_steps = {config.optimizer.grad_accum_steps} must be >= 1")
   if config.optimizer.schedule not in ("cosine", "step"):
     raise ConfigError(f"optimizer.schedule {config.optimizer.schedule!r} is not 'cosine' or 'step'")
-  if config.eval.label_size and not (config.data.resize and config.tasks.cd.enabled):
+  # eval.label_size: the labels of pairs resized before the model (a task that declares data.resize)
+  resizing = [n for n in tasks_lib.enabled(config) if "resize" in tasks_lib.TASKS[n].data_options]
+  if config.eval.label_size and not (config.data.resize and resizing):
     raise ConfigError(f"eval.label_size = {config.eval.label_size} applies to change detection with "
                       "data.resize (pairs resized before the model) only")
   epoch_steps = config.optimizer.epoch_steps
@@ -383,7 +385,7 @@ def validate(config, defaults=None):
   elif tuple(config.data.subsets) != (config.data.dataset,):
     raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be ({config.data.dataset!r},) "
                       f"for data.dataset {config.data.dataset!r}")
-  sources.SOURCES[config.data.dataset].check_bands(config)
+  sources.SOURCES[config.data.dataset].check_bands(config, tasks_lib.data_options())
   supported = sources.SOURCES[config.data.dataset].tasks
   off = [t for t in tasks_lib.enabled(config) if t not in supported]
   if off:
@@ -411,14 +413,27 @@ def validate(config, defaults=None):
   return config
 
 
+def load_module(path: str):
+  """The Python file at `path`, loaded as a module (a fresh one per call): configs/ is not an
+  installed package, so the recipes configs share (configs/recipes.py) are reached by path."""
+  path = os.path.normpath(os.path.abspath(path))
+  stem = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f"_mtp_config_{stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def sibling_module(config_file: str, name: str):
+  """`load_module` of `name`, a path relative to `config_file`'s folder (a config file passes
+  its `__file__`)."""
+  return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
 def sibling_config(config_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
   """get_config(arg) of the config file `name` beside `config_file`, not yet validated: one
   recipe for two configs (a release's RGB and multispectral variants)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
-  module_spec = importlib.util.spec_from_file_location(f"_mtp_config_{os.path.splitext(name)[0]}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return sibling_module(config_file, name).get_config(arg)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -476,8 +491,3 @@ def apply_overrides(config, overrides) -> ml_collections.ConfigDict:
       raise ConfigError(f"override {item!r}: {e}") from None
   return validate(config)
 
-
-def enabled_tasks(config) -> tuple:
-  """Names of the tasks that run, in the order of MTP's loss sum (ss, is, rd)."""
-  from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
-  return tasks_lib.enabled(config)

@@ -10,7 +10,7 @@ import pytest
 
 from mtp_jax import config as config_lib
 from mtp_jax.metrics import drawing, report
-from mtp_jax.metrics.multitask import mtp_average
+from mtp_jax.tasks import mtp_average
 from mtp_jax.tasks import Task, build_tasks
 
 
