@@ -19,7 +19,7 @@ from mtp_jax.torch_twin import intern_image as twin_lib
 
 from conftest import ROOT, SAMPLE_SIZE, TINY_IS, TINY_RD, tiny_overrides
 
-TOY = config_lib.INTERN_IMAGE_SMOKE
+TOY = config_lib.load_module(f"{ROOT}/configs/recipes.py").INTERN_IMAGE_SMOKE
 # The toy with XL's block form (post-norm, layer scale, offset scale 2), and one with the other
 # form (pre-norm, no layer scale, a stage norm) and DCNv3's H/G options.
 XL_FORM = {**models.INTERN_IMAGE_PRESETS["intern_image_xl"], **TOY}
