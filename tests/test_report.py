@@ -15,8 +15,8 @@ from mtp_jax.tasks import Task, build_tasks
 
 
 class _MaskAP(Task):
-  """Stands for the instance-segmentation task (its module lands with Mask R-CNN): headline
-  mask AP, per-class AP; everything else as the base class."""
+  """Stands for the instance-segmentation task without its Mask R-CNN: headline mask AP,
+  per-class AP; everything else as the base class."""
   name, title, headline_name = "is", "instance segmentation", "mask AP"
 
   def headline(self, result):

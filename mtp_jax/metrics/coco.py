@@ -1,6 +1,6 @@
 """COCO box and mask AP through pycocotools' COCOeval (not re-implemented).
 
-Used for instance segmentation (MTP pretraining's `is` task: segm AP) and horizontal detection
+Used for instance segmentation (an MTP pretraining task: segm AP) and horizontal detection
 (DIOR, Xview: AP50, MTP_SPEC.md §5.2). Inputs are plain arrays in DESIGN.md conventions:
 
   annotations[i] = {"hboxes": (M, 4) x1, y1, x2, y2 pixels, "labels": (M,) in [0, C),
