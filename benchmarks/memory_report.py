@@ -40,7 +40,8 @@ import jax  # noqa: E402
 
 from data_pipelines import sources  # noqa: E402
 from data_pipelines.samrs.classes import subset as subset_layout  # noqa: E402
-from mtp_jax.config import enabled_tasks, load_config, pretrain_defaults, validate  # noqa: E402
+from mtp_jax.config import load_config, pretrain_defaults, validate  # noqa: E402
+from mtp_jax.tasks import enabled as enabled_tasks  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import batching, loop  # noqa: E402
 from _report import write_result  # noqa: E402

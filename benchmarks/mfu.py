@@ -24,7 +24,7 @@ reports one. Peak: `--peak-tflops`, else the table below by device kind and dtyp
 tensor-core / MXU rates; float32 on GPUs is TF32, JAX's default matmul precision there), else
 (CPUs) the measured rate of a 2048^3 matmul in the dtype, which `peak_source` names.
 `--tiny` shrinks everything to the CI smoke size (3-block width-48 ViT or the toy InternImage of
-config.INTERN_IMAGE_SMOKE, 64 px, toy heads). InternImage (`--encoders intern_image_xl`) runs
+configs/recipes.py INTERN_IMAGE_SMOKE, 64 px, toy heads). InternImage (`--encoders intern_image_xl`) runs
 with its own recipes: configs/pretrain/mtp_internimage_xl.py and dota_v1.py:internimage.
 """
 
@@ -48,7 +48,7 @@ from finetune_step import synthetic_batch  # noqa: E402
 from data_pipelines.samrs import convert, synthetic  # noqa: E402
 from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
 from mtp_jax import models, tasks as tasks_lib  # noqa: E402
-from mtp_jax.config import INTERN_IMAGE_SMOKE, apply_overrides, load_config  # noqa: E402
+from mtp_jax.config import apply_overrides, load_config, load_module  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import batching, loop  # noqa: E402
 
@@ -76,7 +76,7 @@ def finetune_rd_recipe(encoder: str) -> str:
 def tiny_encoder(encoder: str) -> dict:
   """The CI smoke size of the encoder's family: a 3-block width-48 ViT, or the toy InternImage."""
   if is_intern_image(encoder):
-    return dict(INTERN_IMAGE_SMOKE)
+    return dict(load_module("configs/recipes.py").INTERN_IMAGE_SMOKE)
   return dict(embed_dim=48, depth=3, num_heads=2, out_indices=(0, 1, 2, 2), patch_size=8)
 
 

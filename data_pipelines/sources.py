@@ -76,23 +76,24 @@ class Source:
 
   bands = 3   # input bands of the converted images
 
-  def check_bands(self, config):
-    """ConfigError unless data.bands picks existing bands and data.mean has one entry per band
-    (and data.resize is 0 where the dataset has no change pairs)."""
+  def check_bands(self, config, data_options: dict):
+    """ConfigError unless data.bands picks existing bands and data.mean has one entry per band,
+    and the task-specific data settings are 0 where none of the dataset's tasks uses them.
+
+    data_options: {task: {data key: what it does}}, what the tasks declare (`Task.data_options`,
+    given by the caller: the data pipelines know no task); a key that none of `self.tasks`
+    declares must be 0 (data.rand_augment where the dataset has no scene classification ...)."""
     from mtp_jax.errors import ConfigError  # noqa: PLC0415
     picked = tuple(config.data.bands) or tuple(range(self.bands))
     if max(picked) >= self.bands or min(picked) < 0:
       raise ConfigError(f"data.bands {tuple(config.data.bands)}: {config.data.dataset} images have "
                         f"{self.bands} bands (0-{self.bands - 1})")
-    if config.data.rand_augment and "cls" not in self.tasks:
-      raise ConfigError(f"data.rand_augment = {config.data.rand_augment} augments scene-classification "
-                        f"images; {config.data.dataset} has none (leave it 0)")
-    if config.data.rotate_prob and not {"rd", "hd"} & set(self.tasks):
-      raise ConfigError(f"data.rotate_prob = {config.data.rotate_prob} rotates detection images; "
-                        f"{config.data.dataset} has none (leave it 0)")
-    if config.data.resize and "cd" not in self.tasks:
-      raise ConfigError(f"data.resize = {config.data.resize} resizes change-detection pairs; "
-                        f"{config.data.dataset} has none (leave it 0)")
+    served = {key for task in self.tasks for key in data_options.get(task, {})}
+    for options in data_options.values():
+      for key, what in options.items():
+        if config.data[key] and key not in served:
+          raise ConfigError(f"data.{key} = {config.data[key]} {what}; {config.data.dataset} has none "
+                            "(leave it 0)")
     if len(config.data.mean) != len(picked):
       raise ConfigError(f"data.mean has {len(config.data.mean)} entries for the {len(picked)} bands "
                         f"the model sees ({config.data.dataset}: {self.bands} bands"
@@ -227,8 +228,8 @@ class SceneSource(ReleaseSource):
                              mean=tuple(config.data.mean), std=tuple(config.data.std), bands=bands,
                              dtype=self.release.pixel_dtype, rand_augment=config.data.rand_augment)
 
-  def check_bands(self, config):
-    super().check_bands(config)
+  def check_bands(self, config, data_options):
+    super().check_bands(config, data_options)
     if config.data.rand_augment and (self.release.pixel_dtype != "uint8" or len(config.data.mean) != 3):
       from mtp_jax.errors import ConfigError  # noqa: PLC0415
       raise ConfigError(f"data.rand_augment = {config.data.rand_augment}: RandAugment's ops are defined on "

@@ -1,9 +1,16 @@
 """Config defaults (the schema of every known key), loading of config files, and overrides.
 
 A config file is Python: `configs/<...>/<name>.py` defines `get_config(arg=None)` returning an
-`ml_collections.ConfigDict`, usually `pretrain_defaults()` with some fields changed. Every key of
-the result must exist in the defaults: a misspelt key fails with the closest known names, before
-any work starts. Overrides from the command line (`--set train.num_steps=10`) obey the same rule.
+`ml_collections.ConfigDict`, usually `pretrain_defaults()` with some fields changed (the
+finetuning recipes that configs share live in configs/recipes.py, not here). Every key of the
+result must exist in the defaults: a misspelt key fails with the closest known names, before any
+work starts. Overrides from the command line (`--set train.num_steps=10`) obey the same rule.
+
+`pretrain_defaults()` is the schema: every key with its default value, the reference of
+`validate`. Its values are the paper's pretraining settings and it stays here, not in configs/:
+the schema needs a value per key, pretraining is the experiment that uses every key, and the
+finetuning recipes are written as changes to it. Each task's block is its module's
+`Task.default_config`.
 """
 
 import ast
@@ -22,14 +29,10 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   """All pretraining keys with the paper's values (MTP_SPEC §3), locked against new keys."""
   c = ml_collections.ConfigDict()
   c.seed = 2023                       # the original's seed (§3.2)
-  # The three MTP tasks (§3.1), each with its loss weight (1 in the original, §3.2) and the
-  # fields its module defines (mtp_jax/tasks/<task>.py, Task.default_config). A task runs when
-  # enabled; 'is' (Mask R-CNN) is named here and off until its module lands: enabling it stops
-  # with an error that says so.
+  # Every task (§3.1, §5), each with its loss weight (1 in the original, §3.2) and the fields its
+  # module defines (mtp_jax/tasks/<task>.py, Task.default_config). A task runs when enabled.
   from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
-  c.tasks = ml_collections.ConfigDict(
-      {name: tasks_lib.TASKS[name].default_config() if name in tasks_lib.TASKS
-       else {"enabled": False, "weight": 1.0} for name in tasks_lib.ORDER})
+  c.tasks = ml_collections.ConfigDict({name: task.default_config() for name, task in tasks_lib.TASKS.items()})
 
   c.data = ml_collections.ConfigDict()
   # The experiment's data source (data_pipelines/sources.py): 'samrs' (pretraining) or a
@@ -165,156 +168,6 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   return c
 
 
-def finetune_defaults(dataset: str, task: str) -> ml_collections.ConfigDict:
-  """The keys of `pretrain_defaults` set for finetuning `task` on `dataset` with MTP's shared
-  recipe (docs/fidelity.md): ViT-B + RVSA, drop path 0.3, AdamW (0.9, 0.999), weight
-  decay 0.05, layer decay 0.9 with the official layer ids, no gradient clipping (no mmengine
-  finetune config of the original sets clip_grad: pretraining's clip of 5 is pretraining's
-  alone), linear warmup then cosine to 0. The
-  pretraining tasks are off and `task` is on; a dataset's config sets its size, batch,
-  schedule and `model.encoder_init` (the MTP checkpoint to start from)."""
-  c = pretrain_defaults()
-  for name in c.tasks:
-    c.tasks[name].enabled = name == task
-  c.data.dataset = dataset
-  c.data.subsets = (dataset,)
-  c.model.encoder = "vit_b_rvsa"
-  c.model.drop_path_rate = 0.3
-  c.optimizer.lr = 6e-5
-  c.optimizer.b1, c.optimizer.b2 = 0.9, 0.999
-  c.optimizer.weight_decay = 0.05
-  c.optimizer.layer_decay = 0.9
-  c.optimizer.grad_clip_norm = 0.0
-  if task in ("rd", "hd"):   # objects packed per training image (loop logs data/<dataset>/dropped_by_cap)
-    c.data.max_instances = ml_collections.ConfigDict({dataset: 1000})
-  return c
-
-
-def detection_finetune_defaults(dataset: str, *, image_size: int, batch: int, steps_per_epoch: int,
-                                epochs: int, decay_epochs: tuple, task: str = "rd") -> ml_collections.ConfigDict:
-  """MTP's detection finetuning (MTP_SPEC §5.2): Oriented R-CNN (§3.3; task 'rd') or Faster
-  R-CNN ('hd') on ViT-B + RVSA with mmdet's decoder init, AdamW lr 1e-4, 500 warmup steps, mmdet's
-  step schedule (x 0.1 at `decay_epochs`); schedule lengths in steps of `batch` images. The
-  encoder's global blocks have no relative-position tables, as the original's detection
-  backbones.
-
-  Ours, for static shapes (the original has neither cap): a training image packs at most
-  `data.max_instances[dataset]` objects (1,000 unless the config says; the objects past it are
-  dropped and counted in the `data/<dataset>/dropped_by_cap` metric), and the test-time NMS takes
-  at most `tasks.<rd|hd>.max_candidates` (proposal, class) pairs above the score threshold, the
-  highest-scoring ones (mmdet's multiclass_nms keeps them all)."""
-  c = finetune_defaults(dataset, task)
-  # mmengine's Runner calls init_weights() before the backbone checkpoint loads, so finetuned
-  # decoders start from mmdet's init_cfg (MTP's pretraining code never calls it: 'mtp' there).
-  c.tasks[task].init = "mmdet"
-  # The original's detection backbones (vit_rvsa_mtp_branches.py) have no relative-position
-  # tables in their global blocks: a checkpoint's tables are dropped on loading (and listed).
-  c.model.encoder_overrides.global_rel_pos = False
-  c.data.image_size = image_size
-  c.data.batch_per_subset = batch
-  c.optimizer.lr = 1e-4
-  c.optimizer.warmup_steps = 500
-  c.optimizer.schedule = "step"
-  c.optimizer.decay_steps = tuple(e * steps_per_epoch for e in decay_epochs)
-  c.train.num_steps = epochs * steps_per_epoch
-  c.train.checkpoint_every = steps_per_epoch
-  c.train.log_every = 50
-  c.eval.batch_per_subset = 8
-  return c
-
-
-FINETUNE_OPTIONS = ("smoke", "frozen", "internimage")
-
-# The toy InternImage of `:smoke+internimage` (and of the tests): InternImage-XL's structure
-# (post-norm, layer scale, offset scale 2, 16 channels per DCNv3 group) at width 16, 5 blocks.
-INTERN_IMAGE_SMOKE = dict(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8))
-
-
-def finetune_options(arg) -> set:
-  """The ':arg' options of a finetune config (configs/finetune/*.py):
-
-  smoke   a tiny ViT+RVSA (3 blocks of width 64, patch 8, block 2 global) at 64 px (change
-          detection: at the release's tile size unless data.resize), batch 8,
-          30 steps, lr 1e-3, no RandAugment, UperNet of 32 channels, UNet decoder 64/32/32/16,
-          an Oriented R-CNN or Faster R-CNN of 32/64 channels with 2 x stride anchors (RetinaNet:
-          2 stacked convs, octave base 1) and 32 objects per image,
-          slide windows of 64 px every 48 on the dataset's own canvas: checks a dataset's whole
-          pipeline in minutes on a CPU
-  frozen  the encoder frozen (model.freeze_encoder): linear probing / frozen-backbone finetuning
-  internimage  InternImage-XL instead of ViT-B + RVSA, with its recipe (docs/fidelity.md): drop
-          path 0.2, lr 2e-5 for classification, segmentation and change detection (detection
-          keeps its 1e-4: the original gives InternImage no other), and no layer decay.
-          Deliberate, as the original: its finetune configs ask for 0.94 over the 39 blocks, but
-          their optimizer constructor (a copy of pretraining's) matches only the pretraining
-          names `encoder.patch_embed` / `encoder.levels`, so every finetune parameter
-          (`backbone.*`) gets lr scale 1. `--set optimizer.layer_decay=0.94` applies the decay
-          for real;
-          start it from an InternImage pretraining workdir (model.encoder_init). With smoke, a
-          toy InternImage (INTERN_IMAGE_SMOKE) at the smoke's lr
-  """
-  options = set(filter(None, (arg or "").split("+")))
-  unknown = options - set(FINETUNE_OPTIONS)
-  if unknown:
-    raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {', '.join(FINETUNE_OPTIONS)}")
-  return options
-
-
-def apply_finetune_options(c, options: set):
-  """`c` with the finetune options applied (see finetune_options)."""
-  if "internimage" in options:
-    c.model.encoder = "intern_image_xl"
-    if "global_rel_pos" in c.model.encoder_overrides:   # a ViT+RVSA keyword
-      del c.model.encoder_overrides["global_rel_pos"]
-    c.model.drop_path_rate = 0.2
-    c.optimizer.layer_decay = 1.0   # Deliberate: the original's 0.94 matched no finetune name
-    if not (c.tasks.rd.enabled or c.tasks.hd.enabled):
-      c.optimizer.lr = 2e-5
-  if "smoke" in options:
-    # Change-detection pairs are evaluated whole: the smoke keeps the release's tile size, or
-    # resizes them (data.resize) to 64.
-    c.data.image_size = c.data.image_size if c.tasks.cd.enabled and not c.data.get("resize") else 64
-    if c.data.get("resize"):
-      c.data.resize = 64
-    c.data.batch_per_subset = 8
-    c.data.shuffle_window = 64
-    c.data.rand_augment = 0   # 30 steps learn too little through it; its ops have their own tests
-    if "internimage" in options:
-      c.model.encoder_overrides.update(INTERN_IMAGE_SMOKE)
-    else:
-      c.model.encoder = "vit_t_rvsa"
-      c.model.encoder_overrides.update(dict(embed_dim=64, depth=3, num_heads=2, patch_size=8,
-                                            out_indices=(0, 1, 2, 2)))
-    c.model.drop_path_rate = 0.1
-    c.optimizer.lr = 1e-3
-    c.optimizer.warmup_steps = 3
-    c.optimizer.epoch_steps = 3 if c.optimizer.epoch_steps else 0   # 10 epochs of 3 steps
-    c.train.num_steps = 30
-    c.train.log_every = 5
-    c.train.checkpoint_every = 1_000
-    c.eval.batch_per_subset = 8
-    c.eval.every_steps = 0
-    c.eval.report_images = 3
-    c.tasks.ss.channels = 32
-    c.tasks.cd.decoder_channels = (64, 32, 32, 16)
-    if c.tasks.rd.enabled:   # a small Oriented R-CNN, anchors of 2 x stride for the 64-px images
-      c.tasks.rd.update(dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64,
-                             train_proposals=256, test_proposals=256, rcnn_samples=64,
-                             max_detections=100, max_candidates=1000))
-    if c.tasks.hd.enabled:   # a small Faster R-CNN, anchors of 2 x stride for the 64-px images
-      c.tasks.hd.update(dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64,
-                             train_pre_nms=256, train_proposals=128, test_pre_nms=256, test_proposals=128,
-                             rcnn_samples=64, max_candidates=1000, octave_base_scale=1.0, stacked_convs=2))
-    if c.tasks.rd.enabled or c.tasks.hd.enabled:   # 32 objects per image, the step decays inside 30 steps
-      (subset,) = c.data.subsets
-      c.data.max_instances[subset] = 32
-      c.optimizer.decay_steps = (20, 27) if c.optimizer.schedule == "step" else ()
-    if c.eval.slide_window:   # slide windows of the smoke's input size, on the dataset's canvas
-      c.eval.slide_window, c.eval.slide_stride = 64, 48
-  if "frozen" in options:
-    c.model.freeze_encoder = True
-  return c
-
-
 def _key_paths(cfg, prefix=""):
   for key, value in cfg.items():
     path = f"{prefix}{key}"
@@ -339,12 +192,9 @@ def validate(config, defaults=None):
     raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
   from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
   runnable = sorted(tasks_lib.TASKS)
-  for name, task in config.tasks.items():
-    if name not in tasks_lib.TASKS and name not in tasks_lib.PENDING:
-      raise ConfigError(f"tasks.{name}: unknown task; the tasks are {runnable + sorted(tasks_lib.PENDING)}")
-    if task.enabled and name not in tasks_lib.TASKS:
-      raise ConfigError(f"tasks.{name}.enabled: the {tasks_lib.PENDING[name]} task has not landed in "
-                        f"mtp_jax yet; the tasks that run now are {runnable}")
+  for name in config.tasks:
+    if name not in tasks_lib.TASKS:
+      raise ConfigError(f"tasks.{name}: unknown task; the tasks are {runnable}")
   for name in tasks_lib.TASKS:
     problem = tasks_lib.TASKS[name].check_config(config.tasks[name])
     if problem:
@@ -357,7 +207,9 @@ def validate(config, defaults=None):
     raise ConfigError(f"optimizer.grad_accum_steps = {config.optimizer.grad_accum_steps} must be >= 1")
   if config.optimizer.schedule not in ("cosine", "step"):
     raise ConfigError(f"optimizer.schedule {config.optimizer.schedule!r} is not 'cosine' or 'step'")
-  if config.eval.label_size and not (config.data.resize and config.tasks.cd.enabled):
+  # eval.label_size: the labels of pairs resized before the model (a task that declares data.resize)
+  resizing = [n for n in tasks_lib.enabled(config) if "resize" in tasks_lib.TASKS[n].data_options]
+  if config.eval.label_size and not (config.data.resize and resizing):
     raise ConfigError(f"eval.label_size = {config.eval.label_size} applies to change detection with "
                       "data.resize (pairs resized before the model) only")
   epoch_steps = config.optimizer.epoch_steps
@@ -383,7 +235,7 @@ def validate(config, defaults=None):
   elif tuple(config.data.subsets) != (config.data.dataset,):
     raise ConfigError(f"data.subsets {tuple(config.data.subsets)} must be ({config.data.dataset!r},) "
                       f"for data.dataset {config.data.dataset!r}")
-  sources.SOURCES[config.data.dataset].check_bands(config)
+  sources.SOURCES[config.data.dataset].check_bands(config, tasks_lib.data_options())
   supported = sources.SOURCES[config.data.dataset].tasks
   off = [t for t in tasks_lib.enabled(config) if t not in supported]
   if off:
@@ -411,14 +263,27 @@ def validate(config, defaults=None):
   return config
 
 
+def load_module(path: str):
+  """The Python file at `path`, loaded as a module (a fresh one per call): configs/ is not an
+  installed package, so the recipes configs share (configs/recipes.py) are reached by path."""
+  path = os.path.normpath(os.path.abspath(path))
+  stem = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f"_mtp_config_{stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def sibling_module(config_file: str, name: str):
+  """`load_module` of `name`, a path relative to `config_file`'s folder (a config file passes
+  its `__file__`)."""
+  return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
 def sibling_config(config_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
   """get_config(arg) of the config file `name` beside `config_file`, not yet validated: one
   recipe for two configs (a release's RGB and multispectral variants)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
-  module_spec = importlib.util.spec_from_file_location(f"_mtp_config_{os.path.splitext(name)[0]}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return sibling_module(config_file, name).get_config(arg)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -476,8 +341,3 @@ def apply_overrides(config, overrides) -> ml_collections.ConfigDict:
       raise ConfigError(f"override {item!r}: {e}") from None
   return validate(config)
 
-
-def enabled_tasks(config) -> tuple:
-  """Names of the tasks that run, in the order of MTP's loss sum (ss, is, rd)."""
-  from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
-  return tasks_lib.enabled(config)

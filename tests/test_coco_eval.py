@@ -159,7 +159,7 @@ def test_rles_give_the_same_ap_as_dense_masks(form):
 
 def test_image_ids_are_sorted_stems_whatever_the_order():
   detections, annotations = random_dataset(5, images=6)
-  from mtp_jax.metrics.coco import to_coco
+  from mtp_jax.metrics.coco_files import to_coco
   tagged = [{**a, "image_id": s} for a, s in zip(annotations, STEMS)]
   dataset, results = to_coco(detections, tagged, CLASSES, "segm")
   rank = {s: k + 1 for k, s in enumerate(sorted(STEMS))}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from mtp_jax import config as config_lib, models
+from mtp_jax import config as config_lib, models, tasks as tasks_lib
 from mtp_jax.checkpoints import torch_convert
 from mtp_jax.checkpoints.manager import read_checkpoint
 from mtp_jax.errors import CheckpointError
@@ -19,7 +19,7 @@ from mtp_jax.torch_twin import intern_image as twin_lib
 
 from conftest import ROOT, SAMPLE_SIZE, TINY_IS, TINY_RD, tiny_overrides
 
-TOY = config_lib.INTERN_IMAGE_SMOKE
+TOY = config_lib.load_module(f"{ROOT}/configs/recipes.py").INTERN_IMAGE_SMOKE
 # The toy with XL's block form (post-norm, layer scale, offset scale 2), and one with the other
 # form (pre-norm, no layer scale, a stage norm) and DCNv3's H/G options.
 XL_FORM = {**models.INTERN_IMAGE_PRESETS["intern_image_xl"], **TOY}
@@ -206,7 +206,7 @@ def test_recipes_hold_internimages_settings():
   assert (c.model.encoder, c.data.image_size, c.train.num_steps, c.optimizer.lr, c.optimizer.layer_decay,
           c.model.drop_path_rate, c.model.remat, c.optimizer.warmup_steps, tuple(c.mesh.shape)) == (
       "intern_image_xl", 448, 80_000, 2e-5, 0.94, 0.2, True, 0, (1, -1, 1))
-  assert config_lib.enabled_tasks(c) == ("ss", "is", "rd")
+  assert tasks_lib.enabled(c) == ("ss", "is", "rd")
   dior_r = config_lib.load_config(f"{ROOT}/configs/finetune/dior_r.py:internimage")
   assert (dior_r.model.encoder, dior_r.optimizer.lr, dior_r.optimizer.layer_decay) == ("intern_image_xl", 1e-4, 1.0)
   smoke = config_lib.load_config(f"{ROOT}/configs/finetune/levir_cd.py:smoke+internimage")

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mtp_jax import config as config_lib
+from mtp_jax import config as config_lib, tasks as tasks_lib
 from mtp_jax.errors import ConfigError
 from mtp_jax.train import optimizer
 
@@ -64,7 +64,7 @@ def test_paper_configs_hold_the_paper_settings():
     assert (c.model.encoder, c.data.image_size, c.train.num_steps, c.optimizer.lr, c.optimizer.weight_decay,
             c.optimizer.grad_clip_norm, c.model.drop_path_rate, c.data.batch_per_subset, c.optimizer.warmup_steps,
             c.optimizer.layer_decay) == (encoder, 448, 80_000, 6e-5, 0.05, 5.0, 0.1, 32, 0, 1.0)
-    assert config_lib.enabled_tasks(c) == ("ss", "is", "rd") and not c.tasks.cls.enabled
+    assert tasks_lib.enabled(c) == ("ss", "is", "rd") and not c.tasks.cls.enabled
   fsdp = config_lib.load_config(f"{ROOT}/configs/pretrain/mtp_vit_l_rvsa.py:fsdp+bf16")
   assert tuple(fsdp.mesh.shape) == (1, -1, 1) and fsdp.model.compute_dtype == "bfloat16"
   with pytest.raises(ConfigError, match="tasks.is.init"):
@@ -162,7 +162,7 @@ def test_classification_and_change_detection_step_the_cosine_once_per_epoch():
   per-iteration warmup; every classification and change-detection config sets it up with whole
   epochs, the others keep a per-step schedule."""
   for name, c in finetune_configs():
-    family = config_lib.enabled_tasks(c)[0]
+    family = tasks_lib.enabled(c)[0]
     if family in ("cls", "cd"):
       e = c.optimizer.epoch_steps
       assert e > 0 and c.train.num_steps % e == 0 and c.optimizer.warmup_steps == 5 * e, name

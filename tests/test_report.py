@@ -10,13 +10,13 @@ import pytest
 
 from mtp_jax import config as config_lib
 from mtp_jax.metrics import drawing, report
-from mtp_jax.metrics.multitask import mtp_average
+from mtp_jax.tasks import mtp_average
 from mtp_jax.tasks import Task, build_tasks
 
 
 class _MaskAP(Task):
-  """Stands for the instance-segmentation task (its module lands with Mask R-CNN): headline
-  mask AP, per-class AP; everything else as the base class."""
+  """Stands for the instance-segmentation task without its Mask R-CNN: headline mask AP,
+  per-class AP; everything else as the base class."""
   name, title, headline_name = "is", "instance segmentation", "mask AP"
 
   def headline(self, result):

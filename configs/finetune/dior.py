@@ -12,18 +12,20 @@ val (11,725 images, MTP's trainval) with horizontal flips (p 0.5); batch 4 (1 pe
 epochs of 2,931 steps, lr x 0.1 after epochs 8 and 11, 500 steps of linear warmup; AdamW lr 1e-4,
 weight decay 0.05, layer decay 0.9, drop path 0.3. Metric: COCO box AP50 on the 11,738 test
 images. The paper (MTP ViT-B+RVSA): 79.00 (ViT-L 81.70; MAE ViT-B 75.8), §5.3.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = detection_finetune_defaults("dior", image_size=800, batch=4, steps_per_epoch=2_931, epochs=12,
-                                  decay_epochs=(8, 11), task="hd")
+  options = recipes.finetune_options(arg)
+  c = recipes.detection_finetune_defaults("dior", image_size=800, batch=4, steps_per_epoch=2_931, epochs=12,
+                                          decay_epochs=(8, 11), task="hd")
   c.data.dir = "data/finetune"
   c.data.augment.flip_prob = 0.5
   c.data.max_instances["dior"] = 500
   c.eval.split = "test"
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

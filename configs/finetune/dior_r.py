@@ -13,18 +13,20 @@ random flips (p 0.75, horizontal / vertical / diagonal); batch 4 (1 per GPU x 4)
 decay 0.05, layer decay 0.9, drop path 0.3. Metric: DOTA mAP (VOC07, IoU 0.5) on the 11,738 test
 images, objects flagged difficult counted like the others (the original's DIOR dataset in
 mmrotate 1.x ignores none; `--set tasks.rd.ignore_difficult=True` ignores them as DOTA's devkit). The paper (MTP ViT-B+RVSA): 71.29 (ViT-L 74.54; MAE ViT-B 68.06), §5.3.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = detection_finetune_defaults("dior_r", image_size=800, batch=4, steps_per_epoch=2_931, epochs=12,
-                                  decay_epochs=(8, 11))
+  options = recipes.finetune_options(arg)
+  c = recipes.detection_finetune_defaults("dior_r", image_size=800, batch=4, steps_per_epoch=2_931, epochs=12,
+                                          decay_epochs=(8, 11))
   c.data.dir = "data/finetune"
   c.data.max_instances["dior_r"] = 500
   c.eval.split = "test"
   c.tasks.rd.ignore_difficult = False   # as the original's DIORDataset
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

@@ -20,18 +20,20 @@ and scored there, DOTA mAP (VOC07, IoU 0.5, difficult objects ignored); the Task
 (report/dota_task1/dota_v1/Task1.zip) of `--set eval.split=test` goes to the DOTA server. MTP
 trains on train + val and scores test online; its DOTA numbers are in the paper's tables, not in
 its README or logs.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = detection_finetune_defaults("dota_v1", image_size=1024, batch=4, steps_per_epoch=17_082, epochs=12,
-                                  decay_epochs=(8, 11))
+  options = recipes.finetune_options(arg)
+  c = recipes.detection_finetune_defaults("dota_v1", image_size=1024, batch=4, steps_per_epoch=17_082, epochs=12,
+                                          decay_epochs=(8, 11))
   c.data.dir = "data/finetune"
   c.data.rotate_prob = 0.5
   c.tasks.rd.merge_patches = True
   c.eval.split = "valid"
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

@@ -10,17 +10,19 @@ As dota_v1.py, with 18 classes, the single-scale split (MTP's split_ss_dotav2: 1
 gap 200), flips only (no RandomRotate), 40 epochs of 4,389 steps with lr x 0.1 after epochs 24,
 32 and 38. Evaluation merges the val patches onto the source images; the test split's Task1.zip
 goes to the DOTA server.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = detection_finetune_defaults("dota_v2", image_size=1024, batch=4, steps_per_epoch=4_389, epochs=40,
-                                  decay_epochs=(24, 32, 38))
+  options = recipes.finetune_options(arg)
+  c = recipes.detection_finetune_defaults("dota_v2", image_size=1024, batch=4, steps_per_epoch=4_389, epochs=40,
+                                          decay_epochs=(24, 32, 38))
   c.data.dir = "data/finetune"
   c.tasks.rd.merge_patches = True
   c.eval.split = "valid"
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

@@ -26,12 +26,14 @@ linear head on its last, 1536-d stride-32 map, MTP's IMP+MTP XL: OA 99.24); comb
 e.g. `eurosat.py:smoke+frozen`, `eurosat.py:internimage`.
 """
 
-from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = finetune_defaults("eurosat", "cls")
+  options = recipes.finetune_options(arg)
+  c = recipes.finetune_defaults("eurosat", "cls")
   c.data.dir = "data/finetune"
   c.data.image_size = 224
   c.data.batch_per_subset = 64
@@ -43,4 +45,4 @@ def get_config(arg=None):
   c.train.log_every = 100
   c.eval.batch_per_subset = 64
   c.eval.every_steps = 20 * 254        # every 20 epochs
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

@@ -15,7 +15,7 @@ values; the band order of the release's files: indices 1, 2, 3 are B02, B03, B04
 patch embedding of an RGB checkpoint gets its red, green and blue kernels on bands 3, 2, 1 and
 zeros on the others (model.rgb_bands), so the finetune starts from the RGB model's answer.
 MTP finetunes the RGB release only (§5.3: OA 98.76 for ViT-B+RVSA); this config is ours.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
 from data_pipelines.downstream import sentinel2

@@ -15,19 +15,21 @@ count / 4), lr x 0.1 after epochs 8 and 11, 500 steps of warmup; AdamW lr 1e-4, 
 NMS 0.1), DOTA mAP (VOC07, IoU 0.5); `--set eval.split=test` writes the online benchmark's XML
 submission (report/fair1m_xml/fair1m/test.zip) and DOTA Task1 files. The paper (MTP
 ViT-B+RVSA, online): 51.92 (ViT-L 53.00), §5.3.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = detection_finetune_defaults("fair1m", image_size=800, batch=4, steps_per_epoch=10_466, epochs=12,
-                                  decay_epochs=(8, 11))
+  options = recipes.finetune_options(arg)
+  c = recipes.detection_finetune_defaults("fair1m", image_size=800, batch=4, steps_per_epoch=10_466, epochs=12,
+                                          decay_epochs=(8, 11))
   c.data.dir = "data/finetune"
   c.data.rotate_prob = 0.5
   c.tasks.rd.merge_patches = True
   c.tasks.rd.submission = "fair1m"
   c.eval.split = "valid"
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

@@ -16,15 +16,17 @@ cosine to 0 stepped once per epoch (the original's by_epoch=True; `--set
 optimizer.epoch_steps=0` moves it every step); AdamW lr 6e-5, weight decay
 0.05, layer decay 0.9, drop path 0.3. Metric: F1 of the changed class on the test tiles. The
 paper (MTP ViT-B+RVSA): F1 92.22 (ViT-L 92.67; MAE ViT-B 92.21), §5.3.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = finetune_defaults("levir_cd", "cd")
+  options = recipes.finetune_options(arg)
+  c = recipes.finetune_defaults("levir_cd", "cd")
   c.data.dir = "data/finetune"
   c.data.image_size = 256
   c.data.batch_per_subset = 32
@@ -36,4 +38,4 @@ def get_config(arg=None):
   c.eval.split = "test"
   c.eval.batch_per_subset = 32
   c.eval.every_steps = 0
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

@@ -14,25 +14,16 @@ linear warmup, then cosine to 0; AdamW lr 6e-5, layer decay 0.9, drop path 0.3. 
 1024 x 1024 Val images by slide inference, windows of 512 every 384 px; mIoU over the 7 classes.
 MTP trains on Train + Val and reports the online Test server's mIoU: 52.39 (ViT-B+RVSA), 54.17
 (ViT-L), §5.3; here Val is held out to measure.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = finetune_defaults("loveda", "ss")
+  options = recipes.finetune_options(arg)
+  c = recipes.segmentation_finetune_defaults("loveda", image_size=512, eval_image_size=1024, slide_stride=384)
   c.data.dir = "data/finetune"
-  c.data.image_size = 512
-  c.data.batch_per_subset = 8
-  c.tasks.ss.channels = 512
-  c.train.num_steps = 80_000
-  c.optimizer.warmup_steps = 1_500
-  c.train.checkpoint_every = 8_000
-  c.train.log_every = 100
-  c.eval.image_size = 1024
-  c.eval.slide_window, c.eval.slide_stride = 512, 384
-  c.eval.batch_per_subset = 8
-  c.eval.every_steps = 16_000
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

@@ -24,16 +24,18 @@ are resized back to 96 px before the argmax). The paper (MTP ViT-B+RVSA): F1 53.
 Ours: MTP's patches are 8-bit RGB made by a step its code does not show; ours keep the bands'
 16-bit digital numbers, so the 8-bit photometric distortion is not applied
 (data_pipelines/downstream/change.py).
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
 from data_pipelines.downstream import sentinel2
-from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = finetune_defaults("oscd", "cd")
+  options = recipes.finetune_options(arg)
+  c = recipes.finetune_defaults("oscd", "cd")
   c.data.dir = "data/finetune"
   c.data.bands = sentinel2.RGB
   c.data.mean, c.data.std = sentinel2.band_stats(sentinel2.RGB)
@@ -49,4 +51,4 @@ def get_config(arg=None):
   c.eval.label_size = 96               # F1 on the converted 96-px labels, as the original
   c.eval.batch_per_subset = 32
   c.eval.every_steps = 0
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

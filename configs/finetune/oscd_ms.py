@@ -12,7 +12,7 @@ Sentinel-2 L1C statistics. The patch embedding of an RGB checkpoint gets its red
 kernels on bands 3, 2, 1 (B04, B03, B02) and zeros on the others (model.rgb_bands), so the
 finetune starts from the RGB model's answer. MTP finetunes RGB only (§5.3: F1 53.36 for
 ViT-B+RVSA); this config is ours.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
 from data_pipelines.downstream import sentinel2

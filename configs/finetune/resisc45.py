@@ -15,12 +15,14 @@ paper (MTP ViT-B+RVSA): OA 95.57 (ViT-L 95.88), §5.3.
 Args: 'smoke', 'frozen', 'internimage' (see configs/finetune/eurosat.py).
 """
 
-from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = finetune_defaults("resisc45", "cls")
+  options = recipes.finetune_options(arg)
+  c = recipes.finetune_defaults("resisc45", "cls")
   c.data.dir = "data/finetune"
   c.data.image_size = 224
   c.data.batch_per_subset = 64
@@ -32,4 +34,4 @@ def get_config(arg=None):
   c.train.log_every = 100
   c.eval.batch_per_subset = 64
   c.eval.every_steps = 50 * 99         # every 50 epochs
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

@@ -14,25 +14,16 @@ cosine to 0; AdamW lr 6e-5, weight decay 0.05, layer decay 0.9, drop path 0.3. E
 whole images (up to 439 x 407 px) on a 448-px canvas by slide inference, windows of 384 every
 256 px; mIoU over both classes. Split: seeded 80 % / 20 % of the images (MTP's lists are not in
 its release). The paper (MTP ViT-B+RVSA): mIoU 79.63 (ViT-L 79.54; MAE ViT-B 79.56), §5.3.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = finetune_defaults("spacenet1", "ss")
+  options = recipes.finetune_options(arg)
+  c = recipes.segmentation_finetune_defaults("spacenet1", image_size=384, eval_image_size=448, slide_stride=256)
   c.data.dir = "data/finetune"
-  c.data.image_size = 384
-  c.data.batch_per_subset = 8
-  c.tasks.ss.channels = 512
-  c.train.num_steps = 80_000
-  c.optimizer.warmup_steps = 1_500
-  c.train.checkpoint_every = 8_000
-  c.train.log_every = 100
-  c.eval.image_size = 448
-  c.eval.slide_window, c.eval.slide_stride = 384, 256
-  c.eval.batch_per_subset = 8
-  c.eval.every_steps = 16_000
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

@@ -17,19 +17,21 @@ about 10,040 training patches / 4); a conversion with another patch count sets
 train.num_steps = 12 x and optimizer.decay_steps = (8 x, 11 x) its count / 4. Metric: COCO box AP50 on
 the patches of the other 146 images. The paper (MTP ViT-B+RVSA): 16.40 (ViT-L 19.40; MAE ViT-B
 14.6), §5.3.
-Args: 'smoke', 'frozen', 'internimage' (mtp_jax/config.py finetune_options).
+Args: 'smoke', 'frozen', 'internimage' (configs/recipes.py finetune_options).
 """
 
-from mtp_jax.config import apply_finetune_options, detection_finetune_defaults, finetune_options
+from mtp_jax.config import sibling_module
+
+recipes = sibling_module(__file__, "../recipes.py")   # the shared finetuning recipe
 
 
 def get_config(arg=None):
-  options = finetune_options(arg)
-  c = detection_finetune_defaults("xview", image_size=416, batch=4, steps_per_epoch=2_511, epochs=12,
-                                  decay_epochs=(8, 11), task="hd")
+  options = recipes.finetune_options(arg)
+  c = recipes.detection_finetune_defaults("xview", image_size=416, batch=4, steps_per_epoch=2_511, epochs=12,
+                                          decay_epochs=(8, 11), task="hd")
   c.data.dir = "data/finetune"
   c.data.augment.flip_prob = 0.5
   c.data.max_instances["xview"] = 500
   c.tasks.hd.detector = "retinanet"
   c.eval.split = "valid"
-  return apply_finetune_options(c, options)
+  return recipes.apply_finetune_options(c, options)

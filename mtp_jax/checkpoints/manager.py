@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mtp_jax.config import enabled_tasks
+from mtp_jax.tasks import enabled as enabled_tasks
 from mtp_jax.errors import CheckpointError
 from mtp_jax.parallel import distributed
 

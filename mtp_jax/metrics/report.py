@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from mtp_jax.metrics import drawing, writers
-from mtp_jax.metrics.multitask import MTP_TASKS
+from mtp_jax.tasks import MTP_AVERAGE
 
 REPORT_MD = "report.md"
 REPORT_DIR = "report"
@@ -71,7 +71,7 @@ def markdown(results: dict, pictures, tasks: dict) -> str:
           for s, r in evaluation.items()]
   out.append(markdown_table(["subset"] + [f"{t} {tasks[t].headline_name}" for t in names], rows))
   if results.get("mtp_average") is not None:
-    out += ["", f"**MTP average** (mean of the {len(MTP_TASKS) * len(evaluation)} numbers above, MTP_SPEC §3.6): "
+    out += ["", f"**MTP average** (mean of the {len(MTP_AVERAGE) * len(evaluation)} numbers above, MTP_SPEC §3.6): "
                 f"{percent(results['mtp_average'])}"]
   for s, per_task in evaluation.items():
     out += ["", f"## {s}"]

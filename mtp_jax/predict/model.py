@@ -110,8 +110,8 @@ class Predictor:
 
   @property
   def multi_date(self) -> bool:
-    """Whether a tile is a pair of dates (change detection)."""
-    return "cd" in self.tasks
+    """Whether a tile is several dates of one place (a task that takes more than one, `Task.dates`)."""
+    return any(t.dates > 1 for t in self.tasks.values())
 
   def class_names(self, task: str) -> list:
     return self.tasks[task].output_names(self.subset)

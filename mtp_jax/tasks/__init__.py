@@ -2,9 +2,12 @@
 
     tasks = build_tasks(config, class_names)   # {name: Task} of the enabled tasks
 
-`TASKS` run; `PENDING` are named in the config and stop with a clear error when enabled, until
-their module lands. Adding a task is adding its module and one line here.
+Adding a task is adding its module and one line in `TASKS`. What the rest of the system needs to
+know about a task, it reads from the task's class (`Task.pretraining`, `dates`, `objects`,
+`data_options`, `smoke`, ...), never from its name.
 """
+
+import math
 
 from mtp_jax.models.classes import with_background
 from mtp_jax.tasks.base import Task
@@ -18,8 +21,9 @@ from mtp_jax.tasks.semantic_segmentation import SemanticSegmentation
 # In the order of MTP's loss sum (ss, is, rd; MTP_SPEC §3.2), then the finetuning tasks (§5).
 TASKS = {"ss": SemanticSegmentation, "is": InstanceSegmentation, "rd": RotatedDetection,
          "cls": Classification, "cd": ChangeDetection, "hd": HorizontalDetection}
-PENDING = {}
-ORDER = ("ss", "is", "rd", "cls", "cd", "hd")
+ORDER = tuple(TASKS)
+# The tasks whose headlines make the paper's MTP average (MTP_SPEC §3.6): the pretraining tasks.
+MTP_AVERAGE = tuple(n for n in ORDER if TASKS[n].pretraining)
 
 
 def enabled(config) -> tuple:
@@ -37,5 +41,23 @@ def needs_masks(tasks: dict) -> bool:
   return any(t.needs_masks for t in tasks.values())
 
 
-__all__ = ["ORDER", "PENDING", "TASKS", "ChangeDetection", "Classification", "HorizontalDetection", "InstanceSegmentation", "RotatedDetection", "SemanticSegmentation", "Task",
-           "build_tasks", "enabled", "needs_masks", "with_background"]
+def data_options() -> dict:
+  """{task: {data key: what it does}} of every task (`Task.data_options`), for the data checks
+  (data_pipelines/sources.py check_bands, which knows no task)."""
+  return {n: dict(t.data_options) for n, t in TASKS.items()}
+
+
+def mtp_average(headlines: dict) -> float | None:
+  """The "MTP average" of the paper (MTP_SPEC §3.6): the mean of the headline numbers of the
+  pretraining tasks (`MTP_AVERAGE`: ss mIoU, is mask AP, rd mAP) over every subset (9 numbers for
+  SOTA, SIOR, FAST), from {subset: {task: headline fraction}}. None unless every subset has all
+  of them; NaN if any of them is NaN (an empty evaluation), so it is never silently partial."""
+  if not headlines or any(set(MTP_AVERAGE) - set(tasks) for tasks in headlines.values()):
+    return None
+  values = [float(tasks[t]) for tasks in headlines.values() for t in MTP_AVERAGE]
+  return float("nan") if any(math.isnan(v) for v in values) else sum(values) / len(values)
+
+
+__all__ = ["MTP_AVERAGE", "ORDER", "TASKS", "ChangeDetection", "Classification", "HorizontalDetection",
+           "InstanceSegmentation", "RotatedDetection", "SemanticSegmentation", "Task", "build_tasks",
+           "data_options", "enabled", "mtp_average", "needs_masks", "with_background"]

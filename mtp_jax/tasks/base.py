@@ -1,11 +1,13 @@
 """The task protocol: everything one task owns, in one place (DESIGN.md §3.1).
 
-A task (ss, is, rd, later the finetuning tasks) is a subclass of `Task` in its own module. It
-owns its config block (`default_config`), its head (`build_head`: shared trunk + per-subset
-predictors, MTP_SPEC §3.2), the example fields its loss and its evaluation read on the device
-(`fields`), its loss components (`losses`), its device-side evaluation outputs (`eval_outputs`),
-its host-side evaluator (`evaluator`), its headline number, per-class table, report text and
-pictures. The model, the step, evaluation, the report and the config iterate over the enabled
+A task (pretraining: ss, is, rd; finetuning: cls, cd, hd) is a subclass of `Task` in its own
+module. It owns its config block (`default_config`), its head (`build_head`: shared trunk +
+per-subset predictors, MTP_SPEC §3.2), the example fields its loss and its evaluation read on the
+device (`fields`), its loss components (`losses`), its device-side evaluation outputs
+(`eval_outputs`), its host-side evaluator (`evaluator`), its headline number, per-class table,
+report text and pictures. It declares what others would otherwise ask by its name (class
+attributes: `pretraining`, `dates`, `objects`, `native_size`, `data_options`, `smoke`). The
+model, the step, evaluation, the report, the config and the recipes iterate over the enabled
 tasks and name none of them.
 
 Batch layout on the device (mtp_jax/train/batching.py): images of all subsets interleaved,
@@ -36,6 +38,18 @@ class Task:
   headline_name = ""
   needs_masks = False   # the reader decodes instance masks (mask_crops, mask_rles) for this task
   multi_scale = True    # reads the encoder's fpn outputs (strides 4-32); False: the raw stride-16 maps
+
+  # What the task declares to the rest of the system (config validation, the data checks, the
+  # prediction tiler, the recipes in configs/), so that none of them names a task:
+  pretraining = False   # one of MTP's pretraining tasks: its headline enters the MTP average (MTP_SPEC §3.6)
+  dates = 1             # images per example (change detection: 2 dates of one place)
+  objects = False       # examples carry object lists, at most data.max_instances per training image
+  native_size = False   # examples enter at their converted size (padded, never resized) unless data.resize
+  # {data key: what it does}: data settings only this task's datasets use; a dataset whose
+  # tasks declare none of them must leave the key 0 (data_pipelines/sources.py check_bands).
+  data_options = {}
+  # Toy sizes of this task's config block for smoke runs (configs/recipes.py ':smoke').
+  smoke = {}
 
   def __init__(self, config, class_names: dict):
     """config: the whole run config; class_names: {subset: object class names} (no background);
@@ -168,6 +182,26 @@ class TwoStageDetectionTask(Task):
   choice, the per-subset losses of a `TwoStageDetector` head (normalised by its own sample
   counts, so no batch-wide normalisers) and its fixed-size predictions, scored on the host (no
   ground truth on the device at evaluation). A subclass names its ground truth with `head_gt`."""
+
+  objects = True
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """The keys every two-stage detector's block has, with MTP's values (§3.3); a subclass adds
+    its own and changes the values that differ."""
+    c = super().default_config()
+    c.update({
+        "neck_channels": 256,          # FPN outputs (5 levels, strides 4..64)
+        "anchor_scale": 8.0,           # anchor side = scale x stride (x ratio terms), mmdet's 8
+        "fc_channels": 1024,           # Shared2FC
+        "rpn_samples": 256,            # anchors sampled per image for the RPN loss (half positive)
+        "rcnn_samples": 512,           # RoIs sampled per image (a quarter positive)
+        "max_detections": 100,         # per image after the final NMS, score > 0.05
+        "max_candidates": 10000,       # (proposal, class) pairs entering that NMS (static shapes)
+        "init": "mtp",                 # 'mtp': the inits MTP really starts from; 'mmdet': init_cfg
+        "report_score": 0.3,           # detections drawn in the report pictures
+    })
+    return c
 
   @classmethod
   def check_config(cls, task_config):

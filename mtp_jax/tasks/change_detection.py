@@ -38,6 +38,10 @@ class ChangeDetection(Task):
   headline_name = "F1"
   multi_scale = False   # the raw stride-16 maps (open-cd's ViT backbones return those)
   dates = DATES
+  # The pairs enter at the release's tile size (padded) unless data.resize resizes them first.
+  native_size = True
+  data_options = {"resize": "resizes change-detection pairs"}
+  smoke = {"decoder_channels": (64, 32, 32, 16)}
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:

@@ -38,6 +38,7 @@ class Classification(Task):
   title = "Scene classification"
   headline_name = "OA"
   multi_scale = False   # the raw stride-16 maps, not the fpn outputs
+  data_options = {"rand_augment": "augments scene-classification images"}
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:

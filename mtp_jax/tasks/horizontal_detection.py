@@ -29,7 +29,7 @@ from mtp_jax.models.detection.two_stage import TwoStageDetector
 from mtp_jax.models.heads.retinanet import RETINA_ANCHORS, RetinaConfig, RetinaNet
 from mtp_jax.parallel.sharding import local_rows
 from mtp_jax.tasks.base import TwoStageDetectionTask
-from mtp_jax.tasks.instance_segmentation import mask_rcnn_box_configs
+from mtp_jax.tasks.instance_segmentation import MASK_RCNN_PROPOSALS, mask_rcnn_box_configs
 
 COCO_DIR = os.path.join("report", "coco")
 
@@ -39,22 +39,24 @@ class HorizontalDetection(TwoStageDetectionTask):
   title = "Horizontal detection (Faster R-CNN or RetinaNet)"
   headline_name = "box AP50"
   prediction = "hboxes"
+  data_options = {"rotate_prob": "rotates detection images"}
+  # A small Faster R-CNN (or RetinaNet), anchors of 2 x stride for the smoke's 64-px images.
+  smoke = dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64, train_pre_nms=256,
+               train_proposals=128, test_pre_nms=256, test_proposals=128, rcnn_samples=64,
+               max_candidates=1000, octave_base_scale=1.0, stacked_convs=2)
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
-    """MTP's Faster R-CNN for DIOR (§5.2); the sizes are fields so that toy runs can shrink them."""
-    return ml_collections.ConfigDict({
-        "enabled": False, "weight": 1.0,
-        "neck_channels": 256, "anchor_scale": 8.0, "fc_channels": 1024, "rpn_samples": 256,
-        "train_pre_nms": 2000, "train_proposals": 1000, "test_pre_nms": 1000, "test_proposals": 1000,
-        "rcnn_samples": 512,
-        "max_detections": 100,         # per image after NMS (0.5), score > 0.05
-        "max_candidates": 10000,       # (proposal, class) pairs entering that NMS (static shapes)
-        "init": "mtp", "report_score": 0.3,
+    """MTP's Faster R-CNN for DIOR (§5.2); the sizes are fields so that toy runs can shrink them.
+    Final NMS at IoU 0.5 (max_detections 100)."""
+    c = super().default_config()
+    c.update(MASK_RCNN_PROPOSALS)
+    c.update({
         "detector": "faster_rcnn",     # or 'retinanet' (its own: octave_base_scale, stacked_convs)
         "octave_base_scale": 4.0,      # RetinaNet anchors: side = this x 2^(i/3) x stride, i = 0, 1, 2
         "stacked_convs": 4,
     })
+    return c
 
   @classmethod
   def check_config(cls, task_config):

@@ -36,6 +36,14 @@ from mtp_jax.tasks.base import TwoStageDetectionTask
 
 COCO_DIR = os.path.join("report", "coco")
 
+# The RPN proposals of MTP's Mask R-CNN box stages (mask_rcnn_box_configs), also Faster R-CNN's.
+MASK_RCNN_PROPOSALS = {
+    "train_pre_nms": 2000,         # RPN proposals per level before NMS (0.7), training
+    "train_proposals": 1000,       # ... kept after it
+    "test_pre_nms": 1000,          # the same at test time
+    "test_proposals": 1000,
+}
+
 
 class InstanceSegmentation(TwoStageDetectionTask):
   name = "is"
@@ -43,27 +51,16 @@ class InstanceSegmentation(TwoStageDetectionTask):
   headline_name = "mask AP"
   prediction = "hboxes"
   needs_masks = True
+  pretraining = True
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
-    """MTP's Mask R-CNN (§3.3); the sizes are fields so that toy runs can shrink them."""
-    return ml_collections.ConfigDict({
-        "enabled": False, "weight": 1.0,
-        "neck_channels": 256,          # FPN outputs (5 levels, strides 4..64)
-        "anchor_scale": 8.0,           # anchor side = scale x stride (x ratio terms), mmdet's 8
-        "fc_channels": 1024,           # Shared2FC
-        "mask_channels": 256,          # FCN mask head convs
-        "rpn_samples": 256,            # anchors sampled per image for the RPN loss (half positive)
-        "train_pre_nms": 2000,         # RPN proposals per level before NMS (0.7), training
-        "train_proposals": 1000,       # ... kept after it
-        "test_pre_nms": 1000,          # the same at test time
-        "test_proposals": 1000,
-        "rcnn_samples": 512,           # RoIs sampled per image (a quarter positive)
-        "max_detections": 100,         # per image after NMS (0.5), score > 0.05
-        "max_candidates": 10000,       # (proposal, class) pairs entering that NMS (static shapes)
-        "init": "mtp",                 # 'mtp': the inits MTP really starts from; 'mmdet': init_cfg
-        "report_score": 0.3,           # detections drawn in the report pictures
-    })
+    """MTP's Mask R-CNN (§3.3); the sizes are fields so that toy runs can shrink them. Final NMS
+    at IoU 0.5 (max_detections 100)."""
+    c = super().default_config()
+    c.update(MASK_RCNN_PROPOSALS)
+    c.mask_channels = 256              # FCN mask head convs
+    return c
 
   def _head_configs(self):
     return mask_rcnn_box_configs(self.task_config)

@@ -43,27 +43,25 @@ class RotatedDetection(TwoStageDetectionTask):
   title = "Oriented R-CNN rotated detection"
   headline_name = "rotated mAP"
   prediction = "rboxes"
+  pretraining = True
+  data_options = {"rotate_prob": "rotates detection images"}
+  # A small Oriented R-CNN, anchors of 2 x stride for the smoke's 64-px images.
+  smoke = dict(neck_channels=32, fc_channels=64, anchor_scale=2.0, rpn_samples=64, train_proposals=256,
+               test_proposals=256, rcnn_samples=64, max_detections=100, max_candidates=1000)
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
     """MTP's Oriented R-CNN (§3.3); the sizes are fields so that toy runs can shrink them."""
-    return ml_collections.ConfigDict({
-        "enabled": False, "weight": 1.0,
-        "neck_channels": 256,          # FPN outputs (5 levels, strides 4..64)
-        "anchor_scale": 8.0,           # anchor side = scale x stride (x ratio terms), mmdet's 8
-        "fc_channels": 1024,           # Shared2FC
-        "rpn_samples": 256,            # anchors sampled per image for the RPN loss (half positive)
+    c = super().default_config()
+    c.update({
         "train_proposals": 2000,       # per level before NMS (0.8) and kept after it, training
         "test_proposals": 2000,        # the same at test time
-        "rcnn_samples": 512,           # RoIs sampled per image (a quarter positive)
         "max_detections": 2000,        # per image after rotated NMS (0.1), score > 0.05
-        "max_candidates": 10000,       # (proposal, class) pairs entering that NMS (static shapes)
-        "init": "mtp",                 # 'mtp': the inits MTP really starts from; 'mmdet': init_cfg
-        "report_score": 0.3,           # detections drawn in the report pictures
         "merge_patches": False,        # score merged source images (datasets cut into patches)
         "submission": "dota",          # also write FAIR1M's XML submission: 'fair1m'
         "ignore_difficult": True,      # mAP ignores objects flagged difficult (DOTA devkit)
     })
+    return c
 
   @classmethod
   def check_config(cls, task_config):

@@ -24,6 +24,8 @@ class SemanticSegmentation(Task):
   name = "ss"
   title = "UperNet semantic segmentation"
   headline_name = "mIoU"
+  pretraining = True
+  smoke = {"channels": 32}
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines import sources
 from mtp_jax.metrics import drawing
-from mtp_jax.metrics.multitask import mtp_average
+from mtp_jax.tasks import mtp_average
 from mtp_jax.parallel import distributed, sharding
 from mtp_jax.train.batching import check_batch_size, compile_everywhere, device_batch, task_fields
 from mtp_jax.train.step import make_eval_step
