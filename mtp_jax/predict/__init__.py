@@ -4,7 +4,8 @@
     summary = predict_scene(predictor, "scene.tif", "out")  # pipeline.py
 
 tiles.py places the windows, scene.py reads scenes in strips (rasterio, or PIL / tifffile),
-dense.py and detections.py merge the tiles' outputs, outputs.py writes PNG / COG class maps,
+dense.py and detections.py merge the tiles' outputs, sinks.py holds one of those per task (by
+kind of prediction) and what it writes, outputs.py writes PNG / COG class maps,
 DOTA / GeoJSON / GeoPackage detections and the preview.
 """
 
