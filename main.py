@@ -1,4 +1,4 @@
-"""mtp_jax entry point.
+"""Train a config's model (resuming from --workdir) and evaluate it, or evaluate a checkpoint.
 
     python main.py --config configs/pretrain/quickstart.py --workdir workdirs/quickstart
     python main.py --config configs/pretrain/quickstart.py --workdir DIR --set train.num_steps=50
@@ -20,46 +20,64 @@ import sys
 
 from absl import app, flags, logging
 
-flags.DEFINE_string("config", None, "config file: path/to/config.py[:arg]")
-flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the report go")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                  "train: train (resuming from --workdir), then evaluate; eval: evaluate a checkpoint")
-flags.DEFINE_integer("checkpoint", None, "--mode eval: the step of the checkpoint to evaluate (default: the latest)")
-flags.DEFINE_multi_string("set", [], "config override key=value, e.g. train.num_steps=10")
-flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0's coordinator")
-flags.DEFINE_integer("num_processes", None, "multi-process: number of processes in the job")
-flags.DEFINE_integer("process_id", None, "multi-process: this process's index in [0, num_processes)")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+from mtp_jax import cli
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def parse(argv):
+  """app.run's flags_parser: main.py's own flags by the project's convention (mtp_jax/cli.py);
+  absl's logging flags (-v N, --logtostderr, --log_dir, ...) go on to absl."""
+  parser = cli.parser(__file__, __doc__, allow_abbrev=False)
+  parser.add_argument("--config", required=True, help="config file: path/to/config.py[:arg]")
+  parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and the report go")
+  parser.add_argument("--mode", default="train", choices=["train", "eval"],
+                      help="train: train (resuming from --workdir), then evaluate; eval: evaluate a checkpoint")
+  parser.add_argument("--checkpoint", type=int, default=None, metavar="STEP",
+                      help="--mode eval: the step of the checkpoint to evaluate (default: the latest)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. train.num_steps=10 (repeatable; the value is a Python literal)")
+  parser.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                      help="multi-process: HOST:PORT of process 0's coordinator")
+  parser.add_argument("--num_processes", type=int, default=None, metavar="N",
+                      help="multi-process: number of processes in the job")
+  parser.add_argument("--process_id", type=int, default=None, metavar="I",
+                      help="multi-process: this process's index in [0, num_processes)")
+  parser.add_argument("-v", "--verbosity", type=int, default=None, metavar="N",
+                      help="absl logging verbosity (default: warnings and errors only; 0 also shows INFO)")
+  args, rest = parser.parse_known_args(argv[1:])
+  if args.checkpoint is not None and args.mode != "eval":
+    parser.error("--checkpoint applies to --mode eval; training always resumes from the latest checkpoint")
+  if args.verbosity is not None:
+    rest.append(f"--verbosity={args.verbosity}")
+  try:
+    unparsed = flags.FLAGS([argv[0], *rest])[1:]
+  except flags.Error as e:
+    parser.error(" ".join(str(e).split()))
+  if unparsed:
+    parser.error(f"unexpected arguments: {' '.join(unparsed)}")
+  return args
+
+
+def main(args):
   from mtp_jax.quiet_startup import quiet_startup
   quiet_startup()
-  if not FLAGS["verbosity"].present:  # Orbax and CLU log every detail at INFO; -v 0 shows them
+  if args.verbosity is None:  # Orbax and CLU log every detail at INFO; -v 0 shows them
     logging.set_verbosity(logging.WARNING)
-  from mtp_jax.errors import Preempted, UserError  # after flag parsing: keeps --help fast
+  from mtp_jax.errors import Preempted  # after flag parsing: keeps --help fast
   try:
-    from mtp_jax.parallel import distributed
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from mtp_jax.config import apply_overrides, load_config
-    config = apply_overrides(load_config(FLAGS.config), FLAGS.set)
-    from mtp_jax.train import loop
-    if FLAGS.mode == "eval":
-      loop.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
-    elif FLAGS.checkpoint is not None:
-      raise UserError("--checkpoint applies to --mode eval; training always resumes from the latest checkpoint")
-    else:
-      loop.train_and_evaluate(config, FLAGS.workdir)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    with cli.reported():
+      from mtp_jax.parallel import distributed
+      distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+      from mtp_jax.config import apply_overrides, load_config
+      config = apply_overrides(load_config(args.config), args.set)
+      from mtp_jax.train import loop
+      if args.mode == "eval":
+        loop.evaluate_checkpoint(config, args.workdir, args.checkpoint)
+      else:
+        loop.train_and_evaluate(config, args.workdir)
   except Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse)

@@ -19,12 +19,12 @@ of the list, a file not named as the release names them) are named and skipped, 
 dataset_info.json with the reason; `--strict` stops at the first instead.
 """
 
-import argparse
 import dataclasses
 import os
 import sys
 
 from data_pipelines.downstream import change_releases, detection_releases, scene_folders, segmentation_releases
+from mtp_jax import cli
 from mtp_jax.errors import DataError
 
 RELEASES = {"eurosat": scene_folders.EUROSAT, "eurosat_ms": scene_folders.EUROSAT_MS, "resisc45": scene_folders.RESISC45,
@@ -64,9 +64,9 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] == ["samrs"]:
     from data_pipelines.samrs import convert as samrs_convert  # noqa: PLC0415
-    return samrs_convert.main(argv[1:])
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("dataset", choices=DATASETS)
+    return samrs_convert.main(argv[1:], prog=f"{cli.program(__file__)} samrs")
+  parser = cli.parser(__file__, __doc__)
+  parser.add_argument("dataset", choices=DATASETS, metavar="DATASET", help=f"the release: {', '.join(DATASETS)}")
   parser.add_argument("--root", required=True, help="the dataset's release folder (or its parent)")
   parser.add_argument("--out", required=True, help="output folder (a config's data.dir)")
   parser.add_argument("--num-shards", type=int, default=1, help="shards per split (>= the reader processes)")
@@ -88,12 +88,9 @@ def main(argv=None):
     release = release.with_split(args.dota_split, size=args.patch_size, gap=args.patch_gap)
   from mtp_jax.quiet_startup import quiet_startup
   quiet_startup()
-  try:
+  with cli.reported(DataError):
     infos = convert_release(release, args.root, args.out,
                            num_shards=args.num_shards, seed=args.seed, strict=args.strict)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   for split, info in infos.items():
     print(f"{args.dataset}/{split}: {info['num_examples']} samples, {len(info['shards'])} shard(s), "
           f"{len(info['skipped'])} skipped -> {os.path.join(args.out, args.dataset, split)}")

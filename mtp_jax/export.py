@@ -13,9 +13,7 @@ the official `MutliTaskPretrnFramework`, whose `state_dict` also has the heads o
 not train). `.pth` needs torch, `.safetensors` the safetensors package.
 """
 
-import argparse
-import sys
-
+from mtp_jax import cli
 from mtp_jax.errors import CheckpointError
 
 
@@ -38,19 +36,19 @@ def restore_state(workdir: str, step: int | None = None):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True)
+  parser = cli.parser(__file__, __doc__)
+  parser.add_argument("--workdir", required=True, help="a training run's workdir (its checkpoints/)")
   parser.add_argument("--out", required=True, help="FILE.pth or FILE.safetensors")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--full", action="store_true",
                       help="the whole model (official full-model keys) instead of the encoder")
   args = parser.parse_args(argv)
+  if not args.out.endswith((".pth", ".pt", ".safetensors")):
+    parser.error(f"--out {args.out!r} must end in .pth, .pt or .safetensors")
   from absl import logging
   logging.set_verbosity(logging.ERROR)  # Orbax warns about metadata files it does not need here
   from mtp_jax.checkpoints import torch_convert
-  try:
-    if not args.out.endswith((".pth", ".pt", ".safetensors")):
-      raise CheckpointError(f"--out {args.out!r} must end in .pth, .pt or .safetensors")
+  with cli.reported(CheckpointError):
     if args.full:
       sd, step = full_state_dict(args.workdir, args.step)
     else:
@@ -63,9 +61,6 @@ def main(argv=None):
       write_full_checkpoint(sd, args.out)
     else:
       torch_convert.write_state_dict(sd, args.out)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(f"wrote {len(sd)} {'model' if args.full else 'encoder'} tensors of step {step} to {args.out}")
 
 

@@ -14,12 +14,11 @@ classification `conv_head` / `head` the backbone lacks: MTP loads it with strict
 `<out>/import_report.json`. Load with `mtp_jax.import_torch.load_encoder_params(out)`.
 """
 
-import argparse
 import ast
 import json
 import os
-import sys
 
+from mtp_jax import cli
 from mtp_jax.errors import CheckpointError
 
 
@@ -63,18 +62,18 @@ def load_encoder_params(out: str) -> dict:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--ckpt", required=True)
+  parser = cli.parser(__file__, __doc__)
+  parser.add_argument("--ckpt", required=True, help="the PyTorch checkpoint: FILE.pth or FILE.safetensors")
   parser.add_argument("--encoder", required=True, help="e.g. vit_b_rvsa, vit_l_rvsa, intern_image_xl")
-  parser.add_argument("--img-size", type=int, required=True)
-  parser.add_argument("--out", required=True)
+  parser.add_argument("--img-size", type=int, required=True, help="the image size to train at, px (pos_embed is resized to it)")
+  parser.add_argument("--out", required=True, help="output folder (a new one): <out>/encoder, <out>/import_report.json")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="build_encoder keyword, e.g. depth=6 (repeatable; value a Python literal)")
   parser.add_argument("--no-strict", action="store_true", help="allow missing/unexpected keys")
   parser.add_argument("--trust-pickle", action="store_true",
                       help="allow torch.load of arbitrary pickled objects (only for files you trust)")
   args = parser.parse_args(argv)
-  try:
+  with cli.reported(CheckpointError, ValueError, TypeError, SyntaxError):
     overrides = {}
     for item in args.override:
       key, sep, text = item.partition("=")
@@ -83,9 +82,6 @@ def main(argv=None):
       overrides[key] = ast.literal_eval(text)
     info = import_checkpoint(args.ckpt, args.encoder, args.img_size, args.out, strict=not args.no_strict,
                              trust_pickle=args.trust_pickle, overrides=overrides)
-  except (CheckpointError, ValueError, TypeError, SyntaxError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(f"imported {info['loaded']} tensors ({info['source_img_size']} px -> {args.img_size} px); "
         f"missing {len(info['missing'])}, unexpected {len(info['unexpected'])}; wrote {args.out}")
 

@@ -24,7 +24,6 @@ spaces), xView (write_xview: `train_images/<n>.tif` + `xView_train.geojson`) and
 objects are rotated rectangles in their class's colour and aspect on a textured ground.
 """
 
-import argparse
 import json
 import os
 
@@ -33,6 +32,7 @@ import tifffile
 from PIL import Image
 
 from data_pipelines.downstream import scene_folders, sentinel2
+from mtp_jax import cli
 
 RELEASES = {"eurosat": (scene_folders.EUROSAT, 64, "{c}_{n}.jpg"),
             "eurosat_ms": (scene_folders.EUROSAT_MS, 64, "{c}_{n}.tif"),
@@ -404,12 +404,13 @@ def write_dior_r(out: str, classes: int = 0, per_split=(("train", 6), ("val", 2)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("dataset", choices=sorted([*RELEASES, "spacenet1", "loveda", "oscd", "dota", "dior_r", "fair1m", "xview"]))
-  parser.add_argument("--out", required=True)
+  parser = cli.parser(__file__, __doc__)
+  datasets = sorted([*RELEASES, "spacenet1", "loveda", "oscd", "dota", "dior_r", "fair1m", "xview"])
+  parser.add_argument("dataset", choices=datasets, metavar="DATASET", help=f"the release: {', '.join(datasets)}")
+  parser.add_argument("--out", required=True, help="folder to write the release into")
   parser.add_argument("--per-class", type=int, default=12, help="scene releases: images per class")
   parser.add_argument("--images", type=int, default=12, help="spacenet1: tiles; loveda: per domain and split")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
   parser.add_argument("--size", type=int, default=96, help="loveda: image side, px")
   parser.add_argument("--style", choices=("blobs", "objects"), default="blobs",
                       help="loveda: colour blocks, or the SAMRS sample's objects")

@@ -9,14 +9,13 @@ annotations {iscrowd 0, category_id = 0-based label, bbox = the mask's tight box
 that `raw.read_sample(..., coco_instances=...)` accepts, so the converter takes either source.
 """
 
-import argparse
 import json
 import os
 import pickle
-import sys
 
 from data_pipelines.samrs import classes as samrs_classes
 from data_pipelines.samrs import raw
+from mtp_jax import cli
 from mtp_jax.errors import DataError
 
 
@@ -60,17 +59,14 @@ def instances_by_stem(path: str) -> dict:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--root", required=True)
-  parser.add_argument("--subset", required=True, choices=sorted(samrs_classes.SUBSETS))
-  parser.add_argument("--split", required=True, choices=samrs_classes.SPLITS)
-  parser.add_argument("--out", required=True)
+  parser = cli.parser(__file__, __doc__)
+  parser.add_argument("--root", required=True, help="SAMRS root holding the subset folders")
+  parser.add_argument("--subset", required=True, choices=sorted(samrs_classes.SUBSETS), help="the subset")
+  parser.add_argument("--split", required=True, choices=samrs_classes.SPLITS, help="the split")
+  parser.add_argument("--out", required=True, help="the COCO json file to write")
   args = parser.parse_args(argv)
-  try:
+  with cli.reported(DataError, OSError, pickle.UnpicklingError):
     coco = pkl_to_coco(args.root, args.subset, args.split)
-  except (DataError, OSError, pickle.UnpicklingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   with open(args.out, "w") as f:
     json.dump(coco, f)
   print(f"{args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")

@@ -19,13 +19,11 @@ the first missing shard; a folder holding a different conversion is refused, nev
 `--coco-json` reads the instances from the original's COCO json instead of `ins/*.pkl`.
 """
 
-import argparse
 import functools
 import hashlib
 import json
 import multiprocessing
 import os
-import sys
 
 import numpy as np
 
@@ -34,6 +32,7 @@ from data_pipelines.records.writer import write_json, write_shard
 from data_pipelines.samrs import classes as samrs_classes
 from data_pipelines.samrs import coco as samrs_coco
 from data_pipelines.samrs import raw, schema
+from mtp_jax import cli
 from mtp_jax.errors import DataError
 
 PROGRESS_FILE = ".convert_progress.json"
@@ -173,13 +172,13 @@ def _load_progress(split_dir: str, signature: dict) -> dict:
   return progress
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, prog=None):
+  parser = cli.parser(__file__, __doc__, prog=prog)
   parser.add_argument("--root", required=True, help="SAMRS root holding the subset folders")
-  parser.add_argument("--subset", default="all", choices=[*samrs_classes.SUBSETS, "all"])
-  parser.add_argument("--split", default="all", choices=[*samrs_classes.SPLITS, "all"])
+  parser.add_argument("--subset", default="all", choices=[*samrs_classes.SUBSETS, "all"], help="the subset (default: all)")
+  parser.add_argument("--split", default="all", choices=[*samrs_classes.SPLITS, "all"], help="the split (default: all)")
   parser.add_argument("--out", required=True, help="output folder for the TFRecords")
-  parser.add_argument("--num-shards", type=int, default=1)
+  parser.add_argument("--num-shards", type=int, default=1, help="shards per subset and split (default 1)")
   parser.add_argument("--strict", action="store_true", help="stop at the first unusable image")
   parser.add_argument("--workers", type=int, default=1, help="processes reading the images")
   parser.add_argument("--image-format", default="source", choices=["source", "raw"],
@@ -194,9 +193,8 @@ def main(argv=None):
   subsets = sorted(samrs_classes.SUBSETS) if args.subset == "all" else [args.subset]
   splits = samrs_classes.SPLITS if args.split == "all" else [args.split]
   if args.coco_json and (len(subsets) > 1 or len(splits) > 1):
-    print("error: --coco-json holds one subset and split: pass --subset and --split", file=sys.stderr)
-    sys.exit(2)
-  try:
+    parser.error("--coco-json holds one subset and split: pass --subset and --split")
+  with cli.reported(DataError):
     for subset in subsets:
       for split in splits:
         info = convert_split(args.root, subset, split, args.out, args.num_shards, args.strict,
@@ -205,9 +203,6 @@ def main(argv=None):
         print(f"{subset}/{split}: {info['num_examples']} images, {info['num_instances']} instances, "
               f"{len(info['shards'])} shard(s), {len(info['skipped'])} skipped -> "
               f"{os.path.join(args.out, subset, split)}")
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

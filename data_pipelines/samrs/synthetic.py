@@ -16,7 +16,6 @@ overlaps occur. Coordinates are multiples of 1/100 px so that the text formats h
 The same arguments give the same bytes.
 """
 
-import argparse
 import colorsys
 import io
 import os
@@ -27,6 +26,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_pipelines.samrs import classes as samrs_classes
+from mtp_jax import cli
 from mtp_jax.ops import boxes
 
 MIN_MASK_AREA = 8  # pixels; smaller objects are not placed
@@ -195,11 +195,11 @@ def generate(out: str, images: int = 24, size: int = 128, seed: int = 0,
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = cli.parser(__file__, __doc__)
   parser.add_argument("--out", required=True, help="folder to write the SAMRS-layout sample into")
   parser.add_argument("--images", type=int, default=24, help="images per subset (default 24)")
   parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="random seed (default 0): the same arguments give the same bytes")
   args = parser.parse_args(argv)
   try:
     written = generate(args.out, args.images, args.size, args.seed)

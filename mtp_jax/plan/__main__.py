@@ -23,11 +23,12 @@ every program fits, 1 if one does not (it says how much it needs), 2 on bad inpu
 itself failed (a compiler error: its traceback is printed).
 """
 
-import argparse
 import json
 import os
 import sys
 import traceback
+
+from mtp_jax import cli
 
 GIB = 2 ** 30
 
@@ -153,9 +154,7 @@ def report_lines(result: dict, config_name: str) -> list[str]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m mtp_jax.plan", description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+  parser = cli.parser(__file__, __doc__)
   parser.add_argument("--config", required=True, help="config file: path/to/config.py[:arg]")
   parser.add_argument("--topology", required=True,
                       help="TPU slice (v4-8, v5e-16, v5p-64, v6e-8, v5p:2x4x4) or 'local' (this machine)")
@@ -177,6 +176,8 @@ def main(argv=None):
   parser.add_argument("--run", type=int, default=0, metavar="N",
                       help="with --topology local: also time N real train steps on the config's data")
   args = parser.parse_args(argv)
+  if args.run < 0 or args.top < 0:
+    parser.error("--run and --top take a count of 0 or more")
   if args.topology != "local":
     from mtp_jax.plan.chips import tpu_environment   # imports no jax: before jax reads it
     tpu_environment()
@@ -188,15 +189,12 @@ def main(argv=None):
   try:
     from mtp_jax.config import apply_overrides, load_config
     from mtp_jax.plan.planner import plan
-    if args.run < 0 or args.top < 0:
-      raise UserError("--run and --top take a count of 0 or more")
     config = apply_overrides(load_config(args.config), args.set)
     programs = [p for p in args.programs if not (args.no_eval and p == "eval")]
     result = plan(config, args.topology, programs=tuple(programs), parts=args.parts, top_k=args.top,
                   run_steps=args.run, dump=args.dump, log=lambda line: print(line, flush=True))
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   except Exception:  # noqa: BLE001 (a compiler error or a bug: the traceback is the report)
     traceback.print_exc()
     print("error: planning failed (the traceback above); this is not a verdict on memory", file=sys.stderr)

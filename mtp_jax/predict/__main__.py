@@ -16,13 +16,13 @@ Geo formats need `pip install -e '.[geo]'`. Errors in the input print one line a
 nothing partial is left in --out.
 """
 
-import argparse
 import os
-import sys
+
+from mtp_jax import cli
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = cli.parser(__file__, __doc__)
   parser.add_argument("--workdir", required=True, help="a training run's workdir (its checkpoints/)")
   parser.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--input", required=True, help="an image (PNG, JPEG, TIFF, GeoTIFF) or a folder of them")
@@ -42,8 +42,7 @@ def main(argv=None):
   quiet_startup()
   from absl import logging
   logging.set_verbosity(logging.ERROR)
-  from mtp_jax.errors import UserError
-  try:
+  with cli.reported():
     from mtp_jax.predict.model import Predictor
     from mtp_jax.predict.pipeline import predict_scene
     from mtp_jax.predict.scene import list_inputs
@@ -63,9 +62,6 @@ def main(argv=None):
                               formats=formats, progress=not args.quiet)
       print(f"{path}: {summary['width']} x {summary['height']} px, {summary['tiles']} tiles in {summary['seconds']:.1f} s "
             f"({summary['megapixels_per_s']:.3f} MP/s) -> {args.out}", flush=True)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
 
 For each grid row of tiles (mtp_jax/predict/tiles.py) the rows it spans are read (both dates
 for change detection), cut into tiles (zero-padded where the scene is smaller than a tile) and
-queued; full batches run on the devices; a grid row whose tiles are all predicted goes to each
-task's merger: dense tasks average logits strip by strip (dense.py) into a class map streamed to
-PNG (and COG when the scene is georeferenced), detection tasks pool their boxes and merge them by
-NMS at the end (detections.py), scene classification keeps one label per tile.
+queued; full batches run on the devices, and each tile's outputs go to each task's sink
+(sinks.py, one per kind of prediction): dense tasks average logits strip by strip (dense.py) into
+a class map streamed to PNG (and COG when the scene is georeferenced), detection tasks pool their
+boxes and merge them by NMS at the end (detections.py), scene classification keeps one label per
+tile.
 
 Every output of a scene is written into `<out>/.<stem>.partial/` and moved into `<out>` only
 when the whole scene succeeded, so an error never leaves partial files (the folder is removed).
@@ -29,9 +30,8 @@ import numpy as np
 
 from mtp_jax.errors import DataError
 from mtp_jax.predict import outputs as out_lib
-from mtp_jax.predict.dense import DenseMerger
-from mtp_jax.predict.detections import DetectionMerger
 from mtp_jax.predict.scene import have_rasterio, open_scene
+from mtp_jax.predict.sinks import DetectionSink, Target, make_sinks
 from mtp_jax.predict.tiles import TileGrid
 
 MIN_SIDE = 32    # px: an image smaller than one cell of the stride-32 feature map is refused
@@ -154,79 +154,46 @@ def _predict(predictor, scenes, out, stem, stride, window, formats, progress):
 
 
 def _run(predictor, scenes, grid, kinds, formats, folder, stem, progress):
-  scene = scenes[0]
   t0 = time.perf_counter()
   resize = None
   if set(kinds.values()) == {"label"}:
     from data_pipelines.downstream.classification import eval_geometry  # noqa: PLC0415
     resize = eval_geometry
   rgb = tuple(predictor.config.model.get("rgb_bands", ()))
-  preview = out_lib.Preview(scene.height, scene.width, rgb_bands=rgb) if "preview" in formats else None
-  dense, detectors, labels = {}, {}, {}
-  for name, kind in kinds.items():
-    classes = predictor.class_names(name)
-    if kind == "dense":
-      writers = []
-      if "png" in formats:
-        writers.append(out_lib.PngRows(os.path.join(folder, f"{stem}_{name}.png"), scene.height, scene.width))
-      if "geotiff" in formats:
-        writers.append(out_lib.GeoTiffRows(os.path.join(folder, f"{stem}_{name}.tif"), scene.height, scene.width,
-                                           scene.crs, scene.transform, classes))
-      counts = np.zeros(len(classes), np.int64)
-      dense[name] = (DenseMerger(grid, len(classes), None), writers, counts)
-    elif kind in ("rboxes", "hboxes"):
-      detectors[name] = DetectionMerger(kind, len(classes), tile_size=predictor.size)
-    else:
-      labels[name] = []
+  preview = out_lib.Preview(grid.height, grid.width, rgb_bands=rgb) if "preview" in formats else None
+  pixels = _PreviewPixels(preview, grid, blend="dense" in kinds.values())
+  sinks = make_sinks(predictor, grid, kinds, Target(folder, stem, formats, scenes[0]), on_rows=pixels.class_rows)
+  _feed(predictor, scenes, grid, sinks, pixels, resize, _progress(len(grid), stem, progress))
+  summary = _summary(predictor, scenes, grid, time.perf_counter() - t0)
+  for sink in sinks:
+    summary["tasks"][sink.name] = sink.close()
+  if preview is not None:
+    drawn = next(((s.kind, s.result) for s in sinks if isinstance(s, DetectionSink)), ("", None))
+    preview.save(os.path.join(folder, f"{stem}_preview.png"), *drawn)
+  if "json" in formats:
+    with open(os.path.join(folder, f"{stem}.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary
 
-  first_dense = next(iter(dense), None)
-  strips = {}   # grid row -> its pixels ([T,] rows, W, C), kept until the preview has its rows
-  rows = grid.rows()
 
-  def finished_rows(name, y0, avg):
-    """A dense task's final rows: class indices to its writers, counts, the preview."""
-    _, writers, counts = dense[name]
-    classes = np.argmax(avg, axis=-1).astype(np.uint8)
-    counts += np.bincount(classes.ravel(), minlength=len(counts))
-    for w in writers:
-      w.write(y0, classes)
-    if name == first_dense:
-      r = grid.ys.index(y0)
-      if preview is not None:
-        preview.add_rows(y0, strips[r][0][:len(classes)], classes)
-      del strips[r]
-
-  for name, (merger, _, _) in dense.items():
-    merger.sink = lambda y0, avg, name=name: finished_rows(name, y0, avg)
-
-  def take(tile, outputs, j):
-    """Row j of a batch's outputs, for `tile`: straight into each task's merger."""
-    for name in dense:
-      dense[name][0].add(tile, outputs[name][j])
-    for name, merger in detectors.items():
-      merger.add(tile, outputs[name], j)
-    for name, found in labels.items():
-      found.append((tile, outputs[name][j]))
-
-  bar = _progress(len(grid), stem, progress)
+def _feed(predictor, scenes, grid, sinks, pixels, resize, bar):
+  """Reads the scenes grid row by grid row, runs their tiles in batches of predictor.batch and
+  hands every tile's outputs to every sink, in row-major order."""
   queue = []   # (tile, tile pixels) waiting for a full batch
 
   def run_batch():
     outputs = predictor(np.stack([t for _, t in queue]))
     for j, (tile, _) in enumerate(queue):
-      take(tile, outputs, j)
+      for sink in sinks:
+        sink.add(tile, outputs, j)
     if bar is not None:
       bar.update(len(queue))
     queue.clear()
 
-  for r, row in enumerate(rows):
+  for r, row in enumerate(grid.rows()):
     y = row[0].y
     strip = np.stack([s.read(y, min(y + grid.window, grid.height)) for s in scenes])
-    if first_dense is not None:
-      strips[r] = strip
-    elif preview is not None:   # no class map to blend: the rows this grid row alone starts
-      end = rows[r + 1][0].y if r + 1 < len(rows) else grid.height
-      preview.add_rows(y, strip[0][:end - y])
+    pixels.read(r, y, strip)
     for tile in row:
       queue.append((tile, _tile(strip if predictor.multi_date else strip[0], tile.x, predictor.size,
                                 grid.window, resize)))
@@ -234,62 +201,43 @@ def _run(predictor, scenes, grid, kinds, formats, folder, stem, progress):
         run_batch()
   if queue:
     run_batch()
-  for merger, _, _ in dense.values():
-    merger.finish()
+  for sink in sinks:
+    sink.finish()
   if bar is not None:
     bar.close()
-  seconds = time.perf_counter() - t0
-
-  summary = {"input": [s.path for s in scenes], "width": scene.width, "height": scene.height,
-             "crs": scene.crs.to_string() if scene.georeferenced else None,
-             "transform": list(scene.transform)[:6] if scene.georeferenced else None,
-             "window": grid.window, "stride": grid.stride, "tiles": len(grid),
-             "checkpoint_step": predictor.step, "subset": predictor.subset,
-             "seconds": round(seconds, 3), "megapixels_per_s": round(scene.width * scene.height / 1e6 / max(seconds, 1e-9), 4),
-             "tasks": {}}
-  for name, (_, writers, counts) in dense.items():
-    for w in writers:
-      w.close()
-    classes = predictor.class_names(name)
-    summary["tasks"][name] = {"kind": "dense", "classes": classes,
-                              "pixels_per_class": dict(zip(classes, counts.tolist())),
-                              "files": [os.path.basename(w.path) for w in writers]}
-  drawn = None
-  for name, merger in detectors.items():
-    classes, kind = predictor.class_names(name), kinds[name]
-    result = merger.result()
-    drawn = drawn or (kind, result)
-    written = []
-    if "dota" in formats:
-      dota = os.path.join(folder, f"{stem}_{name}_dota")
-      out_lib.write_dota(dota, stem, kind, result, classes)
-      written.append(os.path.basename(dota))
-    if "geojson" in formats:
-      out_lib.write_geojson(os.path.join(folder, f"{stem}_{name}.geojson"), kind, result, classes,
-                            scene.crs, scene.transform)
-      written.append(f"{stem}_{name}.geojson")
-    if "gpkg" in formats:
-      out_lib.write_geopackage(os.path.join(folder, f"{stem}_{name}.gpkg"), kind, result, classes,
-                               scene.crs, scene.transform)
-      written.append(f"{stem}_{name}.gpkg")
-    summary["tasks"][name] = {"kind": kind, "classes": classes, "detections": int(len(result["scores"])),
-                              "before_merge": int(result["before_merge"]),
-                              "per_class": {c: int((result["labels"] == k).sum()) for k, c in enumerate(classes)},
-                              "files": written}
-  for name, found in labels.items():
-    classes = predictor.class_names(name)
-    tiles = []
-    for tile, probs in found:
-      top = np.argsort(-probs, kind="stable")[:5]
-      tiles.append({"x": tile.x, "y": tile.y, "size": grid.window, "class": classes[int(top[0])],
-                    "score": float(probs[top[0]]),
-                    "top5": [[classes[int(k)], float(probs[k])] for k in top]})
-    summary["tasks"][name] = {"kind": "label", "classes": classes, "tiles": tiles}
-  if preview is not None:
-    preview.save(os.path.join(folder, f"{stem}_preview.png"), *(drawn or ("", None)))
-  if "json" in formats:
-    with open(os.path.join(folder, f"{stem}.json"), "w") as f:
-      json.dump(summary, f, indent=1)
-  return summary
 
 
+class _PreviewPixels:
+  """The scene's pixels for the preview. With a class map to blend in, a grid row's strip waits
+  until the first dense task's rows under it are final (class_rows); without, the rows that the
+  grid row alone starts go in as soon as it is read."""
+
+  def __init__(self, preview, grid, blend: bool):
+    self.preview, self.grid, self.blend, self.ys = preview, grid, blend, grid.ys
+    self.strips = {}   # grid row -> its pixels ([T,] rows, W, C)
+
+  def read(self, r: int, y: int, strip: np.ndarray):
+    if self.preview is None:
+      return
+    if self.blend:
+      self.strips[r] = strip
+    else:
+      end = self.ys[r + 1] if r + 1 < len(self.ys) else self.grid.height
+      self.preview.add_rows(y, strip[0][:end - y])
+
+  def class_rows(self, y0: int, classes: np.ndarray):
+    if self.preview is not None:
+      strip = self.strips.pop(self.ys.index(y0))
+      self.preview.add_rows(y0, strip[0][:len(classes)], classes)
+
+
+def _summary(predictor, scenes, grid, seconds: float) -> dict:
+  """<stem>.json without its tasks."""
+  scene = scenes[0]
+  return {"input": [s.path for s in scenes], "width": scene.width, "height": scene.height,
+          "crs": scene.crs.to_string() if scene.georeferenced else None,
+          "transform": list(scene.transform)[:6] if scene.georeferenced else None,
+          "window": grid.window, "stride": grid.stride, "tiles": len(grid),
+          "checkpoint_step": predictor.step, "subset": predictor.subset,
+          "seconds": round(seconds, 3), "megapixels_per_s": round(scene.width * scene.height / 1e6 / max(seconds, 1e-9), 4),
+          "tasks": {}}
