@@ -366,50 +366,15 @@ def state_dict_to_model(sd: dict, template: dict, subsets, strict: bool = True, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Files and the train state
+# Files (starting a train state from one: mtp_jax/checkpoints/sources.py)
 # ----------------------------------------------------------------------------------------------
 def read_full_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
   """A full-model `.pth`/`.safetensors` as {key: numpy}: `state_dict`/`model` unwrapped and
-  `module.` stripped, prefixes (`encoder.`, ...) kept (torch_convert.read_checkpoint keeps only
-  the encoder)."""
+  `module.` stripped, prefixes (`encoder.`, ...) kept (torch_convert.read_encoder_state_dict keeps
+  only the encoder)."""
   return tc.read_state_dict(path, trust_pickle)
 
 
 def write_full_checkpoint(sd: dict, path: str):
   """`.safetensors` or `.pth` (torch.save of tensors); 0-d tensors (num_batches_tracked) stay 0-d."""
   tc.write_state_dict(sd, path)
-
-
-def initialize_model(params, batch_stats, path: str, subsets, *, tasks=None, strict: bool = True,
-                     image_size: int | None = None, patch_size: int = 16, trust_pickle: bool = False):
-  """(params, batch_stats, report): the nnx.States of a fresh train state with every tensor the
-  official full checkpoint `path` supplies replaced (each new array in the sharding of the one
-  it replaces, so sharded and multi-host states work). image_size: resize the encoder's pos_embed
-  and global rel-pos tables to it (MTP_SPEC §5.1) when the checkpoint was trained at another."""
-  import jax
-  from flax import nnx
-  pure_p, pure_b = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
-  current = model_state_tree(pure_p, pure_b)
-  template = jax.tree.map(lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), current)
-  sd = read_full_checkpoint(path, trust_pickle)
-  if image_size is not None:
-    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
-    sd.update({"encoder." + k: v for k, v in tc.adapt_to_image_size(enc, image_size, patch_size).items()})
-  tree, report, loaded_paths = convert_to_model(sd, template, subsets, strict, tasks)
-  flat_new = dict(tc.flatten_params(tree))
-
-  def replace(path_keys, value):
-    if tuple(path_keys) not in loaded_paths:
-      return value
-    new = np.asarray(flat_new[tuple(path_keys)]).astype(value.dtype)
-    return jax.make_array_from_callback(value.shape, value.sharding, lambda index: new[index])
-
-  merged = tc.nest_params({p: replace(p, v) for p, v in tc.flatten_params(current)})
-  nnx.replace_by_pure_dict(params, split_like(merged, pure_p))
-  nnx.replace_by_pure_dict(batch_stats, split_like(merged, pure_b))
-  print(f"model initialised from {path}: {report['loaded']} tensors loaded; "
-        f"{len(report['missing'])} missing, {len(report['unexpected'])} unexpected, "
-        f"{len(report['kept'])} kept (tasks not loaded), {len(report['dropped_unused'])} unused "
-        f"official tensors dropped", flush=True)
-  return params, batch_stats, report

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from mtp_jax.config import enabled_tasks
