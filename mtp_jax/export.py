@@ -17,24 +17,6 @@ from mtp_jax import cli
 from mtp_jax.errors import CheckpointError
 
 
-def read_checkpoint(workdir: str, step: int | None = None):
-  """The one Orbax reader (mtp_jax/checkpoints/manager.py), imported when used: keeps --help fast."""
-  from mtp_jax.checkpoints.manager import read_checkpoint as read  # noqa: PLC0415
-  return read(workdir, step)
-
-
-def restore_params(workdir: str, step: int | None = None):
-  """(nested params of the run's model, step) from `<workdir>/checkpoints`, latest by default."""
-  params, _, _, step = read_checkpoint(workdir, step)
-  return params, step
-
-
-def restore_state(workdir: str, step: int | None = None):
-  """(params, batch_stats, meta, step): the nested parameters and BatchNorm statistics of the
-  run's model and the checkpoint's metadata (its `signature` names the subsets and tasks)."""
-  return read_checkpoint(workdir, step)
-
-
 def main(argv=None):
   parser = cli.parser(__file__, __doc__)
   parser.add_argument("--workdir", required=True, help="a training run's workdir (its checkpoints/)")
@@ -47,12 +29,13 @@ def main(argv=None):
     parser.error(f"--out {args.out!r} must end in .pth, .pt or .safetensors")
   from absl import logging
   logging.set_verbosity(logging.ERROR)  # Orbax warns about metadata files it does not need here
-  from mtp_jax.checkpoints import torch_convert
+  from mtp_jax.checkpoints import sources, torch_convert
+  from mtp_jax.checkpoints.manager import read_checkpoint
   with cli.reported(CheckpointError):
     if args.full:
-      sd, step = full_state_dict(args.workdir, args.step)
+      sd, step = sources.model_state_dict(args.workdir, args.step)
     else:
-      params, step = restore_params(args.workdir, args.step)
+      params, _, _, step = read_checkpoint(args.workdir, args.step)
       if "encoder" not in params:
         raise CheckpointError(f"the checkpoint at step {step} has no encoder parameters")
       sd = torch_convert.encoder_to_state_dict(params["encoder"])
@@ -62,19 +45,6 @@ def main(argv=None):
     else:
       torch_convert.write_state_dict(sd, args.out)
   print(f"wrote {len(sd)} {'model' if args.full else 'encoder'} tensors of step {step} to {args.out}")
-
-
-def full_state_dict(workdir: str, step: int | None = None):
-  """({official full-model key: array}, step) of a run's checkpoint; k = 1, 2, 3 of the
-  per-dataset predictors follow the run's `data.subsets` order (saved in the checkpoint)."""
-  from mtp_jax.checkpoints import full_model
-  params, batch_stats, meta, step = restore_state(workdir, step)
-  subsets = meta.get("signature", {}).get("subsets")
-  if not subsets:
-    raise CheckpointError(f"the checkpoint at step {step} does not name its subsets")
-  tree = full_model.model_state_tree(params, batch_stats)
-  # SyncBN's num_batches_tracked (unused): what MTP's per-subset decoder calls count.
-  return full_model.model_to_state_dict(tree, subsets, num_batches_tracked=step * len(subsets)), step
 
 
 if __name__ == "__main__":

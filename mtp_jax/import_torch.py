@@ -10,8 +10,12 @@ Reads `.pth`/`.safetensors`, unwraps `state_dict`/`model`, strips `module.` and 
 pos_embed (dropping an MAE cls token) and the global rel-pos tables bicubically to --img-size
 (MTP_SPEC §5.1), then checks every key and shape (strict by default: MAE checkpoints, which lack
 the RVSA parameters, need --no-strict; so does InternImage's ImageNet checkpoint, whose
-classification `conv_head` / `head` the backbone lacks: MTP loads it with strict=False, §2). Writes `<out>/encoder` (Orbax, nested params) and
-`<out>/import_report.json`. Load with `mtp_jax.import_torch.load_encoder_params(out)`.
+classification `conv_head` / `head` the backbone lacks: MTP loads it with strict=False, §2).
+Writes a standard checkpoint of step 0 holding the encoder, `<out>/checkpoints/0/{state,data,meta}`
+(with the fingerprint and a signature naming the encoder and image size), and
+`<out>/import_report.json`. `<out>` is then a source like a workdir: `model.encoder_init=<out>`,
+`python -m mtp_jax.export --workdir <out>`, or in Python
+`mtp_jax.checkpoints.manager.read_checkpoint(out)[0]["encoder"]` (nested numpy params).
 """
 
 import ast
@@ -26,12 +30,11 @@ def import_checkpoint(ckpt: str, encoder: str, img_size: int, out: str, strict: 
                       trust_pickle: bool = False, overrides: dict | None = None) -> dict:
   import jax
   import numpy as np
-  import orbax.checkpoint as ocp
   from flax import nnx
   from mtp_jax.checkpoints import torch_convert as tc
   from mtp_jax.models import build_encoder
 
-  sd = tc.read_checkpoint(ckpt, trust_pickle=trust_pickle)
+  sd = tc.read_encoder_state_dict(ckpt, trust_pickle=trust_pickle)
   source_size = tc.infer_image_size(sd)
   sd = tc.adapt_to_image_size(sd, img_size)
   overrides = dict(overrides or {})
@@ -41,12 +44,7 @@ def import_checkpoint(ckpt: str, encoder: str, img_size: int, out: str, strict: 
   model = build_encoder(encoder, img_size, rngs=nnx.Rngs(0), **overrides)
   template = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   params, report = tc.state_dict_to_encoder(sd, template, strict=strict)
-  target = os.path.join(os.path.abspath(out), "encoder")
-  if os.path.exists(target):
-    raise CheckpointError(f"{target} exists already; choose a new --out")
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(target, params)
-  checkpointer.wait_until_finished()   # the save is asynchronous: `out` exists once it is done
+  _write_checkpoint(params, encoder, img_size, overrides, out)
   info = {"source": os.path.abspath(ckpt), "encoder": encoder, "overrides": overrides or {},
           "img_size": img_size,
           "source_img_size": source_size, **report}
@@ -55,10 +53,22 @@ def import_checkpoint(ckpt: str, encoder: str, img_size: int, out: str, strict: 
   return info
 
 
-def load_encoder_params(out: str) -> dict:
-  """Nested encoder params written by `import_checkpoint` (numpy leaves)."""
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(out), "encoder"))
+def _write_checkpoint(params: dict, encoder: str, img_size: int, overrides: dict, out: str):
+  """`<out>/checkpoints/0`: the state {'params': {'encoder': params}}, read back by
+  `manager.read_checkpoint` like a run's (fingerprint-checked)."""
+  import jax
+  from mtp_jax.checkpoints.manager import Checkpointer
+  from mtp_jax.checkpoints.torch_convert import flatten_params
+  if os.path.exists(os.path.join(out, "checkpoints")) or os.path.exists(os.path.join(out, "encoder")):
+    raise CheckpointError(f"{out} holds an import already; choose a new --out")
+  state = {"params": {"encoder": jax.device_put(params)}}
+  signature = {"encoder": encoder, "encoder_overrides": {k: (list(v) if isinstance(v, tuple) else v)
+                                                          for k, v in overrides.items()},
+               "image_size": img_size, "subsets": [], "tasks": [],
+               "param_shapes": {"/".join(map(str, p)): list(v.shape) for p, v in flatten_params(params)}}
+  checkpointer = Checkpointer(out, keep=1, signature=signature, config_json="")
+  checkpointer.save(0, state, {}, force=True)
+  checkpointer.close()   # the save is asynchronous: the checkpoint exists once it is done
 
 
 def main(argv=None):

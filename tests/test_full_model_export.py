@@ -252,6 +252,7 @@ def test_head_keys_follow_the_subset_order_and_unknown_paths_fail():
 def test_cli_exports_a_run_and_initialize_model_reads_it_back(tiny, tmp_path, capsys):
   import optax
   from mtp_jax import export
+  from mtp_jax.checkpoints import sources
   from mtp_jax.checkpoints.manager import Checkpointer
   from mtp_jax.train.state import TrainState
   model, tree, subsets = tiny
@@ -272,7 +273,7 @@ def test_cli_exports_a_run_and_initialize_model_reads_it_back(tiny, tmp_path, ca
   twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   # Back into a fresh (zero) train state, as a finetune / resume from the official file would.
   zero = lambda s: jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), s))
-  new_p, new_s, report = fm.initialize_model(zero(params), zero(stats), out, subsets)
+  new_p, new_s, report = sources.initialize_model(zero(params), zero(stats), out, subsets)
   assert not report["missing"] and not report["unexpected"]
   got = fm.model_state_tree(nnx.to_pure_dict(new_p), nnx.to_pure_dict(new_s))
   for p, v in tc.flatten_params(tree):
@@ -285,6 +286,7 @@ def test_a_fresh_run_with_model_full_init_starts_from_the_exported_model(mtp_run
   BatchNorm statistics (the step `loop.train_and_evaluate` starts from without a checkpoint)."""
   from conftest import MTP_RUN, tiny_config
   from mtp_jax import export
+  from mtp_jax.checkpoints.manager import read_checkpoint
   from mtp_jax.parallel import sharding
   from mtp_jax.train import loop
   workdir, _ = mtp_run
@@ -294,7 +296,7 @@ def test_a_fresh_run_with_model_full_init_starts_from_the_exported_model(mtp_run
   tasks = loop.build_tasks(config)
   trainer = loop.Trainer(config, tasks, sharding.config_mesh(config.mesh))
   state = loop.fresh_state(config, trainer)
-  params, stats, _, _ = export.restore_state(workdir)
+  params, stats, _, _ = read_checkpoint(workdir)
   as_str = lambda flat: {tuple(map(str, p)): v for p, v in flat}   # list indices: 0 vs '0'
   want = as_str(tc.flatten_params(fm.model_state_tree(params, stats)))
   got = as_str(tc.flatten_params(fm.model_state_tree(nnx.to_pure_dict(state.params),

@@ -90,14 +90,14 @@ def test_official_names_and_the_xl_parameter_count():
 
 
 def test_export_and_import_round_trip_and_the_imagenet_head_is_refused_strictly(tmp_path):
-  from mtp_jax.import_torch import import_checkpoint, load_encoder_params
+  from mtp_jax.import_torch import import_checkpoint
   encoder, sd = randomised_encoder(XL_FORM, seed=3)
   params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
   path = str(tmp_path / "encoder.safetensors")
   torch_convert.write_state_dict(sd, path)
   info = import_checkpoint(path, "intern_image_xl", SAMPLE_SIZE, str(tmp_path / "imported"), overrides=TOY)
   assert info["loaded"] == len(sd) and not info["missing"] and not info["unexpected"]
-  back = torch_convert.encoder_to_state_dict(load_encoder_params(str(tmp_path / "imported")))
+  back = torch_convert.encoder_to_state_dict(read_checkpoint(str(tmp_path / "imported"))[0]["encoder"])
   assert set(back) == set(sd)
   for key, value in torch_convert.encoder_to_state_dict(params).items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -255,8 +255,8 @@ def test_the_toy_internimage_trains_in_the_three_task_pretraining(internimage_pr
   # The whole model exports in the official layout (`encoder.levels.*` beside the decoders) and
   # reads back strictly into the same tree.
   from mtp_jax.checkpoints import full_model
-  from mtp_jax.export import full_state_dict
-  sd, _ = full_state_dict(workdir)
+  from mtp_jax.checkpoints.sources import model_state_dict
+  sd, _ = model_state_dict(workdir)
   assert "encoder.levels.2.blocks.1.dcn.offset.weight" in sd and "rotdetdecoder.neck.lateral_convs.3.conv.weight" in sd
   assert sd["rotdetdecoder.neck.lateral_convs.3.conv.weight"].shape[1] == 128   # stage 4's width
   tree = full_model.model_state_tree(params, batch_stats)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from mtp_jax import export
+from mtp_jax.checkpoints.manager import read_checkpoint
 from mtp_jax.metrics import DotaEvaluator
 from mtp_jax.errors import ConfigError
 from mtp_jax.parallel import distributed
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def params_at(workdir, step):
-  params, _ = export.restore_params(workdir, step)   # onto one device, whatever topology wrote it
+  params, _, _, _ = read_checkpoint(workdir, step)   # onto one device, whatever topology wrote it
   return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
 
 

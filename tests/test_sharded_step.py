@@ -124,7 +124,7 @@ def test_three_task_step_compiles_once_and_fsdp_equals_data_parallel(mtp_run, tf
   rounding; tolerances below, measured figures printed), one compiled program for the three
   steps. The NMS loops run per device (`sharding.vmap_batch_shards`): vmapped over a sharded
   batch they would all-reduce on every iteration, which deadlocked XLA:CPU here."""
-  from mtp_jax import export
+  from mtp_jax.checkpoints.manager import read_checkpoint
   workdir, _ = mtp_run
   config = tiny_config(tfrecord_dir, **{**MTP_RUN, "mesh.shape": (1, 8, 1)})
   tasks = loop.build_tasks(config)
@@ -144,7 +144,7 @@ def test_three_task_step_compiles_once_and_fsdp_equals_data_parallel(mtp_run, tf
   got_parts = np.array([[float(m[k]) for k in components] for m in metrics])
   want_parts = np.array([[r[k] for k in components] for r in rows])
   part_rel = np.abs(got_parts - want_parts) / np.maximum(np.abs(want_parts), 1e-3)
-  dp, _ = export.restore_params(workdir, 3)
+  dp, _, _, _ = read_checkpoint(workdir, 3)
   norm = lambda k: k.replace(".value", "").replace("'", "")   # "['blocks'][0]" == "['blocks']['0']"
   want = {norm(jax.tree_util.keystr(p)): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(dp)}
   got = {norm(k): v for k, v in host_params(state).items()}

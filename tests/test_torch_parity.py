@@ -130,12 +130,12 @@ def test_files_round_trip_through_pth_and_safetensors(tmp_path):
   sd = tc.encoder_to_state_dict(params_of(enc))
   for name in ("enc.pth", "enc.safetensors"):
     tc.write_state_dict(sd, str(tmp_path / name))
-    read = tc.read_checkpoint(str(tmp_path / name))
+    read = tc.read_encoder_state_dict(str(tmp_path / name))
     assert set(read) == set(sd) and all(np.array_equal(read[k], sd[k]) for k in sd)
   # Official containers: 'state_dict' wrapper, 'module.' and 'encoder.' prefixes.
   torch.save({"state_dict": {f"module.encoder.{k}": torch.from_numpy(v) for k, v in sd.items()},
               "iteration": 7}, str(tmp_path / "full.pth"))
-  read = tc.read_checkpoint(str(tmp_path / "full.pth"))
+  read = tc.read_encoder_state_dict(str(tmp_path / "full.pth"))
   assert set(read) == set(sd)
 
 
@@ -159,9 +159,9 @@ def test_bad_checkpoints_name_the_offending_keys(tmp_path):
     tc.state_dict_to_encoder(bad_index, template)
   (tmp_path / "notes.pth").write_text("not a checkpoint")
   with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
-    tc.read_checkpoint(str(tmp_path / "notes.pth"))
+    tc.read_encoder_state_dict(str(tmp_path / "notes.pth"))
   with pytest.raises(CheckpointError, match="does not exist"):
-    tc.read_checkpoint(str(tmp_path / "missing.pth"))
+    tc.read_encoder_state_dict(str(tmp_path / "missing.pth"))
 
 
 def test_mae_checkpoint_adapts_to_a_new_image_size():
@@ -194,6 +194,7 @@ def test_mae_checkpoint_adapts_to_a_new_image_size():
 
 def test_import_command_writes_an_orbax_encoder_that_matches_the_twin(tmp_path, capsys):
   from mtp_jax import import_torch
+  from mtp_jax.checkpoints.manager import read_checkpoint
   twin = build_twin("vit_t_rvsa", 224, **SMALL)
   torch.save({"model": {f"module.{k}": v for k, v in twin.state_dict().items()}}, str(tmp_path / "t.pth"))
   base = ["--ckpt", str(tmp_path / "t.pth"), "--encoder", "vit_t_rvsa", "--img-size", "224"]
@@ -204,7 +205,7 @@ def test_import_command_writes_an_orbax_encoder_that_matches_the_twin(tmp_path, 
   import_torch.main(base + small + ["--out", str(tmp_path / "imported")])
   assert "missing 0, unexpected 0" in capsys.readouterr().out
   enc = build_encoder("vit_t_rvsa", 224, rngs=nnx.Rngs(0), **SMALL)
-  set_params(enc, import_torch.load_encoder_params(str(tmp_path / "imported")))
+  set_params(enc, read_checkpoint(str(tmp_path / "imported"))[0]["encoder"])
   images = np.random.default_rng(3).normal(size=(2, 224, 224, 3)).astype(np.float32)
   errs = [max_rel_err(np.asarray(a), b) for a, b in zip(forward(enc, images), twin_outputs(twin, images))]
   assert max(errs) <= 1e-4
@@ -247,7 +248,7 @@ def test_detection_backbone_without_global_rel_pos_matches_the_twin_and_loads_a_
   in their global blocks: ours with global_rel_pos=False has the twin's keys, computes its
   outputs, and an encoder checkpoint that has the tables (a pretraining run's) loads into it
   with every other tensor taken and the dropped tables named in the log."""
-  from mtp_jax.checkpoints import encoder_init
+  from mtp_jax.checkpoints import sources
   enc = random_encoder(224, seed=3, global_rel_pos=False)
   sd = tc.encoder_to_state_dict(params_of(enc))
   assert not [k for k in sd if "full_attn_rel_pos" in k] and "blocks.2.attn.qkv.weight" in sd
@@ -269,7 +270,7 @@ def test_detection_backbone_without_global_rel_pos_matches_the_twin_and_loads_a_
 
   holder = Holder(enc)
   state = nnx.state(holder, nnx.Param)
-  state, report = encoder_init.initialize_encoder(state, str(tmp_path / "mtp.pth"), 224)
+  state, report = sources.initialize_encoder(state, str(tmp_path / "mtp.pth"), 224)
   assert sorted(report["unexpected"]) == tables and not report["missing"]
   assert report["loaded"] == len([k for k in pretrained if k not in tables and "index" not in k])   # no buffers
   log = capsys.readouterr().out

@@ -200,12 +200,13 @@ def test_main_reports_bad_input_in_one_line(args, message, tmp_path):
 def test_export_writes_the_encoder_with_official_keys(trained, tmp_path, capsys):
   from mtp_jax import export
   from mtp_jax.checkpoints import torch_convert
+  from mtp_jax.checkpoints.manager import read_checkpoint
   workdir, _ = trained
   out = str(tmp_path / "encoder.safetensors")
   export.main(["--workdir", workdir, "--out", out])
   assert "of step 8" in capsys.readouterr().out
-  sd = torch_convert.read_checkpoint(out)
-  params, _ = export.restore_params(workdir)
+  sd = torch_convert.read_encoder_state_dict(out)
+  params, _, _, _ = read_checkpoint(workdir)
   assert sd["blocks.0.attn.qkv.weight"].shape == (3 * 48, 48)
   np.testing.assert_array_equal(sd["blocks.1.mlp.fc1.weight"], params["encoder"]["blocks"]["1"]["mlp"]["fc1"]["kernel"].T)
   assert not any(k.startswith(("semseg", "encoder.")) for k in sd)
@@ -215,11 +216,11 @@ def test_export_writes_the_encoder_with_official_keys(trained, tmp_path, capsys)
 
 
 def test_encoder_init_loads_a_pytorch_file_and_an_mae_one_non_strictly(trained, tfrecord_dir, tmp_path, capsys):
-  from mtp_jax.checkpoints import encoder_init, torch_convert
-  from mtp_jax.export import restore_params
+  from mtp_jax.checkpoints import sources, torch_convert
+  from mtp_jax.checkpoints.manager import read_checkpoint
   from mtp_jax.parallel import sharding
   workdir, _ = trained
-  trained_encoder, _ = restore_params(workdir)
+  trained_encoder, _, _, _ = read_checkpoint(workdir)
   sd = torch_convert.encoder_to_state_dict(trained_encoder["encoder"])
   config = tiny_config(tfrecord_dir, **{"mesh.shape": (1, 8, 1)})   # into FSDP shards
   mesh = sharding.make_mesh(config.mesh.shape)
@@ -227,7 +228,7 @@ def test_encoder_init_loads_a_pytorch_file_and_an_mae_one_non_strictly(trained, 
 
   full = str(tmp_path / "encoder.safetensors")
   torch_convert.write_state_dict(sd, full)
-  params, report = encoder_init.initialize_encoder(jax.tree.map(lambda x: x, fresh), full, 64, patch_size=8)
+  params, report = sources.initialize_encoder(jax.tree.map(lambda x: x, fresh), full, 64, patch_size=8)
   assert report["missing"] == [] and report["loaded"] == len([k for k in sd if not k.endswith("relative_position_index")])
   got = torch_convert.encoder_to_state_dict(nnx_pure(params)["encoder"])
   for k in got:
@@ -242,7 +243,7 @@ def test_encoder_init_loads_a_pytorch_file_and_an_mae_one_non_strictly(trained, 
   mae["cls_token"] = np.zeros((1, 1, 48), np.float32)
   mae["pos_embed"] = np.concatenate([np.ones((1, 1, 48), np.float32), sd["pos_embed"]], axis=1)
   torch_convert.write_state_dict(mae, str(tmp_path / "mae.safetensors"))
-  params, report = encoder_init.initialize_encoder(jax.tree.map(lambda x: x, fresh), str(tmp_path / "mae.safetensors"), 64, patch_size=8)
+  params, report = sources.initialize_encoder(jax.tree.map(lambda x: x, fresh), str(tmp_path / "mae.safetensors"), 64, patch_size=8)
   assert report["missing"] and all("sampling_" in k or "rel" in k for k in report["missing"])
   got = torch_convert.encoder_to_state_dict(nnx_pure(params)["encoder"])
   np.testing.assert_allclose(got["pos_embed"], sd["pos_embed"], atol=1e-6)   # cls entry dropped, same grid
@@ -251,7 +252,7 @@ def test_encoder_init_loads_a_pytorch_file_and_an_mae_one_non_strictly(trained, 
   junk = {"head.weight": np.zeros((3, 3), np.float32)}
   torch_convert.write_state_dict(junk, str(tmp_path / "junk.safetensors"))
   with pytest.raises(CheckpointError, match="none of its 1 tensors fits the encoder"):
-    encoder_init.initialize_encoder(fresh, str(tmp_path / "junk.safetensors"), 64, patch_size=8)
+    sources.initialize_encoder(fresh, str(tmp_path / "junk.safetensors"), 64, patch_size=8)
 
 
 def nnx_pure(params):

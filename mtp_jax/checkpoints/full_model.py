@@ -23,7 +23,9 @@ extractors, losses, coders and the data preprocessor (non-persistent mean/std bu
 state. The twin `mtp_jax.torch_twin.mtp_decoders.MTPFramework` has exactly this key set.
 
 Our tree (the union of the model's nnx.Param and nnx.BatchStat pure dicts, `model_state_tree`):
-`encoder/...` and `heads/{ss,is,rd}/...`; a path joins into the official key with these rules:
+`encoder/...` and `heads/{ss,is,rd}/...`. Each task declares its part of the layout on its class
+(`official_keys`: our module -> official prefix, in the official order; `official_unused`: the
+official classifiers it does not have), which gives these rules:
   heads/ss/semsegdecoder/X           -> semsegdecoder.decode_head.X (psp_modules.{i} -> .{i}.1)
   heads/ss/semseghead/<s>/conv_seg   -> semseghead_{k}.1
   heads/{is,rd}/{neck,rpn_head}/X    -> {inssegdecoder,rotdetdecoder}.{neck,rpn_head}.X
@@ -48,7 +50,7 @@ blocks' `encoder.blocks.{i}.attn.full_attn_rel_pos_{h,w}` on import into an enco
 without them (the detection finetunes' `global_rel_pos=False`, as the original's detection
 backbones): dropped and listed under 'dropped_unused'.
 
-Tasks: export writes the encoder and the heads the tree has (a ss + rd run has no insseg* keys).
+Tasks (those that declare `official_keys`, in `mtp_jax.tasks.ORDER`): export writes the encoder and the heads the tree has (a ss + rd run has no insseg* keys).
 Import loads the encoder and the heads of `tasks` (default: every head of the template). With
 strict=True (default) a checkpoint key that has no place is an error, so an official 3-task
 checkpoint into a ss-only model needs `tasks=('ss',)` (keys of other tasks are then listed under
@@ -56,29 +58,49 @@ checkpoint into a ss-only model needs `tasks=('ss',)` (keys of other tasks are t
 ('kept'), e.g. a fresh head to finetune.
 """
 
+import functools
+
 import numpy as np
 
 from mtp_jax.checkpoints import torch_convert as tc
 from mtp_jax.errors import CheckpointError
 
-ORDER = ("ss", "is", "rd")
-_DECODER = {"is": "inssegdecoder", "rd": "rotdetdecoder"}
-_PREDICTOR = {"is": "inssegroi", "rd": "rotdetroi"}
 _LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
-_UPER_CONV_SEG = "semsegdecoder.decode_head.conv_seg"
+
+
+@functools.lru_cache(maxsize=None)
+def _layouts() -> dict:
+  """{task: (official_keys, official_unused)} of the tasks that declare official full-model keys,
+  in `mtp_jax.tasks.ORDER` (ss, is, rd)."""
+  from mtp_jax import tasks  # noqa: PLC0415 (the task modules pull in the models; full_model does not)
+  classes = {n: tasks.TASKS[n] for n in tasks.ORDER if n in tasks.TASKS}
+  return {n: (tuple(c.official_keys), dict(getattr(c, "official_unused", {})))
+          for n, c in classes.items() if getattr(c, "official_keys", ())}
+
+
+def official_tasks() -> tuple:
+  """The tasks that have heads in the official full model, in its order."""
+  return tuple(_layouts())
+
+
+def _groups(task: str) -> list:
+  """The official top-level names of a task's keys, as key prefixes in the official module order
+  ('semsegdecoder.', 'semseghead_'): each rule's first component up to its first wildcard."""
+  out = []
+  for _, official in _layouts()[task][0]:
+    first = official.split(".")[0]
+    cut = min((first.index(c) for c in "<*" if c in first), default=None)
+    group = first + "." if cut is None else first[:cut]
+    if group not in out:
+      out.append(group)
+  return out
 
 
 def task_of_key(key: str) -> str | None:
   """'encoder', 'ss', 'is', 'rd' or None for an official full-model key."""
   if key.startswith("encoder."):
     return "encoder"
-  if key.startswith(("semsegdecoder.", "semseghead_")):
-    return "ss"
-  if key.startswith(("inssegdecoder.", "inssegroi")):
-    return "is"
-  if key.startswith(("rotdetdecoder.", "rotdetroi")):
-    return "rd"
-  return None
+  return next((t for t in _layouts() if key.startswith(tuple(_groups(t)))), None)
 
 
 def _join(parts) -> str:
@@ -87,36 +109,22 @@ def _join(parts) -> str:
 
 
 def head_key(path, subsets) -> str:
-  """Official key of the head leaf at `path` = ('heads', task, module, ...)."""
+  """Official key of the head leaf at `path` = ('heads', task, module, ...): the first of the
+  task's `official_keys` rules whose module pattern starts the path, the rest joined on."""
   p = [str(x) for x in path]
-  if len(p) < 4 or p[0] != "heads":
+  if len(p) < 4 or p[0] != "heads" or p[1] not in _layouts():
     raise CheckpointError(f"no official name for {'/'.join(p)}")
-  task, module, rest = p[1], p[2], p[3:]
-
-  def k(subset):
-    if subset not in subsets:
-      raise CheckpointError(f"{'/'.join(p)}: subset {subset!r} is not one of {list(subsets)}")
-    return subsets.index(subset) + 1
-
-  if task == "ss":
-    if module == "semsegdecoder":
-      if rest[0] == "psp_modules":   # mmseg PPM: Sequential(AdaptiveAvgPool2d, ConvModule)
-        rest = rest[:2] + ["1"] + rest[2:]
-      return "semsegdecoder.decode_head." + _join(rest)
-    if module == "semseghead" and len(rest) == 3 and rest[1] == "conv_seg":
-      return f"semseghead_{k(rest[0])}.1." + _join(rest[2:])
-  elif task in _DECODER:
-    dec, pre = _DECODER[task], _PREDICTOR[task]
-    if module in ("neck", "rpn_head"):
-      return f"{dec}.{module}." + _join(rest)
-    if module == "roi_head":
-      return f"{dec}.roi_head.bbox_head." + _join(rest)
-    if module == "mask_head" and task == "is":
-      return f"{dec}.roi_head.mask_head." + _join(rest)
-    if module == "predictors" and len(rest) == 3 and rest[1] in ("fc_cls", "fc_reg"):
-      return f"{pre}boxhead_{rest[1]}{k(rest[0])}." + _join(rest[2:])
-    if module == "mask_predictors" and task == "is" and len(rest) == 3 and rest[1] == "conv_logits":
-      return f"{pre}maskhead_conv{k(rest[0])}." + _join(rest[2:])
+  rest = p[2:]
+  for ours, official in _layouts()[p[1]][0]:
+    pattern = ours.split("/")
+    if len(rest) <= len(pattern) or any(q not in ("*", "<s>") and q != r for q, r in zip(pattern, rest)):
+      continue
+    for q, r in zip(pattern, rest):
+      if q == "<s>" and r not in subsets:
+        raise CheckpointError(f"{'/'.join(p)}: subset {r!r} is not one of {list(subsets)}")
+      if q in ("*", "<s>"):
+        official = official.replace(q, r if q == "*" else str(list(subsets).index(r) + 1), 1)
+    return official + "." + _join(rest[len(pattern):])
   raise CheckpointError(f"no official name for {'/'.join(p)}")
 
 
@@ -143,14 +151,16 @@ def from_torch(path, value: np.ndarray) -> np.ndarray:
 
 
 def _unused_entries(heads: dict, task: str, head_keys) -> dict:
-  """{official key: (shape, dtype)} of the official parameters of `task` that we do not have."""
-  if task != "ss":
-    return {}
+  """{official key: (shape, dtype)} of the official tensors of `task` that we do not have: the
+  task's `official_unused` 1-class 1x1 classifiers, and every BatchNorm's num_batches_tracked."""
   out = {}
-  trunk = heads["ss"]["semsegdecoder"]
-  channels = int(np.shape(trunk["fpn_bottleneck"]["conv"]["kernel"])[-1])
-  out[_UPER_CONV_SEG + ".weight"] = ((1, channels, 1, 1), np.float32)
-  out[_UPER_CONV_SEG + ".bias"] = ((1,), np.float32)
+  for prefix, module in _layouts()[task][1].items():
+    node = heads[task]
+    for part in module.split("/"):
+      node = node[part]
+    channels = int(np.shape(node["kernel"])[-1])
+    out[prefix + ".weight"] = ((1, channels, 1, 1), np.float32)
+    out[prefix + ".bias"] = ((1,), np.float32)
   for key in head_keys:
     if key.endswith(".running_mean"):
       out[key[:-len("running_mean")] + "num_batches_tracked"] = ((), np.int64)
@@ -159,10 +169,8 @@ def _unused_entries(heads: dict, task: str, head_keys) -> dict:
 
 def _rank(key: str) -> tuple:
   """Module order of the official framework (the twin's `state_dict()` order)."""
-  groups = ("encoder.", "semsegdecoder.", "semseghead_", "inssegdecoder.", "inssegroiboxhead_fc_cls",
-            "inssegroiboxhead_fc_reg", "inssegroimaskhead_conv", "rotdetdecoder.",
-            "rotdetroiboxhead_fc_cls", "rotdetroiboxhead_fc_reg")
-  return next(i for i, g in enumerate(groups) if key.startswith(g)), key.split(".")[0]
+  groups = ["encoder."] + [g for t in _layouts() for g in _groups(t)]
+  return next((i for i, g in enumerate(groups) if key.startswith(g)), len(groups)), key.split(".")[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,10 +206,10 @@ def model_to_state_dict(state_tree: dict, subsets, *, num_batches_tracked: int =
     raise CheckpointError(f"no official name for the model's top-level entries {unknown}")
   out = {"encoder." + k: v for k, v in tc.encoder_to_state_dict(state_tree["encoder"], copy).items()}
   heads = state_tree.get("heads", {})
-  extra = sorted(set(heads) - set(ORDER))
+  extra = sorted(set(heads) - set(official_tasks()))
   if extra:
     raise CheckpointError(f"no official names for the heads {extra}")
-  for task in (t for t in ORDER if t in heads):
+  for task in (t for t in official_tasks() if t in heads):
     keys = []
     for path, value in tc.flatten_params(heads[task]):
       path = ("heads", task) + tuple(path)
@@ -225,99 +233,121 @@ def state_dict_shapes(state_tree: dict, subsets) -> dict[str, tuple]:
 # ----------------------------------------------------------------------------------------------
 # Import
 # ----------------------------------------------------------------------------------------------
-def _convert(sd: dict, template: dict, subsets, strict: bool, tasks):
-  subsets = tuple(subsets)
-  heads = template.get("heads", {})
-  model_tasks = tuple(t for t in ORDER if t in heads)
-  explicit = tasks is not None
-  tasks = model_tasks if tasks is None else tuple(tasks)
-  if set(tasks) - set(model_tasks):
-    raise CheckpointError(f"tasks {sorted(set(tasks) - set(model_tasks))} have no head in the "
-                          f"model (it has {list(model_tasks)})")
-  unknown = sorted(set(template) - {"encoder", "heads"} | set(heads) - set(ORDER))
-  if unknown:
-    raise CheckpointError(f"no official name for the model's entries {unknown}")
-  bad_shapes, problems, consumed, loaded_paths = [], [], set(), set()
+class _Import:
+  """One import of an official full-model state dict into a template (`state_dict_to_model`):
+  the encoder, then each head, then the keys nobody took; its lists become the report."""
 
-  # Encoder: torch_convert does the work; mis-shaped keys are taken out first, so that every
-  # problem is reported together and strict=False can keep the template's value.
-  enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-  enc_shapes = tc.state_dict_shapes(template["encoder"])
-  for k in sorted(set(enc_sd) & set(enc_shapes)):
-    if tuple(np.shape(enc_sd[k])) != enc_shapes[k]:
-      bad_shapes.append(f"encoder.{k}: checkpoint {tuple(np.shape(enc_sd[k]))}, model expects {enc_shapes[k]}")
-      del enc_sd[k]
-  # (raises, strict or not, on a relative_position_index that is not the 7x7 window index)
-  enc_params, enc_report = tc.state_dict_to_encoder(enc_sd, template["encoder"], strict=False)
-  mis_shaped = {m.split(":")[0] for m in bad_shapes}
-  missing = ["encoder." + k for k in enc_report["missing"] if "encoder." + k not in mis_shaped]
-  # An encoder built without the global blocks' relative-position tables (the original's detection
-  # backbones) drops a checkpoint's tables: listed under 'dropped_unused', not an error.
-  rel_pos = [k for k in enc_report["unexpected"] if k.endswith(tc.GLOBAL_REL_POS_KEYS)]
-  unexpected = ["encoder." + k for k in enc_report["unexpected"] if k not in rel_pos]
-  consumed |= {"encoder." + k for k in enc_sd}
-  loaded_paths |= {("encoder",) + tuple(p) for p, _ in tc.flatten_params(template["encoder"])
-                   if tc.torch_key(p) in enc_sd and tc.torch_key(p) not in enc_report["missing"]}
+  def __init__(self, sd: dict, template: dict, subsets, tasks):
+    self.sd, self.subsets = sd, tuple(subsets)
+    self.heads = template.get("heads", {})
+    known = official_tasks()
+    self.model_tasks = tuple(t for t in known if t in self.heads)
+    self.explicit = tasks is not None
+    self.tasks = self.model_tasks if tasks is None else tuple(tasks)
+    if set(self.tasks) - set(self.model_tasks):
+      raise CheckpointError(f"tasks {sorted(set(self.tasks) - set(self.model_tasks))} have no head "
+                            f"in the model (it has {list(self.model_tasks)})")
+    unknown = sorted(set(template) - {"encoder", "heads"} | set(self.heads) - set(known))
+    if unknown:
+      raise CheckpointError(f"no official name for the model's entries {unknown}")
+    self.flat, self.loaded_paths, self.consumed = {}, set(), set()
+    self.missing, self.unexpected, self.bad_shapes = [], [], []
+    self.dropped, self.kept, self.ignored = [], [], []
 
-  flat_out = {("encoder",) + tuple(p): v for p, v in tc.flatten_params(enc_params)}
-  kept, dropped, loaded = [], ["encoder." + k for k in rel_pos], len(loaded_paths)
-  for task in model_tasks:
+  def encoder(self, template: dict):
+    """torch_convert does the work; mis-shaped keys are taken out first, so that every problem is
+    reported together and strict=False can keep the template's value."""
+    enc_sd = {k[len("encoder."):]: v for k, v in self.sd.items() if k.startswith("encoder.")}
+    enc_shapes = tc.state_dict_shapes(template)
+    for k in sorted(set(enc_sd) & set(enc_shapes)):
+      if tuple(np.shape(enc_sd[k])) != enc_shapes[k]:
+        self.bad_shapes.append(f"encoder.{k}: checkpoint {tuple(np.shape(enc_sd[k]))}, model expects {enc_shapes[k]}")
+        del enc_sd[k]
+    # (raises, strict or not, on a relative_position_index that is not the 7x7 window index)
+    params, report = tc.state_dict_to_encoder(enc_sd, template, strict=False)
+    mis_shaped = {m.split(":")[0] for m in self.bad_shapes}
+    self.missing += ["encoder." + k for k in report["missing"] if "encoder." + k not in mis_shaped]
+    # An encoder built without the global blocks' relative-position tables (the original's
+    # detection backbones) drops a checkpoint's tables: listed under 'dropped_unused', no error.
+    rel_pos = [k for k in report["unexpected"] if k.endswith(tc.GLOBAL_REL_POS_KEYS)]
+    self.unexpected += ["encoder." + k for k in report["unexpected"] if k not in rel_pos]
+    self.dropped += ["encoder." + k for k in rel_pos]
+    self.consumed |= {"encoder." + k for k in enc_sd}
+    self.loaded_paths |= {("encoder",) + tuple(p) for p, _ in tc.flatten_params(template)
+                          if tc.torch_key(p) in enc_sd and tc.torch_key(p) not in report["missing"]}
+    self.flat.update({("encoder",) + tuple(p): v for p, v in tc.flatten_params(params)})
+
+  def head(self, task: str):
+    """A head of the template: loaded if `task` is one of `tasks`, else kept as it is."""
     keys = []
-    for path, ref in tc.flatten_params(heads[task]):
+    for path, ref in tc.flatten_params(self.heads[task]):
       full = ("heads", task) + tuple(path)
-      key = head_key(full, subsets)
+      key = head_key(full, self.subsets)
       keys.append(key)
-      flat_out[full] = ref
-      if task not in tasks:
-        kept.append(key)
-        continue
-      if key not in sd:
-        missing.append(key)
-        continue
-      consumed.add(key)
-      value = from_torch(full, np.asarray(sd[key]))
-      if tuple(value.shape) != tuple(np.shape(ref)):
-        want = to_torch(full, np.broadcast_to(np.float32(0), np.shape(ref))).shape
-        bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(sd[key]))}, model expects {tuple(want)}")
-        continue
-      flat_out[full] = value.astype(getattr(ref, "dtype", np.float32))
-      loaded_paths.add(full)
-      loaded += 1
-    if task in tasks:
-      for key, (shape, _) in _unused_entries(heads, task, keys).items():
-        if key in sd:
-          consumed.add(key)
-          if tuple(np.shape(sd[key])) != shape:
-            bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(sd[key]))}, official shape {shape}")
+      self.flat[full] = ref
+      if task not in self.tasks:
+        self.kept.append(key)
+      elif key not in self.sd:
+        self.missing.append(key)
+      else:
+        self.consumed.add(key)
+        value = from_torch(full, np.asarray(self.sd[key]))
+        if tuple(value.shape) != tuple(np.shape(ref)):
+          want = to_torch(full, np.broadcast_to(np.float32(0), np.shape(ref))).shape
+          self.bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(self.sd[key]))}, model expects {tuple(want)}")
+          continue
+        self.flat[full] = value.astype(getattr(ref, "dtype", np.float32))
+        self.loaded_paths.add(full)
+    if task in self.tasks:
+      for key, (shape, _) in _unused_entries(self.heads, task, keys).items():
+        if key in self.sd:
+          self.consumed.add(key)
+          if tuple(np.shape(self.sd[key])) != shape:
+            self.bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(self.sd[key]))}, official shape {shape}")
           else:
-            dropped.append(key)
+            self.dropped.append(key)
 
-  ignored = []
-  for key in sorted(set(sd) - consumed):
-    if key.startswith("encoder."):
-      continue   # already in `unexpected` (from the encoder's report) or consumed
-    owner = task_of_key(key)
-    if explicit and owner in ORDER and owner not in tasks:
-      ignored.append(key)
-    else:
-      unexpected.append(key)
-  if strict and missing:
-    problems.append(f"missing keys ({len(missing)}): {missing}")
-  if strict and unexpected:
-    hint = ""
-    others = sorted({task_of_key(k) for k in unexpected} & (set(ORDER) - set(tasks)))
-    if others:
-      hint = (f" (keys of tasks {others} that the model does not load: pass tasks= the tasks "
-              f"to load, or strict=False)")
-    problems.append(f"unexpected keys ({len(unexpected)}){hint}: {unexpected}")
-  if bad_shapes:
-    problems.append(f"shape mismatch ({len(bad_shapes)}): " + "; ".join(bad_shapes))
-  if strict and problems:
-    raise CheckpointError("checkpoint does not fit the model: " + " | ".join(problems))
-  report = {"loaded": loaded, "missing": missing, "unexpected": unexpected,
-            "shape_mismatch": bad_shapes, "dropped_unused": dropped,
-            "ignored_other_tasks": ignored, "kept": kept, "problems": problems}
-  return tc.nest_params(flat_out), report, loaded_paths
+  def leftovers(self):
+    """Keys nobody took: other tasks' (ignored when `tasks` was given) or unexpected."""
+    for key in sorted(set(self.sd) - self.consumed):
+      if key.startswith("encoder."):
+        continue   # already in `unexpected` (from the encoder's report) or consumed
+      owner = task_of_key(key)
+      if self.explicit and owner in official_tasks() and owner not in self.tasks:
+        self.ignored.append(key)
+      else:
+        self.unexpected.append(key)
+
+  def report(self, strict: bool) -> dict:
+    problems = []
+    if strict and self.missing:
+      problems.append(f"missing keys ({len(self.missing)}): {self.missing}")
+    if strict and self.unexpected:
+      hint = ""
+      others = sorted({task_of_key(k) for k in self.unexpected} & (set(official_tasks()) - set(self.tasks)))
+      if others:
+        hint = (f" (keys of tasks {others} that the model does not load: pass tasks= the tasks "
+                f"to load, or strict=False)")
+      problems.append(f"unexpected keys ({len(self.unexpected)}){hint}: {self.unexpected}")
+    if self.bad_shapes:
+      problems.append(f"shape mismatch ({len(self.bad_shapes)}): " + "; ".join(self.bad_shapes))
+    if strict and problems:
+      raise CheckpointError("checkpoint does not fit the model: " + " | ".join(problems))
+    return {"loaded": len(self.loaded_paths), "missing": self.missing, "unexpected": self.unexpected,
+            "shape_mismatch": self.bad_shapes, "dropped_unused": self.dropped,
+            "ignored_other_tasks": self.ignored, "kept": self.kept, "problems": problems}
+
+
+def convert_to_model(sd: dict, template: dict, subsets, strict: bool, tasks):
+  """(tree, report, paths loaded): `state_dict_to_model` plus the paths whose values came from
+  `sd` (the rest are the template's)."""
+  run = _Import(sd, template, subsets, tasks)
+  run.encoder(template["encoder"])
+  for task in run.model_tasks:
+    run.head(task)
+  run.leftovers()
+  report = run.report(strict)
+  return tc.nest_params(run.flat), report, run.loaded_paths
 
 
 def state_dict_to_model(sd: dict, template: dict, subsets, strict: bool = True, tasks=None):
@@ -331,55 +361,20 @@ def state_dict_to_model(sd: dict, template: dict, subsets, strict: bool = True, 
   CheckpointError naming every missing and unexpected key and every shape mismatch;
   strict=False loads what fits and reports the rest.
   """
-  tree, report, _ = _convert(sd, template, subsets, strict, tasks)
+  tree, report, _ = convert_to_model(sd, template, subsets, strict, tasks)
   return tree, report
 
 
 # ----------------------------------------------------------------------------------------------
-# Files and the train state
+# Files (starting a train state from one: mtp_jax/checkpoints/sources.py)
 # ----------------------------------------------------------------------------------------------
 def read_full_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
   """A full-model `.pth`/`.safetensors` as {key: numpy}: `state_dict`/`model` unwrapped and
-  `module.` stripped, prefixes (`encoder.`, ...) kept (torch_convert.read_checkpoint keeps only
-  the encoder)."""
+  `module.` stripped, prefixes (`encoder.`, ...) kept (torch_convert.read_encoder_state_dict keeps
+  only the encoder)."""
   return tc.read_state_dict(path, trust_pickle)
 
 
 def write_full_checkpoint(sd: dict, path: str):
   """`.safetensors` or `.pth` (torch.save of tensors); 0-d tensors (num_batches_tracked) stay 0-d."""
   tc.write_state_dict(sd, path)
-
-
-def initialize_model(params, batch_stats, path: str, subsets, *, tasks=None, strict: bool = True,
-                     image_size: int | None = None, patch_size: int = 16, trust_pickle: bool = False):
-  """(params, batch_stats, report): the nnx.States of a fresh train state with every tensor the
-  official full checkpoint `path` supplies replaced (each new array in the sharding of the one
-  it replaces, so sharded and multi-host states work). image_size: resize the encoder's pos_embed
-  and global rel-pos tables to it (MTP_SPEC §5.1) when the checkpoint was trained at another."""
-  import jax
-  from flax import nnx
-  pure_p, pure_b = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
-  current = model_state_tree(pure_p, pure_b)
-  template = jax.tree.map(lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), current)
-  sd = read_full_checkpoint(path, trust_pickle)
-  if image_size is not None:
-    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
-    sd.update({"encoder." + k: v for k, v in tc.adapt_to_image_size(enc, image_size, patch_size).items()})
-  tree, report, loaded_paths = _convert(sd, template, subsets, strict, tasks)
-  flat_new = dict(tc.flatten_params(tree))
-
-  def replace(path_keys, value):
-    if tuple(path_keys) not in loaded_paths:
-      return value
-    new = np.asarray(flat_new[tuple(path_keys)]).astype(value.dtype)
-    return jax.make_array_from_callback(value.shape, value.sharding, lambda index: new[index])
-
-  merged = tc.nest_params({p: replace(p, v) for p, v in tc.flatten_params(current)})
-  nnx.replace_by_pure_dict(params, split_like(merged, pure_p))
-  nnx.replace_by_pure_dict(batch_stats, split_like(merged, pure_b))
-  print(f"model initialised from {path}: {report['loaded']} tensors loaded; "
-        f"{len(report['missing'])} missing, {len(report['unexpected'])} unexpected, "
-        f"{len(report['kept'])} kept (tasks not loaded), {len(report['dropped_unused'])} unused "
-        f"official tensors dropped", flush=True)
-  return params, batch_stats, report

@@ -8,10 +8,11 @@
 Restoring into a different model stops with a CheckpointError that lists what differs, instead of
 an Orbax shape error from deep inside the restore.
 
-Two ways in, one layout: `Checkpointer.restore` puts a run's own state back into its shardings
-(training, resume, `--mode eval`); `read_checkpoint` reads any run's parameters onto one device
-without knowing its model (export, finetune initialisation from a pretraining workdir). Both
-check the saved fingerprint.
+One read path (`_read_meta`, `_read_state`: the item's handler, then the fingerprint check), two
+ways in: `Checkpointer.restore` puts a run's own state back into its shardings (training, resume,
+`--mode eval`); `read_checkpoint` reads any checkpoint's parameters onto one device without
+knowing its model (export, prediction, starting a run from it: `checkpoints/sources.py`). A folder
+written by `python -m mtp_jax.import_torch` is such a checkpoint (step 0, encoder only).
 """
 
 import os
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from mtp_jax.tasks import enabled as enabled_tasks
@@ -167,8 +169,9 @@ class Checkpointer:
       candidates = [step]
     named = step is not None
     for step in candidates:
+      where = os.path.join(self.directory, str(step))
       try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        meta = _read_meta(where)
         failure = None
       except Exception as e:  # noqa: BLE001 (any unreadable metadata means a damaged checkpoint)
         meta, failure = None, f"unreadable metadata ({type(e).__name__}: {str(e)[:200]})"
@@ -179,16 +182,15 @@ class Checkpointer:
               f"{self.directory} holds a checkpoint (step {step}) of a different model:\n  - "
               + "\n  - ".join(diffs) + "\nUse a new --workdir, or the config that wrote it.")
         try:
-          target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
-              data=ocp.args.JsonRestore()))
-          if meta.get("fingerprint") not in (None, _fingerprint_list(restored.state)):
-            failure = "its arrays differ from the fingerprint saved with them"
-        except Exception as e:  # noqa: BLE001 (truncated or missing array files)
-          failure = f"unreadable state ({type(e).__name__}: {str(e)[:200]})"
+          state = _read_state(where, jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state),
+                              meta, ordered=True)
+          data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(where, "data"))
+        except _Damaged as e:
+          failure = str(e)
+        except Exception as e:  # noqa: BLE001 (a missing or unreadable data item)
+          failure = f"unreadable data state ({type(e).__name__}: {str(e)[:200]})"
       if not distributed.any_process(failure is not None):
-        return restored.state, restored.data, step
+        return state, data, step
       failure = failure or "unreadable on another process"
       if named:
         raise CheckpointError(f"checkpoint {self.directory}/{step} is damaged: {failure}")
@@ -228,11 +230,37 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading a run's parameters without its model (export, finetune initialisation)
+# The one read path, and reading any checkpoint's parameters without its model
 # ----------------------------------------------------------------------------------------------
+class _Damaged(Exception):
+  """A checkpoint's state is unreadable or differs from its fingerprint (the text says which)."""
+
+
+def _read_meta(where: str) -> dict:
+  """The `meta` item (signature, config, fingerprint) of the checkpoint folder `where`."""
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(where, "meta"))
+
+
+def _read_state(where: str, target, meta: dict, ordered: bool):
+  """The `state` item of the checkpoint folder `where`, restored as `target` (ShapeDtypeStructs
+  with shardings) and checked against the fingerprint saved in `meta`. ordered=False compares the
+  per-leaf fingerprints as multisets: a target built from the saved metadata is a dict (leaves in
+  key order), not the TrainState the state was saved from (field order). Raises _Damaged."""
+  try:
+    state = ocp.Checkpointer(state_handler()).restore(
+        os.path.join(where, "state"),
+        args=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  except Exception as e:  # noqa: BLE001 (truncated or missing array files)
+    raise _Damaged(f"unreadable state ({type(e).__name__}: {str(e)[:200]})") from None
+  saved, current = meta.get("fingerprint"), _fingerprint_list(state)
+  if saved is not None and (saved != current if ordered else sorted(saved) != sorted(current)):
+    raise _Damaged("its arrays differ from the fingerprint saved with them")
+  return state
+
+
 def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int]:
-  """(checkpoints folder, step) named by `path`: a workdir (its latest checkpoint, or `step`) or
-  one checkpoint folder `<workdir>/checkpoints/<step>`."""
+  """(checkpoints folder, step) named by `path`: a workdir or an import_torch folder (its latest
+  checkpoint, or `step`) or one checkpoint folder `<workdir>/checkpoints/<step>`."""
   path = os.path.abspath(path)
   if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
     named = int(os.path.basename(path))
@@ -241,6 +269,10 @@ def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int]:
     return os.path.dirname(path), named
   root = os.path.join(path, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps and os.path.isdir(os.path.join(path, "encoder")):
+    raise CheckpointError(f"{path!r} was written by an older `python -m mtp_jax.import_torch` "
+                          "(an `encoder/` folder without a fingerprint): re-run the import with a "
+                          "new --out, which writes a standard checkpoint")
   if not steps:
     raise CheckpointError(f"{path!r} holds no checkpoint (looked for {root}/<step>)")
   if step is None:
@@ -251,27 +283,23 @@ def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int]:
 
 
 def read_checkpoint(path: str, step: int | None = None) -> tuple[dict, dict, dict, int]:
-  """(params, batch_stats, meta, step) of a run's checkpoint as nested numpy arrays, on one
-  device whatever mesh wrote it. path: a workdir (latest checkpoint, or `step`) or a checkpoint
-  folder `<workdir>/checkpoints/<step>`. meta holds the run's `signature` (encoder, image size,
-  subsets, tasks) and `config`. A state that does not match its saved fingerprint is refused."""
+  """(params, batch_stats, meta, step) of a checkpoint as nested numpy arrays, on one device
+  whatever mesh wrote it. path: a workdir or an import_torch folder (latest checkpoint, or
+  `step`) or a checkpoint folder `<workdir>/checkpoints/<step>`. meta holds the run's `signature`
+  (encoder, image size, subsets, tasks) and `config`. A state that does not match its saved
+  fingerprint is refused."""
   root, step = checkpoint_location(path, step)
   where = os.path.join(root, str(step))
   try:
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(where, "meta"))
-    checkpointer = ocp.StandardCheckpointer()
+    meta = _read_meta(where)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(os.path.join(where, "state")).item_metadata)
-    state = checkpointer.restore(os.path.join(where, "state"), target)
+                          state_handler().metadata(epath.Path(where) / "state").tree)
+    state = _read_state(where, target, meta, ordered=False)
+  except _Damaged as e:
+    raise CheckpointError(f"checkpoint {where} is damaged: {e}") from None
   except Exception as e:  # noqa: BLE001 (any unreadable file means a damaged checkpoint)
     raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
-  saved = meta.get("fingerprint")
-  # The state comes back as a dict (leaves in key order), not the TrainState it was saved from
-  # (field order): compare the per-leaf fingerprints as multisets.
-  if saved is not None and sorted(saved) != sorted(_fingerprint_list(state)):
-    raise CheckpointError(f"checkpoint {where} is damaged: its arrays differ from the fingerprint "
-                          "saved with them")
   keep = {k: _unwrap_variables(jax.tree.map(np.asarray, state[k])) if k in state else {}
           for k in ("params", "batch_stats")}
   return keep["params"], keep["batch_stats"], meta, step

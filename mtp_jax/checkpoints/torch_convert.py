@@ -166,7 +166,7 @@ def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
   return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
-def read_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+def read_encoder_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
   """`read_state_dict`, keeping only `encoder.*` or `backbone.*` of full-model checkpoints
   (prefix removed)."""
   sd = read_state_dict(path, trust_pickle)

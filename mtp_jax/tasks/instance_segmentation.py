@@ -119,6 +119,14 @@ class InstanceSegmentation(TwoStageDetectionTask):
   def write_outputs(self, workdir, evaluator):
     return evaluator.write_coco(os.path.join(workdir, COCO_DIR))
 
+  # Official full-model keys (see SemanticSegmentation.official_keys).
+  official_keys = (("neck", "inssegdecoder.neck"), ("rpn_head", "inssegdecoder.rpn_head"),
+                   ("roi_head", "inssegdecoder.roi_head.bbox_head"),
+                   ("mask_head", "inssegdecoder.roi_head.mask_head"),
+                   ("predictors/<s>/fc_cls", "inssegroiboxhead_fc_cls<s>"),
+                   ("predictors/<s>/fc_reg", "inssegroiboxhead_fc_reg<s>"),
+                   ("mask_predictors/<s>/conv_logits", "inssegroimaskhead_conv<s>"))
+
 
 def mask_rcnn_box_configs(t, **roi_overrides):
   """(RPNConfig, RoIConfig): MTP's Mask R-CNN box stages (§3.3) with the sizes of task block `t`

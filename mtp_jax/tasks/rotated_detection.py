@@ -128,6 +128,12 @@ class RotatedDetection(TwoStageDetectionTask):
     return evaluator.write_submissions(os.path.join(workdir, "report"),
                                        fair1m=self.task_config.submission == "fair1m")
 
+  # Official full-model keys (see SemanticSegmentation.official_keys).
+  official_keys = (("neck", "rotdetdecoder.neck"), ("rpn_head", "rotdetdecoder.rpn_head"),
+                   ("roi_head", "rotdetdecoder.roi_head.bbox_head"),
+                   ("predictors/<s>/fc_cls", "rotdetroiboxhead_fc_cls<s>"),
+                   ("predictors/<s>/fc_reg", "rotdetroiboxhead_fc_reg<s>"))
+
 
 def detections_per_class(rboxes, scores, labels, valid, num_classes: int) -> list:
   """One image's fixed-size detections -> [(N_c, 6) [cx, cy, w, h, angle, score] per class]."""

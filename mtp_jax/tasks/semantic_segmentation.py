@@ -125,3 +125,12 @@ class SemanticSegmentation(Task):
 
   def paint(self, gt_panel, pred_panel, example, prediction):
     return drawing.colourize(example["semantic"]), drawing.colourize(prediction)
+
+  # ---- official full-model checkpoint (mtp_jax/checkpoints/full_model.py) ----------------------
+  # Our module under heads/ss -> its official key prefix, in the official module order (first
+  # match wins; `*` one name, `<s>` a subset, written as its 1-based place in data.subsets).
+  official_keys = (("semsegdecoder/psp_modules/*", "semsegdecoder.decode_head.psp_modules.*.1"),
+                   ("semsegdecoder", "semsegdecoder.decode_head"),
+                   ("semseghead/<s>/conv_seg", "semseghead_<s>.1"))
+  # UPerHead's own 1-class 1x1 classifier, never called by MTP, over the channels of our module.
+  official_unused = {"semsegdecoder.decode_head.conv_seg": "semsegdecoder/fpn_bottleneck/conv"}

@@ -20,8 +20,7 @@ from data_pipelines import sources
 from data_pipelines.records import shards
 from data_pipelines.records.batches import TrainBatches
 from mtp_jax import models, tasks as tasks_lib
-from mtp_jax.checkpoints import full_model
-from mtp_jax.checkpoints.encoder_init import initialize_encoder
+from mtp_jax.checkpoints import sources as weight_sources
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
 from mtp_jax.errors import CheckpointError, Preempted
 from mtp_jax.metrics import report, writers
@@ -152,21 +151,10 @@ def fresh_state(config, trainer: "Trainer"):
   """The TrainState a run without a checkpoint starts from: the trainer's initialisation, then
   `model.encoder_init` (encoder only) and `model.full_init` (encoder and the enabled tasks'
   heads, official full-model names) when they name checkpoints."""
-  state = trainer.init()
-  patch_size = config.model.encoder_overrides.get("patch_size", 16)
-  if config.model.encoder_init:
-    params, _ = initialize_encoder(state.params, config.model.encoder_init, config.data.image_size,
-                                   patch_size, tuple(config.model.rgb_bands))
-    state = state.replace(params=params)
+  state = weight_sources.initialize(trainer.init(), config, tuple(trainer.tasks))
   if not (config.model.encoder_init or config.model.full_init) and not sources.source(config).pretraining:
     print("note: model.encoder_init is empty, so the encoder starts from random weights; set it "
           "to a pretraining workdir, an import_torch folder or a .pth to finetune", flush=True)
-  if config.model.full_init:
-    params, stats, _ = full_model.initialize_model(
-        state.params, state.batch_stats, config.model.full_init, tuple(config.data.subsets),
-        tasks=tuple(trainer.tasks), image_size=config.data.image_size, patch_size=patch_size,
-        trust_pickle=config.model.full_init_trust_pickle)
-    state = state.replace(params=params, batch_stats=stats)
   return state
 
 
