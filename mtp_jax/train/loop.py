@@ -18,14 +18,12 @@ from flax import nnx
 
 from data_pipelines import sources
 from data_pipelines.samrs import reader
-from mtp_jax import models, tasks as tasks_lib
+from mtp_jax import experiment
 from mtp_jax.checkpoints import full_model
 from mtp_jax.checkpoints.encoder_init import initialize_encoder
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
 from mtp_jax.errors import CheckpointError, Preempted
 from mtp_jax.metrics import report, writers
-from mtp_jax.models.multitask import MultiTaskModel
-from mtp_jax.ops import target
 from mtp_jax.parallel import distributed, sharding
 from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mtp_jax.train.prefetch import DevicePrefetch
@@ -35,64 +33,10 @@ from mtp_jax.train.batching import check_batch_size, compile_everywhere, device_
 from mtp_jax.train.evaluate import PretrainEvaluation, eval_scalars, summary_lines
 from mtp_jax.train.step import make_train_step
 
-DTYPES = {"float32": None, "bfloat16": jax.numpy.bfloat16, "float16": jax.numpy.float16}
-
-
-def compute_dtype_name(config) -> str:
-  """config.model.compute_dtype with 'auto' resolved for the platform the program is traced for
-  (`mtp_jax/ops/target.py`): 'float32' on the CPU, 'bfloat16' on TPUs and GPUs."""
-  name = config.model.compute_dtype
-  if name == "auto":
-    return "float32" if target.platform() == "cpu" else "bfloat16"
-  return name
-
-
-def compute_dtype(config):
-  """The activations' dtype of config (None: float32, the parameters' own)."""
-  return DTYPES[compute_dtype_name(config)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
-def build_encoder(config, rngs: nnx.Rngs):
-  """The encoder of config.model, with as many input bands as data.mean has."""
-  return models.build_encoder(
-      config.model.encoder, config.data.image_size, rngs=rngs, dtype=compute_dtype(config),
-      drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
-      scan_blocks=config.model.scan_blocks, in_chans=len(config.data.mean),
-      **dict(config.model.encoder_overrides))
-
-
-def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
-  """The encoder of config.model and the head of every task in `tasks` ({name: Task})."""
-  dtype = compute_dtype(config)
-  encoder = build_encoder(config, rngs)
-  return MultiTaskModel(encoder, tasks, dtype=dtype, rngs=rngs, mean=tuple(config.data.mean),
-                        std=tuple(config.data.std), freeze_encoder=config.model.freeze_encoder)
-
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-def subset_classes(config) -> dict:
-  """{subset: object class names}, checking that the converted data carries the expected lists."""
-  return sources.source(config).class_names(config)
-
-
-def build_tasks(config, class_names: dict | None = None) -> dict:
-  """{name: Task} of the enabled tasks over the subsets of config.data; class_names {subset:
-  [names]} default to those of the converted data (checked against the SAMRS lists)."""
-  names = class_names if class_names is not None else subset_classes(config)
-  names = {s: names[s] for s in config.data.subsets}   # the order the batch interleaves them
-  return tasks_lib.build_tasks(config, names)
-
-
-def reader_streams(config) -> tuple[tuple[int, ...], int]:
-  """(this process's stream indices, total streams): data.num_streams, or one per process."""
-  return sources.source(config).reader_streams(config)
-
-
 def merged_data_state(state: dict) -> dict:
   """Every process's reader streams (`state`: this process's `get_state()`) in one JSON state
   (saved once, read by all on restore)."""
@@ -109,13 +53,13 @@ class Trainer:
 
   init() -> a fresh TrainState created directly in its shards; step(state, batch) -> (state,
   metrics) with the state donated; batch = `device_batch(..., self.fields)`, split over the batch
-  axes. tasks: {name: Task} (`build_tasks`).
+  axes. tasks: {name: Task} (`experiment.tasks`).
   """
 
   def __init__(self, config, tasks: dict, mesh):
     self.mesh, self.tasks = mesh, tasks
     self.fields = batching.task_fields(tasks, train=True)
-    model_fn = functools.partial(build_model, config, tasks)
+    model_fn = functools.partial(experiment.model, config, tasks)
     tx = make_optimizer(config)
     self._init_fn = functools.partial(create_state, model_fn, tx, config.seed)
     self.abstract_state = jax.eval_shape(self._init_fn)
@@ -142,11 +86,6 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Preemption
 # ----------------------------------------------------------------------------------------------
-def train_batches(config, tasks: dict, local_batch: int) -> reader.PretrainBatches:
-  """This process's training batch stream of `config` (`local_batch` images per subset)."""
-  return sources.source(config).train_batches(config, tasks, local_batch)
-
-
 def fresh_state(config, trainer: "Trainer"):
   """The TrainState a run without a checkpoint starts from: the trainer's initialisation, then
   `model.encoder_init` (encoder only) and `model.full_init` (encoder and the enabled tasks'
@@ -202,11 +141,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Raises Preempted after saving a checkpoint if SIGTERM arrives during training.
   """
   subsets = tuple(config.data.subsets)
-  tasks = build_tasks(config)
+  tasks = experiment.tasks(config)
   mesh = sharding.config_mesh(config.mesh)
   local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh,
                                  config.optimizer.grad_accum_steps)
-  streams, num_streams = reader_streams(config)
+  _, num_streams = sources.source(config).reader_streams(config)
   reader.check_shard_counts(config.data.dir, subsets, "train", num_streams)
   reader.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
 
@@ -216,7 +155,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               keep_every=config.train.keep_every,
                               signature=model_signature(config, trainer.abstract_state.params),
                               config_json=config.to_json_best_effort())
-  batches = train_batches(config, tasks, local_batch)
+  batches = sources.source(config).train_batches(config, tasks, local_batch)
 
   restored = checkpointer.restore(trainer.abstract_sharded_state())
   if restored is None:
@@ -312,7 +251,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   """Evaluates the latest (or `step`'s) checkpoint in `workdir` on the valid splits and writes
   the report. Read-only on the checkpoints: it can run beside the training job of that workdir."""
   subsets = tuple(config.data.subsets)
-  tasks = build_tasks(config)
+  tasks = experiment.tasks(config)
   mesh = sharding.config_mesh(config.mesh)
   reader.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
