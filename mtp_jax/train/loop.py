@@ -1,4 +1,5 @@
-"""Pretraining loop, read top to bottom: setup, data, state, restore, steps, checkpoints, report.
+"""The training loop of every run, pretraining and finetuning, read top to bottom: setup, data,
+state, restore, steps, checkpoints, report.
 
 Every process runs this same function; the data each reads and the checkpoints they write
 together are described in data_pipelines/samrs/reader.py and mtp_jax/checkpoints/manager.py.
@@ -30,7 +31,7 @@ from mtp_jax.train.prefetch import DevicePrefetch
 from mtp_jax.train.state import create_state
 from mtp_jax.train import batching
 from mtp_jax.train.batching import check_batch_size, compile_everywhere, device_batch
-from mtp_jax.train.evaluate import PretrainEvaluation, eval_scalars, summary_lines
+from mtp_jax.train.evaluate import Evaluation, eval_scalars, summary_lines
 from mtp_jax.train.step import make_train_step
 
 
@@ -150,7 +151,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   reader.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
 
   trainer = Trainer(config, tasks, mesh)
-  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, tasks)
+  evaluation = Evaluation(config, trainer.graphdef, mesh, tasks)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
                               keep_every=config.train.keep_every,
                               signature=model_signature(config, trainer.abstract_state.params),
@@ -265,7 +266,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   if restored is None:
     raise CheckpointError(f"{checkpointer.directory} holds no readable checkpoint")
   state, _, step = restored
-  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, tasks)
+  evaluation = Evaluation(config, trainer.graphdef, mesh, tasks)
   results, rows, evaluators = evaluation.run(state, pictures=True)
   writer = writers.create_writer(workdir, resume_step=None)
   results = publish(workdir, writer, results, rows, evaluators, tasks, step, checkpointer.directory, "eval",
