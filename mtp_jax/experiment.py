@@ -5,9 +5,10 @@
     model = experiment.model(config, tasks, nnx.Rngs(0))    # encoder + every task's head
     dtype = experiment.compute_dtype(config)                # the activations' dtype
 
-The data source is `data_pipelines.sources.source(config)` (picked by data.dataset); `tasks`
-asks it for the class lists. The training loop, the evaluation, prediction, export, the planner
-and the benchmarks all build from here, so none of them imports the training loop to get a model.
+The data source is `data_pipelines.sources.source(config)` (picked by data.dataset): `tasks`
+asks it for the class lists, and the loop and the evaluation read their batches from it. The
+training loop (mtp_jax/train/), prediction, the planner, the benchmarks and the tests build from
+here, so none of them imports the training loop for a model. It imports no training code.
 """
 
 import jax
