@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
+from mtp_jax import experiment  # noqa: E402
 from mtp_jax.checkpoints.manager import state_handler  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
@@ -54,7 +55,7 @@ def main():
   p.add_argument("--out", default="benchmarks/results/checkpoint_save.json")
   args = p.parse_args()
   config = apply_overrides(load_config(args.config), [f"data.dir={args.data!r}"])
-  tasks = loop.build_tasks(config)
+  tasks = experiment.tasks(config)
   trainer = loop.Trainer(config, tasks, sharding.config_mesh(config.mesh))
   state = trainer.init()
   leaves = jax.tree.leaves(state)

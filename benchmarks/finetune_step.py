@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mtp_jax import experiment  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import batching, loop  # noqa: E402
@@ -61,7 +62,7 @@ def time_family(path: str, classes: int, encoder: str, batch: int, steps: int) -
   config = apply_overrides(load_config(path), [f"model.encoder={encoder!r}",
                                                f"data.batch_per_subset={batch}"])
   dataset = config.data.dataset
-  tasks = loop.build_tasks(config, {dataset: [f"class{i}" for i in range(classes)]})
+  tasks = experiment.tasks(config, {dataset: [f"class{i}" for i in range(classes)]})
   mesh = sharding.config_mesh(config.mesh)
   trainer = loop.Trainer(config, tasks, mesh)
   state = trainer.init()

@@ -25,11 +25,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from mtp_jax import experiment  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.models.detection.roi_head import roi_features  # noqa: E402
 from mtp_jax.models.detection.rpn import rpn_proposals  # noqa: E402
 from mtp_jax.ops.mask_targets import mask_targets  # noqa: E402
-from mtp_jax.train import loop  # noqa: E402
 from _report import write_result  # noqa: E402
 
 QUICKSTART = "configs/pretrain/quickstart.py"
@@ -98,7 +98,7 @@ def main():
   args = p.parse_args()
   config = apply_overrides(load_config(QUICKSTART), [f"data.dir={args.data!r}", "tasks.is.enabled=True",
                                                       *args.set])
-  task = loop.build_tasks(config)["is"]
+  task = experiment.tasks(config)["is"]
   width = config.model.encoder_overrides.embed_dim
   head = task.build_head([width] * 4, rngs=nnx.Rngs(0))
   t = config.tasks["is"]

@@ -40,6 +40,7 @@ import jax  # noqa: E402
 
 from data_pipelines import sources  # noqa: E402
 from data_pipelines.samrs.classes import subset as subset_layout  # noqa: E402
+from mtp_jax import experiment  # noqa: E402
 from mtp_jax.config import load_config, pretrain_defaults, validate  # noqa: E402
 from mtp_jax.tasks import enabled as enabled_tasks  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
@@ -98,7 +99,7 @@ def compile_step(config, devices, mode: str, remat: bool, b: int) -> dict:
   subsets = tuple(config.data.subsets)
   class_names = {s: list(subset_layout(s).classes) for s in subsets}
   mesh = sharding.make_mesh(config.mesh.shape, devices)
-  trainer = loop.Trainer(config, loop.build_tasks(config, class_names), mesh)   # the loop's own step
+  trainer = loop.Trainer(config, experiment.tasks(config, class_names), mesh)   # the loop's own step
   step, abstract_state, state_shardings = trainer.step, trainer.abstract_state, trainer.state_shardings
   batch = batching.abstract_batch(sources.source(config).device_shapes(config, train=True),
                                   config.data.batch_per_subset, trainer.fields)

@@ -47,7 +47,7 @@ from _report import write_result  # noqa: E402
 from finetune_step import synthetic_batch  # noqa: E402
 from data_pipelines.samrs import convert, synthetic  # noqa: E402
 from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
-from mtp_jax import models, tasks as tasks_lib  # noqa: E402
+from mtp_jax import experiment, models, tasks as tasks_lib  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config, load_module  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import batching, loop  # noqa: E402
@@ -158,7 +158,7 @@ def encoder_part(encoder: str, size: int, batch: int, dtype: str, tiny: bool, st
 
 def trainer_part(config, raw: dict, subsets, steps: int, peak: float) -> dict:
   names = {s: [f"class{i}" for i in range(c)] for s, c in raw.pop("_classes").items()} if "_classes" in raw else None
-  tasks = loop.build_tasks(config, names)
+  tasks = experiment.tasks(config, names)
   mesh = sharding.config_mesh(config.mesh)
   trainer = loop.Trainer(config, tasks, mesh)
   state = trainer.init()
@@ -234,7 +234,7 @@ def main(argv=None):
             batches = samrs_examples.train_batches(
                 config.data.dir, tuple(config.data.subsets), image_size=size,
                 max_instances=dict(config.data.max_instances), batch_size=config.data.batch_per_subset,
-                seed=0, shuffle_window=4, with_masks=tasks_lib.needs_masks(loop.build_tasks(config)))
+                seed=0, shuffle_window=4, with_masks=tasks_lib.needs_masks(experiment.tasks(config)))
             raw = next(batches)
             batches.close()
             row = trainer_part(config, raw, tuple(config.data.subsets), args.steps, peak)

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
-from mtp_jax import tasks as tasks_lib  # noqa: E402
+from mtp_jax import experiment, tasks as tasks_lib  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import batching, loop  # noqa: E402
@@ -34,7 +34,7 @@ TASKS = ("ss", "is", "rd")
 def time_step(config, raw, steps: int) -> dict:
   """Compile time and mean step time (compute only) of config's train step on one batch."""
   mesh = sharding.make_mesh(config.mesh.shape)
-  trainer = loop.Trainer(config, loop.build_tasks(config), mesh)
+  trainer = loop.Trainer(config, experiment.tasks(config), mesh)
   state = trainer.init()
   batch = batching.device_batch(raw, tuple(config.data.subsets), mesh, trainer.fields)
   t = time.perf_counter()
@@ -63,7 +63,7 @@ def main():
   batches = samrs_examples.train_batches(everything.data.dir, subsets, image_size=everything.data.image_size,
                                          max_instances=dict(everything.data.max_instances),
                                          batch_size=everything.data.batch_per_subset, seed=0,
-                                         with_masks=tasks_lib.needs_masks(loop.build_tasks(everything)))
+                                         with_masks=tasks_lib.needs_masks(experiment.tasks(everything)))
   raw = next(batches)
   batches.close()
   runs = {"ss+is+rd": time_step(everything, raw, args.steps)}

@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
+from mtp_jax import experiment  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import batching, loop  # noqa: E402
@@ -31,7 +32,7 @@ def main():
   config = apply_overrides(load_config("configs/pretrain/quickstart.py"), [f"data.dir={args.data!r}"])
   subsets = tuple(config.data.subsets)
   mesh = sharding.make_mesh(config.mesh.shape)
-  trainer = loop.Trainer(config, loop.build_tasks(config), mesh)
+  trainer = loop.Trainer(config, experiment.tasks(config), mesh)
   state, step = trainer.init(), trainer.step
 
   batches = samrs_examples.train_batches(config.data.dir, subsets, image_size=config.data.image_size,

@@ -192,11 +192,12 @@ def rd_overfit(tfrecord_dir, tmp_path_factory):
   trainer and puts the saved state back on its device."""
   from data_pipelines.samrs import examples as samrs_examples
   from mtp_jax.parallel import sharding
+  from mtp_jax import experiment
   from mtp_jax.train import batching, loop
   config = tiny_config(tfrecord_dir, **TINY_RD, **{
       "tasks.ss.enabled": False, "data.batch_per_subset": 2, "model.encoder_overrides.embed_dim": 64,
       "optimizer.lr": 2e-3, "optimizer.weight_decay": 0.0, "train.num_steps": RD_OVERFIT_STEPS})
-  tasks = loop.build_tasks(config)
+  tasks = experiment.tasks(config)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   trainer = loop.Trainer(config, tasks, mesh)
   raw = {s: next(iter(samrs_examples.make_dataset(tfrecord_dir, s, "train", image_size=SAMPLE_SIZE, max_instances=16,

@@ -208,13 +208,14 @@ def test_encoder_init_from_a_workdir_resizes_pos_embed_bicubically(scene_data, m
   """At 128 px (16 x 16 tokens, pretrained at 8 x 8) pos_embed is PyTorch's bicubic resize of the
   pretrained one; every other tensor is carried exactly. A named checkpoint folder works too."""
   from mtp_jax.parallel import sharding
+  from mtp_jax import experiment
   from mtp_jax.train import loop
   _, out, _ = scene_data
   pretrain_dir, _ = mtp_run
   params, _, _, step = read_checkpoint(pretrain_dir)
   c = smoke_config("eurosat", out, *TINY_ENCODER, "data.image_size=128",
                    f"model.encoder_init={os.path.join(pretrain_dir, 'checkpoints', str(step))!r}")
-  tasks = loop.build_tasks(c)
+  tasks = experiment.tasks(c)
   trainer = loop.Trainer(c, tasks, sharding.config_mesh(c.mesh))
   state = loop.fresh_state(c, trainer)
   from flax import nnx
@@ -502,12 +503,13 @@ def test_slide_inference_equals_whole_image_inference_where_one_window_covers(se
   import jax
   from data_pipelines import sources
   from flax import nnx
-  from mtp_jax.train import loop, step as step_lib
+  from mtp_jax import experiment
+  from mtp_jax.train import step as step_lib
   _, _, out, _ = seg_data
   c = smoke_config("spacenet1", out, "eval.image_size=96", "data.image_size=96", "eval.slide_window=96",
                    "eval.slide_stride=64", "model.drop_path_rate=0.0")
-  tasks = loop.build_tasks(c)
-  model = loop.build_model(c, tasks, nnx.Rngs(0))
+  tasks = experiment.tasks(c)
+  model = experiment.model(c, tasks, nnx.Rngs(0))
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   raw = next(iter(sources.source(c).eval_dataset(c, "spacenet1", tasks, 2, "valid")))
   host = {"image": raw["image"], "gt": {"spacenet1": {k: raw[k] for k in ("semantic", "is_real", "image_hw")}}}

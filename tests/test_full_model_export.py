@@ -288,12 +288,13 @@ def test_a_fresh_run_with_model_full_init_starts_from_the_exported_model(mtp_run
   from mtp_jax import export
   from mtp_jax.checkpoints.manager import read_checkpoint
   from mtp_jax.parallel import sharding
+  from mtp_jax import experiment
   from mtp_jax.train import loop
   workdir, _ = mtp_run
   out = str(tmp_path / "mtp_full.pth")
   export.main(["--workdir", workdir, "--out", out, "--full"])
   config = tiny_config(tfrecord_dir, **MTP_RUN, **{"model.full_init": out})
-  tasks = loop.build_tasks(config)
+  tasks = experiment.tasks(config)
   trainer = loop.Trainer(config, tasks, sharding.config_mesh(config.mesh))
   state = loop.fresh_state(config, trainer)
   params, stats, _, _ = read_checkpoint(workdir)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from data_pipelines.records import reader as records_reader
-from data_pipelines.records import shards
 from data_pipelines.samrs import examples as samrs_examples
 from mtp_jax.errors import DataError
 from mtp_jax.train.prefetch import DevicePrefetch

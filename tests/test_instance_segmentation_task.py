@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from data_pipelines.samrs import examples as samrs_examples
+from mtp_jax import experiment
 from mtp_jax.metrics.coco import coco_ap
 from mtp_jax.metrics.mask_paste import masks_to_rles, paste_masks
 from mtp_jax.parallel import sharding
@@ -85,7 +86,7 @@ def test_a_tiny_model_overfits_a_handful_of_images_to_high_mask_ap(tfrecord_dir)
   config = tiny_config(tfrecord_dir, **TINY_IS, **{
       "tasks.ss.enabled": False, "data.batch_per_subset": 2, "model.encoder_overrides.embed_dim": 64,
       "optimizer.lr": 2e-3, "optimizer.weight_decay": 0.0, "train.num_steps": OVERFIT_STEPS})
-  tasks = loop.build_tasks(config)
+  tasks = experiment.tasks(config)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   trainer = loop.Trainer(config, tasks, mesh)
   raw = {s: next(iter(samrs_examples.make_dataset(tfrecord_dir, s, "train", image_size=SAMPLE_SIZE,
@@ -118,7 +119,7 @@ def test_a_tiny_model_overfits_a_handful_of_images_to_high_mask_ap(tfrecord_dir)
 
 
 def test_report_panels_show_masks_and_boxes_of_ground_truth_and_confident_predictions(tfrecord_dir):
-  task = loop.build_tasks(tiny_config(tfrecord_dir, **TINY_IS))["is"]
+  task = experiment.tasks(tiny_config(tfrecord_dir, **TINY_IS))["is"]
   image = np.zeros((SAMPLE_SIZE, SAMPLE_SIZE, 3), np.uint8)
   gt_mask = np.zeros((SAMPLE_SIZE, SAMPLE_SIZE), np.uint8)
   gt_mask[10:20, 12:30] = 1

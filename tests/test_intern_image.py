@@ -167,12 +167,13 @@ def test_every_xl_parameter_of_a_finetune_gets_internimages_layer_decay():
   multiplier is 0.94^(41 - id - 1) with InternImage's id of its official name (0.94^40 for the
   stem, 1 for the head), MTP_SPEC §2, §5.2. A pre-norm toy checks the stage norms' ids (stage 3's
   as stage 2's, as the original)."""
-  from mtp_jax.train import loop, optimizer
+  from mtp_jax import experiment
+  from mtp_jax.train import optimizer
   c = config_lib.load_config(f"{ROOT}/configs/finetune/eurosat.py:internimage")
   assert (c.model.encoder, c.optimizer.layer_decay, c.model.drop_path_rate, c.optimizer.lr) == (
       "intern_image_xl", 1.0, 0.2, 2e-5)
-  tasks = loop.build_tasks(c, {"eurosat": [f"c{i}" for i in range(10)]})
-  pure = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: loop.build_model(c, tasks, nnx.Rngs(0))), nnx.Param))
+  tasks = experiment.tasks(c, {"eurosat": [f"c{i}" for i in range(10)]})
+  pure = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: experiment.model(c, tasks, nnx.Rngs(0))), nnx.Param))
   names = {}
   for path, _ in jax.tree_util.tree_leaves_with_path(pure):
     keys = tuple(str(getattr(k, "key", k)) for k in path)
@@ -234,7 +235,7 @@ def internimage_pretraining(tfrecord_dir, tmp_path_factory):
 
 
 def test_the_toy_internimage_trains_in_the_three_task_pretraining(internimage_pretraining):
-  from mtp_jax.train import loop
+  from mtp_jax import experiment
   config, workdir, results = internimage_pretraining
   history = results["train"]["history"]
   assert len(history) == 3 and all(np.isfinite(h["loss"]) and h["grad_norm"] > 0 for h in history)
@@ -245,8 +246,8 @@ def test_the_toy_internimage_trains_in_the_three_task_pretraining(internimage_pr
   # Every stage moved from its initialisation (layer decay scales, never zeroes, the updates).
   params, batch_stats, _, step = read_checkpoint(workdir)
   assert step == 3
-  tasks = loop.build_tasks(config)
-  init = nnx.to_pure_dict(nnx.state(loop.build_model(config, tasks, nnx.Rngs(config.seed)), nnx.Param))
+  tasks = experiment.tasks(config)
+  init = nnx.to_pure_dict(nnx.state(experiment.model(config, tasks, nnx.Rngs(config.seed)), nnx.Param))
   trained, start = (torch_convert.encoder_to_state_dict(p["encoder"]) for p in (params, init))
   assert set(trained) == set(start)
   for prefix in ("patch_embed.", "levels.0.", "levels.1.", "levels.2.", "levels.3."):

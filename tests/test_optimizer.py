@@ -89,12 +89,12 @@ def test_every_vit_b_parameter_of_a_finetune_gets_the_official_layer_decay():
   block 11, 1 for the fpn and the head), §5.1."""
   from flax import nnx
   from mtp_jax.checkpoints import torch_convert
-  from mtp_jax.train import loop
+  from mtp_jax import experiment
   c = config_lib.load_config(f"{ROOT}/configs/finetune/eurosat.py")
   assert (c.model.encoder, c.optimizer.layer_decay, c.model.drop_path_rate, c.optimizer.lr,
           c.data.image_size, c.data.batch_per_subset) == ("vit_b_rvsa", 0.9, 0.3, 6e-5, 224, 64)
-  tasks = loop.build_tasks(c, {"eurosat": [f"c{i}" for i in range(10)]})
-  params = nnx.state(nnx.eval_shape(lambda: loop.build_model(c, tasks, nnx.Rngs(0))), nnx.Param)
+  tasks = experiment.tasks(c, {"eurosat": [f"c{i}" for i in range(10)]})
+  params = nnx.state(nnx.eval_shape(lambda: experiment.model(c, tasks, nnx.Rngs(0))), nnx.Param)
   pure = nnx.to_pure_dict(params)
   scales = optimizer.layer_decay_scales(pure, c.optimizer.layer_decay)
   seen = set()

@@ -3,7 +3,6 @@ original's rule (mmseg, mmrotate, open-cd, the original's configs) and checks ou
 
 import math
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -93,7 +92,7 @@ def test_dior_r_map_counts_difficult_objects_as_the_original():
   from conftest import ROOT
   from mtp_jax import config as config_lib
   from mtp_jax.metrics import DotaEvaluator
-  from mtp_jax.train import loop
+  from mtp_jax import experiment
 
   raw = {"is_real": np.array([True, True]), "image_id": np.array(["a", "b"]),
          "rboxes": np.array([[[100, 100, 40, 20, 0.3], [300, 300, 30, 30, 0.0]],
@@ -107,7 +106,7 @@ def test_dior_r_map_counts_difficult_objects_as_the_original():
     c = config_lib.load_config(f"{ROOT}/configs/finetune/dior_r.py:smoke")
     if ignore_difficult is not None:
       c.tasks.rd.ignore_difficult = ignore_difficult
-    tasks = loop.build_tasks(c, {"dior_r": ["airplane", "airport"]})
+    tasks = experiment.tasks(c, {"dior_r": ["airplane", "airport"]})
     evaluation = tasks["rd"].evaluator()
     evaluation.add({}, {"dior_r": dets}, {"dior_r": raw})
     return evaluation.results()["dior_r"]["map"]
@@ -136,8 +135,8 @@ def test_oscd_f1_is_scored_on_the_native_96_px_labels():
   from conftest import ROOT
   from data_pipelines.downstream import change, schema
   from mtp_jax import config as config_lib
-  from mtp_jax.metrics.segmentation import change_detection_scores, segmentation_scores
-  from mtp_jax.train import loop
+  from mtp_jax.metrics.segmentation import change_detection_scores
+  from mtp_jax import experiment
 
   c = config_lib.load_config(f"{ROOT}/configs/finetune/oscd.py")
   assert (c.data.resize, c.data.image_size, c.eval.label_size) == (224, 224, 96)
@@ -145,7 +144,7 @@ def test_oscd_f1_is_scored_on_the_native_96_px_labels():
   labels = (rng.uniform(size=(2, 96, 96)) < 0.3).astype(np.uint8)
   labels[1, :10] = 255   # a border tile's ignored padding
   logits = rng.normal(size=(2, 224, 224, 2)).astype(np.float32)
-  task = loop.build_tasks(c, {"oscd": ["changed"]})["cd"]
+  task = experiment.tasks(c, {"oscd": ["changed"]})["cd"]
   task._logits = lambda head, features, train, key=None: {"oscd": jnp.asarray(logits)}
   gt = {"oscd": {"semantic": jnp.asarray(labels), "is_real": jnp.asarray([True, True])}}
   sums, maps = task.eval_outputs(None, None, gt, (224, 224))

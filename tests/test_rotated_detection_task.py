@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from data_pipelines.samrs import examples as samrs_examples
+from mtp_jax import experiment
 from mtp_jax.metrics import drawing
 from mtp_jax.metrics.rotated_detection import dota_map
 from mtp_jax.ops.boxes import rbox_to_poly
 from mtp_jax.tasks.rotated_detection import detections_per_class
-from mtp_jax.train import batching, loop
+from mtp_jax.train import batching
 from mtp_jax.train.step import make_eval_step
 
 from conftest import SAMPLE_SIZE, TINY_RD, run_optimised, tiny_config
@@ -128,7 +129,7 @@ def test_one_compile_whatever_the_ground_truth_counts(rd_overfit, tfrecord_dir):
 
 def test_report_panels_show_ground_truth_and_the_confident_predictions(trained, tfrecord_dir):
   config = tiny_config(tfrecord_dir, **TINY_RD)
-  rd = loop.build_tasks(config)["rd"]
+  rd = experiment.tasks(config)["rd"]
   image = np.zeros((SAMPLE_SIZE, SAMPLE_SIZE, 3), np.uint8)
   example = {"rboxes": np.array([[16.0, 16.0, 12.0, 6.0, 0.0], [0, 0, 0, 0, 0]], np.float32),
              "rbox_valid": np.array([True, False])}

@@ -11,7 +11,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from data_pipelines import sources
 from data_pipelines.samrs import examples as samrs_examples
+from mtp_jax import experiment
 from mtp_jax.parallel import sharding
 from mtp_jax.train import batching, loop
 
@@ -41,7 +43,7 @@ def trainer_for(config):
   key = config.to_json_best_effort()
   if key not in _TRAINERS:
     mesh = sharding.make_mesh(config.mesh.shape)
-    _TRAINERS[key] = loop.Trainer(config, loop.build_tasks(config, SAMRS_CLASSES), mesh)
+    _TRAINERS[key] = loop.Trainer(config, experiment.tasks(config, SAMRS_CLASSES), mesh)
   return _TRAINERS[key]
 
 
@@ -127,9 +129,9 @@ def test_three_task_step_compiles_once_and_fsdp_equals_data_parallel(mtp_run, tf
   from mtp_jax.checkpoints.manager import read_checkpoint
   workdir, _ = mtp_run
   config = tiny_config(tfrecord_dir, **{**MTP_RUN, "mesh.shape": (1, 8, 1)})
-  tasks = loop.build_tasks(config)
+  tasks = experiment.tasks(config)
   trainer = loop.Trainer(config, tasks, sharding.config_mesh(config.mesh))
-  batches = loop.train_batches(config, tasks, config.data.batch_per_subset)
+  batches = sources.source(config).train_batches(config, tasks, config.data.batch_per_subset)
   state = loop.fresh_state(config, trainer)
   metrics = []
   for _ in range(3):

@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mtp_jax import experiment
 from mtp_jax.ops import conv, rois, target
-from mtp_jax.train import loop
 
 
 def test_platform_defaults_to_the_backend_and_follows_compiling_for():
@@ -26,13 +26,13 @@ def test_platform_defaults_to_the_backend_and_follows_compiling_for():
 def test_auto_compute_dtype_is_bfloat16_on_accelerators_and_float32_on_the_cpu():
   config = ml_collections.ConfigDict({"model": {"compute_dtype": "auto"}})
   with target.compiling_for("cpu"):
-    assert loop.compute_dtype_name(config) == "float32" and loop.compute_dtype(config) is None
+    assert experiment.compute_dtype_name(config) == "float32" and experiment.compute_dtype(config) is None
   for platform in ("tpu", "gpu"):
     with target.compiling_for(platform):
-      assert loop.compute_dtype(config) == jnp.bfloat16
+      assert experiment.compute_dtype(config) == jnp.bfloat16
   config.model.compute_dtype = "bfloat16"
   with target.compiling_for("cpu"):
-    assert loop.compute_dtype_name(config) == "bfloat16"
+    assert experiment.compute_dtype_name(config) == "bfloat16"
 
 
 def _jaxpr(fn, *args, platform):

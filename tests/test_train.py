@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mtp_jax import config as config_lib
+from mtp_jax import config as config_lib, experiment
 from mtp_jax.errors import CheckpointError, ConfigError
 from mtp_jax.metrics import report
 from mtp_jax.train import loop
@@ -224,7 +224,7 @@ def test_encoder_init_loads_a_pytorch_file_and_an_mae_one_non_strictly(trained, 
   sd = torch_convert.encoder_to_state_dict(trained_encoder["encoder"])
   config = tiny_config(tfrecord_dir, **{"mesh.shape": (1, 8, 1)})   # into FSDP shards
   mesh = sharding.make_mesh(config.mesh.shape)
-  fresh = loop.Trainer(config, loop.build_tasks(config, SAMRS_CLASSES), mesh).init().params
+  fresh = loop.Trainer(config, experiment.tasks(config, SAMRS_CLASSES), mesh).init().params
 
   full = str(tmp_path / "encoder.safetensors")
   torch_convert.write_state_dict(sd, full)

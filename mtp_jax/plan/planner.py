@@ -17,10 +17,10 @@ import os
 import time
 
 from mtp_jax.errors import UserError
+from mtp_jax.experiment import compute_dtype_name
 from mtp_jax.ops import target as target_platform
 from mtp_jax.plan import chips as chips_lib
 from mtp_jax.plan import estimate, hlo
-from mtp_jax.train import loop
 from mtp_jax.plan.programs import Compiled, Experiment, compile_program, single_task_config
 
 GIB = 2 ** 30
@@ -138,11 +138,12 @@ def _run_steps(experiment: Experiment, compiled: Compiled, steps: int, log) -> d
   """Times `steps` real train steps on real batches of the config's data (after one untimed)."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  from mtp_jax.train import batching, loop  # noqa: PLC0415
+  from data_pipelines import sources  # noqa: PLC0415
+  from mtp_jax.train import batching  # noqa: PLC0415
   config = experiment.config
   local = batching.check_batch_size("data.batch_per_subset", config.data.batch_per_subset, experiment.mesh,
                                     config.optimizer.grad_accum_steps)
-  batches = loop.train_batches(config, experiment.tasks, local)
+  batches = sources.source(config).train_batches(config, experiment.tasks, local)
   subsets = tuple(config.data.subsets)
   feed = lambda: batching.device_batch(next(batches), subsets, experiment.mesh, experiment.trainer.fields)
   state = experiment.trainer.init()
@@ -184,7 +185,7 @@ def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = Fal
   target = local_target() if topology == "local" else tpu_target(topology)
   config = config.copy_and_resolve_references()
   with target_platform.compiling_for(target.platform):   # 'auto' compute dtype: the target's
-    config.model.compute_dtype = loop.compute_dtype_name(config)
+    config.model.compute_dtype = compute_dtype_name(config)
   experiment = Experiment(config, target.devices, target.hosts, "eval" in programs)
   chips = experiment.chips
   c = config

@@ -18,7 +18,7 @@ import ml_collections
 from flax import nnx
 
 from data_pipelines import sources
-from mtp_jax import tasks as tasks_lib
+from mtp_jax import experiment, tasks as tasks_lib
 from mtp_jax.ops import target
 from mtp_jax.parallel import sharding
 from mtp_jax.plan import estimate
@@ -59,7 +59,7 @@ class Experiment:
   def __init__(self, config: ml_collections.ConfigDict, devices, hosts: int, evaluate: bool = True):
     self.config, self.hosts = config, hosts
     source = sources.source(config)
-    self.tasks = loop.build_tasks(config, source.known_class_names(config))
+    self.tasks = experiment.tasks(config, source.known_class_names(config))
     self.mesh = sharding.config_mesh(config.mesh, devices, hosts)
     batching.check_batch_size("data.batch_per_subset", config.data.batch_per_subset, self.mesh,
                               config.optimizer.grad_accum_steps, processes=hosts)
@@ -94,7 +94,7 @@ class Experiment:
     """The encoder alone, forward and backward (loss: the sum of squares of its maps), on the
     training batch's images, its parameters sharded as in the step."""
     c = self.config
-    abstract = nnx.eval_shape(lambda: loop.build_encoder(c, nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: experiment.encoder(c, nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
                           sharding.tree_shardings(params, self.mesh, c.sharding_rules))
@@ -102,7 +102,7 @@ class Experiment:
     image_shape, image_dtype = next(iter(shapes.values()))["image"]
     images = c.data.batch_per_subset * len(c.data.subsets)
     x = jax.ShapeDtypeStruct((images, *image_shape), image_dtype, sharding=sharding.batch_sharding(self.mesh))
-    dtype = loop.compute_dtype(c) or jnp.float32
+    dtype = experiment.compute_dtype(c) or jnp.float32
     multi_scale = all(t.multi_scale for t in self.tasks.values())
 
     def loss(params, x):

@@ -20,7 +20,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtp_jax import tasks as tasks_lib
 from mtp_jax.errors import CheckpointError, ConfigError
 
 
@@ -47,14 +46,14 @@ class Predictor:
   def __init__(self, config, params, batch_stats, *, subset: str | None = None, batch: int = 0,
                tasks=None):
     from data_pipelines import sources  # noqa: PLC0415
-    from mtp_jax.train import loop  # noqa: PLC0415
+    from mtp_jax import experiment  # noqa: PLC0415
     self.config = config
     subsets = tuple(config.data.subsets)
     self.subset = subset or subsets[0]
     if self.subset not in subsets:
       raise ConfigError(f"--subset {self.subset!r}: the model was trained on {list(subsets)}")
     names = sources.source(config).known_class_names(config)
-    model_tasks = tasks_lib.build_tasks(config, {s: names[s] for s in subsets})
+    model_tasks = experiment.tasks(config, names)
     # The heads answer for one subset: tasks built over that subset alone pass its name (and one
     # interleaved group) to the heads, whose per-subset predictors are looked up by name.
     one = copy.deepcopy(config)
@@ -64,13 +63,13 @@ class Predictor:
     unknown = [n for n in wanted if n not in model_tasks]
     if unknown:
       raise ConfigError(f"--tasks {unknown}: the model's tasks are {list(model_tasks)}")
-    self.tasks = {n: t for n, t in tasks_lib.build_tasks(one, {self.subset: names[self.subset]}).items()
+    self.tasks = {n: t for n, t in experiment.tasks(one, names).items()
                   if n in wanted}
     self.size = int(config.data.image_size)
     self.channels = len(config.data.mean)
     self.bands = tuple(config.data.bands) if "bands" in config.data else ()
 
-    abstract = nnx.eval_shape(lambda: loop.build_model(config, model_tasks, nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: experiment.model(config, model_tasks, nnx.Rngs(0)))
     graphdef, p_state, b_state = nnx.split(abstract, nnx.Param, nnx.BatchStat)
     try:
       nnx.replace_by_pure_dict(p_state, params)

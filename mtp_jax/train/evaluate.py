@@ -1,4 +1,5 @@
-"""Pretraining evaluation on the valid split: per subset, the numbers of each enabled task.
+"""The evaluation of a run, pretraining or finetuning, on eval.split (valid by default): per subset,
+the numbers of each enabled task.
 
 The jitted eval step runs the encoder once per batch and returns each task's (sums, per_image)
 outputs (Task.eval_outputs); each task's evaluator turns them into numbers: semantic segmentation
@@ -38,7 +39,7 @@ def jit_eval_step(config, graphdef, mesh, tasks: dict):
   return jax.jit(sharding.traced_in_mesh(step, mesh), out_shardings={n: (replicated, batch) for n in tasks})
 
 
-class PretrainEvaluation:
+class Evaluation:
   """The evaluation (of `eval.split`, valid by default) of one configuration; compiled once, run at any TrainState.
 
   run(state, pictures) -> (results, rows, evaluators): results = {"eval": {subset: {task:

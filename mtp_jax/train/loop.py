@@ -1,4 +1,5 @@
-"""Pretraining loop, read top to bottom: setup, data, state, restore, steps, checkpoints, report.
+"""The training loop of every run, pretraining and finetuning, read top to bottom: setup, data,
+state, restore, steps, checkpoints, report.
 
 Every process runs this same function; the data each reads and the checkpoints they write
 together are described in data_pipelines/records/ and mtp_jax/checkpoints/manager.py.
@@ -18,81 +19,24 @@ from flax import nnx
 
 from data_pipelines import sources
 from data_pipelines.records import shards
-from data_pipelines.records.batches import TrainBatches
-from mtp_jax import models, tasks as tasks_lib
+from mtp_jax import experiment
 from mtp_jax.checkpoints import sources as weight_sources
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
 from mtp_jax.errors import CheckpointError, Preempted
 from mtp_jax.metrics import report, writers
-from mtp_jax.models.multitask import MultiTaskModel
-from mtp_jax.ops import target
 from mtp_jax.parallel import distributed, sharding
 from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mtp_jax.train.prefetch import DevicePrefetch
 from mtp_jax.train.state import create_state
 from mtp_jax.train import batching
 from mtp_jax.train.batching import check_batch_size, compile_everywhere, device_batch
-from mtp_jax.train.evaluate import PretrainEvaluation, eval_scalars, summary_lines
+from mtp_jax.train.evaluate import Evaluation, eval_scalars, summary_lines
 from mtp_jax.train.step import make_train_step
-
-DTYPES = {"float32": None, "bfloat16": jax.numpy.bfloat16, "float16": jax.numpy.float16}
-
-
-def compute_dtype_name(config) -> str:
-  """config.model.compute_dtype with 'auto' resolved for the platform the program is traced for
-  (`mtp_jax/ops/target.py`): 'float32' on the CPU, 'bfloat16' on TPUs and GPUs."""
-  name = config.model.compute_dtype
-  if name == "auto":
-    return "float32" if target.platform() == "cpu" else "bfloat16"
-  return name
-
-
-def compute_dtype(config):
-  """The activations' dtype of config (None: float32, the parameters' own)."""
-  return DTYPES[compute_dtype_name(config)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
-def build_encoder(config, rngs: nnx.Rngs):
-  """The encoder of config.model, with as many input bands as data.mean has."""
-  return models.build_encoder(
-      config.model.encoder, config.data.image_size, rngs=rngs, dtype=compute_dtype(config),
-      drop_path_rate=config.model.drop_path_rate, remat=config.model.remat,
-      scan_blocks=config.model.scan_blocks, in_chans=len(config.data.mean),
-      **dict(config.model.encoder_overrides))
-
-
-def build_model(config, tasks: dict, rngs: nnx.Rngs) -> MultiTaskModel:
-  """The encoder of config.model and the head of every task in `tasks` ({name: Task})."""
-  dtype = compute_dtype(config)
-  encoder = build_encoder(config, rngs)
-  return MultiTaskModel(encoder, tasks, dtype=dtype, rngs=rngs, mean=tuple(config.data.mean),
-                        std=tuple(config.data.std), freeze_encoder=config.model.freeze_encoder)
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-def subset_classes(config) -> dict:
-  """{subset: object class names}, checking that the converted data carries the expected lists."""
-  return sources.source(config).class_names(config)
-
-
-def build_tasks(config, class_names: dict | None = None) -> dict:
-  """{name: Task} of the enabled tasks over the subsets of config.data; class_names {subset:
-  [names]} default to those of the converted data (checked against the SAMRS lists)."""
-  names = class_names if class_names is not None else subset_classes(config)
-  names = {s: names[s] for s in config.data.subsets}   # the order the batch interleaves them
-  return tasks_lib.build_tasks(config, names)
-
-
-def reader_streams(config) -> tuple[tuple[int, ...], int]:
-  """(this process's stream indices, total streams): data.num_streams, or one per process."""
-  return sources.source(config).reader_streams(config)
-
-
 def merged_data_state(state: dict) -> dict:
   """Every process's reader streams (`state`: this process's `get_state()`) in one JSON state
   (saved once, read by all on restore)."""
@@ -109,13 +53,13 @@ class Trainer:
 
   init() -> a fresh TrainState created directly in its shards; step(state, batch) -> (state,
   metrics) with the state donated; batch = `device_batch(..., self.fields)`, split over the batch
-  axes. tasks: {name: Task} (`build_tasks`).
+  axes. tasks: {name: Task} (`experiment.tasks`).
   """
 
   def __init__(self, config, tasks: dict, mesh):
     self.mesh, self.tasks = mesh, tasks
     self.fields = batching.task_fields(tasks, train=True)
-    model_fn = functools.partial(build_model, config, tasks)
+    model_fn = functools.partial(experiment.model, config, tasks)
     tx = make_optimizer(config)
     self._init_fn = functools.partial(create_state, model_fn, tx, config.seed)
     self.abstract_state = jax.eval_shape(self._init_fn)
@@ -142,11 +86,6 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Preemption
 # ----------------------------------------------------------------------------------------------
-def train_batches(config, tasks: dict, local_batch: int) -> TrainBatches:
-  """This process's training batch stream of `config` (`local_batch` images per subset)."""
-  return sources.source(config).train_batches(config, tasks, local_batch)
-
-
 def fresh_state(config, trainer: "Trainer"):
   """The TrainState a run without a checkpoint starts from: the trainer's initialisation, then
   `model.encoder_init` (encoder only) and `model.full_init` (encoder and the enabled tasks'
@@ -183,6 +122,69 @@ class PreemptionWatch:
 
 
 # ----------------------------------------------------------------------------------------------
+# What each logging interval reports
+# ----------------------------------------------------------------------------------------------
+class DataHealth:
+  """This process's data health over a logging interval, per subset: the share of instances the
+  data.max_instances cap dropped (datasets with instances, e.g. SAMRS) and the corrupt records
+  the reader skipped so far."""
+
+  def __init__(self, subsets: tuple, max_instances):
+    self.max_instances = max_instances
+    self.instances = {s: np.zeros(2, np.int64) for s in subsets}   # (before the cap, dropped by it)
+
+  def add(self, raw: dict):
+    """Counts the instances of one host batch {subset: {field: array}}."""
+    for s in self.instances:
+      if "num_instances" in raw[s]:   # datasets with instances (SAMRS): what the cap dropped
+        counts = raw[s]["num_instances"].astype(np.int64)
+        self.instances[s] += [counts.sum(), np.maximum(counts - self.max_instances[s], 0).sum()]
+
+  def scalars(self, corrupt: dict) -> dict:
+    """data/<subset>/dropped_by_cap and data/<subset>/corrupt_records (`corrupt`: {subset: records
+    skipped so far}); the next interval counts from zero."""
+    out = {}
+    for s, (seen, dropped) in self.instances.items():
+      if s in self.max_instances:
+        out[f"data/{s}/dropped_by_cap"] = float(dropped / max(seen, 1))
+      out[f"data/{s}/corrupt_records"] = float(corrupt[s])
+      self.instances[s][:] = 0
+    return out
+
+
+class IntervalLog:
+  """The scalars of each logging interval, written at its last step: the mean of its steps'
+  metrics (nonfinite_steps and learning_rate: the last step's value), the share of wall time the
+  loop waited for data, the data health and the steps per second. history: every interval's."""
+
+  def __init__(self, config, writer, feed: DevicePrefetch, start: int):
+    self.writer, self.feed = writer, feed
+    self.health = DataHealth(tuple(config.data.subsets), config.data.max_instances)
+    self.progress = writers.Progress(config.train.num_steps, start)
+    self.pending, self.history = [], []
+    self._interval_start = None
+
+  def start_clock(self):
+    """Called after the first step: the data-wait share counts from here (compilation is not a wait)."""
+    self.feed.wait_seconds()
+    self._interval_start = time.perf_counter()
+
+  def write(self, step: int, corrupt: dict):
+    pending, self.pending = self.pending, []
+    scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+    for k in ("nonfinite_steps", "learning_rate"):   # the value at this step, not a mean
+      scalars[k] = float(jax.device_get(pending[-1][k]))
+    now = time.perf_counter()   # the share of wall time the loop waited for the next batch
+    scalars["data_wait_fraction"] = self.feed.wait_seconds() / max(now - self._interval_start, 1e-9)
+    self._interval_start = now
+    scalars.update(self.health.scalars(corrupt))   # data health, this process's share
+    scalars["steps_per_sec"] = self.progress.update(step, {"loss": scalars["loss"],
+                                                           "data wait": scalars["data_wait_fraction"]})
+    self.writer.write_scalars(step, scalars)
+    self.history.append({"step": step, **scalars})
+
+
+# ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -190,108 +192,105 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Raises Preempted after saving a checkpoint if SIGTERM arrives during training.
   """
-  subsets = tuple(config.data.subsets)
-  tasks = build_tasks(config)
+  tasks = experiment.tasks(config)
   mesh = sharding.config_mesh(config.mesh)
-  local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh,
-                                 config.optimizer.grad_accum_steps)
-  streams, num_streams = reader_streams(config)
-  shards.check_shard_counts(config.data.dir, subsets, "train", num_streams)
-  shards.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
+  local_batch = check_training_data(config, mesh)
 
   trainer = Trainer(config, tasks, mesh)
-  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, tasks)
+  evaluation = Evaluation(config, trainer.graphdef, mesh, tasks)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
                               keep_every=config.train.keep_every,
                               signature=model_signature(config, trainer.abstract_state.params),
                               config_json=config.to_json_best_effort())
-  batches = train_batches(config, tasks, local_batch)
+  batches = sources.source(config).train_batches(config, tasks, local_batch)
+  state, start = restore_or_start(config, trainer, checkpointer, batches)
 
-  restored = checkpointer.restore(trainer.abstract_sharded_state())
-  if restored is None:
-    state = fresh_state(config, trainer)
-    start = 0
-  else:
-    state, data_state, start = restored
-    batches.set_state(data_state)
-    logging.info("resumed from %s at step %d", checkpointer.directory, start)
-    print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
-
-  data_state = batches.get_state()   # of the last batch consumed; saved with each checkpoint
-  feed = DevicePrefetch(batches, functools.partial(device_batch, subsets=subsets, mesh=mesh,
+  feed = DevicePrefetch(batches, functools.partial(device_batch, subsets=tuple(config.data.subsets), mesh=mesh,
                                                    fields=trainer.fields), config.data.prefetch)
   writer = writers.create_writer(workdir, resume_step=start)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.items() if not hasattr(v, "items")})
-
-  total = config.train.num_steps
-  progress = writers.Progress(total, start)
-  preemption, stop = PreemptionWatch(), False
-  history, pending = [], []
-  instances = {s: np.zeros(2, np.int64) for s in subsets}   # (before the cap, dropped by it)
-  compile_start = time.perf_counter()
-  for step in range(start + 1, total + 1):
-    fed = next(feed)
-    raw, batch, data_state = fed.raw, fed.batch, fed.data_state
-    for s in subsets:
-      if "num_instances" in raw[s]:   # datasets with instances (SAMRS): what the cap dropped
-        counts = raw[s]["num_instances"].astype(np.int64)
-        instances[s] += [counts.sum(), np.maximum(counts - config.data.max_instances[s], 0).sum()]
-    if step == start + 1:
-      step_fn = compile_everywhere(trainer.step, "train step", state, batch)
-    state, metrics = step_fn(state, batch)
-    pending.append(metrics)
-    if step == start + 1:
-      jax.block_until_ready(metrics)
-      print(f"first step (with compilation) took {time.perf_counter() - compile_start:.1f}s", flush=True)
-      feed.wait_seconds()   # the data-wait share counts from here: compilation is not a wait
-      interval_start = time.perf_counter()
-    stop = preemption.should_stop(step)
-    if step % config.train.log_every == 0 or step == total or stop:
-      scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-      for k in ("nonfinite_steps", "learning_rate"):   # the value at this step, not a mean
-        scalars[k] = float(jax.device_get(pending[-1][k]))
-      corrupt = fed.corrupt
-      now = time.perf_counter()   # the share of wall time the loop waited for the next batch
-      scalars["data_wait_fraction"] = feed.wait_seconds() / max(now - interval_start, 1e-9)
-      interval_start = now
-      for s, (seen, dropped) in instances.items():   # data health, this process's share
-        if s in config.data.max_instances:
-          scalars[f"data/{s}/dropped_by_cap"] = float(dropped / max(seen, 1))
-        scalars[f"data/{s}/corrupt_records"] = float(corrupt[s])
-        instances[s][:] = 0
-      scalars["steps_per_sec"] = progress.update(step, {"loss": scalars["loss"],
-                                                        "data wait": scalars["data_wait_fraction"]})
-      writer.write_scalars(step, scalars)
-      history.append({"step": step, **scalars})
-      pending = []
-    if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total and not stop:
-      evaluated, _, _ = evaluation.run(state)
-      writer.write_scalars(step, eval_scalars(evaluated, tasks))
-      if jax.process_index() == 0:
-        print("\n".join(summary_lines(evaluated, step, tasks)), flush=True)
-    if step % config.train.checkpoint_every == 0 or step == total or stop:
-      writer.flush()   # the metrics of every step up to a checkpoint are on disk before it is
-      checkpointer.save(step, state, merged_data_state(data_state), force=True)
-    if stop:
-      break
-  preemption.close()
+  log = IntervalLog(config, writer, feed, start)
+  state, stopped_at = train_steps(config, trainer, evaluation, state, start, feed, log, checkpointer)
   feed.close()
-  if stop:   # the checkpoint of this step is saved: close everything and say so
+  if stopped_at is not None:   # the checkpoint of this step is saved: close everything and say so
     for closing in (writer, checkpointer, batches):
       closing.close()
-    raise Preempted(step, checkpointer.directory)
+    raise Preempted(stopped_at, checkpointer.directory)
   writer.flush()
   checkpointer.wait()
 
+  total = config.train.num_steps
   results, rows, evaluators = evaluation.run(state, pictures=True)
-  results["train"] = {"start_step": start, "end_step": total, "history": history}
+  results["train"] = {"start_step": start, "end_step": total, "history": log.history}
   results = publish(workdir, writer, results, rows, evaluators, tasks, total, checkpointer.directory,
                     "train", config.eval.split)
   writer.close()
   checkpointer.close()
   batches.close()
   return results
+
+
+def check_training_data(config, mesh) -> int:
+  """This process's batch per subset, once data.batch_per_subset is known to split over `mesh`
+  and the train and eval shards over the reader streams and the processes."""
+  subsets = tuple(config.data.subsets)
+  local_batch = check_batch_size("data.batch_per_subset", config.data.batch_per_subset, mesh,
+                                 config.optimizer.grad_accum_steps)
+  _, num_streams = sources.source(config).reader_streams(config)
+  shards.check_shard_counts(config.data.dir, subsets, "train", num_streams)
+  shards.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
+  return local_batch
+
+
+def restore_or_start(config, trainer: Trainer, checkpointer: Checkpointer, batches) -> tuple:
+  """(state, step): the latest checkpoint's, with `batches` moved to where that run had read,
+  or `fresh_state` at step 0 when there is none."""
+  restored = checkpointer.restore(trainer.abstract_sharded_state())
+  if restored is None:
+    return fresh_state(config, trainer), 0
+  state, data_state, start = restored
+  batches.set_state(data_state)
+  logging.info("resumed from %s at step %d", checkpointer.directory, start)
+  print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
+  return state, start
+
+
+def train_steps(config, trainer: Trainer, evaluation: Evaluation, state, start: int, feed: DevicePrefetch,
+                log: IntervalLog, checkpointer: Checkpointer) -> tuple:
+  """Steps start + 1 .. train.num_steps: log every train.log_every, evaluate every
+  eval.every_steps, checkpoint every train.checkpoint_every and at the end. Returns (state, the
+  step a SIGTERM stopped at, its checkpoint saved; None when all steps ran)."""
+  total = config.train.num_steps
+  preemption = PreemptionWatch()
+  compile_start = time.perf_counter()
+  for step in range(start + 1, total + 1):
+    fed = next(feed)
+    log.health.add(fed.raw)
+    if step == start + 1:
+      step_fn = compile_everywhere(trainer.step, "train step", state, fed.batch)
+    state, metrics = step_fn(state, fed.batch)
+    log.pending.append(metrics)
+    if step == start + 1:
+      jax.block_until_ready(metrics)
+      print(f"first step (with compilation) took {time.perf_counter() - compile_start:.1f}s", flush=True)
+      log.start_clock()
+    stop = preemption.should_stop(step)
+    if step % config.train.log_every == 0 or step == total or stop:
+      log.write(step, fed.corrupt)
+    if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total and not stop:
+      evaluated, _, _ = evaluation.run(state)
+      log.writer.write_scalars(step, eval_scalars(evaluated, trainer.tasks))
+      if jax.process_index() == 0:
+        print("\n".join(summary_lines(evaluated, step, trainer.tasks)), flush=True)
+    if step % config.train.checkpoint_every == 0 or step == total or stop:
+      log.writer.flush()   # the metrics of every step up to a checkpoint are on disk before it is
+      checkpointer.save(step, state, merged_data_state(fed.data_state), force=True)
+    if stop:
+      preemption.close()
+      return state, step
+  preemption.close()
+  return state, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +300,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   """Evaluates the latest (or `step`'s) checkpoint in `workdir` on the valid splits and writes
   the report. Read-only on the checkpoints: it can run beside the training job of that workdir."""
   subsets = tuple(config.data.subsets)
-  tasks = build_tasks(config)
+  tasks = experiment.tasks(config)
   mesh = sharding.config_mesh(config.mesh)
   shards.check_shard_counts(config.data.dir, subsets, config.eval.split, jax.process_count())
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -315,7 +314,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   if restored is None:
     raise CheckpointError(f"{checkpointer.directory} holds no readable checkpoint")
   state, _, step = restored
-  evaluation = PretrainEvaluation(config, trainer.graphdef, mesh, tasks)
+  evaluation = Evaluation(config, trainer.graphdef, mesh, tasks)
   results, rows, evaluators = evaluation.run(state, pictures=True)
   writer = writers.create_writer(workdir, resume_step=None)
   results = publish(workdir, writer, results, rows, evaluators, tasks, step, checkpointer.directory, "eval",

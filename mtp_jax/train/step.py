@@ -59,6 +59,48 @@ def split_micro_batches(batch: dict, k: int, shards: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def accumulated_grads(micro_grads, state: TrainState, batch: dict, key, normalizers: dict, accum_steps: int,
+                      batch_shards: int):
+  """(summed gradients, summed losses, BatchNorm state after the last micro-batch) of
+  `micro_grads(params, batch_stats, micro_batch, key, normalizers)` run over `accum_steps`
+  micro-batches (`split_micro_batches`) one after another (lax.scan), micro-batch j with key
+  fold_in(key, j)."""
+  def body(carry, xs):
+    grad_sum, loss_sum, batch_stats = carry
+    micro, j = xs
+    grads, losses, batch_stats = micro_grads(state.params, batch_stats, micro,
+                                             jax.random.fold_in(key, j), normalizers)
+    return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, loss_sum, losses),
+            batch_stats), None
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  micros = split_micro_batches(batch, accum_steps, batch_shards)
+  first = jax.tree.map(lambda x: x[0], micros)
+  loss_shapes = jax.eval_shape(lambda: micro_grads(state.params, state.batch_stats, first, key,
+                                                   normalizers)[1])
+  loss_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), loss_shapes)
+  (grads, losses, batch_stats), _ = jax.lax.scan(
+      body, (zeros, loss_zeros, state.batch_stats), (micros, jnp.arange(accum_steps)))
+  return grads, losses, batch_stats
+
+
+def optimizer_update(tx: optax.GradientTransformation, state: TrainState, grads, batch_stats, finite,
+                     skip_nonfinite: bool):
+  """(params, opt_state, batch_stats) after the update of `grads`; with skip_nonfinite, the old
+  ones where `finite` (loss and gradient norm) is False."""
+  def apply(grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  if not skip_nonfinite:
+    return (*apply(grads, state.opt_state, state.params), batch_stats)
+  # A branch, not a select of the new and old state: the skipped update costs nothing and
+  # the applied one is not followed by a pass over parameters and optimizer state.
+  params, opt_state = jax.lax.cond(finite, apply, lambda g, o, p: (p, o),
+                                   grads, state.opt_state, state.params)
+  batch_stats = jax.tree.map(lambda a, b: jnp.where(finite, a, b), batch_stats, state.batch_stats)
+  return params, opt_state, batch_stats
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, tasks: dict, base_key, *,
                     schedule=None, task_weights=None, accum_steps: int = 1, batch_shards: int = 1,
                     skip_nonfinite: bool = True):
@@ -90,36 +132,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, tasks: dict, bas
     if accum_steps == 1:
       grads, losses, batch_stats = micro_grads(state.params, state.batch_stats, batch, key, normalizers)
     else:
-      def body(carry, xs):
-        grad_sum, loss_sum, batch_stats = carry
-        micro, j = xs
-        grads, losses, batch_stats = micro_grads(state.params, batch_stats, micro,
-                                                 jax.random.fold_in(key, j), normalizers)
-        return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, loss_sum, losses),
-                batch_stats), None
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      micros = split_micro_batches(batch, accum_steps, batch_shards)
-      first = jax.tree.map(lambda x: x[0], micros)
-      loss_shapes = jax.eval_shape(lambda: micro_grads(state.params, state.batch_stats, first, key,
-                                                       normalizers)[1])
-      loss_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), loss_shapes)
-      (grads, losses, batch_stats), _ = jax.lax.scan(
-          body, (zeros, loss_zeros, state.batch_stats), (micros, jnp.arange(accum_steps)))
-    def apply(grads, opt_state, params):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
+      grads, losses, batch_stats = accumulated_grads(micro_grads, state, batch, key, normalizers,
+                                                     accum_steps, batch_shards)
     with jax.named_scope("optimizer"):
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
-      if skip_nonfinite:
-        # A branch, not a select of the new and old state: the skipped update costs nothing and
-        # the applied one is not followed by a pass over parameters and optimizer state.
-        params, opt_state = jax.lax.cond(finite, apply, lambda g, o, p: (p, o),
-                                         grads, state.opt_state, state.params)
-        batch_stats = jax.tree.map(lambda a, b: jnp.where(finite, a, b), batch_stats, state.batch_stats)
-      else:
-        params, opt_state = apply(grads, state.opt_state, state.params)
+      params, opt_state, batch_stats = optimizer_update(tx, state, grads, batch_stats, finite, skip_nonfinite)
     nonfinite = state.nonfinite_steps + (~finite).astype(jnp.int32)
     metrics = dict(losses, grad_norm=grad_norm, nonfinite_steps=nonfinite)
     if schedule is not None:  # the optimizer's count: skipped steps do not advance it
