@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mtp_jax import config as config_lib
-from mtp_jax.metrics import drawing, report
+from mtp_jax.metrics import drawing
+from mtp_jax.train import report
 from mtp_jax.tasks import mtp_average
 from mtp_jax.tasks import Task, build_tasks
 

@@ -15,7 +15,7 @@ import pytest
 
 from mtp_jax import config as config_lib, experiment
 from mtp_jax.errors import CheckpointError, ConfigError
-from mtp_jax.metrics import report
+from mtp_jax.train import report
 from mtp_jax.train import loop
 
 from conftest import QUICKSTART, ROOT, SAMPLE_SIZE, SAMRS_CLASSES, tiny_config

@@ -1,4 +1,5 @@
-"""Metrics (CLU metrics on device, host-side evaluators), metric writers and the run report.
+"""Metrics (CLU metrics on device, host-side evaluators), and metric writers (the run report, which
+reads the tasks, is mtp_jax/train/report.py).
 
 The public evaluators are importable from here: dota_map, coco_ap and the confusion-matrix scores.
 """

@@ -23,8 +23,9 @@ from mtp_jax import experiment
 from mtp_jax.checkpoints import sources as weight_sources
 from mtp_jax.checkpoints.manager import Checkpointer, model_signature
 from mtp_jax.errors import CheckpointError, Preempted
-from mtp_jax.metrics import report, writers
+from mtp_jax.metrics import writers
 from mtp_jax.parallel import distributed, sharding
+from mtp_jax.train import report
 from mtp_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mtp_jax.train.prefetch import DevicePrefetch
 from mtp_jax.train.state import create_state
