@@ -30,6 +30,8 @@ from data_pipelines.records.batches import TrainBatches
 from data_pipelines.samrs import examples as samrs_examples
 from data_pipelines.samrs.classes import subset as samrs_subset
 from mtp_jax.errors import DataError
+from mtp_jax.tasks import (ChangeDetection, Classification, HorizontalDetection, InstanceSegmentation,
+                           RotatedDetection, SemanticSegmentation, needs_masks)
 
 
 def _reader_streams(config):
@@ -113,7 +115,7 @@ class Source:
 
 
 class SamrsSource(Source):
-  tasks = ("ss", "is", "rd")
+  tasks = (SemanticSegmentation.name, InstanceSegmentation.name, RotatedDetection.name)
   pretraining = True
 
   def known_class_names(self, config):
@@ -131,12 +133,11 @@ class SamrsSource(Source):
     return out
 
   def train_parsers(self, config, tasks):
-    from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
     augment_config = augment.AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                               for k, v in config.data.augment.items()})
     max_instances = dict(config.data.max_instances)
     return {s: samrs_examples.parser(config.data.image_size, max_instances.get(s, 0), augment_config,
-                                     tasks_lib.needs_masks(tasks))
+                                     needs_masks(tasks))
             for s in config.data.subsets}
 
   def eval_max_instances(self, config, subset):
@@ -147,21 +148,19 @@ class SamrsSource(Source):
             for s in config.data.subsets}
 
   def eval_dataset(self, config, subset, tasks, batch_size, split):
-    from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
     return samrs_examples.make_dataset(
         config.data.dir, subset, split, image_size=config.data.image_size,
         max_instances=self.eval_max_instances(config, subset), batch_size=batch_size, train=False,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        with_masks=tasks_lib.needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction)
+        with_masks=needs_masks(tasks), max_corrupt_fraction=config.data.max_corrupt_fraction)
 
   def padding_batch(self, config, subset, tasks, batch_size):
-    from mtp_jax import tasks as tasks_lib  # noqa: PLC0415
     m = self.eval_max_instances(config, subset)
     shapes = samrs_examples.example_shapes(config.data.image_size, m)
     out = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
     out["semantic"][:] = 255   # padding label, ignored
     out["image_id"] = np.full((batch_size,), "", dtype=np.str_)
-    if tasks_lib.needs_masks(tasks):
+    if needs_masks(tasks):
       out["mask_rles"] = np.full((batch_size, m), "", dtype=object)
     else:
       out.pop("mask_crops", None)
@@ -220,7 +219,7 @@ class ReleaseSource(Source):
 class SceneSource(ReleaseSource):
   """Scene classification (the `cls` task)."""
 
-  tasks = ("cls",)
+  tasks = (Classification.name,)
 
   def _parse(self, config):
     bands = tuple(config.data.bands) if config.data.bands else None
@@ -245,7 +244,7 @@ class SegmentationSource(ReleaseSource):
   """Semantic segmentation: the `ss` task with the release's object classes (background is
   output 0, as in pretraining), evaluated on a canvas of eval.image_size px."""
 
-  tasks = ("ss",)
+  tasks = (SemanticSegmentation.name,)
 
   @staticmethod
   def eval_size(config) -> int:
@@ -262,7 +261,7 @@ class SegmentationSource(ReleaseSource):
 class ChangeSource(ReleaseSource):
   """Change detection (the `cd` task): image pairs."""
 
-  tasks = ("cd",)
+  tasks = (ChangeDetection.name,)
 
   def _parse(self, config):
     bands = tuple(config.data.bands) if config.data.bands else None
@@ -280,7 +279,7 @@ class DetectionSource(ReleaseSource):
   ones. Training packs data.max_instances[dataset] objects per image; evaluation every object of
   the split."""
 
-  def __init__(self, release, tasks=("rd",), rect_classes=(), flips=augment.FLIPS):
+  def __init__(self, release, tasks=(RotatedDetection.name,), rect_classes=(), flips=augment.FLIPS):
     super().__init__(release)
     self.tasks = tuple(tasks)
     self.rect_classes = tuple(rect_classes)   # RandomRotate turns these images by multiples of 90
@@ -325,9 +324,9 @@ SOURCES = {"samrs": SamrsSource(), "eurosat": SceneSource(scene_folders.EUROSAT)
            "dota_v1": DetectionSource(detection_releases.DOTA_V1, rect_classes=(9, 11)),
            "dota_v2": DetectionSource(detection_releases.DOTA_V2, rect_classes=(9, 11)),
            "dior_r": DetectionSource(detection_releases.DIOR_R),
-           "dior": DetectionSource(detection_releases.DIOR, tasks=("hd",), flips=("horizontal",)),
+           "dior": DetectionSource(detection_releases.DIOR, tasks=(HorizontalDetection.name,), flips=("horizontal",)),
            "fair1m": DetectionSource(detection_releases.FAIR1M),
-           "xview": DetectionSource(detection_releases.XVIEW, tasks=("hd",), flips=("horizontal",))}
+           "xview": DetectionSource(detection_releases.XVIEW, tasks=(HorizontalDetection.name,), flips=("horizontal",))}
 
 
 def source(config) -> Source:
