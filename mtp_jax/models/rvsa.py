@@ -76,6 +76,10 @@ class RotatedVariedSizeWindowAttention(nnx.Module):
         layers.trunc_normal_002(rngs.params(), (k * k, num_heads)), **layers.axes(None, None))
 
   def __call__(self, x, grid_hw: int):
+    """x: (b, n, c) tokens of a grid_hw x grid_hw map -> (b, n, c).
+
+    Long because its numbered steps follow the original's forward one to one, with each
+    Deliberate quirk where it happens: that order is what a parity review reads against."""
     b, n, c = x.shape
     h = w = grid_hw
     ws, nh_ = self.ws, self.num_heads

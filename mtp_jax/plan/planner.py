@@ -166,14 +166,8 @@ def _run_steps(experiment: Experiment, compiled: Compiled, steps: int, log) -> d
 PROGRAMS = ("train", "eval", "encoder")
 
 
-def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = False, top_k: int = 0,
-         run_steps: int = 0, dump: str | None = None, log=print) -> dict:
-  """Compiles `config`'s `programs` (of PROGRAMS: the train step, the evaluation step, the encoder
-  alone) for `topology` (a slice name, or 'local') and returns the figures (module docstring).
-  Raises UserError for bad input; a program that cannot fit HBM is a result (fits False), not an
-  error. dump: a folder to write each compiled program's optimised HLO to (<program>.hlo.txt)."""
-  import jax  # noqa: PLC0415
-  started = time.perf_counter()
+def _check_request(topology: str, programs, parts: bool, run_steps: int):
+  """UserError for a request `plan` cannot serve, before anything is compiled."""
   unknown = [p for p in programs if p not in PROGRAMS]
   if unknown or not programs:
     raise UserError(f"--programs {' '.join(programs)}: choose from {', '.join(PROGRAMS)}")
@@ -182,6 +176,26 @@ def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = Fal
   if run_steps and topology != "local":
     raise UserError(f"--run times real steps on this machine's devices: use --topology local on the "
                     f"{topology} host itself")
+
+
+def _dump_hlo(compiled, name: str, folder: str) -> str:
+  """Writes the compiled program's optimised HLO to <folder>/<name>.hlo.txt; its path."""
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, name.replace(" ", "_") + ".hlo.txt")
+  with open(path, "w") as f:
+    f.write(compiled.executable.as_text())
+  return path
+
+
+def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = False, top_k: int = 0,
+         run_steps: int = 0, dump: str | None = None, log=print) -> dict:
+  """Compiles `config`'s `programs` (of PROGRAMS: the train step, the evaluation step, the encoder
+  alone) for `topology` (a slice name, or 'local') and returns the figures (module docstring).
+  Raises UserError for bad input; a program that cannot fit HBM is a result (fits False), not an
+  error. dump: a folder to write each compiled program's optimised HLO to (<program>.hlo.txt)."""
+  import jax  # noqa: PLC0415
+  started = time.perf_counter()
+  _check_request(topology, programs, parts, run_steps)
   target = local_target() if topology == "local" else tpu_target(topology)
   config = config.copy_and_resolve_references()
   with target_platform.compiling_for(target.platform):   # 'auto' compute dtype: the target's
@@ -207,11 +221,7 @@ def plan(config, topology: str, *, programs=("train", "eval"), parts: bool = Fal
     compiled = _compile(program, target, log)
     result["programs"][program.name] = program_figures(compiled, target, chips, top_k)
     if dump and compiled.executable is not None:
-      os.makedirs(dump, exist_ok=True)
-      path = os.path.join(dump, program.name.replace(" ", "_") + ".hlo.txt")
-      with open(path, "w") as f:
-        f.write(compiled.executable.as_text())
-      result["programs"][program.name]["hlo"] = path
+      result["programs"][program.name]["hlo"] = _dump_hlo(compiled, program.name, dump)
     if name == "train" and run_steps:
       kept = compiled
     del compiled
