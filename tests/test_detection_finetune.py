@@ -488,7 +488,7 @@ def test_dota_task1_submission_parses_back_to_the_merged_detections(dota_data, t
   _, out, _ = dota_data
   c = config_lib.load_config(f"{ROOT}/configs/finetune/dota_v1.py:smoke")
   c = config_lib.apply_overrides(c, [f"data.dir={out!r}"])
-  task = rotated_detection.RotatedDetection(c, {"dota_v1": list(detection_releases.DOTA_V1_CLASSES)})
+  task = rotated_detection.RotatedDetection(c.tasks.rd, c.data, c.eval, {"dota_v1": list(detection_releases.DOTA_V1_CLASSES)})
   evaluation = task.evaluator()
   rng = np.random.default_rng(0)
   sent = {}

@@ -122,8 +122,8 @@ def test_stitched_logits_are_the_mean_over_covering_tiles_and_one_window_is_whol
 @pytest.fixture(scope="module")
 def detector(rd_overfit):
   """The overfitted rd model (it finds the sample's objects), predicting for SOTA."""
-  tasks, _, _, state, raw, _ = rd_overfit
-  predictor = Predictor(tasks["rd"].config, nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats))
+  _, _, trainer, state, raw, _ = rd_overfit
+  predictor = Predictor(trainer.config, nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats))
   return predictor, raw["sota"]
 
 

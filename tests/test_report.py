@@ -32,7 +32,7 @@ def _tasks():
   c.tasks.rd.enabled = True
   names = {"sota": ["plane", "ship"], "sior": ["plane", "ship"], "fast": ["plane", "ship"]}
   tasks = build_tasks(c, names)
-  return {"ss": tasks["ss"], "is": _MaskAP(c, names), "rd": tasks["rd"]}
+  return {"ss": tasks["ss"], "is": _MaskAP(c.tasks["is"], c.data, c.eval, names), "rd": tasks["rd"]}
 
 
 def test_draw_rboxes_outlines_the_le90_corners_and_leaves_the_input_alone():

@@ -33,7 +33,7 @@ def enabled(config) -> tuple:
 
 def build_tasks(config, class_names: dict) -> dict:
   """{name: Task} of the enabled tasks; class_names: {subset: object class names}."""
-  return {n: TASKS[n](config, class_names) for n in enabled(config)}
+  return {n: TASKS[n](config.tasks[n], config.data, config.eval, class_names) for n in enabled(config)}
 
 
 def needs_masks(tasks: dict) -> bool:

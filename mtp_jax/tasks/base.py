@@ -1,14 +1,18 @@
 """The task protocol: everything one task owns, in one place (DESIGN.md §3.1).
 
 A task (pretraining: ss, is, rd; finetuning: cls, cd, hd) is a subclass of `Task` in its own
-module. It owns its config block (`default_config`), its head (`build_head`: shared trunk +
-per-subset predictors, MTP_SPEC §3.2), the example fields its loss and its evaluation read on the
-device (`fields`), its loss components (`losses`), its device-side evaluation outputs
-(`eval_outputs`), its host-side evaluator (`evaluator`), its headline number, per-class table,
-report text and pictures. It declares what others would otherwise ask by its name (class
-attributes: `pretraining`, `dates`, `objects`, `native_size`, `data_options`, `smoke`). The
-model, the step, evaluation, the report, the config and the recipes iterate over the enabled
-tasks and name none of them.
+module. It has two faces, each read by its own side of the system:
+- `TaskModel`, facing the model, the step and prediction: its head (`build_head`: shared trunk +
+  per-subset predictors), the example fields it reads on the device (`fields`), its loss
+  components (`losses`), and its device outputs for evaluation (`eval_outputs`) and prediction
+  (`predict_outputs`);
+- `TaskEvaluation`, facing evaluation and the report: its host-side evaluator, headline, scalars,
+  per-class table, report text and pictures, and result files.
+`Task` adds its config block (`default_config`, `check_config`) and what it declares to the rest
+of the system instead of being asked by name (`pretraining`, `dates`, `objects`, `native_size`,
+`data_options`, `smoke`). A task is built from the config blocks it reads (`config.tasks[name]`,
+`config.data`, `config.eval`), never the whole tree. The model, the step, evaluation, the report,
+the config and the recipes iterate over the enabled tasks and name none of them.
 
 Batch layout on the device (mtp_jax/train/batching.py): images of all subsets interleaved,
 (b*G, S, S, 3) with image i of subset g at row i*G + g, so the encoder runs once; ground truth
@@ -25,57 +29,18 @@ import ml_collections
 from mtp_jax.models.classes import with_background  # noqa: F401 (re-exported by mtp_jax.tasks)
 
 
-class Task:
-  """Base class of a task; subclasses set the class attributes and implement the methods.
+class TaskModel:
+  """What a task gives the model, the step and prediction: its head, the example fields it reads on
+  the device, its losses and its device outputs (for evaluation and for prediction).
 
   name: the key under config.tasks and in metric names (`<name>/<subset>/<component>`).
-  title: what it is, for messages. headline_name: its headline metric, for tables.
   needs_masks: the input pipeline must decode instance masks (costly, so only when a task asks).
   """
 
   name = ""
-  title = ""
-  headline_name = ""
   needs_masks = False   # the reader decodes instance masks (mask_crops, mask_rles) for this task
   multi_scale = True    # reads the encoder's fpn outputs (strides 4-32); False: the raw stride-16 maps
 
-  # What the task declares to the rest of the system (config validation, the data checks, the
-  # prediction tiler, the recipes in configs/), so that none of them names a task:
-  pretraining = False   # one of MTP's pretraining tasks: its headline enters the MTP average (MTP_SPEC §3.6)
-  dates = 1             # images per example (change detection: 2 dates of one place)
-  objects = False       # examples carry object lists, at most data.max_instances per training image
-  native_size = False   # examples enter at their converted size (padded, never resized) unless data.resize
-  # {data key: what it does}: data settings only this task's datasets use; a dataset whose
-  # tasks declare none of them must leave the key 0 (data_pipelines/sources.py check_bands).
-  data_options = {}
-  # Toy sizes of this task's config block for smoke runs (configs/recipes.py ':smoke').
-  smoke = {}
-
-  def __init__(self, config, class_names: dict):
-    """config: the whole run config; class_names: {subset: object class names} (no background);
-    num_classes[subset] is their count."""
-    self.config = config
-    self.task_config = config.tasks[self.name]
-    self.subsets = tuple(class_names)
-    if self.subsets != tuple(config.data.subsets):
-      raise ValueError(f"{self.name}: classes given for subsets {self.subsets}, but the batch "
-                       f"interleaves data.subsets {tuple(config.data.subsets)} in that order")
-    self.class_names = {s: list(n) for s, n in class_names.items()}
-    self.num_classes = {s: len(n) for s, n in self.class_names.items()}
-
-  # ---- config ----------------------------------------------------------------------------------
-  @classmethod
-  def default_config(cls) -> ml_collections.ConfigDict:
-    """The task's config block: `enabled`, `weight` (1 in the original, MTP_SPEC §3.2) + its own."""
-    return ml_collections.ConfigDict({"enabled": False, "weight": 1.0})
-
-  @classmethod
-  def check_config(cls, task_config) -> str | None:
-    """'<key> ...: what is wrong' for an invalid value of this task's block, else None."""
-    del task_config
-    return None
-
-  # ---- model -----------------------------------------------------------------------------------
   def build_head(self, in_channels, *, rngs, dtype=None):
     """The head module (shared trunk + per-subset predictors) on the encoder's 4 feature maps."""
     raise NotImplementedError
@@ -84,7 +49,6 @@ class Task:
     """Example fields (data_pipelines/samrs/reader.py) this task reads on the device."""
     raise NotImplementedError
 
-  # ---- training --------------------------------------------------------------------------------
   def normalizers(self, gt: dict) -> dict:
     """Whole-batch loss normalisers computed before the batch is split into micro-batches
     ({} when the task normalises inside its own loss, as the R-CNN heads do)."""
@@ -95,7 +59,6 @@ class Task:
     """{'<subset>/<component>': unweighted scalar}; features: the encoder's 4 interleaved maps."""
     raise NotImplementedError
 
-  # ---- evaluation ------------------------------------------------------------------------------
   def eval_outputs(self, head, features, gt: dict, image_size):
     """(sums, per_image): sums are reduced over the global batch (replicated on every device),
     per_image leaves have the batch as their first axis ({subset: (b, ...)}, sharded)."""
@@ -114,7 +77,7 @@ class Task:
     """(sums, per_image) of eval_outputs from dense logits {subset: (b, H, W, K)} (slides only)."""
     raise NotImplementedError
 
-  # ---- prediction (python -m mtp_jax.predict: tiles of large scenes, mtp_jax/predict/) ----------
+  # Prediction (python -m mtp_jax.predict: tiles of large scenes, mtp_jax/predict/) ----------
   # What the task's per-tile output is, so that the scene tiler knows how to merge tiles:
   #   "dense"   {subset: (b, S, S, K) float32 logits at the tile size}, averaged in overlaps;
   #   "rboxes"  {subset: {"rboxes" (b, N, 5) le90, "scores", "labels", "valid" (b, N)}}, merged
@@ -127,9 +90,16 @@ class Task:
     """Per-tile outputs of `prediction`'s kind (above); no ground truth, fixed shapes."""
     raise NotImplementedError
 
-  def output_names(self, subset: str) -> list:
-    """Names of the outputs' classes (dense tasks: index k of the logits, background included)."""
-    return list(self.class_names[subset])
+
+class TaskEvaluation:
+  """What a task gives evaluation and the report: its host-side evaluator, its numbers (headline,
+  scalars, per-class table), report text and pictures, and its result files.
+
+  title: what it is, for messages. headline_name: its headline metric, for tables.
+  """
+
+  title = ""
+  headline_name = ""
 
   def evaluator(self):
     """A fresh host-side evaluator: add(sums, per_image, raw) per batch, with the eval step's
@@ -138,7 +108,6 @@ class Task:
     example arrays}); results() -> {subset: result}, a collective every process calls once."""
     raise NotImplementedError
 
-  # ---- numbers and report ----------------------------------------------------------------------
   def headline(self, result: dict) -> float:
     raise NotImplementedError
 
@@ -175,6 +144,54 @@ class Task:
     """Writes task-specific result files (e.g. DOTA submissions) under workdir; {name: path}."""
     del workdir, evaluator
     return {}
+
+  def output_names(self, subset: str) -> list:
+    """Names of the outputs' classes (dense tasks: index k of the logits, background included)."""
+    return list(self.class_names[subset])
+
+
+class Task(TaskModel, TaskEvaluation):
+  """Base class of a task: its two faces (TaskModel, TaskEvaluation), its config block and what it
+  declares; subclasses set the class attributes and implement the methods."""
+
+  # What the task declares to the rest of the system (config validation, the data checks, the
+  # prediction tiler, the recipes in configs/), so that none of them names a task:
+  pretraining = False   # one of MTP's pretraining tasks: its headline enters the MTP average (MTP_SPEC §3.6)
+  dates = 1             # images per example (change detection: 2 dates of one place)
+  objects = False       # examples carry object lists, at most data.max_instances per training image
+  native_size = False   # examples enter at their converted size (padded, never resized) unless data.resize
+  # {data key: what it does}: data settings only this task's datasets use; a dataset whose
+  # tasks declare none of them must leave the key 0 (data_pipelines/sources.py check_bands).
+  data_options = {}
+  # Toy sizes of this task's config block for smoke runs (configs/recipes.py ':smoke').
+  smoke = {}
+
+  def __init__(self, task_config, data_config, eval_config, class_names: dict):
+    """task_config: this task's block (`config.tasks[name]`); data_config, eval_config: the run's
+    `config.data` and `config.eval` blocks; class_names: {subset: object class names} (no
+    background), whose counts are num_classes[subset]."""
+    self.task_config = task_config
+    self.data_config = data_config
+    self.eval_config = eval_config
+    self.subsets = tuple(class_names)
+    if self.subsets != tuple(data_config.subsets):
+      raise ValueError(f"{self.name}: classes given for subsets {self.subsets}, but the batch "
+                       f"interleaves data.subsets {tuple(data_config.subsets)} in that order")
+    self.class_names = {s: list(n) for s, n in class_names.items()}
+    self.num_classes = {s: len(n) for s, n in self.class_names.items()}
+
+  # ---- config ----------------------------------------------------------------------------------
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """The task's config block: `enabled`, `weight` (1 in the original, MTP_SPEC §3.2) + its own."""
+    return ml_collections.ConfigDict({"enabled": False, "weight": 1.0})
+
+  @classmethod
+  def check_config(cls, task_config) -> str | None:
+    """'<key> ...: what is wrong' for an invalid value of this task's block, else None."""
+    del task_config
+    return None
+
 
 
 class TwoStageDetectionTask(Task):
@@ -215,7 +232,7 @@ class TwoStageDetectionTask(Task):
 
   def losses(self, head, features, gt, *, train, key, normalizers):
     del train, normalizers   # the R-CNN losses normalise by their own sample counts (avg_factor)
-    size = (self.config.data.image_size,) * 2
+    size = (self.data_config.image_size,) * 2
     boxes = {s: self.head_gt(g) for s, g in gt.items()}
     per_subset = head.losses(features, boxes, subsets=self.subsets, image_size=size, key=key)
     return {f"{s}/{c}": v for s, parts in per_subset.items() for c, v in parts.items()}

@@ -178,14 +178,14 @@ class _DotaEvaluation:
 
   def _merge(self, s):
     """The gathered patches of subset s merged into its DotaEvaluator of source images."""
-    config = self.task.config
-    sources = patch_merge.load_sources(os.path.join(config.data.dir, s, config.eval.split))
+    split = self.task.eval_config.split
+    sources = patch_merge.load_sources(os.path.join(self.task.data_config.dir, s, split))
     patches = self.patches[s]
     ordered = [patches.images[p] for p in sorted(patches.images)]
     merged = patch_merge.merge_patches(ordered, self.task.num_classes[s])
     for source in sorted(merged):
       if source not in sources:
-        raise ValueError(f"patches of {source!r} were evaluated, but {s}/{config.eval.split}/"
+        raise ValueError(f"patches of {source!r} were evaluated, but {s}/{split}/"
                          "sources.json does not hold that image")
       a = sources[source]
       keys = ("rboxes", "labels", "difficult") if self.ignore_difficult else ("rboxes", "labels")

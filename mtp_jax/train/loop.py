@@ -58,7 +58,7 @@ class Trainer:
   """
 
   def __init__(self, config, tasks: dict, mesh):
-    self.mesh, self.tasks = mesh, tasks
+    self.config, self.mesh, self.tasks = config, mesh, tasks
     self.fields = batching.task_fields(tasks, train=True)
     model_fn = functools.partial(experiment.model, config, tasks)
     tx = make_optimizer(config)

@@ -116,7 +116,7 @@ def write_report(workdir: str, results: dict, tasks: dict, rows: dict | None = N
   "pictures": {name: path}, "images": {name: (H, W, 3) uint8}}.
 
   results: {"step", "checkpoint", "mode", "eval": {subset: {task: result}}, "mtp_average",
-  "train" (optional)}; tasks: {name: Task}; rows: {subset: [comparison rows]}. The pictures use
+  "train" (optional)}; tasks: {name: Task}, read through their `TaskEvaluation` face; rows: {subset: [comparison rows]}. The pictures use
   `<workdir>/metrics.jsonl`.
   """
   folder = os.path.join(workdir, REPORT_DIR)

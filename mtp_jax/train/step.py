@@ -5,7 +5,7 @@ batch: {'image': (b*G, S, S, 3) uint8, rows interleaved by subset (mtp_jax/model
 over tasks and subsets of each loss component times its task's weight (config.tasks.<task>.weight,
 1 as in the original, MTP_SPEC §3.2). The key for stochastic depth, dropout and the R-CNN samplers
 is folded from the step (and from the micro-batch index when accumulating). The step iterates over
-`tasks` ({name: Task}) and names none of them.
+`tasks` ({name: Task}, through their `TaskModel` face) and names none of them.
 """
 
 import jax
