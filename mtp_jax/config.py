@@ -179,7 +179,17 @@ def _key_paths(cfg, prefix=""):
 
 def validate(config, defaults=None):
   """Raises ConfigError if `config` holds keys that `defaults` lacks, or invalid values."""
-  defaults = defaults or pretrain_defaults()
+  _check_keys(config, defaults or pretrain_defaults())
+  _check_tasks(config)
+  _check_training(config)
+  _check_data_source(config)
+  _check_eval_windows(config)
+  _check_model_inputs(config)
+  return config
+
+
+def _check_keys(config, defaults):
+  """Raises ConfigError naming the keys of `config` that `defaults` lacks, with the closest known ones."""
   known = set(_key_paths(defaults))
   # data.max_instances holds one entry per subset: a finetuning dataset's own name is known too
   known |= {f"data.max_instances.{s}" for s in config.data.subsets}
@@ -190,6 +200,10 @@ def validate(config, defaults=None):
       close = difflib.get_close_matches(k, known, n=2)
       hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
     raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
+
+
+def _check_tasks(config):
+  """Raises ConfigError for an unknown task, a task block its module refuses, or no enabled task."""
   from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
   runnable = sorted(tasks_lib.TASKS)
   for name in config.tasks:
@@ -201,6 +215,11 @@ def validate(config, defaults=None):
       raise ConfigError(f"tasks.{name}.{problem}")
   if not tasks_lib.enabled(config):
     raise ConfigError(f"no task is enabled in config.tasks; the tasks that run now are {runnable}")
+
+
+def _check_training(config):
+  """Raises ConfigError for an invalid mesh shape, optimizer setting or eval.label_size."""
+  from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
   if len(config.mesh.shape) != 3:
     raise ConfigError(f"mesh.shape {tuple(config.mesh.shape)} must have 3 entries (data, fsdp, tensor)")
   if config.optimizer.grad_accum_steps < 1:
@@ -225,7 +244,12 @@ def validate(config, defaults=None):
     raise ConfigError(f"optimizer.grad_clip_norm = {config.optimizer.grad_clip_norm} must be >= 0 (0: no clipping)")
   if not 0 < config.optimizer.layer_decay <= 1:
     raise ConfigError(f"optimizer.layer_decay = {config.optimizer.layer_decay} must be in (0, 1]")
+
+
+def _check_data_source(config):
+  """Raises ConfigError unless data.dataset is known and serves data.subsets, the bands and the tasks."""
   from data_pipelines import sources  # noqa: PLC0415 (pulls in grain)
+  from mtp_jax import tasks as tasks_lib  # noqa: PLC0415 (pulls in jax)
   if config.data.dataset not in sources.SOURCES:
     raise ConfigError(f"data.dataset {config.data.dataset!r} is not one of {sorted(sources.SOURCES)}")
   if config.data.dataset == "samrs":
@@ -241,6 +265,10 @@ def validate(config, defaults=None):
   if off:
     raise ConfigError(f"tasks {off} are enabled, but data.dataset {config.data.dataset!r} serves "
                       f"only {list(supported)}")
+
+
+def _check_eval_windows(config):
+  """Raises ConfigError unless eval.slide_window/slide_stride/image_size fit data.image_size (pixels)."""
   if config.eval.slide_window and not 0 < config.eval.slide_stride <= config.eval.slide_window:
     raise ConfigError(f"eval.slide_stride {config.eval.slide_stride} must be in (0, eval.slide_window "
                       f"= {config.eval.slide_window}]")
@@ -251,6 +279,10 @@ def validate(config, defaults=None):
       and not config.eval.slide_window):
     raise ConfigError(f"eval.image_size {config.eval.image_size} differs from data.image_size "
                       f"{config.data.image_size}: set eval.slide_window (the encoder's input size is fixed)")
+
+
+def _check_model_inputs(config):
+  """Raises ConfigError for bad input bands (data.mean/std, in_chans), image size or compute dtype."""
   if len(config.data.mean) != len(config.data.std):
     raise ConfigError(f"data.mean has {len(config.data.mean)} bands, data.std {len(config.data.std)}")
   if "in_chans" in config.model.encoder_overrides:
@@ -260,7 +292,6 @@ def validate(config, defaults=None):
     raise ConfigError(f"data.image_size {config.data.image_size} must be a multiple of 32")
   if config.model.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
     raise ConfigError(f"model.compute_dtype {config.model.compute_dtype!r} is not auto, float32, bfloat16 or float16")
-  return config
 
 
 def load_module(path: str):

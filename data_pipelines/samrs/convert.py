@@ -83,10 +83,23 @@ def convert_split(root: str, subset: str, split: str, out: str, num_shards: int 
     with open(os.path.join(split_dir, INFO_FILE)) as f:
       return json.load(f)
 
-  chunks = np.array_split(np.arange(len(stems)), num_shards)
-  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
   read = functools.partial(_read_one, root=root, subset=subset, coco_index=coco_index,
                            image_format=image_format)
+  _write_missing_shards(read, stems, split_dir, progress, signature, workers, log)
+  shards = [progress["shards"][shard_name(subset, split, i, num_shards)] for i in range(num_shards)]
+  info = _dataset_info(shards, layout, signature, root)
+  write_json(os.path.join(split_dir, INFO_FILE), info)
+  progress["complete"] = True
+  write_json(os.path.join(split_dir, PROGRESS_FILE), progress)
+  return info
+
+
+def _write_missing_shards(read, stems: list[str], split_dir: str, progress: dict, signature: dict,
+                          workers: int, log) -> None:
+  """Writes the shards `progress` lacks with `read` (a bound `_read_one`), recording each when done."""
+  subset, split, num_shards = signature["subset"], signature["split"], signature["num_shards"]
+  chunks = np.array_split(np.arange(len(stems)), num_shards)
+  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
   try:
     for i, chunk in enumerate(chunks):
       name = shard_name(subset, split, i, num_shards)
@@ -94,16 +107,7 @@ def convert_split(root: str, subset: str, split: str, out: str, num_shards: int 
         continue   # completed by an earlier run, checksum verified by _load_progress
       results = (pool.imap(read, [stems[j] for j in chunk], chunksize=8) if pool
                  else map(read, [stems[j] for j in chunk]))
-      records, labels, skipped = [], [], []
-      for stem, status, payload, lab in results:
-        if status == "bad":
-          if strict:
-            raise DataError(f"{subset}/{split} image {stem!r}: {payload}")
-          skipped.append({"image": stem, "reason": payload})
-          log(f"skipping {subset}/{split} {stem}: {payload}")
-          continue
-        records.append(payload)
-        labels.append(lab)
+      records, labels, skipped = _sort_results(results, f"{subset}/{split}", signature["strict"], log)
       os.makedirs(split_dir, exist_ok=True)
       write_shard(os.path.join(split_dir, name), records)
       progress["shards"][name] = {"file": name, "num_examples": len(records),
@@ -115,15 +119,32 @@ def convert_split(root: str, subset: str, split: str, out: str, num_shards: int 
       pool.close()
       pool.join()
 
-  shards = [progress["shards"][shard_name(subset, split, i, num_shards)] for i in range(num_shards)]
+
+def _sort_results(results, where: str, strict: bool, log) -> tuple[list, list, list]:
+  """`_read_one` results -> (record bytes, label lists, skipped images); `strict`: a bad one raises."""
+  records, labels, skipped = [], [], []
+  for stem, status, payload, lab in results:
+    if status == "bad":
+      if strict:
+        raise DataError(f"{where} image {stem!r}: {payload}")
+      skipped.append({"image": stem, "reason": payload})
+      log(f"skipping {where} {stem}: {payload}")
+      continue
+    records.append(payload)
+    labels.append(lab)
+  return records, labels, skipped
+
+
+def _dataset_info(shards: list[dict], layout, signature: dict, root: str) -> dict:
+  """The split's dataset_info from its shards' progress records; raises if no image was usable."""
   per_image = [len(lab) for s in shards for lab in s["labels"]]
   if not per_image:
-    raise DataError(f"no usable image in {subset}/{split} under {root!r} "
+    raise DataError(f"no usable image in {signature['subset']}/{signature['split']} under {root!r} "
                     f"({sum(len(s['skipped']) for s in shards)} skipped)")
   per_class = np.bincount([c for s in shards for lab in s["labels"] for c in lab],
                           minlength=layout.num_classes)
   histogram = np.bincount(per_image)
-  info = {
+  return {
       **{k: signature[k] for k in ("subset", "split", "source_root", "coco_json", "image_format")},
       "class_names": list(layout.classes),
       "num_examples": len(per_image),
@@ -135,10 +156,6 @@ def convert_split(root: str, subset: str, split: str, out: str, num_shards: int 
       "shards": [{k: s[k] for k in ("file", "num_examples", "sha256")} for s in shards],
       "skipped": [x for s in shards for x in s["skipped"]],
   }
-  write_json(os.path.join(split_dir, INFO_FILE), info)
-  progress["complete"] = True
-  write_json(os.path.join(split_dir, PROGRESS_FILE), progress)
-  return info
 
 
 def _load_progress(split_dir: str, signature: dict) -> dict:

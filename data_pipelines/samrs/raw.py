@@ -135,6 +135,37 @@ def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str,
   keeps the decoded RGB pixels instead of the file's bytes (schema.py).
   """
   paths = subset_paths(root, layout)
+  image_bytes, image, semantic_bytes = _read_image_and_semantic(paths, layout, stem)
+  width, height = image.size
+  ins_path, instances = _read_instances(paths, stem, coco_instances)
+  rotated_polys = _rotated_polygons(paths, layout, stem, coco_instances is not None, instances,
+                                    ins_path)
+  labels, polygons, hboxes, rles, areas = [], [], [], [], []
+  for k, inst in enumerate(instances):
+    rotated = None if rotated_polys is None else rotated_polys[k]
+    label, poly, hbox, rle, area = _parse_instance(inst, f"{ins_path} instance {k}", layout,
+                                                   height, width, rotated)
+    labels.append(label)
+    polygons.append(poly)
+    hboxes.append(hbox)
+    rles.append(rle)
+    areas.append(area)
+
+  polygons = np.asarray(polygons, np.float64).reshape(-1, 4, 2)
+  if image_format == "raw":
+    image_bytes = np.asarray(image.convert("RGB")).tobytes()
+  return SamrsRecord(
+      image_bytes=image_bytes, image_format=image_format, height=height, width=width,
+      filename=stem + layout.image_ext,
+      dataset=layout.name, semantic_bytes=semantic_bytes,
+      labels=np.asarray(labels, np.int64), rboxes=boxes.poly_to_rbox(polygons).astype(np.float32),
+      polygons=polygons.astype(np.float32), hboxes=np.asarray(hboxes, np.float32).reshape(-1, 4),
+      mask_rles=rles, areas=np.asarray(areas, np.int64))
+
+
+def _read_image_and_semantic(paths: dict[str, str], layout: samrs_classes.SubsetLayout,
+                             stem: str) -> tuple[bytes, Image.Image, bytes]:
+  """(image file bytes, decoded image, semantic PNG bytes) of `stem`; the two must match in size."""
   image_bytes = _read(os.path.join(paths["images"], stem + layout.image_ext))
   image = _decode_image(image_bytes, f"image {stem}{layout.image_ext}", "RGB")
   width, height = image.size
@@ -143,6 +174,12 @@ def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str,
   if semantic.size != image.size:
     raise BadSample(f"gray/{stem}.png is {semantic.size[0]}x{semantic.size[1]} but the image is "
                     f"{width}x{height}")
+  return image_bytes, image, semantic_bytes
+
+
+def _read_instances(paths: dict[str, str], stem: str,
+                    coco_instances: list | None) -> tuple[str, list[dict]]:
+  """(where they come from, non-empty list of instance dicts): `ins/<stem>.pkl`'s or `coco_instances`."""
   if coco_instances is None:
     ins_path = os.path.join(paths["ins"], stem + ".pkl")
     try:
@@ -157,55 +194,49 @@ def read_sample(root: str, layout: samrs_classes.SubsetLayout, stem: str,
     raise BadSample(f"{ins_path} holds a {type(instances).__name__}, expected a list of dicts")
   if not instances:
     raise BadSample(f"{ins_path}: the image has no instances")
-  rotated_polys = None   # rotated boxes from their own files (DIOR-R XML, or DOTA txt with COCO)
+  return ins_path, instances
+
+
+def _rotated_polygons(paths: dict[str, str], layout: samrs_classes.SubsetLayout, stem: str,
+                      from_coco: bool, instances: list, ins_path: str):
+  """Per instance (class name, (4, 2) pixel polygon) from the XML or txt files; None: in the instances."""
+  rotated_polys = None
   if layout.rotated_source == "xml":
     rotated_polys = _dior_polygons(os.path.join(paths["rotated"], stem + ".xml"))
-  elif coco_instances is not None:
+  elif from_coco:
     rotated_polys = _dota_polygons(os.path.join(paths["rotated"], stem + ".txt"))
   if rotated_polys is not None and len(rotated_polys) != len(instances):
     raise BadSample(f"{stem}: {len(instances)} instances in {ins_path} but {len(rotated_polys)} "
                     f"rotated boxes in {layout.rotated_dir}")
+  return rotated_polys
 
-  labels, polygons, hboxes, rles, areas = [], [], [], [], []
-  for k, inst in enumerate(instances):
-    where = f"{ins_path} instance {k}"
+
+def _parse_instance(inst: dict, where: str, layout: samrs_classes.SubsetLayout, height: int,
+                    width: int, rotated: tuple[str, np.ndarray] | None):
+  """One instance -> (label, (4, 2) polygon, (4,) x1 y1 x2 y2 box, mask RLE bytes, area), in pixels."""
+  try:
+    label, mask = int(inst["label"]), inst["mask"]
+    hbox = np.asarray(inst["rhbox"] if "rhbox" in inst else inst["bbox"], np.float64).reshape(4)
+    counts = mask["counts"]
+    size = [int(v) for v in mask["size"]]
+  except (KeyError, TypeError, ValueError) as e:
+    raise BadSample(f"{where}: malformed instance ({type(e).__name__}: {e})") from None
+  if not 0 <= label < layout.num_classes:
+    raise BadSample(f"{where}: label {label} outside the {layout.num_classes} {layout.name} classes")
+  if size != [height, width]:
+    raise BadSample(f"{where}: mask size {size} differs from the image size {[height, width]}")
+  if rotated is not None:
+    name, poly = rotated
+    if name != layout.classes[label]:
+      raise BadSample(f"{where}: category {layout.classes[label]!r} but {layout.rotated_dir} "
+                      f"says {name!r}")
+  else:
     try:
-      label, mask = int(inst["label"]), inst["mask"]
-      hbox = np.asarray(inst["rhbox"] if "rhbox" in inst else inst["bbox"], np.float64).reshape(4)
-      counts = mask["counts"]
-      size = [int(v) for v in mask["size"]]
-    except (KeyError, TypeError, ValueError) as e:
-      raise BadSample(f"{where}: malformed instance ({type(e).__name__}: {e})") from None
-    if not 0 <= label < layout.num_classes:
-      raise BadSample(f"{where}: label {label} outside the {layout.num_classes} {layout.name} classes")
-    if size != [height, width]:
-      raise BadSample(f"{where}: mask size {size} differs from the image size {[height, width]}")
-    if rotated_polys is not None:
-      name, poly = rotated_polys[k]
-      if name != layout.classes[label]:
-        raise BadSample(f"{where}: category {layout.classes[label]!r} but {layout.rotated_dir} "
-                        f"says {name!r}")
-    else:
-      try:
-        poly = np.asarray(inst["rbox"], np.float64).reshape(4, 2)
-      except (KeyError, ValueError) as e:
-        raise BadSample(f"{where}: no usable 4x2 'rbox' polygon ({e})") from None
-    _check_polygon(poly, where)
-    if not np.isfinite(hbox).all() or hbox[2] <= hbox[0] or hbox[3] <= hbox[1]:
-      raise BadSample(f"{where}: box {hbox.tolist()} is empty or not finite")
-    labels.append(label)
-    polygons.append(poly)
-    hboxes.append(hbox)
-    rles.append(counts.encode("ascii") if isinstance(counts, str) else bytes(counts))
-    areas.append(int(inst.get("size", 0)))
-
-  polygons = np.asarray(polygons, np.float64).reshape(-1, 4, 2)
-  if image_format == "raw":
-    image_bytes = np.asarray(image.convert("RGB")).tobytes()
-  return SamrsRecord(
-      image_bytes=image_bytes, image_format=image_format, height=height, width=width,
-      filename=stem + layout.image_ext,
-      dataset=layout.name, semantic_bytes=semantic_bytes,
-      labels=np.asarray(labels, np.int64), rboxes=boxes.poly_to_rbox(polygons).astype(np.float32),
-      polygons=polygons.astype(np.float32), hboxes=np.asarray(hboxes, np.float32).reshape(-1, 4),
-      mask_rles=rles, areas=np.asarray(areas, np.int64))
+      poly = np.asarray(inst["rbox"], np.float64).reshape(4, 2)
+    except (KeyError, ValueError) as e:
+      raise BadSample(f"{where}: no usable 4x2 'rbox' polygon ({e})") from None
+  _check_polygon(poly, where)
+  if not np.isfinite(hbox).all() or hbox[2] <= hbox[0] or hbox[3] <= hbox[1]:
+    raise BadSample(f"{where}: box {hbox.tolist()} is empty or not finite")
+  rle = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+  return label, poly, hbox, rle, int(inst.get("size", 0))
