@@ -26,7 +26,9 @@ SUBSET_NAMES = ("sota", "sior", "fast")
 
 
 def pretrain_defaults() -> ml_collections.ConfigDict:
-  """All pretraining keys with the paper's values (MTP_SPEC §3), locked against new keys."""
+  """All pretraining keys with the paper's values (MTP_SPEC §3), locked against new keys.
+
+  Long because it is the schema: one line per key, each with where its value comes from."""
   c = ml_collections.ConfigDict()
   c.seed = 2023                       # the original's seed (§3.2)
   # Every task (§3.1, §5), each with its loss weight (1 in the original, §3.2) and the fields its
