@@ -57,16 +57,12 @@ def _write_checkpoint(params: dict, encoder: str, img_size: int, overrides: dict
   """`<out>/checkpoints/0`: the state {'params': {'encoder': params}}, read back by
   `manager.read_checkpoint` like a run's (fingerprint-checked)."""
   import jax
-  from mtp_jax.checkpoints.manager import Checkpointer
-  from mtp_jax.checkpoints.torch_convert import flatten_params
+  from mtp_jax.checkpoints import manager
   if os.path.exists(os.path.join(out, "checkpoints")) or os.path.exists(os.path.join(out, "encoder")):
     raise CheckpointError(f"{out} holds an import already; choose a new --out")
   state = {"params": {"encoder": jax.device_put(params)}}
-  signature = {"encoder": encoder, "encoder_overrides": {k: (list(v) if isinstance(v, tuple) else v)
-                                                          for k, v in overrides.items()},
-               "image_size": img_size, "subsets": [], "tasks": [],
-               "param_shapes": {"/".join(map(str, p)): list(v.shape) for p, v in flatten_params(params)}}
-  checkpointer = Checkpointer(out, keep=1, signature=signature, config_json="")
+  signature = manager.signature(encoder, overrides, img_size, (), (), state["params"])
+  checkpointer = manager.Checkpointer(out, keep=1, signature=signature, config_json="")
   checkpointer.save(0, state, {}, force=True)
   checkpointer.close()   # the save is asynchronous: the checkpoint exists once it is done
 
@@ -76,7 +72,7 @@ def main(argv=None):
   parser.add_argument("--ckpt", required=True, help="the PyTorch checkpoint: FILE.pth or FILE.safetensors")
   parser.add_argument("--encoder", required=True, help="e.g. vit_b_rvsa, vit_l_rvsa, intern_image_xl")
   parser.add_argument("--img-size", type=int, required=True, help="the image size to train at, px (pos_embed is resized to it)")
-  parser.add_argument("--out", required=True, help="output folder (a new one): <out>/encoder, <out>/import_report.json")
+  parser.add_argument("--out", required=True, help="output folder (a new one): <out>/checkpoints/0, <out>/import_report.json")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="build_encoder keyword, e.g. depth=6 (repeatable; value a Python literal)")
   parser.add_argument("--no-strict", action="store_true", help="allow missing/unexpected keys")

@@ -8,7 +8,7 @@
 Restoring into a different model stops with a CheckpointError that lists what differs, instead of
 an Orbax shape error from deep inside the restore.
 
-One read path (`_read_meta`, `_read_state`: the item's handler, then the fingerprint check), two
+One read path (`_read_json`, `_read_state`: the item's handler, then the fingerprint check), two
 ways in: `Checkpointer.restore` puts a run's own state back into its shardings (training, resume,
 `--mode eval`); `read_checkpoint` reads any checkpoint's parameters onto one device without
 knowing its model (export, prediction, starting a run from it: `checkpoints/sources.py`). A folder
@@ -35,15 +35,20 @@ from mtp_jax.parallel import distributed
 
 def model_signature(config, params) -> dict:
   """What must match for a checkpoint to belong to this model."""
+  return signature(config.model.encoder, config.model.encoder_overrides, config.data.image_size,
+                   config.data.subsets, enabled_tasks(config), params)
+
+
+def signature(encoder: str, encoder_overrides, image_size: int, subsets, tasks, params) -> dict:
+  """The signature of a model built from these settings, with parameters `params` (nested)."""
   shapes = {"/".join(str(getattr(k, "key", k)) for k in path): list(np.shape(leaf))
             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
   return {
-      "encoder": config.model.encoder,
-      "encoder_overrides": {k: (list(v) if isinstance(v, tuple) else v)
-                            for k, v in config.model.encoder_overrides.items()},
-      "image_size": config.data.image_size,
-      "subsets": list(config.data.subsets),
-      "tasks": list(enabled_tasks(config)),
+      "encoder": encoder,
+      "encoder_overrides": {k: (list(v) if isinstance(v, tuple) else v) for k, v in encoder_overrides.items()},
+      "image_size": image_size,
+      "subsets": list(subsets),
+      "tasks": list(tasks),
       "param_shapes": shapes,
   }
 
@@ -171,7 +176,7 @@ class Checkpointer:
     for step in candidates:
       where = os.path.join(self.directory, str(step))
       try:
-        meta = _read_meta(where)
+        meta = _read_json(where, "meta")
         failure = None
       except Exception as e:  # noqa: BLE001 (any unreadable metadata means a damaged checkpoint)
         meta, failure = None, f"unreadable metadata ({type(e).__name__}: {str(e)[:200]})"
@@ -184,7 +189,7 @@ class Checkpointer:
         try:
           state = _read_state(where, jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state),
                               meta, ordered=True)
-          data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(where, "data"))
+          data = _read_json(where, "data")
         except _Damaged as e:
           failure = str(e)
         except Exception as e:  # noqa: BLE001 (a missing or unreadable data item)
@@ -236,9 +241,10 @@ class _Damaged(Exception):
   """A checkpoint's state is unreadable or differs from its fingerprint (the text says which)."""
 
 
-def _read_meta(where: str) -> dict:
-  """The `meta` item (signature, config, fingerprint) of the checkpoint folder `where`."""
-  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(where, "meta"))
+def _read_json(where: str, item: str) -> dict:
+  """A JSON item of the checkpoint folder `where`: 'meta' (signature, config, fingerprint) or
+  'data' (the data iterators' positions)."""
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(where, item))
 
 
 def _read_state(where: str, target, meta: dict, ordered: bool):
@@ -291,7 +297,7 @@ def read_checkpoint(path: str, step: int | None = None) -> tuple[dict, dict, dic
   root, step = checkpoint_location(path, step)
   where = os.path.join(root, str(step))
   try:
-    meta = _read_meta(where)
+    meta = _read_json(where, "meta")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           state_handler().metadata(epath.Path(where) / "state").tree)
