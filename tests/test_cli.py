@@ -4,6 +4,7 @@ commands run in child processes, all at once; none needs JAX for this (the mtp_j
 checked not to import it)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -93,7 +94,7 @@ def test_help_names_the_command_lists_each_argument_on_a_line_and_gives_examples
   assert parts["options"][0].split() == ["-h,", "--help", "show", "this", "help", "message", "and", "exit"]
   for line in parts["options"] + parts.get("positional arguments", []):   # one line each, with its help
     assert line.startswith("  ") and not line.startswith("   "), line
-    assert len(line.split("  ")) > 1 and line.split()[-1], line
+    assert re.match(r"  \S.*?\S {2,}\S", line), line                   # the argument, a gap, its help
   # `convert samrs` shows the SAMRS converter's own examples (the same command)
   example = "python -m data_pipelines.samrs.convert" if command.endswith(" samrs") else command
   assert parts["examples"] and all(line.startswith(f"    {example} ") for line in parts["examples"]), parts["examples"]
