@@ -185,16 +185,14 @@ def main(argv=None):
   quiet_startup()
   from absl import logging
   logging.set_verbosity(logging.ERROR)
-  from mtp_jax.errors import UserError
   try:
-    from mtp_jax.config import apply_overrides, load_config
-    from mtp_jax.plan.planner import plan
-    config = apply_overrides(load_config(args.config), args.set)
-    programs = [p for p in args.programs if not (args.no_eval and p == "eval")]
-    result = plan(config, args.topology, programs=tuple(programs), parts=args.parts, top_k=args.top,
-                  run_steps=args.run, dump=args.dump, log=lambda line: print(line, flush=True))
-  except UserError as e:
-    cli.fail(str(e))
+    with cli.reported():
+      from mtp_jax.config import apply_overrides, load_config
+      from mtp_jax.plan.planner import plan
+      config = apply_overrides(load_config(args.config), args.set)
+      programs = [p for p in args.programs if not (args.no_eval and p == "eval")]
+      result = plan(config, args.topology, programs=tuple(programs), parts=args.parts, top_k=args.top,
+                    run_steps=args.run, dump=args.dump, log=lambda line: print(line, flush=True))
   except Exception:  # noqa: BLE001 (a compiler error or a bug: the traceback is the report)
     traceback.print_exc()
     print("error: planning failed (the traceback above); this is not a verdict on memory", file=sys.stderr)

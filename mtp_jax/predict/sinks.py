@@ -91,14 +91,15 @@ class DetectionSink:
     result = self.result = self.merger.result()
     written = []
     if "dota" in t.formats:
-      out_lib.write_dota(t.path(f"_{name}_dota"), t.stem, kind, result, classes)
-      written.append(f"{t.stem}_{name}_dota")
+      written.append(t.path(f"_{name}_dota"))
+      out_lib.write_dota(written[-1], t.stem, kind, result, classes)
     if "geojson" in t.formats:
-      out_lib.write_geojson(t.path(f"_{name}.geojson"), kind, result, classes, t.scene.crs, t.scene.transform)
-      written.append(f"{t.stem}_{name}.geojson")
+      written.append(t.path(f"_{name}.geojson"))
+      out_lib.write_geojson(written[-1], kind, result, classes, t.scene.crs, t.scene.transform)
     if "gpkg" in t.formats:
-      out_lib.write_geopackage(t.path(f"_{name}.gpkg"), kind, result, classes, t.scene.crs, t.scene.transform)
-      written.append(f"{t.stem}_{name}.gpkg")
+      written.append(t.path(f"_{name}.gpkg"))
+      out_lib.write_geopackage(written[-1], kind, result, classes, t.scene.crs, t.scene.transform)
+    written = [os.path.basename(p) for p in written]
     return {"kind": kind, "classes": classes, "detections": int(len(result["scores"])),
             "before_merge": int(result["before_merge"]),
             "per_class": {c: int((result["labels"] == k).sum()) for k, c in enumerate(classes)},
