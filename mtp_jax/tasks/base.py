@@ -96,6 +96,8 @@ class TaskEvaluation:
   scalars, per-class table), report text and pictures, and its result files.
 
   title: what it is, for messages. headline_name: its headline metric, for tables.
+  Both faces read what `Task.__init__` sets (subsets, class_names, num_classes, the config blocks):
+  they are the two halves of one task object, not objects of their own.
   """
 
   title = ""
