@@ -41,7 +41,7 @@ from flax import nnx
 from mtp_jax.models import layers
 from mtp_jax.models.detection.fpn import conv_zero_bias
 from mtp_jax.ops.anchors import AnchorGenerator, anchor_inside_flags
-from mtp_jax.ops.assign import max_iou_assign, random_sample
+from mtp_jax.ops.assign import max_iou_assign_blocked, random_sample
 from mtp_jax.ops.box_coders import ORIENTED_RPN_CODER, RPN_CODER
 from mtp_jax.ops.boxes import hbox_to_rbox, rbox_to_hbox
 from mtp_jax.ops.iou import box_iou
@@ -70,7 +70,9 @@ class RPNConfig:
   `rotated`: targets and proposals are le90 rotated boxes (gt (G, 5)), assignment uses the gt's
   enclosing horizontal boxes (RBbox2HBboxOverlaps2D) and proposal NMS the proposals' enclosing
   boxes; else everything is horizontal (gt (G, 4)). `bbox_loss` is 'smooth_l1' (with `beta`) or
-  'l1'. A negative `allowed_border` disables the inside-image test.
+  'l1'. A negative `allowed_border` disables the inside-image test. `assign_block_size`: anchors
+  per block of the max-IoU assignment (`max_iou_assign_blocked`; the IoU block is G x this many
+  float32, 62.5 MiB for G = 1000); it changes memory and speed, never the targets.
   """
   anchors: AnchorGenerator = AnchorGenerator()
   coder: Any = ORIENTED_RPN_CODER
@@ -83,6 +85,7 @@ class RPNConfig:
   pos_fraction: float = 0.5
   neg_pos_ub: int = -1
   allowed_border: float = 0.0
+  assign_block_size: int = 16384
   bbox_loss: str = "smooth_l1"
   beta: float = 1.0 / 9.0
   loss_cls_weight: float = 1.0
@@ -190,7 +193,8 @@ def rpn_targets(anchors, anchor_valid, gt_boxes, gt_valid, key, cfg: RPNConfig, 
     key: PRNG key of the random sampler.
     image_size: (height, width) of the unpadded image (mmdet img_shape), static or traced.
   1. Anchors outside the image widened by `allowed_border` (or invalid) are ignored.
-  2. MaxIoU assignment of the rest by horizontal IoU (rotated gt: their enclosing boxes).
+  2. MaxIoU assignment of the rest by horizontal IoU (rotated gt: their enclosing boxes), over
+     blocks of cfg.assign_block_size anchors (no (G, N) IoU matrix).
   3. RandomSampler: up to num_samples * pos_fraction positives, negatives fill num_samples.
   4. Sampled anchors get label weight 1; sampled positives label 1 and bbox targets
      coder.encode(anchor, matched gt box) with weight 1.
@@ -205,8 +209,9 @@ def rpn_targets(anchors, anchor_valid, gt_boxes, gt_valid, key, cfg: RPNConfig, 
   inside = anchor_inside_flags(anchors, jnp.asarray(anchor_valid, bool), image_size,
                                cfg.allowed_border)
   gt_hboxes = rbox_to_hbox(gt_boxes) if cfg.rotated else gt_boxes
-  assignment = max_iou_assign(box_iou(gt_hboxes, anchors), gt_valid, inside, cfg.pos_iou_thr,
-                              cfg.neg_iou_thr, cfg.min_pos_iou, cfg.match_low_quality)
+  assignment = max_iou_assign_blocked(box_iou, gt_hboxes, anchors, gt_valid, inside,
+                                      cfg.pos_iou_thr, cfg.neg_iou_thr, cfg.min_pos_iou,
+                                      cfg.match_low_quality, block_size=cfg.assign_block_size)
   sample = random_sample(key, assignment.gt_index, cfg.num_samples, cfg.pos_fraction,
                          cfg.neg_pos_ub)
   sampled = _scatter_flags(num_anchors, sample.indices, sample.valid)
