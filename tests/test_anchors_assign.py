@@ -1,5 +1,7 @@
 """Anchors, max-IoU assignment and random sampling against mmdet's definitions."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,15 @@ def assign_reference(overlaps, pos_thr, neg_thr, min_pos, low_quality, assign_al
   return gt_inds
 
 
+def padded_reference(overlaps, gt_valid, prior_valid, params):
+  """`assign_reference` on the valid gts and priors only, mapped back to padded indices."""
+  gts, priors = np.nonzero(gt_valid)[0], np.nonzero(prior_valid)[0]
+  want_sub = assign_reference(overlaps[np.ix_(gts, priors)], *params)
+  want = np.full(len(prior_valid), -1)
+  want[priors] = np.where(want_sub > 0, np.r_[gts, 0][np.maximum(want_sub - 1, 0)] + 1, want_sub)
+  return want
+
+
 @pytest.mark.parametrize("case", range(6))
 def test_max_iou_assign_equals_mmdet_on_padded_inputs(case):
   rng = np.random.default_rng(case)
@@ -71,14 +82,90 @@ def test_max_iou_assign_equals_mmdet_on_padded_inputs(case):
             (0.7, 0.3, 0.3, True, False), (0.4, 0.4, 0.0, True, True), (0.7, 0.3, 0.3, True, True)][case]
   got = assign.max_iou_assign(overlaps, gt_valid, prior_valid, *params[:3], match_low_quality=params[3],
                               gt_max_assign_all=params[4])
-  gts = np.nonzero(gt_valid)[0]
-  priors = np.nonzero(prior_valid)[0]
-  want_sub = assign_reference(overlaps[np.ix_(gts, priors)], *params)
-  want = np.full(num_priors, -1)
-  want[priors] = np.where(want_sub > 0, np.r_[gts, 0][np.maximum(want_sub - 1, 0)] + 1, want_sub)
+  want = padded_reference(overlaps, gt_valid, prior_valid, params)
   np.testing.assert_array_equal(np.asarray(got.gt_index), want)
   if case == 0:
     assert (want > 0).sum() > 3 and (want == 0).sum() > 3 and (want[prior_valid] == -1).sum() > 3
+
+
+@functools.partial(jax.jit, static_argnames=("params", "block_size"))
+def blocked_assign(gts, priors, gt_valid, prior_valid, params, block_size):
+  return assign.max_iou_assign_blocked(box_iou, gts, priors, gt_valid, prior_valid, *params[:3],
+                                       match_low_quality=params[3], gt_max_assign_all=params[4],
+                                       block_size=block_size)
+
+
+def check_blocked(gts, priors, gt_valid, prior_valid, params, block_sizes):
+  """Every block size gives the single-block result bit for bit, and mmdet's assignment."""
+  one = blocked_assign(gts, priors, gt_valid, prior_valid, params, None)
+  want = padded_reference(np.asarray(box_iou(gts, priors)), gt_valid, prior_valid, params)
+  np.testing.assert_array_equal(one.gt_index, want)
+  for block in block_sizes:
+    got = blocked_assign(gts, priors, gt_valid, prior_valid, params, block)
+    np.testing.assert_array_equal(got.gt_index, one.gt_index, err_msg=f"block {block}")
+    np.testing.assert_array_equal(got.max_overlaps, one.max_overlaps, err_msg=f"block {block}")
+  return np.asarray(one.gt_index)
+
+
+def test_blocked_assign_hand_made_ties_across_blocks():
+  """Blocks of 4 priors (10 priors: padded to 12). Priors 2 and 7 equal gt0 = gt1 (a best IoU
+  reached in blocks 0 and 1; the gt tie goes to gt0 for the positive, to the later gt1 for the
+  low-quality match), priors 1 and 4 equal gt2; prior 5 equals gt4 but is invalid, so gt4's best
+  is prior 6 (IoU 2/3, low quality); prior 8 sits on the invalid gt3."""
+  gts = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60],
+                  [100, 100, 110, 110]], np.float32)
+  priors = np.array([[0, 0, 10, 5], [20, 20, 30, 30], [0, 0, 10, 10], [40, 40, 41, 41],
+                     [20, 20, 30, 30], [100, 100, 110, 110], [100, 100, 110, 115],
+                     [0, 0, 10, 10], [50, 50, 60, 60], [25, 20, 35, 30]], np.float32)
+  gt_valid = np.array([1, 1, 1, 0, 1], bool)
+  prior_valid = np.arange(10) != 5
+  blocks = (1, 3, 4, 10, 64)
+  every = check_blocked(gts, priors, gt_valid, prior_valid, (0.7, 0.3, 0.3, True, True), blocks)
+  np.testing.assert_array_equal(every, [-1, 3, 2, 0, 3, -1, 5, 2, 0, -1])
+  first = check_blocked(gts, priors, gt_valid, prior_valid, (0.7, 0.3, 0.3, True, False), blocks)
+  np.testing.assert_array_equal(first, [-1, 3, 2, 0, 3, -1, 5, 1, 0, -1])
+  none = check_blocked(gts, priors, np.zeros(5, bool), prior_valid, (0.7, 0.3, 0.3, True, True),
+                       blocks)
+  np.testing.assert_array_equal(none, np.where(prior_valid, 0, -1))
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_blocked_assign_equals_mmdet_on_grid_boxes(case):
+  """Boxes on a coarse grid: many exact IoU ties, within and across blocks."""
+  rng = np.random.default_rng(case)
+  def boxes(n):
+    xy = rng.integers(0, 6, (n, 2)) * 4
+    return np.concatenate([xy, xy + rng.integers(1, 4, (n, 2)) * 4], 1).astype(np.float32)
+  gts, priors = boxes(9), boxes(50)
+  gt_valid = rng.uniform(size=9) > 0.3
+  prior_valid = rng.uniform(size=50) > 0.2
+  params = [(0.7, 0.3, 0.3, True, True), (0.7, 0.3, 0.3, True, False),
+            (0.5, (0.1, 0.5), 0.0, True, True), (0.5, 0.5, 0.5, False, True)][case]
+  got = check_blocked(gts, priors, gt_valid, prior_valid, params, (7, 16, 50))
+  assert (got > 0).sum() > 3 and (got == 0).sum() > 3
+
+
+def test_rpn_targets_blocked_equals_one_block():
+  """The whole RPN target path: blocks of 100 anchors against one block, same key, 2 images."""
+  from mtp_jax.models.detection import rpn as rpn_lib
+  gen = rpn_lib.RPNConfig().anchors
+  sizes = gen.feature_sizes((64, 64))
+  anchors = jnp.concatenate(gen.grid_anchors(sizes))
+  valid = jnp.concatenate(gen.valid_flags(sizes, (60, 64)))
+  rng = np.random.default_rng(0)
+  gt = np.concatenate([rng.uniform(8, 56, (2, 12, 2)), rng.uniform(4, 40, (2, 12, 2)),
+                       rng.uniform(-1.5, 1.5, (2, 12, 1))], -1).astype(np.float32)
+  gt[..., 2:4] = np.sort(gt[..., 2:4], -1)[..., ::-1]
+  gt[:, 5] = gt[:, 3]                                            # a duplicated gt: ties
+  gt_valid = np.arange(12)[None].repeat(2, 0) < np.array([[10], [7]])
+  targets = jax.jit(rpn_lib.batch_rpn_targets, static_argnames="cfg")
+  one = targets(anchors, valid, gt, gt_valid, jax.random.key(3),
+                rpn_lib.RPNConfig(assign_block_size=anchors.shape[0]), (60, 64))
+  got = targets(anchors, valid, gt, gt_valid, jax.random.key(3),
+                rpn_lib.RPNConfig(assign_block_size=100), (60, 64))
+  assert anchors.shape[0] % 100 and int(one.num_pos.sum()) > 10
+  for name, a, b in zip(one._fields, one, got):
+    np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_oriented_rpn_and_rcnn_overlaps_plug_in():
