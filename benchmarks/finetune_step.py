@@ -10,11 +10,14 @@ linear, UperNet 512, UNet 512-64, Oriented R-CNN with 1000 objects per image of 
 real, random rotated boxes of 10-80 px), swaps in the given encoder (the small model by default: ViT-S+RVSA,
 12 blocks of width 384), builds the Trainer on all devices and times its compiled step on one
 synthetic batch of `--batch` images (random pixels and labels; data loading excluded). Figures:
-compile time, seconds per step, images per second.
+compile time, seconds per step, images per second, the compiled step's memory from XLA's memory
+analysis (argument, output, alias and temporary bytes, in GiB) and the process's peak resident
+set so far (GiB, `getrusage` max RSS: compiling and running all families before it included).
 """
 
 import argparse
 import os
+import resource
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -71,6 +74,7 @@ def time_family(path: str, classes: int, encoder: str, batch: int, steps: int) -
   t = time.perf_counter()
   compiled = trainer.step.lower(state, device).compile()
   compile_s = time.perf_counter() - t
+  memory = compiled_memory_gib(compiled)
   state, m = compiled(state, device)
   jax.block_until_ready(m)
   t = time.perf_counter()
@@ -80,7 +84,22 @@ def time_family(path: str, classes: int, encoder: str, batch: int, steps: int) -
   step_s = (time.perf_counter() - t) / steps
   return {"config": path, "image_size": config.data.image_size, "batch": batch,
           "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
-          "images_per_s": round(batch / step_s, 2)}
+          "images_per_s": round(batch / step_s, 2), **memory,
+          "peak_rss_gib": round(peak_rss_gib(), 2)}
+
+
+def compiled_memory_gib(compiled) -> dict:
+  """XLA's memory analysis of a compiled step: argument, output, alias and temp sizes in GiB."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  names = ("argument", "output", "alias", "temp")
+  return {f"{n}_gib": round(getattr(analysis, f"{n}_size_in_bytes") / 2**30, 3) for n in names}
+
+
+def peak_rss_gib() -> float:
+  """The process's peak resident set size so far in GiB (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main():
