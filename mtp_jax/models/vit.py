@@ -23,6 +23,7 @@ from flax import nnx
 from mtp_jax.models import layers
 from mtp_jax.models.rel_pos import augment_query_key, rel_pos_coefficients
 from mtp_jax.models.rvsa import RotatedVariedSizeWindowAttention
+from mtp_jax.ops.attention import dot_product_attention
 
 
 class Attention(nnx.Module):
@@ -30,11 +31,14 @@ class Attention(nnx.Module):
 
   With `rel_pos_grid` = Hp (the RVSA models' global blocks), decomposed relative positions over
   the Hp x Hp grid are added, computed with the SCALED q (MTP_SPEC §1.3; deliberate, unlike RVSA
-  blocks). The grid is fixed by img_size, as in the original.
+  blocks). The grid is fixed by img_size, as in the original. `query_block`: queries per block
+  of `mtp_jax/ops/attention.py` (0: all at once); it bounds memory, never changes the values.
   """
 
-  def __init__(self, dim, num_heads, *, rngs, dtype=None, rel_pos_grid: int = 0):
+  def __init__(self, dim, num_heads, *, rngs, dtype=None, rel_pos_grid: int = 0,
+               query_block: int = 0):
     self.num_heads = num_heads
+    self.query_block = query_block
     self.scale = (dim // num_heads) ** -0.5
     self.qkv = layers.linear(dim, 3 * dim, in_axis="embed", out_axis="qkv", dtype=dtype, rngs=rngs)
     self.proj = layers.linear(dim, dim, in_axis="qkv", out_axis="embed", dtype=dtype, rngs=rngs)
@@ -53,9 +57,7 @@ class Attention(nnx.Module):
       coefficients = rel_pos_coefficients(q.transpose(0, 2, 1, 3), self.rel_pos_grid,
                                           self.full_attn_rel_pos_h[...], self.full_attn_rel_pos_w[...])
       q, k = augment_query_key(q, k, coefficients.transpose(0, 2, 1, 3), self.rel_pos_grid, axis=1)
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(b, n, d)
+    out = dot_product_attention(q, k, v, self.query_block).reshape(b, n, d)
     return self.proj(out)
 
 
@@ -75,13 +77,15 @@ class Block(nnx.Module):
   """
 
   def __init__(self, dim, num_heads, mlp_ratio, drop_path, *, rngs, dtype=None, grid: int,
-               window_size: int = 0, rel_pos_grid: int = 0, grid_sample_method: str = "gather"):
+               window_size: int = 0, rel_pos_grid: int = 0, grid_sample_method: str = "gather",
+               query_block: int = 0):
     self.norm1 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
     if window_size:
       self.attn = RotatedVariedSizeWindowAttention(dim, num_heads, window_size=window_size, dtype=dtype,
                                                    grid_sample_method=grid_sample_method, rngs=rngs)
     else:
-      self.attn = Attention(dim, num_heads, dtype=dtype, rel_pos_grid=rel_pos_grid, rngs=rngs)
+      self.attn = Attention(dim, num_heads, dtype=dtype, rel_pos_grid=rel_pos_grid,
+                            query_block=query_block, rngs=rngs)
     self.grid = grid
     self.norm2 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
@@ -98,14 +102,19 @@ class Block(nnx.Module):
 
 
 class ViTEncoder(nnx.Module):
-  """Plain ViT with the MTP fpn neck. See the module docstring for inputs and outputs."""
+  """Plain ViT with the MTP fpn neck. See the module docstring for inputs and outputs.
+
+  `attention_query_block`: the global blocks attend in blocks of this many queries when the
+  grid has more tokens (1024 px at patch 16: 4,096), so that neither step holds every head's
+  (tokens x tokens) weights (`mtp_jax/ops/attention.py`); 0 attends all at once. Same values.
+  """
 
   def __init__(self, *, img_size: int, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
                out_indices=(3, 5, 7, 11), rvsa: bool = False, interval: int = 3,
                window_size: int = 7, grid_sample_method: str = "gather", remat: bool = False,
-               scan_blocks: bool = False, in_chans: int = 3, global_rel_pos: bool = True, dtype=None,
-               rngs: nnx.Rngs):
+               scan_blocks: bool = False, in_chans: int = 3, global_rel_pos: bool = True,
+               attention_query_block: int = 1024, dtype=None, rngs: nnx.Rngs):
     if img_size % patch_size:
       raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     if rvsa and img_size // patch_size < window_size:
@@ -140,7 +149,7 @@ class ViTEncoder(nnx.Module):
         Block(embed_dim, num_heads, mlp_ratio, float(dpr[i]), dtype=dtype, grid=self.grid,
               window_size=0 if is_global[i] else window_size,
               rel_pos_grid=self.grid if (rvsa and is_global[i] and global_rel_pos) else 0,
-              grid_sample_method=grid_sample_method, rngs=rngs)
+              grid_sample_method=grid_sample_method, query_block=attention_query_block, rngs=rngs)
         for i in range(depth)])
     # fix_init_weight (MTP_SPEC §1.5): block l (1-based) scales attn.proj and mlp.fc2 by 1/sqrt(2l).
     for i, blk in enumerate(self.blocks):
