@@ -12,7 +12,10 @@ real, random rotated boxes of 10-80 px), swaps in the given encoder (the small m
 synthetic batch of `--batch` images (random pixels and labels; data loading excluded). Figures:
 compile time, seconds per step, images per second, the compiled step's memory from XLA's memory
 analysis (argument, output, alias and temporary bytes, in GiB) and the process's peak resident
-set so far (GiB, `getrusage` max RSS: compiling and running all families before it included).
+set so far (GiB, `getrusage` max RSS: compiling and running all families before it included),
+XLA's FLOP count of the step (cost analysis) and the FLOP rate. With classification among the
+families, each family's step time over the classification step's time scaled by their FLOPs
+(`vs_classification_flop_rate`: 1 runs at classification's FLOP rate; a cliff shows as >> 1).
 """
 
 import argparse
@@ -75,6 +78,7 @@ def time_family(path: str, classes: int, encoder: str, batch: int, steps: int) -
   compiled = trainer.step.lower(state, device).compile()
   compile_s = time.perf_counter() - t
   memory = compiled_memory_gib(compiled)
+  gflop = compiled_gflop(compiled)
   state, m = compiled(state, device)
   jax.block_until_ready(m)
   t = time.perf_counter()
@@ -84,7 +88,8 @@ def time_family(path: str, classes: int, encoder: str, batch: int, steps: int) -
   step_s = (time.perf_counter() - t) / steps
   return {"config": path, "image_size": config.data.image_size, "batch": batch,
           "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
-          "images_per_s": round(batch / step_s, 2), **memory,
+          "images_per_s": round(batch / step_s, 2), "gflop": gflop,
+          "gflop_per_s": round(gflop / step_s, 2) if gflop else None, **memory,
           "peak_rss_gib": round(peak_rss_gib(), 2)}
 
 
@@ -95,6 +100,25 @@ def compiled_memory_gib(compiled) -> dict:
     return {}
   names = ("argument", "output", "alias", "temp")
   return {f"{n}_gib": round(getattr(analysis, f"{n}_size_in_bytes") / 2**30, 3) for n in names}
+
+
+def compiled_gflop(compiled):
+  """XLA's cost analysis of a compiled step: its floating-point operations in GFLOP (None if the
+  backend gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = (cost or {}).get("flops")
+  return round(flops / 1e9, 1) if flops else None
+
+
+def flops_share_ratio(runs: dict) -> dict:
+  """{family: its step time / the classification step's time scaled by their FLOPs}: 1 is the
+  classification step's FLOP rate, 3 a step three times slower than its FLOPs predict."""
+  base = runs.get("classification")
+  if not base or not base.get("gflop"):
+    return {}
+  return {f: round(r["step_s"] / (base["step_s"] * r["gflop"] / base["gflop"]), 2)
+          for f, r in runs.items() if r.get("gflop")}
 
 
 def peak_rss_gib() -> float:
@@ -114,8 +138,12 @@ def main():
   for f in args.families.split(","):
     runs[f] = time_family(*FAMILIES[f], args.encoder, args.batch, args.steps)
     print(f"{f}: {runs[f]}", flush=True)
+  ratios = flops_share_ratio(runs)
+  if ratios:
+    print("step time / FLOPs-proportional share of the classification step:", ratios)
   write_result({"backend": jax.default_backend(), "devices": jax.device_count(),
-                "device_kind": jax.devices()[0].device_kind, "encoder": args.encoder, "runs": runs},
+                "device_kind": jax.devices()[0].device_kind, "encoder": args.encoder, "runs": runs,
+                "vs_classification_flop_rate": ratios},
                args.out)
 
 
