@@ -9,8 +9,8 @@ import shapely
 from mtp_jax.ops import box_iou_rotated, nms, nms_rotated, rbox_to_poly
 
 # One compilation per shape: the threshold is traced, max_outputs and tile_size are static.
-run_rotated = jax.jit(nms_rotated, static_argnames=("max_outputs", "tile_size", "by_class"))
-run_horizontal = jax.jit(nms, static_argnames=("max_outputs", "tile_size", "by_class"))
+run_rotated = jax.jit(nms_rotated, static_argnames=("max_outputs", "tile_size"))
+run_horizontal = jax.jit(nms, static_argnames=("max_outputs", "tile_size"))
 
 
 def greedy_reference(polygons, scores, threshold, classes=None, valid=None):
@@ -71,10 +71,6 @@ def test_rotated_nms_equals_greedy_reference(seed):
   assert _far_from_threshold(boxes, threshold)
   assert got == want
   assert 5 < len(got) < n   # the case really suppresses something and keeps something
-  # Classes visited one after the other: the same boxes, returned in visiting order.
-  by_class = run_rotated(boxes, scores, threshold, max_outputs=n, classes=classes, tile_size=64,
-                         by_class=True)
-  assert _as_list(*by_class) == want
 
 
 def test_horizontal_nms_equals_greedy_reference_with_padding_and_truncation():
@@ -90,13 +86,6 @@ def test_horizontal_nms_equals_greedy_reference_with_padding_and_truncation():
   assert got == want
   idx, count = run_horizontal(boxes, scores, 0.5, max_outputs=10, valid=valid, tile_size=64)
   assert int(count) == 10 and np.asarray(idx).tolist() == want[:10]
-  classes = rng.integers(0, 4, n)
-  want = greedy_reference(shapely.box(*boxes.T), scores, 0.5, classes, valid)
-  for max_outputs in (n + 5, 10):
-    idx, count = run_horizontal(boxes, scores, 0.5, max_outputs=max_outputs, classes=classes,
-                                valid=valid, tile_size=64, by_class=True)
-    assert int(count) == min(len(want), max_outputs)
-    assert np.asarray(idx)[:count].tolist() == want[:max_outputs]
 
 
 def test_batched_vmap_and_degenerate_inputs():
