@@ -104,3 +104,55 @@ def test_batched_vmap_and_degenerate_inputs():
   assert _as_list(*run_rotated(same, jnp.arange(5.0), 0.5, max_outputs=5, valid=jnp.zeros(5, bool))) == []
   with pytest.raises(ValueError, match=r"\(\.\.\., N, 5\)"):
     nms_rotated(np.zeros((4, 4)), np.zeros(4), 0.5, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The detectors' test paths against their plain formulations
+
+def _greedy_on_matrix(iou, scores, threshold, classes, valid, max_outputs):
+  """Textbook greedy NMS (decreasing score, ties by index) on a precomputed IoU matrix."""
+  kept = []
+  for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+    if valid[i] and not any(classes[j] == classes[i] and iou[j, i] > threshold for j in kept):
+      kept.append(i)
+  return kept[:max_outputs]
+
+
+def _plain_detections(cls_score, bbox_pred, proposals, proposal_valid, image_size, cfg):
+  """mmrotate `_predict_by_feat_single` + `multiclass_nms` for one image: every (proposal, class)
+  pair above score_thr, greedy class-aware NMS over all of them (IoU by `box_iou_rotated`)."""
+  scores = np.asarray(jax.nn.softmax(cls_score, -1))
+  boxes = np.asarray(cfg.coder.decode(proposals, bbox_pred, max_shape=image_size))
+  num_classes = scores.shape[1] - 1
+  pairs = np.argwhere((scores[:, :num_classes] > cfg.score_thr) & np.asarray(proposal_valid)[:, None])
+  cand_boxes, cand_labels = boxes[pairs[:, 0]], pairs[:, 1]
+  cand_scores = scores[pairs[:, 0], pairs[:, 1]]
+  iou = np.asarray(jax.jit(box_iou_rotated)(cand_boxes, cand_boxes))
+  keep = _greedy_on_matrix(iou, cand_scores, cfg.nms_iou_thr, cand_labels, np.ones(len(pairs), bool),
+                           cfg.max_per_img)
+  return cand_boxes[keep], cand_scores[keep], cand_labels[keep], len(pairs)
+
+
+def test_rotated_detections_equal_the_plain_formulation():
+  """`detections` (candidates capped, NMS stopped at the last candidate) returns exactly the
+  boxes, scores and labels of the plain rule, with several candidates per proposal."""
+  from mtp_jax.models.detection.roi_head import RoIConfig, detections
+  rng = np.random.default_rng(11)
+  p, c = 120, 6
+  proposals = _clustered_rboxes(rng, p)
+  proposal_valid = rng.uniform(size=p) < 0.9
+  cls_score = rng.normal(0, 2, (p, c + 1)).astype(np.float32)
+  bbox_pred = rng.normal(0, 0.3, (p, 5)).astype(np.float32)
+  cfg = RoIConfig(max_per_img=250, max_candidates=400, nms_tile=64)
+  out = jax.tree.map(np.asarray, jax.jit(detections, static_argnames=("image_size", "cfg"))(
+      cls_score[None], bbox_pred[None], proposals[None], proposal_valid[None], (300, 300), cfg))
+  boxes, scores, labels, count = _plain_detections(cls_score, bbox_pred, proposals, proposal_valid,
+                                                   (300, 300), cfg)
+  assert 80 < count < 400 and 20 < len(scores) < 250   # several tiles; max_per_img does not bind
+  k = len(scores)
+  assert out["valid"][0].tolist() == [True] * k + [False] * (250 - k)
+  assert int(out["num_candidates"][0]) == count
+  np.testing.assert_array_equal(out["rboxes"][0, :k], boxes)
+  np.testing.assert_array_equal(out["scores"][0, :k], scores)
+  np.testing.assert_array_equal(out["labels"][0, :k], labels)
+  assert (out["labels"][0, k:] == -1).all() and (out["scores"][0, k:] == 0).all()

@@ -10,7 +10,9 @@ Tiled formulation (as TensorFlow's padded NMS): the sorted boxes are cut into ti
 block per earlier tile), then resolved inside itself by iterating "kept = alive and not
 suppressed by a kept earlier box of the tile" to its fixed point, which is exactly the greedy
 answer (after k rounds the first k boxes are final). Work is O(N^2 / 2) IoUs in dense (T, T)
-blocks, no per-box loop, and the loop stops as soon as `max_outputs` boxes are kept.
+blocks, no per-box loop, and the loop stops as soon as `max_outputs` boxes are kept or the tiles
+left hold only invalid (padding) boxes: the cost follows the number of valid boxes, not N (the
+detectors pad their candidates to a static count, most of them invalid at test time).
 
 Class-aware NMS compares classes instead of offsetting boxes by class: offsets of thousands of
 pixels would cost float32 precision in the IoU. Leading batch dimensions are vmapped.
@@ -105,8 +107,10 @@ def _nms_single(boxes, scores, classes, valid, iou_threshold, *, iou_fn, max_out
     kept = jax.lax.dynamic_update_slice(kept, keep, (i * tile,))
     return i + 1, kept, count + keep.sum(dtype=jnp.int32)
 
+  # Tiles after the last valid box hold only padding, which is never kept: stop before them.
+  valid_tiles = jnp.max(jnp.where(valid_s, jnp.arange(num_tiles * tile) // tile + 1, 0))
   _, kept, count = jax.lax.while_loop(
-      lambda s: (s[0] < num_tiles) & (s[2] < max_outputs), process_tile,
+      lambda s: (s[0] < valid_tiles) & (s[2] < max_outputs), process_tile,
       (jnp.int32(0), jnp.zeros(num_tiles * tile, bool), jnp.int32(0)))
   (positions,) = jnp.nonzero(kept, size=max_outputs, fill_value=-1)
   indices = jnp.where(positions >= 0, order[jnp.clip(positions, 0, n - 1)], -1)
