@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 from data_pipelines.samrs import examples as samrs_examples  # noqa: E402
-from mtp_jax import experiment  # noqa: E402
+from mtp_jax import experiment, tasks as tasks_lib  # noqa: E402
 from mtp_jax.config import apply_overrides, load_config  # noqa: E402
 from mtp_jax.parallel import sharding  # noqa: E402
 from mtp_jax.train import batching, loop  # noqa: E402
@@ -32,12 +32,14 @@ def main():
   config = apply_overrides(load_config("configs/pretrain/quickstart.py"), [f"data.dir={args.data!r}"])
   subsets = tuple(config.data.subsets)
   mesh = sharding.make_mesh(config.mesh.shape)
-  trainer = loop.Trainer(config, experiment.tasks(config), mesh)
+  tasks = experiment.tasks(config)
+  trainer = loop.Trainer(config, tasks, mesh)
   state, step = trainer.init(), trainer.step
 
   batches = samrs_examples.train_batches(config.data.dir, subsets, image_size=config.data.image_size,
                                          max_instances=dict(config.data.max_instances),
-                                         batch_size=config.data.batch_per_subset, seed=0)
+                                         batch_size=config.data.batch_per_subset, seed=0,
+                                         with_masks=tasks_lib.needs_masks(tasks))
   t = time.perf_counter()
   n_data = 30
   for _ in range(n_data):

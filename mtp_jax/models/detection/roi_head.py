@@ -223,14 +223,26 @@ def _safe_for_encode(boxes, ok, rotated: bool):
   return _clamp_size(boxes) if rotated else boxes
 
 
+def _unpadded_order(num_gt_slots: int, num_proposals: int, num_gt):
+  """(G + P,) gather order of [gt (G); proposals (P)] -> [gt[:num_gt]; proposals; gt[num_gt:]]."""
+  i = jnp.arange(num_gt_slots + num_proposals)
+  return jnp.where(i < num_gt, i, jnp.where(i < num_gt + num_proposals, num_gt_slots + i - num_gt,
+                                            i - num_proposals))
+
+
 def roi_targets(proposals, proposal_valid, gt_rboxes, gt_labels, gt_valid, key, cfg: RoIConfig,
-                num_classes: int) -> RoITargets:
+                num_classes, num_gt=None) -> RoITargets:
   """mmdet `StandardRoIHead` sampling + `BBoxHead.get_targets` for one image (vmap for a batch).
 
   Args:
     proposals: (P, d) RPN proposals (gradients are stopped). proposal_valid: (P,) bool.
     gt_rboxes: (G, d) ground truth (padded). gt_labels: (G,) int, 0-based. gt_valid: (G,) bool.
-    key: PRNG key of the sampler. num_classes: C (background index).
+    key: PRNG key of the sampler. num_classes: C (background index), int or traced ().
+    num_gt: the image's own gt padding G_own <= G when it arrives padded further (a batch of
+      subsets padded to the largest), int or traced (); None = G. The candidates [gt; proposals]
+      are then ordered [gt[:G_own]; proposals; gt[G_own:]], so each keeps the index, and hence
+      the sampler's i.i.d. key (`jax.random.uniform` draws per index), it has without the extra
+      padding: the same sample as with G_own slots.
   Returns:
     `RoITargets` with S = cfg.num_samples slots, positives first.
   """
@@ -247,6 +259,9 @@ def roi_targets(proposals, proposal_valid, gt_rboxes, gt_labels, gt_valid, key, 
   if cfg.add_gt_as_proposals:
     assign = prepend_gt_as_proposals(assign, gt_valid)
     boxes = jnp.concatenate([gt_rboxes, proposals], 0)
+    if num_gt is not None:
+      order = _unpadded_order(gt_rboxes.shape[0], proposals.shape[0], num_gt)
+      boxes, assign = boxes[order], jax.tree.map(lambda a: a[order], assign)
   sample = random_sample(key, assign.gt_index, cfg.num_samples, cfg.pos_fraction, cfg.neg_pos_ub)
   rois = boxes[sample.indices]
   positive = sample.positive

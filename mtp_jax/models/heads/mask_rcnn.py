@@ -25,6 +25,7 @@ from mtp_jax.models.detection.mask_head import FCNMaskTrunk, MaskConfig, MaskPre
 from mtp_jax.models.detection.roi_head import RoIConfig, roi_features
 from mtp_jax.models.detection.rpn import RPNConfig
 from mtp_jax.models.detection.two_stage import TwoStageDetector
+from mtp_jax.models.interleave import split_rows
 from mtp_jax.ops.mask_targets import mask_targets
 
 
@@ -45,29 +46,47 @@ class MaskRCNN(TwoStageDetector):
     self.mask_predictors = nnx.Dict({s: MaskPredictor(mask.conv_channels, c, rngs=rngs, dtype=dtype)
                                      for s, c in self.num_classes.items()})
 
-  def _mask_logits(self, subset, maps, rois, labels):
-    """(b, R, 4) rois with (b, R) labels -> (b, R, 28, 28) float32 logits of each label."""
+  def _mask_features(self, maps, rois):
+    """(B, R, 4) rois on their rows' maps -> (B, R, 28, 28, C) shared mask-trunk features."""
     b, r = rois.shape[:2]
-    feats = roi_features(maps, rois, self.roi_cfg, output_size=self.mask_cfg.roi_size)
-    logits = self.mask_predictors[subset].class_logits(self.mask_head(feats), labels.reshape(-1))
+    x = self.mask_head(roi_features(maps, rois, self.roi_cfg, output_size=self.mask_cfg.roi_size))
+    return x.reshape(b, r, *x.shape[1:])
+
+  def _mask_logits(self, subset, x, labels):
+    """(b, R, 28, 28, C) trunk features of one subset's rows, (b, R) labels -> (b, R, 28, 28)
+    float32 logits of each label (`mask_predictors[subset]`)."""
+    b, r = labels.shape
+    logits = self.mask_predictors[subset].class_logits(x.reshape(b * r, *x.shape[2:]),
+                                                       labels.reshape(-1))
     return logits.reshape(b, r, *logits.shape[1:])
 
-  def branch_losses(self, subset, maps, sample, gt):
-    """{"mask": loss} over the positive sampled RoIs of the subset's batch."""
+  def branch_gt(self, subset, gt):
     if "mask_crops" not in gt:
       raise ValueError(f"Mask R-CNN ground truth of {subset!r} has no 'mask_crops' (the reader "
                        f"writes them when masks are requested: with_masks=True)")
+    return {"mask_crops": jnp.asarray(gt["mask_crops"])}
+
+  def branch_losses(self, subsets, maps, sample, gt):
+    """{subset: {"mask": loss}}: RoI features, the mask trunk and the targets of every row's
+    positive slots at once, then per subset its `conv_logits` and the loss over its positives."""
     num_pos = int(self.roi_cfg.num_samples * self.roi_cfg.pos_fraction)
     rois = sample.rois[:, :num_pos]
     gt_index = sample.gt_index[:, :num_pos]
     positive = (gt_index >= 0) & sample.valid[:, :num_pos]
-    logits = self._mask_logits(subset, maps, rois, sample.labels[:, :num_pos])
-    boxes = jnp.asarray(gt["boxes"], jnp.float32)
+    x = self._mask_features(maps, rois)
     targets = jax.vmap(lambda c, bx, r, i: mask_targets(c, bx, r, i, self.mask_cfg.mask_size))(
-        gt["mask_crops"], boxes, rois, jnp.where(positive, gt_index, -1))
-    return {"mask": mask_loss(logits, jax.lax.stop_gradient(targets), positive, self.mask_cfg)}
+        gt["mask_crops"], gt["boxes"], rois, jnp.where(positive, gt_index, -1))
+    targets = jax.lax.stop_gradient(targets)
+    groups = len(subsets)
+    of = lambda a, g: split_rows(a, groups)[:, g]
+    out = {}
+    for g, subset in enumerate(subsets):
+      logits = self._mask_logits(subset, of(x, g), of(sample.labels[:, :num_pos], g))
+      out[subset] = {"mask": mask_loss(logits, of(targets, g), of(positive, g), self.mask_cfg)}
+    return out
 
   def branch_predictions(self, subset, maps, dets):
     """{"masks": (b, K, 28, 28)} sigmoid probabilities of each detection's class."""
-    logits = self._mask_logits(subset, maps, dets["hboxes"], dets["labels"])
+    x = self._mask_features(maps, dets["hboxes"])
+    logits = self._mask_logits(subset, x, dets["labels"])
     return {"masks": jnp.where(dets["valid"][..., None, None], jax.nn.sigmoid(logits), 0.0)}
