@@ -71,7 +71,8 @@ def max_iou_assign_blocked(iou_fn, gts, priors, gt_valid, prior_valid, pos_iou_t
   Two passes over the blocks: the first gives each prior its best IoU and gt, and each gt its best
   IoU over valid priors (with the first prior reaching it); the second recomputes each block's
   IoU to find the priors reaching a gt's best IoU (float equality on the same values). Memory:
-  a few (G, block_size) float32 arrays at a time.
+  a few (G, block_size) float32 arrays at a time. Long because the rules above and the two
+  passes that keep them exact are best read beside each other (the code is about 45 lines).
   """
   gt_valid = jnp.asarray(gt_valid, bool)
   prior_valid = jnp.asarray(prior_valid, bool)
