@@ -51,19 +51,10 @@ def _backward(pads, precision, residuals, g):
   kh, kw = kernel.shape[:2]
   ho, wo = g.shape[1:3]
   padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  b, c_in = x.shape[0], x.shape[3]
-  offsets = jnp.array([(i, j) for i in range(kh) for j in range(kw)], jnp.int32)
-
-  def tap(offset):
-    """(C_out, C_in) of one tap: g^T times the tap's window (B*H*W, C_in) as it lies."""
-    window = lax.dynamic_slice(padded, (0, offset[0], offset[1], 0), (b, ho, wo, c_in))
-    return jnp.einsum("bhwo,bhwc->oc", g, window, precision=precision,
-                      preferred_element_type=jnp.float32)
-
-  # One tap at a time (lax.map): XLA:CPU copies each window out, and nine copies of a stride-4
-  # map at once were about 1 GiB of the 1024 px detection step (one at a time: the same sums).
-  taps = jax.lax.map(tap, offsets).reshape(kh, kw, g.shape[3], c_in)
-  return dx, taps.transpose(0, 1, 3, 2).astype(kernel.dtype)
+  # g^T (C_out, B*H*W) once, each tap's window (B*H*W, C_in) as it lies: (C_out, C_in) per tap.
+  taps = [[jnp.einsum("bhwo,bhwc->oc", g, padded[:, i:i + ho, j:j + wo], precision=precision,
+                      preferred_element_type=jnp.float32) for j in range(kw)] for i in range(kh)]
+  return dx, jnp.stack([jnp.stack(row) for row in taps]).transpose(0, 1, 3, 2).astype(kernel.dtype)
 
 
 _conv_tap_grad.defvjp(_forward, _backward)
