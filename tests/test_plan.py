@@ -289,13 +289,15 @@ def test_a_config_that_cannot_fit_is_reported_and_exits_1(tmp_path):
   no traceback. A batch the slice cannot split and a slice that does not exist are input errors (2)."""
   code, text, result = run_plan(tmp_path, "--config", QUICKSTART, "--topology", "v5e-4", "--set",
                                 "data.image_size=4096", "--set", "data.batch_per_subset=1024",
-                                "--set", "tasks.is.enabled=False", "--set", "tasks.rd.enabled=False")
+                                "--set", "tasks.is.enabled=False", "--set", "tasks.rd.enabled=False",
+                                "--set", "model.encoder_overrides.attention_query_block=0")
   assert code == 1, text
   train, evaluation = result["programs"]["train step"], result["programs"]["eval step"]
   assert train["fits"] is False and result["fits"] is False and train["compile_s"] == 0   # not compiled
   assert train["hbm"]["needed"] > train["hbm"]["available"] == int(15.75 * GIB)
   assert "DOES NOT FIT: needs" in text and "arguments alone" in text and "Traceback" not in text
   # the evaluation step's 12 images of 4096 px fit as arguments: the compiler refuses them
+  # (attention over all 65,536 tokens at once; in blocks of queries the step would fit)
   assert evaluation["fits"] is False and evaluation["compile_s"] > 0 and "Ran out of memory" in evaluation["refusal"]
   assert evaluation["hbm"]["needed"] > 16 * GIB
   code, text, _ = run_plan(tmp_path, "--config", QUICKSTART, "--topology", "v5e-8")
