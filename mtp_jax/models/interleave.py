@@ -6,6 +6,8 @@ devices then gives each device whole (i, :) rows, so taking one subset's rows is
 on every device, never a collective.
 """
 
+import jax
+
 
 def split_rows(x, groups: int):
   """(b*G, ...) rows interleaved by subset -> (b, G, ...); [:, g] is subset g."""
@@ -18,3 +20,8 @@ def subset_rows(x, groups: int) -> list:
   """(b*G, ...) interleaved rows -> [subset 0's (b, ...), ..., subset G-1's]."""
   rows = split_rows(x, groups)
   return [rows[:, g] for g in range(groups)]
+
+
+def rows_of(tree, groups: int, g: int):
+  """Subset g's (b, ...) rows of every (b*G, ...) leaf of a pytree of interleaved arrays."""
+  return jax.tree.map(lambda x: split_rows(x, groups)[:, g], tree)

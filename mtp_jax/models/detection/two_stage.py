@@ -44,7 +44,7 @@ from mtp_jax.models.detection.roi_head import (BoxPredictor, RoIConfig, RoITarge
                                                detections, roi_features, roi_loss, roi_targets)
 from mtp_jax.models.detection.rpn import (RPNConfig, RPNHead, rpn_loss, rpn_proposals,
                                           rpn_targets)
-from mtp_jax.models.interleave import split_rows
+from mtp_jax.models.interleave import rows_of
 
 INITS = ("mtp", "mmdet")
 
@@ -166,7 +166,7 @@ class TwoStageDetector(nnx.Module):
         num_classes, num_gt)
     x = self._trunk(maps, sample.rois)
     branch = self.branch_losses(subsets, maps, sample, rows)
-    of = lambda tree, g: jax.tree.map(lambda a: split_rows(a, groups)[:, g], tree)
+    of = lambda tree, g: rows_of(tree, groups, g)
     out = {}
     for g, subset in enumerate(subsets):
       losses = rpn_loss(of(cls, g), of(reg, g), of(targets, g), cfg=self.rpn_cfg)
@@ -193,7 +193,7 @@ class TwoStageDetector(nnx.Module):
     proposals, _, proposal_valid = rpn_proposals(cls, reg, anchors, image_size, self.rpn_cfg,
                                                  False)
     x = self._trunk(maps, proposals)
-    of = lambda a, g: split_rows(a, groups)[:, g]
+    of = lambda tree, g: rows_of(tree, groups, g)
     out = {}
     for g, subset in enumerate(subsets):
       cls_score, bbox_pred = self._predict_boxes(subset, of(x, g))

@@ -25,7 +25,7 @@ from mtp_jax.models.detection.mask_head import FCNMaskTrunk, MaskConfig, MaskPre
 from mtp_jax.models.detection.roi_head import RoIConfig, roi_features
 from mtp_jax.models.detection.rpn import RPNConfig
 from mtp_jax.models.detection.two_stage import TwoStageDetector
-from mtp_jax.models.interleave import split_rows
+from mtp_jax.models.interleave import rows_of
 from mtp_jax.ops.mask_targets import mask_targets
 
 
@@ -78,7 +78,7 @@ class MaskRCNN(TwoStageDetector):
         gt["mask_crops"], gt["boxes"], rois, jnp.where(positive, gt_index, -1))
     targets = jax.lax.stop_gradient(targets)
     groups = len(subsets)
-    of = lambda a, g: split_rows(a, groups)[:, g]
+    of = lambda tree, g: rows_of(tree, groups, g)
     out = {}
     for g, subset in enumerate(subsets):
       logits = self._mask_logits(subset, of(x, g), of(sample.labels[:, :num_pos], g))
