@@ -166,6 +166,13 @@ def test_rpn_targets_blocked_equals_one_block():
   assert anchors.shape[0] % 100 and int(one.num_pos.sum()) > 10
   for name, a, b in zip(one._fields, one, got):
     np.testing.assert_array_equal(a, b, err_msg=name)
+  # Unset, the block size follows the platform traced for: blocks on the CPU, one on accelerators.
+  from mtp_jax.ops import target
+  default = rpn_lib.RPNConfig()
+  assert rpn_lib._assign_block_size(default) == rpn_lib.CPU_ASSIGN_BLOCK_SIZE
+  with target.compiling_for("tpu"):
+    assert rpn_lib._assign_block_size(default) is None
+    assert rpn_lib._assign_block_size(rpn_lib.RPNConfig(assign_block_size=100)) == 100
 
 
 def test_oriented_rpn_and_rcnn_overlaps_plug_in():

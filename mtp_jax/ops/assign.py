@@ -144,8 +144,8 @@ def _last_gt_reaching_max(masked, gt_max, eligible):
   """(B,) int32 per prior of a block: k + 1 for the last eligible gt k whose best IoU gt_max[k]
   the prior reaches (masked (G, B) has -1 at invalid gts and priors), else 0."""
   hits = (masked == gt_max[:, None]) & eligible[:, None]
-  last = masked.shape[0] - 1 - jnp.argmax(hits[::-1], axis=0)
-  return jnp.where(hits.any(0), last + 1, 0).astype(jnp.int32)
+  number = jnp.arange(1, masked.shape[0] + 1, dtype=jnp.int32)[:, None]
+  return jnp.max(jnp.where(hits, number, 0), axis=0)   # one reduction: no reversed copy of hits
 
 
 def _last_gt_of_first_priors(gt_argmax, eligible, num_priors):

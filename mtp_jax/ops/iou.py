@@ -48,10 +48,12 @@ def box_iou(boxes1, boxes2, aligned=False):
   boxes1, boxes2 = jnp.asarray(boxes1), jnp.asarray(boxes2)
   if not aligned:
     boxes1, boxes2 = boxes1[..., :, None, :], boxes2[..., None, :, :]
-  lt = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
-  rb = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
-  wh = jnp.clip(rb - lt, 0)
-  inter = wh[..., 0] * wh[..., 1]
+  # Per axis, not as (..., 2) corner pairs: XLA then fuses the whole ratio into one kernel
+  # instead of writing the (N, M, 2) corners out (on TPU, twice the IoU matrix's bytes).
+  def overlap(lo, hi):
+    return jnp.clip(jnp.minimum(boxes1[..., hi], boxes2[..., hi])
+                    - jnp.maximum(boxes1[..., lo], boxes2[..., lo]), 0)
+  inter = overlap(0, 2) * overlap(1, 3)
   area1 = _hbox_area(boxes1)
   area2 = _hbox_area(boxes2)
   return _safe_ratio(inter, area1 + area2 - inter)
