@@ -193,11 +193,12 @@ def add_decomposed_rel_pos(attn, q, size: int, rel_pos_h, rel_pos_w):
 
 
 @pytest.mark.parametrize("size, token_axis", [(7, -2), (14, 1)])
-def test_rel_pos_inside_the_matmul_equals_the_decomposed_term(size, token_axis):
-  """q' . k' (augment_query_key) = q . k + the decomposed relative-position term of MViTv2,
-  for RVSA's windows (tokens on axis -2) and the global blocks' layout (tokens on axis 1), with
-  gradients to q, k and both tables."""
-  from mtp_jax.models.rel_pos import augment_query_key, rel_pos_coefficients
+def test_rel_pos_as_its_own_matmul_equals_the_decomposed_term(size, token_axis):
+  """q . k + the query's coefficients times the keys' one-hot positions (rel_pos_logits, as RVSA
+  windows add it; the global blocks pass the same factors to dot_product_attention) = q . k + the
+  decomposed relative-position term of MViTv2, with gradients to q, k and both tables."""
+  from mtp_jax.models.rel_pos import key_positions, rel_pos_coefficients, rel_pos_logits
+  from mtp_jax.ops.attention import dot_product_attention
   rng = np.random.default_rng(size)
   n, d = size * size, 16
   q = jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32)   # (B, N, heads, d)
@@ -210,14 +211,15 @@ def test_rel_pos_inside_the_matmul_equals_the_decomposed_term(size, token_axis):
     return add_decomposed_rel_pos(jnp.einsum("bhqc,bhkc->bhqk", qt, kt), qt, size, rh, rw)
 
   def augmented(q, k, rh, rw):
-    if token_axis == 1:
-      coefficients = rel_pos_coefficients(q.transpose(0, 2, 1, 3), size, rh, rw).transpose(0, 2, 1, 3)
-      qa, ka = augment_query_key(q, k, coefficients, size, axis=1)
-      return jnp.einsum("bqhc,bkhc->bhqk", qa, ka)
     qt, kt = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-    qa, ka = augment_query_key(qt, kt, rel_pos_coefficients(qt, size, rh, rw), size)
-    return jnp.einsum("bhqc,bhkc->bhqk", qa, ka)
+    return jnp.einsum("bhqc,bhkc->bhqk", qt, kt) + rel_pos_logits(rel_pos_coefficients(qt, size, rh, rw), size)
 
+  if token_axis == 1:   # through the global blocks' attention: its output against the direct term's
+    v = jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32)
+    factors = (rel_pos_coefficients(q.transpose(0, 2, 1, 3), size, rh, rw), key_positions(size))
+    want = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(direct(q, k, rh, rw), axis=-1), v)
+    for block in (0, 20):
+      np.testing.assert_allclose(dot_product_attention(q, k, v, block, factors), want, rtol=1e-5, atol=1e-5)
   want, got = direct(q, k, rh, rw), augmented(q, k, rh, rw)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   weights = jnp.asarray(rng.normal(size=want.shape), jnp.float32)

@@ -3,12 +3,13 @@
 - Decomposed relative positions (MViTv2 `calc_rel_pos_spatial`, q and k grids of equal size K):
   attn[..., (qy, qx), (ky, kx)] += sum_c q[..., qy, qx, c] * Rh[qy - ky + K - 1, c]
                                  + sum_c q[..., qy, qx, c] * Rw[qx - kx + K - 1, c].
-  The models compute it inside the attention matmul (`augment_query_key`): the term is
-  rel_h[q, ky] + rel_w[q, kx], a dot product of the query's 2K coefficients with the key's
-  one-hot position, so appending both to q and k adds it to q . k with no (K, K, K, K) array (on
-  TPU the reshape to that grid and back padded K to 128 lanes and moved 15 of the ViT-B+RVSA
-  encoder's 61 GB per step, docs/benchmarks.md). With a head size of 64 the extra 2K <= 64
-  features fill lanes the MXU pads anyway. tests/test_layers.py checks it against the direct formula.
+  The term is rel_h[q, ky] + rel_w[q, kx]: a dot product of the query's 2K coefficients
+  (`rel_pos_coefficients`) with the key's one-hot position, so the models add it as one small
+  matmul (`rel_pos_logits`) to q . k, with no (K, K, K, K) array (on TPU the reshape to that grid
+  and back padded K to 128 lanes and moved 15 of the ViT-B+RVSA encoder's 61 GB per step,
+  docs/benchmarks.md). Its own matmul rather than features appended to q and k: the TPU
+  compiler moves fewer bytes without the (tokens, heads, hd + 2K) copies of q and k.
+  tests/test_layers.py checks it against the direct formula.
 - The Swin-style bias index of RVSA windows: index[i, j] = (yi - yj + ws - 1) * (2 ws - 1) +
   (xi - xj + ws - 1), i and j row-major over the ws x ws window.
 """
@@ -37,17 +38,11 @@ def key_positions(size: int) -> np.ndarray:
   return out
 
 
-def augment_query_key(q, k, coefficients, size: int, axis: int = -2):
-  """(q', k') with q' . k' = q . k + the decomposed term: q's rel_pos_coefficients appended to
-  its features, the keys' one-hot positions to theirs. q, k (..., d) with the size*size tokens
-  on `axis` of k; coefficients as q's leading shape + (2*size,)."""
-  positions = jnp.asarray(key_positions(size), k.dtype)
-  shape = [1] * k.ndim
-  shape[axis] = size * size
-  shape[-1] = 2 * size
-  positions = jnp.broadcast_to(positions.reshape(shape), (*k.shape[:-1], 2 * size))
-  return (jnp.concatenate([q, coefficients.astype(q.dtype)], axis=-1),
-          jnp.concatenate([k, positions], axis=-1))
+def rel_pos_logits(coefficients, size: int):
+  """(..., Q, size*size) decomposed term of the attention logits from `rel_pos_coefficients`
+  (..., Q, 2*size): their product with the keys' one-hot positions, in their dtype."""
+  positions = jnp.asarray(key_positions(size), coefficients.dtype)
+  return jnp.einsum("...qj,kj->...qk", coefficients, positions)
 
 
 def window_bias_index(ws: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax.models import layers
-from mtp_jax.models.rel_pos import key_positions, rel_pos_coefficients, window_bias_index
+from mtp_jax.models.rel_pos import rel_pos_coefficients, rel_pos_logits, window_bias_index
 from mtp_jax.ops.grid_sample import grid_sample
 
 
@@ -137,7 +137,7 @@ class RotatedVariedSizeWindowAttention(nnx.Module):
     # Both terms in the compute dtype: in bfloat16 the rel-pos term is rounded once before the
     # sum (float32 parity with the torch twin: tests/test_torch_parity.py).
     attn = (jnp.einsum("...qc,...kc->...qk", q_kv, kv)
-            + jnp.einsum("...qj,kj->...qk", coefficients, jnp.asarray(key_positions(ws), qw.dtype)))
+            + rel_pos_logits(coefficients, ws))
     bias = self.relative_position_bias_table[...][window_bias_index(ws).reshape(-1)]
     bias = bias.reshape(ws * ws, ws * ws, nh_).transpose(2, 0, 1)[None, :, None, None]
     attn = jax.nn.softmax((attn + bias.astype(attn.dtype)).astype(jnp.float32), axis=-1).astype(kv.dtype)

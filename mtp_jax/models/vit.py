@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax.models import layers
-from mtp_jax.models.rel_pos import augment_query_key, rel_pos_coefficients
+from mtp_jax.models.rel_pos import key_positions, rel_pos_coefficients
 from mtp_jax.models.rvsa import RotatedVariedSizeWindowAttention
 from mtp_jax.ops.attention import dot_product_attention
 
@@ -53,11 +53,12 @@ class Attention(nnx.Module):
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, nH, hd)
     q = q * self.scale
-    if self.rel_pos_grid:   # the decomposed term inside the q . k matmul (mtp_jax/models/rel_pos.py)
+    rel_pos = None
+    if self.rel_pos_grid:   # the decomposed term, added to q . k (mtp_jax/models/rel_pos.py)
       coefficients = rel_pos_coefficients(q.transpose(0, 2, 1, 3), self.rel_pos_grid,
                                           self.full_attn_rel_pos_h[...], self.full_attn_rel_pos_w[...])
-      q, k = augment_query_key(q, k, coefficients.transpose(0, 2, 1, 3), self.rel_pos_grid, axis=1)
-    out = dot_product_attention(q, k, v, self.query_block).reshape(b, n, d)
+      rel_pos = (coefficients, key_positions(self.rel_pos_grid))
+    out = dot_product_attention(q, k, v, self.query_block, rel_pos).reshape(b, n, d)
     return self.proj(out)
 
 

@@ -15,19 +15,29 @@ import jax
 import jax.numpy as jnp
 
 
-def _attend(q, k, v):
+def _attend(q, k, v, query_factors=None, key_factors=None):
   logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
+  if query_factors is not None:
+    logits = logits + jnp.einsum("bhqe,ke->bhqk", query_factors, key_factors.astype(query_factors.dtype))
   weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhc->bqhc", weights, v)
 
 
-def dot_product_attention(q, k, v, query_block: int = 0):
-  """See the module docstring. `query_block` <= 0 or >= N: one block (no loop)."""
+def dot_product_attention(q, k, v, query_block: int = 0, logit_factors=None):
+  """See the module docstring. `query_block` <= 0 or >= N: one block (no loop).
+  `logit_factors`: None, or (query_factors (B, H, N, E), key_factors (M, E)) whose product is
+  added to the logits (the decomposed relative positions, `mtp_jax/models/rel_pos.py`)."""
   b, n, h, c = q.shape
+  query_factors, key_factors = logit_factors if logit_factors is not None else (None, None)
   if query_block <= 0 or query_block >= n:
-    return _attend(q, k, v)
+    return _attend(q, k, v, query_factors, key_factors)
   num = -(-n // query_block)
-  q = jnp.pad(q, ((0, 0), (0, num * query_block - n), (0, 0), (0, 0)))   # padded queries: dropped
-  blocks = q.reshape(b, num, query_block, h, c).swapaxes(0, 1)           # (num, B, block, H, C)
-  out = jax.lax.map(jax.checkpoint(lambda block: _attend(block, k, v)), blocks)
+
+  def split(x, axis):   # (num, ...) blocks of the query axis; the padded queries are dropped
+    x = jnp.pad(x, [(0, num * query_block - n) if i == axis else (0, 0) for i in range(x.ndim)])
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], num, query_block, *x.shape[axis + 1:]), axis, 0)
+
+  blocks = (split(q, 1), None if query_factors is None else split(query_factors, 2))
+  attend = lambda block: _attend(block[0], k, v, block[1], key_factors)
+  out = jax.lax.map(jax.checkpoint(attend), blocks)
   return out.swapaxes(0, 1).reshape(b, num * query_block, h, v.shape[-1])[:, :n]
