@@ -37,3 +37,14 @@ def test_the_backward_does_not_keep_every_querys_weights():
   temp = {b: grad.lower(q, k, v, b).compile().memory_analysis().temp_size_in_bytes for b in (0, 256)}
   weights = 2 * 2 * 2048 * 2048 * 4      # one float32 (B, H, N, M) array: 64 MiB
   assert temp[0] >= weights and temp[256] < weights / 2, temp
+
+
+def test_unset_query_block_follows_the_platform():
+  """None: blocks of CPU_QUERY_BLOCK on the CPU (host memory), one block on accelerators."""
+  from mtp_jax.ops import attention, target
+  q, k, v = _qkv(n=attention.CPU_QUERY_BLOCK + 8, m=16, heads=1, channels=4)
+  # A new function each time: jit's trace cache does not key on the platform traced for.
+  has_loop = lambda: "while" in jax.jit(lambda *a: dot_product_attention(*a, None)).lower(q, k, v).as_text()
+  assert has_loop()
+  with target.compiling_for("tpu"):
+    assert not has_loop()

@@ -32,11 +32,12 @@ class Attention(nnx.Module):
   With `rel_pos_grid` = Hp (the RVSA models' global blocks), decomposed relative positions over
   the Hp x Hp grid are added, computed with the SCALED q (MTP_SPEC §1.3; deliberate, unlike RVSA
   blocks). The grid is fixed by img_size, as in the original. `query_block`: queries per block
-  of `mtp_jax/ops/attention.py` (0: all at once); it bounds memory, never changes the values.
+  of `mtp_jax/ops/attention.py` (0: all at once, None: the platform's); it bounds memory, never
+  changes the values.
   """
 
   def __init__(self, dim, num_heads, *, rngs, dtype=None, rel_pos_grid: int = 0,
-               query_block: int = 0):
+               query_block: int | None = 0):
     self.num_heads = num_heads
     self.query_block = query_block
     self.scale = (dim // num_heads) ** -0.5
@@ -79,7 +80,7 @@ class Block(nnx.Module):
 
   def __init__(self, dim, num_heads, mlp_ratio, drop_path, *, rngs, dtype=None, grid: int,
                window_size: int = 0, rel_pos_grid: int = 0, grid_sample_method: str = "gather",
-               query_block: int = 0):
+               query_block: int | None = 0):
     self.norm1 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
     if window_size:
       self.attn = RotatedVariedSizeWindowAttention(dim, num_heads, window_size=window_size, dtype=dtype,
@@ -107,7 +108,8 @@ class ViTEncoder(nnx.Module):
 
   `attention_query_block`: the global blocks attend in blocks of this many queries when the
   grid has more tokens (1024 px at patch 16: 4,096), so that neither step holds every head's
-  (tokens x tokens) weights (`mtp_jax/ops/attention.py`); 0 attends all at once. Same values.
+  (tokens x tokens) weights (`mtp_jax/ops/attention.py`); 0 attends all at once; None (the
+  default) follows the platform: 1,024 on the CPU, all at once on accelerators. Same values.
   """
 
   def __init__(self, *, img_size: int, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
@@ -115,7 +117,7 @@ class ViTEncoder(nnx.Module):
                out_indices=(3, 5, 7, 11), rvsa: bool = False, interval: int = 3,
                window_size: int = 7, grid_sample_method: str = "gather", remat: bool = False,
                scan_blocks: bool = False, in_chans: int = 3, global_rel_pos: bool = True,
-               attention_query_block: int = 1024, dtype=None, rngs: nnx.Rngs):
+               attention_query_block: int | None = None, dtype=None, rngs: nnx.Rngs):
     if img_size % patch_size:
       raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     if rvsa and img_size // patch_size < window_size:

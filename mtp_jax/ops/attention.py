@@ -8,11 +8,18 @@ per global block. With `query_block` the queries go through `lax.map` in blocks 
 under `jax.checkpoint`: the forward holds one block's weights at a time and the backward
 recomputes them block by block (one more q . k matmul) instead of keeping them. Each query's
 softmax is its own, so the values equal the one-block form; gradients of k and v are sums over
-the blocks, equal up to float summation order.
+the blocks, equal up to float summation order. `query_block=None` follows the platform traced
+for: blocks of 1,024 queries on the CPU, where the weights are host memory, and one block on
+accelerators, where the loop and its recomputed q . k only add bytes (the DOTA-v1.0 finetune step
+on the TPU compiler, docs/benchmarks.md).
 """
 
 import jax
 import jax.numpy as jnp
+
+from mtp_jax.ops import target
+
+CPU_QUERY_BLOCK = 1024
 
 
 def _attend(q, k, v, query_factors=None, key_factors=None):
@@ -23,12 +30,15 @@ def _attend(q, k, v, query_factors=None, key_factors=None):
   return jnp.einsum("bhqk,bkhc->bqhc", weights, v)
 
 
-def dot_product_attention(q, k, v, query_block: int = 0, logit_factors=None):
-  """See the module docstring. `query_block` <= 0 or >= N: one block (no loop).
+def dot_product_attention(q, k, v, query_block: int | None = 0, logit_factors=None):
+  """See the module docstring. `query_block` <= 0 or >= N: one block (no loop); None: the
+  platform's (CPU_QUERY_BLOCK on the CPU, one block elsewhere).
   `logit_factors`: None, or (query_factors (B, H, N, E), key_factors (M, E)) whose product is
   added to the logits (the decomposed relative positions, `mtp_jax/models/rel_pos.py`)."""
   b, n, h, c = q.shape
   query_factors, key_factors = logit_factors if logit_factors is not None else (None, None)
+  if query_block is None:
+    query_block = CPU_QUERY_BLOCK if target.platform() == "cpu" else 0
   if query_block <= 0 or query_block >= n:
     return _attend(q, k, v, query_factors, key_factors)
   num = -(-n // query_block)
