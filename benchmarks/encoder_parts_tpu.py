@@ -28,13 +28,11 @@ chips.tpu_environment()   # before jax is imported
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 
 from mtp_jax.models.detection import rpn as rpn_lib  # noqa: E402
 from mtp_jax.models.rvsa import RotatedVariedSizeWindowAttention  # noqa: E402
 from mtp_jax.models.vit import Attention  # noqa: E402
-from mtp_jax.ops import target  # noqa: E402
-from mtp_jax.plan import estimate, hlo  # noqa: E402
+from _tpu_chip import compile_and_measure, one_chip  # noqa: E402
 from _report import write_result  # noqa: E402
 
 WIDTH, HEADS, PATCH = 768, 12, 16
@@ -85,10 +83,7 @@ def main():
   p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
   p.add_argument("--out", default="benchmarks/results/encoder_parts_tpu.json")
   args = p.parse_args()
-  tpu_slice = chips.resolve(args.topology)
-  device = topologies.get_topology_desc(**tpu_slice.topology_kwargs()).devices[0]
-  on_chip = jax.sharding.SingleDeviceSharding(device)
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
+  tpu_slice, spec = one_chip(args.topology)
   rows = []
   for part in args.parts:
     if part.startswith("rpn"):
@@ -96,16 +91,8 @@ def main():
     else:
       fn, specs = attention_program(part, args.image_size // PATCH, args.batch, spec)
     start = time.perf_counter()
-    with target.compiling_for("tpu"):
-      compiled = jax.jit(fn).lower(*specs).compile()
-    cost = estimate.cost(compiled)
-    repeats = hlo.loop_repeats(hlo.kernels(compiled.as_text()))
-    flops, bytes_ = cost["flops"] + repeats["flops"], cost["bytes"] + repeats["bytes"]
-    roof = estimate.roofline(flops, bytes_, tpu_slice.chip.peak_bf16_flops, tpu_slice.chip.hbm_bytes_per_s)
-    rows.append({"part": part, "images": RPN_IMAGES if part.startswith("rpn") else args.batch,
-                 "gb": round(bytes_ / 1e9, 3), "gflop": round(flops / 1e9, 2),
-                 "roofline_ms": round(roof["seconds"] * 1e3, 3),
-                 "hbm_mib": round(estimate.memory(compiled)["total"] / 2 ** 20, 1),
+    figures = compile_and_measure(fn, specs, tpu_slice)
+    rows.append({"part": part, "images": RPN_IMAGES if part.startswith("rpn") else args.batch, **figures,
                  "compile_s": round(time.perf_counter() - start, 1)})
     print(rows[-1], flush=True)
   write_result({"topology": tpu_slice.name, "chip": tpu_slice.chip.name, "image_size": args.image_size,

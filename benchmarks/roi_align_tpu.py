@@ -21,10 +21,9 @@ chips.tpu_environment()   # before jax is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 
-from mtp_jax.ops import rois, target  # noqa: E402
-from mtp_jax.plan import estimate, hlo  # noqa: E402
+from mtp_jax.ops import rois  # noqa: E402
+from _tpu_chip import compile_and_measure, one_chip  # noqa: E402
 from _report import write_result  # noqa: E402
 
 STRIDES = (4, 8, 16, 32)
@@ -41,28 +40,18 @@ def main():
   p.add_argument("--image-size", type=int, default=448)
   p.add_argument("--out", default="benchmarks/results/roi_align_tpu.json")
   args = p.parse_args()
-  tpu_slice = chips.resolve(args.topology)
-  device = topologies.get_topology_desc(**tpu_slice.topology_kwargs()).devices[0]
-  on_chip = jax.sharding.SingleDeviceSharding(device)
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
+  tpu_slice, spec = one_chip(args.topology)
   maps = [spec((1, args.image_size // s, args.image_size // s, 256), jnp.bfloat16) for s in STRIDES]
   rows = []
   for name, align, num, size, width, ratio in CASES:
     def loss(maps, boxes, cotangent, align=align, num=num, size=size, ratio=ratio):
       out = align(maps, boxes, jnp.zeros(num, jnp.int32), size, STRIDES, sampling_ratio=ratio)
       return jnp.sum(out * cotangent.astype(jnp.float32))
-    with target.compiling_for("tpu"):
-      lowered = jax.jit(jax.grad(loss)).lower(maps, spec((num, width), jnp.float32),
-                                              spec((num, size, size, 256), jnp.bfloat16))
-    compiled = lowered.compile()
-    cost = estimate.cost(compiled)
-    repeats = hlo.loop_repeats(hlo.kernels(compiled.as_text()))
-    flops, bytes_ = cost["flops"] + repeats["flops"], cost["bytes"] + repeats["bytes"]
-    roof = estimate.roofline(flops, bytes_, tpu_slice.chip.peak_bf16_flops, tpu_slice.chip.hbm_bytes_per_s)
+    figures = compile_and_measure(jax.grad(loss), (maps, spec((num, width), jnp.float32),
+                                                   spec((num, size, size, 256), jnp.bfloat16)), tpu_slice)
     rows.append({"case": name, "rois": num, "output": size, "sampling_ratio": ratio,
-                 "gb_per_image": round(bytes_ / 1e9, 3), "gflop_per_image": round(flops / 1e9, 2),
-                 "roofline_ms": round(roof["seconds"] * 1e3, 3),
-                 "hbm_mib": round(estimate.memory(compiled)["total"] / 2 ** 20, 1)})
+                 "gb_per_image": figures["gb"], "gflop_per_image": figures["gflop"],
+                 "roofline_ms": figures["roofline_ms"], "hbm_mib": figures["hbm_mib"]})
     print(rows[-1], flush=True)
   write_result({"topology": tpu_slice.name, "chip": tpu_slice.chip.name, "image_size": args.image_size,
                 "jax": jax.__version__, "rows": rows}, args.out)
