@@ -27,7 +27,7 @@ def compute_dtype_name(config) -> str:
   (`mtp_jax/ops/target.py`): 'float32' on the CPU, 'bfloat16' on TPUs and GPUs."""
   name = config.model.compute_dtype
   if name == "auto":
-    return "float32" if target.platform() == "cpu" else "bfloat16"
+    return target.by_platform(cpu="float32", accelerator="bfloat16")
   return name
 
 

@@ -17,7 +17,9 @@ def test_platform_defaults_to_the_backend_and_follows_compiling_for():
     with target.compiling_for("gpu"):
       assert target.platform() == "gpu"
     assert target.platform() == "tpu"
-  assert target.platform() == jax.default_backend()
+    assert target.by_platform(cpu=1, accelerator=2) == 2
+  assert target.platform() == jax.default_backend() == "cpu"
+  assert target.by_platform(cpu=1, accelerator=2) == 1
   with pytest.raises(ValueError, match="unknown platform 'tpuv5'"):
     with target.compiling_for("tpuv5"):
       pass

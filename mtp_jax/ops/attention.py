@@ -38,7 +38,7 @@ def dot_product_attention(q, k, v, query_block: int | None = 0, logit_factors=No
   b, n, h, c = q.shape
   query_factors, key_factors = logit_factors if logit_factors is not None else (None, None)
   if query_block is None:
-    query_block = CPU_QUERY_BLOCK if target.platform() == "cpu" else 0
+    query_block = target.by_platform(cpu=CPU_QUERY_BLOCK, accelerator=0)
   if query_block <= 0 or query_block >= n:
     return _attend(q, k, v, query_factors, key_factors)
   num = -(-n // query_block)

@@ -119,7 +119,7 @@ def _roi_align_levels(features, boxes, batch_indices, output_size, scales, level
     one = lambda r: _align_chunk(flat, r, out_h, out_w, grid, sampling_ratio, aligned, clockwise)
   num = per_roi["boxes"].shape[0]
   if roi_chunk is None:
-    roi_chunk = 128 if target.platform() == "cpu" else num
+    roi_chunk = target.by_platform(cpu=128, accelerator=num)
   if num <= roi_chunk:
     return one(per_roi)
   chunks = -(-num // roi_chunk)

@@ -5,6 +5,7 @@ planner (`python -m mtp_jax.plan`) traces on this machine's CPU for a TPU slice:
 platform it compiles for, so every op takes the form the TPU will run.
 
     if target.platform() == "cpu": ...          # inside an op, at trace time
+    size = target.by_platform(cpu=1024, accelerator=None)   # a default that differs by backend
     with target.compiling_for("tpu"): jitted.lower(...)
 """
 
@@ -19,6 +20,12 @@ _PLATFORM = contextvars.ContextVar("mtp_jax_target_platform", default=None)
 def platform() -> str:
   """'cpu', 'gpu' or 'tpu': where the program being traced will run."""
   return _PLATFORM.get() or jax.default_backend()
+
+
+def by_platform(*, cpu, accelerator):
+  """`cpu` when the program being traced runs on the CPU, else `accelerator` (TPU, GPU): the
+  one rule behind every default that follows the backend."""
+  return cpu if platform() == "cpu" else accelerator
 
 
 @contextlib.contextmanager

@@ -243,7 +243,7 @@ def _assign_block_size(cfg: RPNConfig) -> int | None:
   """The configured block size, else the platform's (see `RPNConfig`); None: one block."""
   if cfg.assign_block_size is not None:
     return cfg.assign_block_size
-  return CPU_ASSIGN_BLOCK_SIZE if target.platform() == "cpu" else None
+  return target.by_platform(cpu=CPU_ASSIGN_BLOCK_SIZE, accelerator=None)
 
 
 def batch_rpn_targets(anchors, anchor_valid, gt_boxes, gt_valid, key, cfg: RPNConfig, image_size):
