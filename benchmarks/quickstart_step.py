@@ -1,6 +1,6 @@
 """Figures for the quickstart step and input pipeline (printed and written to JSON; never a test).
 
-    python benchmarks/quickstart_step.py [--data data/samrs_tfrecords] [--steps 20] [--out benchmarks/results/quickstart_step.json]
+    python benchmarks/quickstart_step.py [--data data/samrs_tfrecords] [--steps 20] [--set KEY=VALUE ...] [--out benchmarks/results/quickstart_step.json]
 
 Measures, with the quickstart config on the default devices: compile time of the train step,
 mean step time over `--steps` steps on one fixed batch (compute only), and the input pipeline's
@@ -28,8 +28,11 @@ def main():
   p.add_argument("--data", default="data/samrs_tfrecords")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--out", default="benchmarks/results/quickstart_step.json")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, as main.py's --set (e.g. tasks.is.enabled=False)")
   args = p.parse_args()
-  config = apply_overrides(load_config("configs/pretrain/quickstart.py"), [f"data.dir={args.data!r}"])
+  config = apply_overrides(load_config("configs/pretrain/quickstart.py"),
+                           [f"data.dir={args.data!r}", *args.set])
   subsets = tuple(config.data.subsets)
   mesh = sharding.make_mesh(config.mesh.shape)
   tasks = experiment.tasks(config)

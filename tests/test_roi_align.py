@@ -77,15 +77,16 @@ def _boxes(rng, n, stride, height, width):
   return np.c_[centre - size / 2, centre + size / 2].astype(np.float32)
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("sampling_ratio,aligned", [(0, True), (2, True), (0, False), (1, False)])
-def test_roi_align_matches_mmcv_reference(sampling_ratio, aligned):
+def test_roi_align_matches_mmcv_reference(sampling_ratio, aligned, dense):
   rng = np.random.default_rng(sampling_ratio + 10 * aligned)
   feats = _features(rng)
   stride = 4
   boxes = _boxes(rng, 24, stride, 13, 17)
   batch = rng.integers(0, 2, 24)
   got = jax.jit(lambda f, b, i: ra.roi_align(f, b, i, 5, 1 / stride, sampling_ratio, aligned,
-                                             max_samples=8, roi_chunk=16))(feats, boxes, batch)
+                                             max_samples=8, roi_chunk=16, dense=dense))(feats, boxes, batch)
   want = np.stack([roi_align_ref(feats[i], b, 5, 1 / stride, sampling_ratio, aligned)
                    for b, i in zip(boxes, batch)])
   assert math.ceil((boxes[:, 2:] - boxes[:, :2]).max() / stride / 5) <= 8   # within max_samples
@@ -120,7 +121,8 @@ def test_clockwise_follows_le90_w_axis():
   assert out[0, 0] > out[-1, 0]   # h-axis (cos, sin) turned: (-1, 0) at +pi/2, x decreases
 
 
-def test_multilevel_assigns_levels_like_mmdet_and_samples_that_level():
+@pytest.mark.parametrize("dense", [False, True])
+def test_multilevel_assigns_levels_like_mmdet_and_samples_that_level(dense):
   rng = np.random.default_rng(5)
   strides = (4, 8, 16, 32)
   feats = [rng.normal(size=(2, 64 // s, 96 // s, 3)).astype(np.float32) for s in strides]
@@ -129,7 +131,7 @@ def test_multilevel_assigns_levels_like_mmdet_and_samples_that_level():
   levels = np.asarray(ra.map_roi_levels(np.asarray(sizes), 4))
   np.testing.assert_array_equal(levels, [0, 0, 0, 1, 2, 3])
   batch = np.array([0, 1, 0, 1, 0, 1])
-  got = np.asarray(ra.multilevel_roi_align(feats, boxes, batch, 7, strides, sampling_ratio=2))
+  got = np.asarray(ra.multilevel_roi_align(feats, boxes, batch, 7, strides, sampling_ratio=2, dense=dense))
   for k in range(6):
     want = roi_align_ref(feats[levels[k]][batch[k]], boxes[k], 7, 1 / strides[levels[k]], 2, True)
     np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-5)
@@ -142,24 +144,26 @@ def test_multilevel_assigns_levels_like_mmdet_and_samples_that_level():
     np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-5)
 
 
-def test_adaptive_grid_is_capped_at_max_samples():
+@pytest.mark.parametrize("dense", [False, True])
+def test_adaptive_grid_is_capped_at_max_samples(dense):
   rng = np.random.default_rng(9)
   feats = _features(rng, height=40, width=40)
   box = np.array([[8, 4, 150, 140]], np.float32)       # needs ceil(35.5 / 5) = 8 samples per bin
-  full = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=8))
+  full = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=8, dense=dense))
   np.testing.assert_allclose(full[0], roi_align_ref(feats[0], box[0], 5, 0.25, 0, True), rtol=1e-5, atol=1e-5)
-  # Beyond max_samples: the longer side (x, 35.5 px) takes max_samples per bin, the shorter (y,
-  # 34 px) max_samples / 2 (it spans more than its window).
-  capped = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=4))
-  want = roi_align_ref(feats[0], box[0], 5, 0.25, 0, True, grid=(2, 4))
+  # Beyond max_samples: the longer side (x, 35.5 px) takes max_samples per bin; the gathers' shorter
+  # side (y, 34 px) max_samples / 2 (it spans more than its window), the dense form's max_samples.
+  capped = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=4, dense=dense))
+  want = roi_align_ref(feats[0], box[0], 5, 0.25, 0, True, grid=(4, 4) if dense else (2, 4))
   np.testing.assert_allclose(capped[0], want, rtol=1e-5, atol=1e-5)
   rotated = np.asarray(ra.roi_align_rotated(feats, np.array([[79, 72, 142, 136, 0]], np.float32),
                                             np.zeros(1, int), 5, 0.25, 0, max_samples=4))
   np.testing.assert_allclose(rotated[0], roi_align_ref(feats[0], box[0], 5, 0.25, 4, True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_elongated_box_keeps_max_samples_along_its_length(transpose):
+def test_elongated_box_keeps_max_samples_along_its_length(transpose, dense):
   # 1 feature px per bin across the box (a window: mmcv's ceil(bin) = 1 sample), 8.8 along it
   # (beyond max_samples = 4: 4 samples, as the gather path takes); the average is their product.
   rng = np.random.default_rng(11)
@@ -168,21 +172,22 @@ def test_elongated_box_keeps_max_samples_along_its_length(transpose):
   grid = (1, 4)
   if transpose:
     feats, box, grid = feats.transpose(0, 2, 1, 3).copy(), box[:, [1, 0, 3, 2]], (4, 1)
-  got = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=4))[0]
+  got = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 0, max_samples=4, dense=dense))[0]
   want = roi_align_ref(feats[0], box[0], 5, 0.25, 0, True, grid=grid)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_fixed_sampling_ratio_stays_exact_for_any_box_size():
+@pytest.mark.parametrize("dense", [False, True])
+def test_fixed_sampling_ratio_stays_exact_for_any_box_size(dense):
   rng = np.random.default_rng(12)
   feats = _features(rng, height=40, width=40)
   box = np.array([[2, 3, 157, 150]], np.float32)       # 7.8 feature px per bin, 2 samples each
-  got = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 2, max_samples=4))
+  got = np.asarray(ra.roi_align(feats, box, np.zeros(1, int), 5, 0.25, 2, max_samples=4, dense=dense))
   np.testing.assert_allclose(got[0], roi_align_ref(feats[0], box[0], 5, 0.25, 2, True), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rotated", [False, True])
-def test_bfloat16_features_match_float32_within_their_rounding(rotated):
+@pytest.mark.parametrize("rotated,dense", [(False, False), (False, True), (True, False)])
+def test_bfloat16_features_match_float32_within_their_rounding(rotated, dense):
   rng = np.random.default_rng(13)
   feats = _features(rng, height=30, width=30, channels=8)
   boxes = _boxes(rng, 16, 4, 30, 30)
@@ -191,8 +196,42 @@ def test_bfloat16_features_match_float32_within_their_rounding(rotated):
     boxes = np.c_[(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2], rng.uniform(-1.5, 1.5, 16)]
     run = jax.jit(lambda f: ra.roi_align_rotated(f, boxes.astype(np.float32), batch, 7, 0.25))
   else:
-    run = jax.jit(lambda f: ra.roi_align(f, boxes, batch, 7, 0.25, 0))
+    run = jax.jit(lambda f: ra.roi_align(f, boxes, batch, 7, 0.25, 0, dense=dense))
   want = np.asarray(run(feats))
   got = run(feats.astype(jnp.bfloat16))
   assert got.dtype == np.float32
   np.testing.assert_allclose(np.asarray(got), want, atol=0.03)   # bfloat16: 8 bits of mantissa
+
+
+def test_dense_and_gather_forms_have_the_same_gradients():
+  """The dense form differentiates through matmuls, the gathers through scatter-adds: the same
+  function, so the same gradients with respect to the maps (several images, every level)."""
+  rng = np.random.default_rng(14)
+  strides = (4, 8, 16, 32)
+  feats = [rng.normal(size=(2, 64 // s, 64 // s, 5)).astype(np.float32) for s in strides]
+  boxes = _boxes(rng, 20, 16, 4, 4)   # 32-192 px: levels 0-2
+  batch = rng.integers(0, 2, 20)
+  cotangent = rng.normal(size=(20, 7, 7, 5)).astype(np.float32)
+  grads = [jax.grad(lambda f, d=dense: jnp.sum(cotangent * ra.multilevel_roi_align(
+               f, boxes, batch, 7, strides, sampling_ratio=0, dense=d)))(feats) for dense in (False, True)]
+  assert len(set(np.asarray(ra.map_roi_levels(np.sqrt(np.prod(boxes[:, 2:] - boxes[:, :2], 1)), 4)))) > 1
+  for gather_grad, dense_grad in zip(*grads):
+    np.testing.assert_allclose(dense_grad, gather_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_form_is_chosen_by_cost_on_the_cpu_only():
+  """`dense_pays` weighs the whole-map multiply-adds against the gathered pixels
+  (benchmarks/roi_align_cpu.py): the quickstart's 128 px maps take the dense form on the CPU,
+  a 1024 px image's maps the gathers; on accelerators the gathers always."""
+  def shapes(size):
+    return [(1, size // s, size // s) for s in (4, 8, 16, 32)]
+  assert ra.dense_pays(shapes(128), (7, 7), 4, 0) and ra.dense_pays(shapes(128), (14, 14), 4, 0)
+  assert not ra.dense_pays(shapes(1024), (7, 7), 4, 0)
+  assert not ra.dense_pays(shapes(1024), (14, 14), 4, 0)
+  from mtp_jax.ops import target
+  with target.compiling_for("tpu"):
+    assert not ra.dense_pays(shapes(128), (7, 7), 4, 0)
+  with pytest.raises(ValueError, match="horizontal boxes only"):
+    ra._roi_align_levels([np.zeros((1, 8, 8, 1), np.float32)], np.zeros((1, 5), np.float32),
+                         np.zeros(1, np.int32), 7, [0.25], np.zeros(1, np.int32), 2, True, True,
+                         4, None, True)

@@ -54,7 +54,7 @@ def test_conv_kernel_gradient_form_follows_the_target():
 def test_roi_chunks_on_the_cpu_only():
   feats = np.zeros((1, 16, 16, 4), np.float32)
   boxes = np.tile(np.array([[2.0, 2.0, 30.0, 40.0]], np.float32), (300, 1))
-  fn = lambda f: rois.roi_align(f, boxes, np.zeros(300, np.int32), 7, 0.25)
+  fn = lambda f: rois.roi_align(f, boxes, np.zeros(300, np.int32), 7, 0.25, dense=False)
   assert "scan" in _jaxpr(fn, feats, platform="cpu")       # 128 boxes at a time
   assert "scan" not in _jaxpr(fn, feats, platform="tpu")   # all at once
 

@@ -43,19 +43,21 @@ from mtp_jax.ops import target
 
 
 def roi_align(features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio=0,
-              aligned=True, max_samples=4, roi_chunk=None):
+              aligned=True, max_samples=4, roi_chunk=None, dense=None):
   """Horizontal RoIAlign.
 
   Args:
     features: (B, H, W, C) map. boxes: (R, 4) (x1, y1, x2, y2) in image pixels.
     batch_indices: (R,) int, the image of each box. output_size: int or (out_h, out_w).
     spatial_scale: feature pixels per image pixel (1 / stride).
+    dense: sample through whole-map matmuls (True) or gathers (False); None chooses by cost
+      (`dense_pays`). The same values either way, to float rounding.
   Returns:
     (R, out_h, out_w, C).
   """
   return _roi_align_levels([features], boxes, batch_indices, output_size, [spatial_scale],
                            jnp.zeros(jnp.shape(boxes)[0], jnp.int32), sampling_ratio, aligned,
-                           None, max_samples, roi_chunk)
+                           None, max_samples, roi_chunk, dense)
 
 
 def roi_align_rotated(features, rboxes, batch_indices, output_size, spatial_scale,
@@ -63,7 +65,7 @@ def roi_align_rotated(features, rboxes, batch_indices, output_size, spatial_scal
   """Rotated RoIAlign of (R, 5) boxes (cx, cy, w, h, angle) -> (R, out_h, out_w, C); see above."""
   return _roi_align_levels([features], rboxes, batch_indices, output_size, [spatial_scale],
                            jnp.zeros(jnp.shape(rboxes)[0], jnp.int32), sampling_ratio, aligned,
-                           clockwise, max_samples, roi_chunk)
+                           clockwise, max_samples, roi_chunk, False)
 
 
 def map_roi_levels(scales, num_levels, finest_scale=56):
@@ -73,14 +75,15 @@ def map_roi_levels(scales, num_levels, finest_scale=56):
 
 
 def multilevel_roi_align(features, boxes, batch_indices, output_size, strides, finest_scale=56,
-                         sampling_ratio=0, aligned=True, max_samples=4, roi_chunk=None):
-  """mmdet `SingleRoIExtractor` + `RoIAlign`: features is a list of (B, H_l, W_l, C) maps."""
+                         sampling_ratio=0, aligned=True, max_samples=4, roi_chunk=None, dense=None):
+  """mmdet `SingleRoIExtractor` + `RoIAlign`: features is a list of (B, H_l, W_l, C) maps
+  (`dense` as in `roi_align`)."""
   boxes = jnp.asarray(boxes)
   scale = jnp.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
   levels = map_roi_levels(scale, len(features), finest_scale)
   return _roi_align_levels(features, boxes, batch_indices, output_size,
                            [1.0 / s for s in strides], levels, sampling_ratio, aligned, None,
-                           max_samples, roi_chunk)
+                           max_samples, roi_chunk, dense)
 
 
 def multilevel_roi_align_rotated(features, rboxes, batch_indices, output_size, strides,
@@ -91,13 +94,22 @@ def multilevel_roi_align_rotated(features, rboxes, batch_indices, output_size, s
   levels = map_roi_levels(jnp.sqrt(rboxes[:, 2] * rboxes[:, 3]), len(features), finest_scale)
   return _roi_align_levels(features, rboxes, batch_indices, output_size,
                            [1.0 / s for s in strides], levels, sampling_ratio, aligned, clockwise,
-                           max_samples, roi_chunk)
+                           max_samples, roi_chunk, False)
 
 
 def _roi_align_levels(features, boxes, batch_indices, output_size, scales, levels,
-                      sampling_ratio, aligned, clockwise, max_samples, roi_chunk):
+                      sampling_ratio, aligned, clockwise, max_samples, roi_chunk, dense):
   """Shared body; `clockwise` None means horizontal boxes."""
   out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+  grid = sampling_ratio if sampling_ratio > 0 else max_samples
+  shapes = [f.shape[:3] for f in features]
+  if dense is None:
+    dense = clockwise is None and dense_pays(shapes, (out_h, out_w), grid, sampling_ratio)
+  if dense:
+    if clockwise is not None:
+      raise ValueError("the dense form samples horizontal boxes only (rotated grids are not separable)")
+    return _align_dense(features, jnp.asarray(boxes, jnp.float32), batch_indices, levels, scales,
+                        out_h, out_w, grid, sampling_ratio, aligned)
   batch, channels = features[0].shape[0], features[0].shape[-1]
   heights = [f.shape[1] for f in features]
   widths = [f.shape[2] for f in features]
@@ -112,7 +124,6 @@ def _roi_align_levels(features, boxes, batch_indices, output_size, scales, level
       * level_table([h * w for h, w in zip(heights, widths)], jnp.int32),
       height=level_table(heights, jnp.int32), width=level_table(widths, jnp.int32),
       scale=level_table(scales, jnp.float32))
-  grid = sampling_ratio if sampling_ratio > 0 else max_samples
   if clockwise is None:
     one = lambda r: _align_chunk_separable(flat, r, out_h, out_w, grid, sampling_ratio, aligned)
   else:
@@ -220,6 +231,73 @@ def _align_chunk_separable(flat, rois, out_h, out_w, grid, sampling_ratio, align
   return values / count[:, None, None, None]
 
 
+# How many multiply-adds of the dense form one gathered pixel is worth: on the CPU XLA's
+# gathers and their scatter-add gradients run element by element, matmuls at full rate (measured
+# with `python benchmarks/roi_align_cpu.py`); on accelerators the gathers are the measured form
+# (docs/benchmarks.md), so the dense form is used only when asked for.
+DENSE_MACS_PER_GATHERED_PIXEL = {"cpu": 40.0, "accelerator": 0.0}
+
+
+def dense_pays(shapes, output_size, grid, sampling_ratio) -> bool:
+  """Whether whole-map matmuls cost less than the separable gathers for horizontal boxes on maps
+  of `shapes` [(B, H_l, W_l)], by multiply-adds per box and channel against pixels gathered per
+  box and channel, weighed by `DENSE_MACS_PER_GATHERED_PIXEL` of the platform traced for."""
+  out_h, out_w = output_size
+  out = max(out_h, out_w)
+  half = grid if sampling_ratio > 0 else max(grid // 2, 1)
+  k_long = _tiles(2 * out * grid)
+  k_short = k_long if out_h != out_w else _tiles(max(out * grid + 2, 2 * out * half))
+  dense_macs = sum(out_h * b * h * w + out_h * w * out_w for b, h, w in shapes)
+  weight = target.by_platform(cpu=DENSE_MACS_PER_GATHERED_PIXEL["cpu"],
+                              accelerator=DENSE_MACS_PER_GATHERED_PIXEL["accelerator"])
+  return dense_macs <= weight * k_long * k_short
+
+
+def _align_dense(features, boxes, batch_indices, levels, scales, out_h, out_w, grid, sampling_ratio,
+                 aligned):
+  """Horizontal RoIAlign as A_y . map . A_x^T over whole maps: per level, each box's (out, H) and
+  (out, W) averaging weights (its image's rows only: the batch is folded into H), zero for boxes
+  of other levels. Matmuls forward and backward, no gather or scatter; the same samples and
+  weights as the gather forms, exact up to `grid` samples per bin and axis (no narrower cap on
+  a box's shorter side)."""
+  offset = 0.5 if aligned else 0.0
+  batch_indices = jnp.asarray(batch_indices, jnp.int32)
+  hi = jax.lax.Precision.HIGHEST
+  total = 0.0
+  for level, (f, scale) in enumerate(zip(features, scales)):
+    b, h, w, c = f.shape
+    start_w, start_h = boxes[:, 0] * scale - offset, boxes[:, 1] * scale - offset
+    roi_w = boxes[:, 2] * scale - offset - start_w
+    roi_h = boxes[:, 3] * scale - offset - start_h
+    if not aligned:
+      roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
+    a_y, n_y = _dense_axis_weights(start_h, roi_h, h, out_h, grid, sampling_ratio)   # (R, out_h, H)
+    a_x, n_x = _dense_axis_weights(start_w, roi_w, w, out_w, grid, sampling_ratio)   # (R, out_w, W)
+    scale_by = jnp.where(levels == level, 1.0 / jnp.maximum(n_y * n_x, 1).astype(jnp.float32), 0.0)
+    a_y = a_y * scale_by[:, None, None]
+    if b > 1:   # the box's image's rows of the (B * H) stacked rows
+      a_y = a_y[:, :, None, :] * (batch_indices[:, None] == jnp.arange(b))[:, None, :, None]
+    a_y = a_y.reshape(-1, b * h).astype(f.dtype)
+    rows = jnp.dot(a_y, f.reshape(b * h, w * c), precision=hi, preferred_element_type=jnp.float32)
+    rows = rows.astype(f.dtype).reshape(-1, out_h, w, c)                                 # (R, out_h, W, C)
+    total = total + jnp.einsum("rqw,rpwc->rpqc", a_x.astype(f.dtype), rows, precision=hi,
+                               preferred_element_type=jnp.float32)
+  return total
+
+
+def _dense_axis_weights(start, length, size: int, out, grid, sampling_ratio):
+  """One axis of `_align_dense`: (R, out, size) sums of the bilinear weights of each bin's samples
+  over the axis' pixels, and the (R,) samples per bin."""
+  bin_size = length / out
+  per_bin = _samples_per_bin(bin_size, grid, sampling_ratio)
+  low, high, w_low, w_high, _ = _axis_taps(start, bin_size, jnp.full(start.shape, size, jnp.int32),
+                                           out, grid, per_bin)
+  pixels = jnp.arange(size)
+  weights = (jnp.sum(w_low[..., None] * (low[..., None] == pixels), 2)
+             + jnp.sum(w_high[..., None] * (high[..., None] == pixels), 2))
+  return weights, per_bin
+
+
 def _tiles(k: int) -> int:
   """k rounded up to a multiple of 8: whole (8, 128) tiles, so the gathered pixels need no
   relayout before the matmuls."""
@@ -237,30 +315,7 @@ def _axis_weights(start, length, size, k, wide_cap, out, grid, sampling_ratio):
   """
   num = start.shape[0]
   bin_size = length / out
-  if sampling_ratio > 0:
-    per_bin = jnp.full((num,), sampling_ratio, jnp.int32)
-  else:   # mmcv: ceil of the bin size, capped to the static grid
-    per_bin = jnp.clip(jnp.ceil(bin_size), 0, grid).astype(jnp.int32)
-
-  def taps(n, count):
-    """Bilinear taps of n (`count` (R,) used) samples per bin: pixels (low, high), weights."""
-    steps = jnp.arange(n, dtype=jnp.float32) + 0.5
-    safe = jnp.maximum(count, 1).astype(jnp.float32)[:, None, None]
-    samples = start[:, None, None] + (jnp.arange(out, dtype=jnp.float32)[None, :, None]
-                                      + steps[None, None, :] / safe) * bin_size[:, None, None]
-    used = jnp.arange(n)[None, None, :] < count[:, None, None]
-    size_f = size.astype(jnp.float32)[:, None, None]
-    top = size[:, None, None] - 1
-    inside = used & (samples >= -1.0) & (samples <= size_f)
-    v = jnp.maximum(samples, 0.0)
-    low = jnp.floor(v).astype(jnp.int32)
-    at_end = low >= top
-    low = jnp.where(at_end, top, low)
-    v = jnp.where(at_end, low.astype(v.dtype), v)
-    high = jnp.where(at_end, low, low + 1)
-    frac = v - low
-    return low, high, jnp.where(inside, 1.0 - frac, 0.0), jnp.where(inside, frac, 0.0), inside
-
+  per_bin = _samples_per_bin(bin_size, grid, sampling_ratio)
   def spread(slot_low, slot_high, w_low, w_high):
     """Weights (R, out, n) at slots (R, out, n) -> (R, out, K) sums per slot."""
     slots = jnp.arange(k)
@@ -268,7 +323,7 @@ def _axis_weights(start, length, size, k, wide_cap, out, grid, sampling_ratio):
             + jnp.sum(w_high[..., None] * (slot_high[..., None] == slots), 2))
 
   # A window: every pixel the samples touch, when they span at most K.
-  low, high, w_low, w_high, inside = taps(grid, per_bin)
+  low, high, w_low, w_high, inside = _axis_taps(start, bin_size, size, out, grid, per_bin)
   first = jnp.min(jnp.where(inside, low, jnp.iinfo(jnp.int32).max), (1, 2))
   last = jnp.max(jnp.where(inside, high, -1), (1, 2))
   first = jnp.where(last >= 0, first, 0)
@@ -277,7 +332,7 @@ def _axis_weights(start, length, size, k, wide_cap, out, grid, sampling_ratio):
   window_pixels = jnp.minimum(first[:, None] + jnp.arange(k), size[:, None] - 1)
   # Wider: two pixels for each of at most wide_cap evenly spaced samples per bin.
   per_bin_wide = jnp.minimum(per_bin, wide_cap)
-  low, high, w_low, w_high, _ = taps(wide_cap, per_bin_wide)
+  low, high, w_low, w_high, _ = _axis_taps(start, bin_size, size, out, wide_cap, per_bin_wide)
   slot = 2 * (jnp.arange(out)[:, None] * wide_cap + jnp.arange(wide_cap)[None, :])[None]
   wide_weights = spread(slot, slot + 1, w_low, w_high)
   wide_pixels = jnp.zeros((num, k), jnp.int32)
@@ -286,6 +341,36 @@ def _axis_weights(start, length, size, k, wide_cap, out, grid, sampling_ratio):
   weights = jnp.where(fits[:, None, None], window_weights, wide_weights)
   pixels = jnp.where(fits[:, None], window_pixels, wide_pixels)
   return weights, pixels, jnp.where(fits, per_bin, per_bin_wide)
+
+
+def _samples_per_bin(bin_size, grid, sampling_ratio):
+  """(R,) samples per bin along one axis: the fixed ratio, or mmcv's adaptive ceil of the bin size
+  capped to the static grid."""
+  if sampling_ratio > 0:
+    return jnp.full(bin_size.shape, sampling_ratio, jnp.int32)
+  return jnp.clip(jnp.ceil(bin_size), 0, grid).astype(jnp.int32)
+
+
+def _axis_taps(start, bin_size, size, out, n, count):
+  """Bilinear taps of mmcv's samples along one axis: `out` bins of (R,) `bin_size` feature pixels
+  from (R,) `start` on an axis of (R,) `size` pixels, n sample slots per bin of which (R,) `count`
+  are used. Returns (R, out, n) pixels (low, high), their weights and whether a sample counts."""
+  steps = jnp.arange(n, dtype=jnp.float32) + 0.5
+  safe = jnp.maximum(count, 1).astype(jnp.float32)[:, None, None]
+  samples = start[:, None, None] + (jnp.arange(out, dtype=jnp.float32)[None, :, None]
+                                    + steps[None, None, :] / safe) * bin_size[:, None, None]
+  used = jnp.arange(n)[None, None, :] < count[:, None, None]
+  size_f = size.astype(jnp.float32)[:, None, None]
+  top = size[:, None, None] - 1
+  inside = used & (samples >= -1.0) & (samples <= size_f)
+  v = jnp.maximum(samples, 0.0)
+  low = jnp.floor(v).astype(jnp.int32)
+  at_end = low >= top
+  low = jnp.where(at_end, top, low)
+  v = jnp.where(at_end, low.astype(v.dtype), v)
+  high = jnp.where(at_end, low, low + 1)
+  frac = v - low
+  return low, high, jnp.where(inside, 1.0 - frac, 0.0), jnp.where(inside, frac, 0.0), inside
 
 
 def _bilinear(flat, base, height, width, y, x, used):
