@@ -3,7 +3,7 @@
     python benchmarks/finetune_gain.py --pretrain workdirs/quickstart [--seeds 0 1 2] \
         [--modes finetune frozen] [--steps 42] [--out benchmarks/results/finetune_gain.json]
 
-`--pretrain` is a pretraining workdir (`make quickstart` makes the notebook's: 170 steps at
+`--pretrain` is a pretraining workdir (`make quickstart` makes the notebook's: 280 steps at
 128 px). For each fixture seed it writes the LoveDA-layout fixture with the SAMRS sample's
 objects (`write_loveda(style="objects")`, 6 images per domain, the pretraining's image size),
 converts it, and finetunes `configs/finetune/loveda.py:smoke` at that size with the pretraining's
