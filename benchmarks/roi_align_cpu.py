@@ -75,8 +75,7 @@ def main():
         row[f"{'dense' if dense else 'gather'}_ms"] = round(1e3 * time_grad(fn, (maps,), args.repeats), 2)
         outputs[dense] = fn(maps)[1]
       row["max_abs_difference"] = float(jnp.max(jnp.abs(outputs[True] - outputs[False])))
-      k = rois._tiles(2 * size * MAX_SAMPLES)
-      k_short = rois._tiles(max(size * MAX_SAMPLES + 2, 2 * size * (MAX_SAMPLES // 2)))
+      k, k_short, _ = rois._separable_widths(size, size, MAX_SAMPLES, 0)
       row["dense_macs_per_gathered_pixel"] = round(
           sum(size * b * h * w + size * w * size for b, h, w in shapes) / (k * k_short), 2)
       row["dense_pays"] = bool(rois.dense_pays(shapes, (size, size), MAX_SAMPLES, 0))

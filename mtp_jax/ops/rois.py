@@ -31,6 +31,13 @@ compiler (docs/benchmarks.md). Rotated boxes are not separable: each sample read
 gather returns) and each bin's average is a matmul with a 0/1 pooling matrix; 4x fewer bytes than
 a (box, out_h, grid, out_w, grid) layout, whose small minor dimensions pad out on TPU tiles.
 
+On small maps, on the CPU, horizontal boxes take a dense form instead: each box's per-axis
+averaging weights over every row and column of its level's map, applied as two matmuls
+(A_y . map . A_x^T). XLA:CPU runs gathers and their scatter-add gradients element by element and
+matmuls at full rate, so where the map has few pixels this is several times faster forward and
+backward (`dense_pays` decides by a cost ratio measured with benchmarks/roi_align_cpu.py;
+accelerators keep the gathers). Same values to float rounding.
+
 Multi-level variants assign each box to an FPN level like mmdet's `SingleRoIExtractor`
 (level = floor(log2(sqrt(area) / finest_scale + 1e-6)), clamped) and sample from that level
 through one flat gather over all levels.
@@ -192,18 +199,8 @@ def _align_chunk(flat, rois, out_h, out_w, grid, sampling_ratio, aligned, clockw
 def _align_chunk_separable(flat, rois, out_h, out_w, grid, sampling_ratio, aligned):
   """Horizontal RoIAlign of a chunk of boxes as A_long . pixels . A_short^T (module docstring)."""
   boxes, scale = rois["boxes"], rois["scale"]
-  offset = 0.5 if aligned else 0.0
-  start_w, start_h = boxes[:, 0] * scale - offset, boxes[:, 1] * scale - offset
-  roi_w = boxes[:, 2] * scale - offset - start_w
-  roi_h = boxes[:, 3] * scale - offset - start_h
-  if not aligned:
-    roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
-  out = max(out_h, out_w)
-  # The long axis lists two pixels per sample (any box, exact up to max_samples); the short one
-  # reads a window (exact while it spans <= K pixels; a fixed sampling ratio is always exact).
-  half = grid if sampling_ratio > 0 else max(grid // 2, 1)
-  k_long = _tiles(2 * out * grid)
-  k_short = k_long if out_h != out_w else _tiles(max(out * grid + 2, 2 * out * half))
+  start_w, start_h, roi_w, roi_h = _box_extent(boxes, scale, aligned)
+  k_long, k_short, half = _separable_widths(out_h, out_w, grid, sampling_ratio)
   rows = lambda k, cap: _axis_weights(start_h, roi_h, rois["height"], k, cap, out_h, grid, sampling_ratio)
   cols = lambda k, cap: _axis_weights(start_w, roi_w, rois["width"], k, cap, out_w, grid, sampling_ratio)
   y_long, y_short = rows(k_long, grid), rows(k_short, half)
@@ -243,10 +240,7 @@ def dense_pays(shapes, output_size, grid, sampling_ratio) -> bool:
   of `shapes` [(B, H_l, W_l)], by multiply-adds per box and channel against pixels gathered per
   box and channel, weighed by `DENSE_MACS_PER_GATHERED_PIXEL` of the platform traced for."""
   out_h, out_w = output_size
-  out = max(out_h, out_w)
-  half = grid if sampling_ratio > 0 else max(grid // 2, 1)
-  k_long = _tiles(2 * out * grid)
-  k_short = k_long if out_h != out_w else _tiles(max(out * grid + 2, 2 * out * half))
+  k_long, k_short, _ = _separable_widths(out_h, out_w, grid, sampling_ratio)
   dense_macs = sum(out_h * b * h * w + out_h * w * out_w for b, h, w in shapes)
   weight = target.by_platform(cpu=DENSE_MACS_PER_GATHERED_PIXEL["cpu"],
                               accelerator=DENSE_MACS_PER_GATHERED_PIXEL["accelerator"])
@@ -260,17 +254,12 @@ def _align_dense(features, boxes, batch_indices, levels, scales, out_h, out_w, g
   of other levels. Matmuls forward and backward, no gather or scatter; the same samples and
   weights as the gather forms, exact up to `grid` samples per bin and axis (no narrower cap on
   a box's shorter side)."""
-  offset = 0.5 if aligned else 0.0
   batch_indices = jnp.asarray(batch_indices, jnp.int32)
   hi = jax.lax.Precision.HIGHEST
   total = 0.0
   for level, (f, scale) in enumerate(zip(features, scales)):
     b, h, w, c = f.shape
-    start_w, start_h = boxes[:, 0] * scale - offset, boxes[:, 1] * scale - offset
-    roi_w = boxes[:, 2] * scale - offset - start_w
-    roi_h = boxes[:, 3] * scale - offset - start_h
-    if not aligned:
-      roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
+    start_w, start_h, roi_w, roi_h = _box_extent(boxes, scale, aligned)
     a_y, n_y = _dense_axis_weights(start_h, roi_h, h, out_h, grid, sampling_ratio)   # (R, out_h, H)
     a_x, n_x = _dense_axis_weights(start_w, roi_w, w, out_w, grid, sampling_ratio)   # (R, out_w, W)
     scale_by = jnp.where(levels == level, 1.0 / jnp.maximum(n_y * n_x, 1).astype(jnp.float32), 0.0)
@@ -296,6 +285,29 @@ def _dense_axis_weights(start, length, size: int, out, grid, sampling_ratio):
   weights = (jnp.sum(w_low[..., None] * (low[..., None] == pixels), 2)
              + jnp.sum(w_high[..., None] * (high[..., None] == pixels), 2))
   return weights, per_bin
+
+
+def _box_extent(boxes, scale, aligned):
+  """Horizontal boxes (R, 4) in image pixels -> (start_w, start_h, roi_w, roi_h) in feature
+  pixels, mmcv's: corners scaled, shifted by -0.5 with `aligned`, else sides at least 1."""
+  offset = 0.5 if aligned else 0.0
+  start_w, start_h = boxes[:, 0] * scale - offset, boxes[:, 1] * scale - offset
+  roi_w = boxes[:, 2] * scale - offset - start_w
+  roi_h = boxes[:, 3] * scale - offset - start_h
+  if not aligned:
+    roi_w, roi_h = jnp.maximum(roi_w, 1.0), jnp.maximum(roi_h, 1.0)
+  return start_w, start_h, roi_w, roi_h
+
+
+def _separable_widths(out_h, out_w, grid, sampling_ratio):
+  """(K_long, K_short, samples per bin on a wide short side) of the separable gathers: the long
+  axis lists two pixels per sample (any box, exact up to `grid`); the short one reads a window
+  (exact while it spans <= K pixels; a fixed sampling ratio is always exact)."""
+  out = max(out_h, out_w)
+  half = grid if sampling_ratio > 0 else max(grid // 2, 1)
+  k_long = _tiles(2 * out * grid)
+  k_short = k_long if out_h != out_w else _tiles(max(out * grid + 2, 2 * out * half))
+  return k_long, k_short, half
 
 
 def _tiles(k: int) -> int:
