@@ -2,14 +2,15 @@
 test).
 
     python benchmarks/finetune_step.py [--encoder vit_s_rvsa] [--steps 5] [--batch 8]
-        [--out benchmarks/results/finetune_step.json]
+        [--set KEY=VALUE ...] [--out benchmarks/results/finetune_step.json]
 
 For each family it builds the real finetune config (configs/finetune/eurosat.py,
 spacenet1.py, levir_cd.py, dota_v1.py: the paper's input size 224 / 384 / 256 / 1024, MTP's heads:
 linear, UperNet 512, UNet 512-64, Oriented R-CNN with 1000 objects per image of which 100 are
 real, random rotated boxes of 10-80 px), swaps in the given encoder (the small model by default: ViT-S+RVSA,
 12 blocks of width 384), builds the Trainer on all devices and times its compiled step on one
-synthetic batch of `--batch` images (random pixels and labels; data loading excluded). Figures:
+synthetic batch of `--batch` images (random pixels and labels; data loading excluded; `--steps 0`
+compiles only). Figures:
 compile time, seconds per step, images per second, the compiled step's memory from XLA's memory
 analysis (argument, output, alias and temporary bytes, in GiB) and the process's peak resident
 set so far (GiB, `getrusage` max RSS: compiling and running all families before it included),
@@ -64,9 +65,9 @@ def synthetic_batch(config, classes: int, batch: int, rng) -> dict:
   return {dataset: example}
 
 
-def time_family(path: str, classes: int, encoder: str, batch: int, steps: int) -> dict:
+def time_family(path: str, classes: int, encoder: str, batch: int, steps: int, sets=()) -> dict:
   config = apply_overrides(load_config(path), [f"model.encoder={encoder!r}",
-                                               f"data.batch_per_subset={batch}"])
+                                               f"data.batch_per_subset={batch}", *sets])
   dataset = config.data.dataset
   tasks = experiment.tasks(config, {dataset: [f"class{i}" for i in range(classes)]})
   mesh = sharding.config_mesh(config.mesh)
@@ -75,10 +76,13 @@ def time_family(path: str, classes: int, encoder: str, batch: int, steps: int) -
   raw = synthetic_batch(config, classes, batch, np.random.default_rng(0))
   device = batching.device_batch(raw, (dataset,), mesh, trainer.fields)
   t = time.perf_counter()
-  compiled = trainer.step.lower(state, device).compile()
+  compiled = batching.compile_everywhere(trainer.step, "train step", state, device)   # as main.py
   compile_s = time.perf_counter() - t
   memory = compiled_memory_gib(compiled)
   gflop = compiled_gflop(compiled)
+  if steps == 0:   # compile only: XLA's memory analysis and FLOPs, no step run
+    return {"config": path, "image_size": config.data.image_size, "batch": batch,
+            "compile_s": round(compile_s, 2), "gflop": gflop, **memory}
   state, m = compiled(state, device)
   jax.block_until_ready(m)
   t = time.perf_counter()
@@ -115,10 +119,10 @@ def flops_share_ratio(runs: dict) -> dict:
   """{family: its step time / the classification step's time scaled by their FLOPs}: 1 is the
   classification step's FLOP rate, 3 a step three times slower than its FLOPs predict."""
   base = runs.get("classification")
-  if not base or not base.get("gflop"):
+  if not base or not base.get("gflop") or "step_s" not in base:
     return {}
   return {f: round(r["step_s"] / (base["step_s"] * r["gflop"] / base["gflop"]), 2)
-          for f, r in runs.items() if r.get("gflop")}
+          for f, r in runs.items() if r.get("gflop") and "step_s" in r}
 
 
 def peak_rss_gib() -> float:
@@ -132,17 +136,20 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--families", default=",".join(FAMILIES))
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override for every family, as main.py's --set (e.g. model.remat=True)")
   p.add_argument("--out", default="benchmarks/results/finetune_step.json")
   args = p.parse_args()
   runs = {}
   for f in args.families.split(","):
-    runs[f] = time_family(*FAMILIES[f], args.encoder, args.batch, args.steps)
+    runs[f] = time_family(*FAMILIES[f], args.encoder, args.batch, args.steps, args.set)
     print(f"{f}: {runs[f]}", flush=True)
   ratios = flops_share_ratio(runs)
   if ratios:
     print("step time / FLOPs-proportional share of the classification step:", ratios)
   write_result({"backend": jax.default_backend(), "devices": jax.device_count(),
-                "device_kind": jax.devices()[0].device_kind, "encoder": args.encoder, "runs": runs,
+                "device_kind": jax.devices()[0].device_kind, "encoder": args.encoder,
+                "overrides": args.set, "runs": runs,
                 "vs_classification_flop_rate": ratios},
                args.out)
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from mtp_jax.errors import ConfigError
 from mtp_jax.parallel import distributed, sharding
+from mtp_jax.train import host_memory
 
 
 def interleave(per_subset: dict, subsets, key: str) -> np.ndarray:
@@ -57,7 +58,10 @@ def check_batch_size(name: str, per_subset: int, mesh, accum_steps: int = 1, pro
 
 
 def compile_everywhere(jitted, name: str, *args):
-  """`jitted` compiled for `args`, once every process has compiled it (distributed.barrier)."""
+  """`jitted` compiled for `args`, once every process has compiled it (distributed.barrier).
+  The compiler's freed heap goes back to the system before the program's buffers are allocated
+  (`host_memory.release_freed_heap`)."""
   compiled = jitted.lower(*args).compile()
+  host_memory.release_freed_heap()
   distributed.barrier(f"compiled {name}")
   return compiled
