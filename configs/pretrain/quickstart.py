@@ -11,7 +11,7 @@ with MTP's structure and assignment rules at toy widths and sample counts (FPN 6
 mask convs 32, 128 anchors and 64 RoIs sampled per image; is: 500 proposals before NMS, 250
 after; rd: 500), anchors of 4 x stride (the sample's objects have sides of 8-51 px at 128 px;
 MTP's 8 x stride would leave the smallest without a positive anchor). 280 steps of 12 images and
-one evaluation at the end: `make quickstart` takes about 7 minutes on 2 CPU cores, install
+one evaluation at the end: `make quickstart` takes about 6 minutes on 2 CPU cores, install
 included (README, "What the quickstart reaches").
 """
 
@@ -41,7 +41,7 @@ def get_config(arg=None):
                          max_detections=200, max_candidates=2000))
   c.optimizer.lr = 2e-3               # toy model from scratch: far above the paper's 6e-5
   c.optimizer.warmup_steps = 20
-  c.train.num_steps = 280            # with install, about 7 minutes on 2 cores
+  c.train.num_steps = 280            # with install, about 6 minutes on 2 cores
   c.train.log_every = 20
   c.train.checkpoint_every = 1000    # only the final one (a save costs ~20 s of steps here)
   c.eval.batch_per_subset = 4
