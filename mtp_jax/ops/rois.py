@@ -281,10 +281,14 @@ def _dense_axis_weights(start, length, size: int, out, grid, sampling_ratio):
   per_bin = _samples_per_bin(bin_size, grid, sampling_ratio)
   low, high, w_low, w_high, _ = _axis_taps(start, bin_size, jnp.full(start.shape, size, jnp.int32),
                                            out, grid, per_bin)
-  pixels = jnp.arange(size)
-  weights = (jnp.sum(w_low[..., None] * (low[..., None] == pixels), 2)
-             + jnp.sum(w_high[..., None] * (high[..., None] == pixels), 2))
-  return weights, per_bin
+  return _spread(low, high, w_low, w_high, size), per_bin
+
+
+def _spread(slot_low, slot_high, w_low, w_high, k: int):
+  """Tap weights (R, out, n) at slots (R, out, n) in [0, k) -> (R, out, k) sums per slot."""
+  slots = jnp.arange(k)
+  return (jnp.sum(w_low[..., None] * (slot_low[..., None] == slots), 2)
+          + jnp.sum(w_high[..., None] * (slot_high[..., None] == slots), 2))
 
 
 def _box_extent(boxes, scale, aligned):
@@ -328,11 +332,6 @@ def _axis_weights(start, length, size, k, wide_cap, out, grid, sampling_ratio):
   num = start.shape[0]
   bin_size = length / out
   per_bin = _samples_per_bin(bin_size, grid, sampling_ratio)
-  def spread(slot_low, slot_high, w_low, w_high):
-    """Weights (R, out, n) at slots (R, out, n) -> (R, out, K) sums per slot."""
-    slots = jnp.arange(k)
-    return (jnp.sum(w_low[..., None] * (slot_low[..., None] == slots), 2)
-            + jnp.sum(w_high[..., None] * (slot_high[..., None] == slots), 2))
 
   # A window: every pixel the samples touch, when they span at most K.
   low, high, w_low, w_high, inside = _axis_taps(start, bin_size, size, out, grid, per_bin)
@@ -340,13 +339,13 @@ def _axis_weights(start, length, size, k, wide_cap, out, grid, sampling_ratio):
   last = jnp.max(jnp.where(inside, high, -1), (1, 2))
   first = jnp.where(last >= 0, first, 0)
   fits = last - first < k
-  window_weights = spread(low - first[:, None, None], high - first[:, None, None], w_low, w_high)
+  window_weights = _spread(low - first[:, None, None], high - first[:, None, None], w_low, w_high, k)
   window_pixels = jnp.minimum(first[:, None] + jnp.arange(k), size[:, None] - 1)
   # Wider: two pixels for each of at most wide_cap evenly spaced samples per bin.
   per_bin_wide = jnp.minimum(per_bin, wide_cap)
   low, high, w_low, w_high, _ = _axis_taps(start, bin_size, size, out, wide_cap, per_bin_wide)
   slot = 2 * (jnp.arange(out)[:, None] * wide_cap + jnp.arange(wide_cap)[None, :])[None]
-  wide_weights = spread(slot, slot + 1, w_low, w_high)
+  wide_weights = _spread(slot, slot + 1, w_low, w_high, k)
   wide_pixels = jnp.zeros((num, k), jnp.int32)
   wide_pixels = wide_pixels.at[:, slot.reshape(-1)].set(low.reshape(num, -1))
   wide_pixels = wide_pixels.at[:, slot.reshape(-1) + 1].set(high.reshape(num, -1))
